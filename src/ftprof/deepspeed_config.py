@@ -1,0 +1,105 @@
+"""Read and check a DeepSpeed config file before DeepSpeed sees it (no deepspeed import here).
+
+DeepSpeed reports a bad config deep inside ``deepspeed.initialize``, after the model is loaded and the
+process group is up; checking the file first turns those into one-line errors that name the file and key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftprof.errors import ConfigError
+
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """A parsed DeepSpeed config with dotted look-ups.
+
+    >>> DeepSpeedConfig({"zero_optimization": {"stage": 2}}).get("zero_optimization.stage")
+    2
+    """
+
+    config: dict[str, Any]
+    path: str = "<dict>"
+
+    def get(self, dotted_key: str, default: Any = None) -> Any:
+        """Value at ``a.b.c``, or ``default`` when any part is missing."""
+        node: Any = self.config
+        for part in dotted_key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.get("zero_optimization.stage", 0))
+
+    @property
+    def offload_optimizer(self) -> str:
+        return str(self.get("zero_optimization.offload_optimizer.device", "none"))
+
+    @property
+    def offload_param(self) -> str:
+        return str(self.get("zero_optimization.offload_param.device", "none"))
+
+    def precision_forced(self) -> str | None:
+        """'fp16' or 'bf16' when the file enables it with ``true`` rather than ``"auto"``."""
+        for name in ("fp16", "bf16"):
+            if self.get(f"{name}.enabled") is True:
+                return name
+        return None
+
+
+def load_ds_config(path: str | Path) -> DeepSpeedConfig:
+    """Load and validate a DeepSpeed JSON config.
+
+    Raises:
+        ConfigError: the file is missing, is not JSON, or holds values DeepSpeed would reject.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ds_config {str(path)!r}: no such file; pick one of ds_configs/*.json")
+    text = path.read_text()
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"--ds_config {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--ds_config {str(path)!r} must hold a JSON object, not {type(config).__name__}")
+    return validate(DeepSpeedConfig(config, str(path)))
+
+
+def validate(cfg: DeepSpeedConfig) -> DeepSpeedConfig:
+    """Check the keys ftprof relies on; returns ``cfg`` unchanged."""
+    where = f"--ds_config {cfg.path!r}"
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        raise ConfigError(f"{where}: unknown ZeRO stage {stage!r} in zero_optimization.stage; use 0, 1, 2 or 3")
+    for key in ("offload_optimizer", "offload_param"):
+        device = cfg.get(f"zero_optimization.{key}.device", "none")
+        if device not in OFFLOAD_DEVICES:
+            raise ConfigError(f"{where}: zero_optimization.{key}.device is {device!r}; use one of {OFFLOAD_DEVICES}")
+    if cfg.offload_param != "none" and stage != 3:
+        raise ConfigError(f"{where}: offload_param needs ZeRO stage 3 (stage is {stage}); use offload_optimizer")
+    if cfg.offload_optimizer != "none" and stage == 0:
+        raise ConfigError(f"{where}: offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0)")
+    if cfg.get("fp16.enabled") is True and cfg.get("bf16.enabled") is True:
+        raise ConfigError(f"{where}: fp16.enabled and bf16.enabled are both true; enable at most one")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = cfg.get(key, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{where}: {key} is {value!r}; use a positive integer or \"auto\"")
+    return cfg

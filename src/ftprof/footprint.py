@@ -1,0 +1,57 @@
+"""What each rank holds of the model state: parameters and optimizer states, in elements and bytes.
+
+Under ZeRO these shrink with the world size (optimizer states from stage 1, parameters at stage 3), so the
+per-rank figures are a direct check that partitioning happened.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+
+def innermost_optimizer(optimizer) -> torch.optim.Optimizer | None:
+    """Unwrap accelerate's and DeepSpeed's optimizer wrappers down to the torch optimizer doing the step."""
+    seen = 0
+    while optimizer is not None and hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of tensors in the optimizer's state on this rank (Adam: exp_avg and exp_avg_sq)."""
+    inner = innermost_optimizer(optimizer)
+    if inner is None:
+        return 0
+    return sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
+def local_parameter_numel(model: torch.nn.Module) -> int:
+    """Parameter elements this rank stores: ZeRO-3 keeps only its partition (``ds_tensor``)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+
+
+class FootprintCallback(TrainerCallback):
+    """Write ``footprint_rank{N}.json`` in the output dir after the first optimizer step, on every rank."""
+
+    def __init__(self) -> None:
+        self.written = False
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.written or optimizer is None or model is None:
+            return
+        record = {
+            "rank": args.process_index,
+            "world_size": args.world_size,
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+            "local_parameter_numel": local_parameter_numel(model),
+            "total_parameter_numel": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+        }
+        path = Path(args.output_dir) / f"footprint_rank{args.process_index}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        self.written = True

@@ -1,0 +1,167 @@
+"""Resolve ``--model`` to a config, weights and tokenizer: a Hub id, a local directory or a tiny preset.
+
+Resolution reads only configs, so a wrong name or an unreachable Hub fails in seconds, before any data or
+weights are loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from ftprof.architectures import TINY_PRESETS, known_config_dict, known_names
+from ftprof.errors import ModelError
+from ftprof.offline_tokenizer import train_wordpiece
+
+logger = logging.getLogger(__name__)
+
+Origin = Literal["preset", "local", "hub", "offline-config"]
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+# A tokenizer trained on the data needs no more entries than this to learn a sentiment task.
+OFFLINE_VOCAB_SIZE = 8000
+
+
+@dataclass
+class ModelSpec:
+    """Where a model's config, weights and tokenizer come from.
+
+    ``weights`` and ``tokenizer_source`` are a directory or Hub id for ``from_pretrained``; None means
+    random weights / a tokenizer trained on the data.
+    """
+
+    name: str
+    config: PretrainedConfig
+    origin: Origin
+    weights: str | None
+    tokenizer_source: str | None
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights is None
+
+    def max_positions(self) -> int | None:
+        """The longest input the model accepts, in tokens (None when the architecture has no limit)."""
+        return max_positions(self.config)
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """Longest input in tokens; RoBERTa-style models reserve ``pad_token_id + 1`` position slots.
+
+    >>> from transformers import RobertaConfig
+    >>> max_positions(RobertaConfig(max_position_embeddings=514, pad_token_id=1))
+    512
+    """
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if n is None:
+        return None
+    if "roberta" in config.model_type or config.model_type in ("camembert", "longformer"):
+        n -= (config.pad_token_id or 0) + 1
+    return int(n)
+
+
+def config_from_dict(values: dict) -> PretrainedConfig:
+    values = dict(values)
+    return CONFIG_MAPPING[values.pop("model_type")](**values)
+
+
+def resolve_model_spec(name: str, random_init: bool = False) -> ModelSpec:
+    """Find ``name``'s config without loading weights.
+
+    Raises:
+        ModelError: the directory has no config or weights, or the Hub can't be reached and the model is
+            neither cached nor (with ``--random_init``) a known architecture.
+    """
+    if name in TINY_PRESETS:
+        return ModelSpec(name, config_from_dict(TINY_PRESETS[name]), "preset", None, None)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _local_spec(name, path, random_init)
+    if name.startswith((".", "/", "~")) or path.suffix:
+        raise ModelError(f"--model {name!r}: no such directory; give a model directory, a Hub id or a preset "
+                         f"({', '.join(sorted(TINY_PRESETS))})")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        known = known_config_dict(name)
+        if random_init and known:
+            logger.warning("%s: config not reachable (%s); using the offline copy of its architecture",
+                           name, type(err).__name__)
+            return ModelSpec(name, config_from_dict(known), "offline-config", None, name)
+        if not random_init:
+            raise ModelError(
+                f"--model {name!r} can't be loaded: the Hugging Face Hub is unreachable or has no such model, "
+                "and it is not in the local cache; pass a local model directory (--model /path/to/model), "
+                "or add --random_init to train the architecture from random weights"
+            ) from None
+        raise ModelError(
+            f"--model {name!r}: the Hub is unreachable and its architecture is not known offline; pass a "
+            f"local directory with a config.json, or one of: {', '.join(known_names())}"
+        ) from None
+    return ModelSpec(name, config, "hub", None if random_init else name, name)
+
+
+def _local_spec(name: str, path: Path, random_init: bool) -> ModelSpec:
+    if not (path / "config.json").is_file():
+        raise ModelError(f"--model {name!r}: the directory has no config.json; point at a saved model directory")
+    config = AutoConfig.from_pretrained(path)
+    has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
+    if not has_weights and not random_init:
+        raise ModelError(f"--model {name!r}: the directory has no weights ({', '.join(WEIGHT_FILES[:2])}); "
+                         "add --random_init to train the architecture from random weights")
+    has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
+    weights = None if random_init else str(path)
+    return ModelSpec(name, config, "local", weights, str(path) if has_tokenizer else None)
+
+
+def load_tokenizer(spec: ModelSpec, fallback: Callable[[], PreTrainedTokenizerBase]) -> PreTrainedTokenizerBase:
+    """The model's own tokenizer when it can be had, else ``fallback()`` (see :func:`train_tokenizer_for`)."""
+    tokenizer = None
+    if spec.tokenizer_source is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_source)
+        except (OSError, ValueError) as err:
+            if spec.origin != "offline-config":
+                raise ModelError(f"--model {spec.name!r}: its tokenizer can't be loaded ({err})") from None
+    if tokenizer is None:
+        tokenizer = fallback()
+    if tokenizer.pad_token is None:  # GPT-2 and other decoders ship without one
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.model_max_length > 100_000:  # "unset" in many tokenizer configs
+        tokenizer.model_max_length = spec.max_positions() or 512
+    return tokenizer
+
+
+def train_tokenizer_for(spec: ModelSpec, texts: Iterable[str]) -> PreTrainedTokenizerBase:
+    """A WordPiece tokenizer trained on ``texts`` that fits ``spec``'s embedding and length limit."""
+    vocab_size = min(OFFLINE_VOCAB_SIZE, spec.config.vocab_size)
+    logger.warning("%s: no tokenizer available offline; training a %d-entry WordPiece tokenizer on the "
+                   "training texts", spec.name, vocab_size)
+    return train_wordpiece(texts, vocab_size, spec.max_positions() or 512)
+
+
+def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, label_names: list[str]) -> PreTrainedModel:
+    """A sequence classifier with ``len(label_names)`` outputs, pretrained body when ``spec`` has weights."""
+    config = spec.config
+    config.num_labels = len(label_names)
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {label: i for i, label in enumerate(label_names)}
+    config.pad_token_id = tokenizer.pad_token_id
+    if spec.random_init:
+        if spec.origin == "preset":
+            config.vocab_size = len(tokenizer)
+        elif len(tokenizer) > config.vocab_size:
+            raise ModelError(f"--model {spec.name!r}: tokenizer has {len(tokenizer)} entries but the model's "
+                             f"embedding only {config.vocab_size}")
+        logger.warning("%s: RANDOM weights (built from its config); accuracy will not match a pretrained model",
+                       spec.name)
+        return AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForSequenceClassification.from_pretrained(spec.weights, config=config)

@@ -1,0 +1,212 @@
+"""Fine-tune a transformers model for text classification with HF Trainer and a DeepSpeed ZeRO config.
+
+The recipe, top to bottom: :func:`parse` (flags, checked before anything heavy) → :func:`setup` (model
+config, data, tokenizer, model) → :func:`fit` (train, evaluate, save). ``launch/train.py`` and
+``ftprof train`` both call :func:`main`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from ftprof.args import FtprofTrainingArguments, ScriptArguments
+from ftprof.data import load_raw, prepare_task, tokenize
+from ftprof.deepspeed_config import load_ds_config
+from ftprof.distributed import ensure_single_process_env
+from ftprof.errors import ConfigError
+from ftprof.footprint import FootprintCallback
+from ftprof.metrics import argmax_logits, classification_metrics
+from ftprof.models import ModelSpec, build_model, load_tokenizer, resolve_model_spec, train_tokenizer_for
+
+logger = logging.getLogger("ftprof.train")
+DEFAULT_MAX_LENGTH = 512  # longer inputs cost quadratic attention for little accuracy on classification
+TRUE_WORDS = ("true", "last", "yes", "1")
+
+
+@dataclass
+class Setup:
+    """Everything :func:`fit` needs."""
+
+    script: ScriptArguments
+    args: FtprofTrainingArguments
+    spec: ModelSpec
+    trainer: Trainer
+    resume: str | None
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _normalize_deepspeed_flags(argv: list[str]) -> list[str]:
+    """Validate the DeepSpeed config named by ``--ds_config``/``--deepspeed`` and pass it as ``--deepspeed``."""
+    ds_config, deepspeed = _flag_value(argv, "--ds_config"), _flag_value(argv, "--deepspeed")
+    if ds_config and deepspeed and Path(ds_config).resolve() != Path(deepspeed).resolve():
+        raise ConfigError(f"--ds_config {ds_config!r} and --deepspeed {deepspeed!r} disagree; pass one of them")
+    path = ds_config or deepspeed
+    if path is None:
+        return argv
+    cfg = load_ds_config(path)
+    if cfg.precision_forced() == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(f"--ds_config {path!r} sets fp16.enabled true, but fp16 training needs a CUDA GPU and "
+                          "this machine has none; set it to \"auto\" (or use bf16)")
+    if not deepspeed:
+        argv = argv + ["--deepspeed", path]
+    return argv
+
+
+def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
+    """Parse and check flags. Starts the process group when DeepSpeed is used (cheap, and needed to
+    know the world size), but loads no model or data.
+
+    Raises:
+        ConfigError: any invalid flag or DeepSpeed config.
+    """
+    if "--fp16" in argv and not torch.cuda.is_available():
+        raise ConfigError("--fp16 needs a CUDA GPU and this machine has none; drop it, or use --bf16 on a CPU "
+                          "that supports bfloat16")
+    argv = _normalize_deepspeed_flags(argv)
+    if _flag_value(argv, "--deepspeed"):
+        ensure_single_process_env()
+    parser = HfArgumentParser((ScriptArguments, FtprofTrainingArguments))
+    try:
+        script, args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # TrainingArguments.__post_init__ reports bad combinations this way
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+    if script.max_length is not None and script.max_length <= 0:
+        raise ConfigError(f"--max_length must be a positive number of tokens, got {script.max_length}")
+    for flag in ("max_train_samples", "max_eval_samples"):
+        value = getattr(script, flag)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{flag} must be positive, got {value}")
+    if script.group_by_length:
+        args.train_sampling_strategy = "group_by_length"
+    return script, args
+
+
+def _resume_point(args: FtprofTrainingArguments, overwrite: bool) -> str | None:
+    """The checkpoint to resume from; refuses to train over existing checkpoints by accident."""
+    output_dir = Path(args.output_dir)
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    wanted = args.resume_from_checkpoint
+    if wanted is None:
+        if last is not None and not overwrite:
+            raise ConfigError(f"--output_dir {str(output_dir)!r} already holds checkpoints ({Path(last).name}); "
+                              "pass --resume_from_checkpoint true to continue, or --overwrite_output_dir to start over")
+        return None
+    if wanted.lower() in TRUE_WORDS:
+        if last is None:
+            raise ConfigError(f"--resume_from_checkpoint: no checkpoint-* folder in {str(output_dir)!r} to resume from")
+        return last
+    if not Path(wanted).is_dir():
+        raise ConfigError(f"--resume_from_checkpoint {wanted!r}: no such checkpoint folder")
+    return wanted
+
+
+def _tokenizer_for(spec: ModelSpec, args: FtprofTrainingArguments, train_texts, resuming: bool):
+    """Load the model's tokenizer, or train one on rank 0 and share it through the output dir.
+
+    Rank 0 goes first; other ranks (and a resumed run) load its saved copy, so every rank and every
+    checkpoint sees the same vocabulary.
+    """
+    saved = Path(args.output_dir) / "tokenizer"
+
+    def offline():
+        if saved.is_dir() and (resuming or args.process_index > 0):
+            return AutoTokenizer.from_pretrained(saved)
+        tokenizer = train_tokenizer_for(spec, train_texts())
+        if args.process_index == 0:
+            tokenizer.save_pretrained(saved)
+        return tokenizer
+
+    with args.main_process_first(local=False, desc="tokenizer"):
+        return load_tokenizer(spec, offline)
+
+
+def setup(script: ScriptArguments, args: FtprofTrainingArguments) -> Setup:
+    """Resolve the model, load and check data, tokenize, and build the Trainer."""
+    resume = _resume_point(args, script.overwrite_output_dir)
+    spec = resolve_model_spec(script.model, script.random_init)
+    limit = spec.max_positions()
+    max_length = script.max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"--max_length {max_length} is above {script.model!r}'s limit of {limit} tokens; "
+                          f"use --max_length {limit} or less")
+    with args.main_process_first(local=False, desc="dataset"):
+        task = prepare_task(load_raw(script.dataset, seed=args.seed), script.text_column, script.label_column,
+                            seed=args.seed, max_train_samples=script.max_train_samples,
+                            max_eval_samples=script.max_eval_samples)
+    tokenizer = _tokenizer_for(spec, args, lambda: task.train[task.text_column], resuming=resume is not None)
+    with args.main_process_first(local=False, desc="tokenize"):
+        train_ds, eval_ds = tokenize(task, tokenizer, max_length, with_length=script.group_by_length)
+    model = build_model(spec, tokenizer, task.label_names)
+    # Classification heads return a per-batch mean loss; declaring no loss kwargs stops Trainer from also
+    # multiplying it by the number of ranks (it would report and back-propagate world_size x the mean).
+    model.accepts_loss_kwargs = False
+    num_labels = len(task.label_names)
+    mixed = args.fp16 or args.bf16
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        # Pad each batch to its own longest input; multiples of 8 suit tensor cores in fp16/bf16.
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed else None),
+        compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids, num_labels),
+        preprocess_logits_for_metrics=argmax_logits,
+        callbacks=[FootprintCallback()],
+    )
+    logger.info("model %s (%s%s), %d train / %d eval rows, max_length %d, world size %d",
+                spec.name, spec.origin, ", RANDOM weights" if spec.random_init else "", len(train_ds),
+                len(eval_ds), max_length, args.world_size)
+    return Setup(script, args, spec, trainer, resume)
+
+
+def fit(s: Setup) -> dict[str, float]:
+    """Train (resuming when asked), save model + tokenizer + metrics, evaluate; returns eval metrics."""
+    trainer = s.trainer
+    result = trainer.train(resume_from_checkpoint=s.resume)
+    metrics = dict(result.metrics)
+    metrics["train_samples"] = len(trainer.train_dataset)
+    metrics["random_init"] = s.spec.random_init
+    trainer.save_model()
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    eval_metrics = trainer.evaluate()
+    eval_metrics["eval_samples"] = len(trainer.eval_dataset)
+    eval_metrics["random_init"] = s.spec.random_init
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    return eval_metrics
+
+
+def _configure_logging(args: FtprofTrainingArguments) -> None:
+    level = logging.INFO if args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    transformers.utils.logging.set_verbosity(level)
+    logger.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), train and evaluate; returns the eval metrics."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked dataloader workers would deadlock
+    script, args = parse(argv)
+    _configure_logging(args)
+    return fit(setup(script, args))
