@@ -99,7 +99,11 @@ def _load_local(path: Path) -> DatasetDict:
     try:
         return load_dataset(builder, data_files=data_files, **kwargs)
     except Exception as err:
-        raise DataError(f"--dataset {str(path)!r} can't be parsed as {builder}: {str(err).splitlines()[0]}") from None
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "corresponds to no data" in message:  # datasets' wording for a split with no rows
+            empty = message.split('"')[1] if '"' in message else "a"
+            raise DataError(f"--dataset {str(path)!r}: the {empty} split is empty; check the file") from None
+        raise DataError(f"--dataset {str(path)!r} can't be parsed as {builder}: {message}") from None
 
 
 def detect_column(ds: Dataset, candidates: tuple[str, ...], flag: str, want_text: bool) -> str:
@@ -132,7 +136,7 @@ def prepare_task(raw: DatasetDict, text_column: str | None, label_column: str | 
     label_column = label_column or detect_column(train, LABEL_COLUMNS, "--label_column", want_text=False)
     eval_name = next((s for s in EVAL_SPLITS if s in raw and len(raw[s]) > 0), None)
     if eval_name is None:
-        logger.warning("no validation split; holding out 10%% of train for evaluation")
+        logger.warning("no validation split; holding out 10% of train for evaluation")
         if len(train) < 2:
             raise DataError(f"the train split has {len(train)} rows; it needs at least 2 to hold out an eval split")
         parts = train.train_test_split(test_size=0.1, seed=seed)
@@ -165,9 +169,11 @@ def _label_names(ds: Dataset, column: str, split_name: str) -> list[str]:
             raise DataError(f"the {split_name} split has unlabelled rows (label -1 in {column!r}); use a labelled split")
         return list(feature.names)
     if not (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint"))):
+        kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+        kind = "text" if kind in ("string", "large_string") else kind
         example = next((y for y in ds[column][:100] if y is not None), None)
-        raise DataError(f"labels in {column!r} ({split_name} split) must be integers 0..K-1, got {feature.dtype if isinstance(feature, Value) else type(feature).__name__} "
-                        f"values like {example!r}; map them to integers or pass --label_column")
+        raise DataError(f"labels in {column!r} ({split_name} split) must be integers 0..K-1, got {kind} values "
+                        f"like {example!r}; map them to integers or pass --label_column")
     labels = ds.unique(column)
     if None in labels or min(labels) < 0:
         raise DataError(f"labels in {column!r} ({split_name} split) must be integers 0..K-1, "

@@ -196,10 +196,16 @@ def fit(s: Setup) -> dict[str, float]:
     return eval_metrics
 
 
-def _configure_logging(args: FtprofTrainingArguments) -> None:
-    level = logging.INFO if args.should_log else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
-    transformers.utils.logging.set_verbosity(level)
+def _configure_logging(args: FtprofTrainingArguments | None = None) -> None:
+    """Log to stdout: INFO on the main process, WARNING on the other ranks (once ``args`` is known)."""
+    level = logging.INFO if args is None or args.should_log else logging.WARNING
+    # An entry point owns logging; force=True rebinds the handler on repeated in-process calls.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout,
+                        force=True)
+    hf_logging = transformers.utils.logging
+    hf_logging.set_verbosity(level)
+    hf_logging.disable_default_handler()  # one handler and format for all: transformers propagates to root
+    hf_logging.enable_propagation()
     logger.setLevel(level)
 
 
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse ``argv`` (default: ``sys.argv[1:]``), train and evaluate; returns the eval metrics."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked dataloader workers would deadlock
+    _configure_logging()
     script, args = parse(argv)
     _configure_logging(args)
     return fit(setup(script, args))

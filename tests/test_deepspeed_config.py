@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from ftprof.deepspeed_config import DeepSpeedConfig, load_ds_config
+from ftprof.errors import ConfigError
+from tests.conftest import ROOT
+
+CONFIGS = {"zero0": (0, "none", "none"), "zero1": (1, "none", "none"), "zero2": (2, "none", "none"),
+           "zero3": (3, "none", "none"), "zero2_offload": (2, "cpu", "none"), "zero3_offload": (3, "cpu", "cpu")}
+# Keys that HF Trainer fills, so one file works with any TrainingArguments.
+AUTO_KEYS = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping", "fp16.enabled", "bf16.enabled", "optimizer.params.lr",
+             "optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay"]
+ZERO3_AUTO_KEYS = ["zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                   "zero_optimization.stage3_param_persistence_threshold"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs(name):
+    cfg = load_ds_config(ROOT / "ds_configs" / f"{name}.json")
+    assert (cfg.zero_stage, cfg.offload_optimizer, cfg.offload_param) == CONFIGS[name]
+    keys = AUTO_KEYS + (ZERO3_AUTO_KEYS if cfg.zero_stage == 3 else [])
+    assert {k: cfg.get(k) for k in keys} == {k: "auto" for k in keys}
+    assert cfg.get("scheduler") is None  # Trainer's --lr_scheduler_type applies
+    if cfg.zero_stage == 3:
+        assert cfg.get("zero_optimization.stage3_gather_16bit_weights_on_model_save") is True
+
+
+def test_readme_names_every_config():
+    readme = (ROOT / "ds_configs" / "README.md").read_text()
+    shipped = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
+    assert shipped == sorted(f"{n}.json" for n in CONFIGS)
+    assert all(f"`{name}`" in readme for name in shipped)
+
+
+def test_dotted_get():
+    cfg = DeepSpeedConfig({"a": {"b": {"c": 3}}})
+    assert cfg.get("a.b.c") == 3
+    assert cfg.get("a.x.c", "default") == "default"
+    assert cfg.get("a.b.c.d") is None
+
+
+def write(tmp_path, text):
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    return path
+
+
+def test_invalid_json_names_file_and_position(tmp_path):
+    path = write(tmp_path, '{\n  "zero_optimization": {"stage": 2,}\n}')
+    with pytest.raises(ConfigError, match=r"ds\.json' is not valid JSON: .* at line 2, column 36"):
+        load_ds_config(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_ds_config(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[1, 2]', "must hold a JSON object, not list"),
+    ('{"zero_optimization": {"stage": 4}}', "unknown ZeRO stage 4"),
+    ('{"zero_optimization": {"stage": "two"}}', "unknown ZeRO stage 'two'"),
+    ('{"zero_optimization": {"stage": true}}', "unknown ZeRO stage True"),
+    ('{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}', "offload_param needs ZeRO stage 3"),
+    ('{"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}', "offload_optimizer needs ZeRO"),
+    ('{"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}', "offload_param.device is 'gpu'"),
+    ('{"fp16": {"enabled": true}, "bf16": {"enabled": true}}', "both true"),
+    ('{"train_micro_batch_size_per_gpu": 0}', "train_micro_batch_size_per_gpu is 0"),
+    ('{"zero_optimization": 2}', "zero_optimization must be an object"),
+])
+def test_rejected_values(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_ds_config(write(tmp_path, text))
+
+
+def test_precision_forced():
+    assert DeepSpeedConfig({"fp16": {"enabled": "auto"}}).precision_forced() is None
+    assert DeepSpeedConfig({"bf16": {"enabled": True}}).precision_forced() == "bf16"
+
+
+def test_shipped_configs_are_plain_json():
+    for path in (ROOT / "ds_configs").glob("*.json"):
+        json.loads(path.read_text())
