@@ -101,7 +101,7 @@ def test_existing_checkpoints_are_not_overwritten(tmp_path, capsys):
 def test_resume_without_checkpoint(tmp_path, capsys):
     code, err = run_main(capsys, ["--model", "tiny-bert", "--dataset", "synthetic", "--resume_from_checkpoint",
                                   "true", "--output_dir", str(tmp_path / "out")])
-    assert code == 2 and "no checkpoint-* folder" in err[-1]
+    assert code == 2 and "no complete checkpoint-* folder" in err[-1]
 
 
 def test_launch_script_prints_one_line_without_traceback(tmp_path):

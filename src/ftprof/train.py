@@ -98,22 +98,39 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
     return script, args
 
 
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` that finished saving (Trainer writes ``trainer_state.json`` last).
+
+    A run killed mid-save leaves a partial folder; resuming from it would fail or load a torn state.
+    """
+    if not output_dir.is_dir():
+        return None
+    done = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
 def _resume_point(args: FtprofTrainingArguments, overwrite: bool) -> str | None:
     """The checkpoint to resume from; refuses to train over existing checkpoints by accident."""
     output_dir = Path(args.output_dir)
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    any_checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     wanted = args.resume_from_checkpoint
     if wanted is None:
-        if last is not None and not overwrite:
-            raise ConfigError(f"--output_dir {str(output_dir)!r} already holds checkpoints ({Path(last).name}); "
-                              "pass --resume_from_checkpoint true to continue, or --overwrite_output_dir to start over")
+        if any_checkpoint is not None and not overwrite:
+            raise ConfigError(f"--output_dir {str(output_dir)!r} already holds checkpoints "
+                              f"({Path(any_checkpoint).name}); pass --resume_from_checkpoint true to continue, "
+                              "or --overwrite_output_dir to start over")
         return None
     if wanted.lower() in TRUE_WORDS:
+        last = last_complete_checkpoint(output_dir)
         if last is None:
-            raise ConfigError(f"--resume_from_checkpoint: no checkpoint-* folder in {str(output_dir)!r} to resume from")
+            raise ConfigError(f"--resume_from_checkpoint: no complete checkpoint-* folder in {str(output_dir)!r}")
+        if any_checkpoint != last:
+            logger.warning("skipping %s: it was not completely saved", any_checkpoint)
         return last
-    if not Path(wanted).is_dir():
-        raise ConfigError(f"--resume_from_checkpoint {wanted!r}: no such checkpoint folder")
+    if not (Path(wanted) / "trainer_state.json").is_file():
+        raise ConfigError(f"--resume_from_checkpoint {wanted!r}: not a complete checkpoint folder "
+                          "(no trainer_state.json)")
     return wanted
 
 
@@ -180,6 +197,8 @@ def setup(script: ScriptArguments, args: FtprofTrainingArguments) -> Setup:
 def fit(s: Setup) -> dict[str, float]:
     """Train (resuming when asked), save model + tokenizer + metrics, evaluate; returns eval metrics."""
     trainer = s.trainer
+    if s.resume:
+        logger.info("resuming from %s", s.resume)
     result = trainer.train(resume_from_checkpoint=s.resume)
     metrics = dict(result.metrics)
     metrics["train_samples"] = len(trainer.train_dataset)

@@ -1,0 +1,44 @@
+"""Run the real training entry in subprocesses: one rank with python, several with the deepspeed launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftprof.distributed import free_port
+from tests.conftest import ROOT
+
+TINY = ["--model", "tiny-bert", "--dataset", "synthetic", "--disable_tqdm", "true", "--report_to", "none"]
+
+
+def train_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    return env
+
+
+def train_command(args: list[str], ranks: int = 1) -> list[str]:
+    script = str(ROOT / "launch" / "train.py")
+    if ranks == 1:
+        return [sys.executable, script, *args]
+    deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
+
+
+def run_train(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run training to the end; fail the test with the output's tail when it exits non-zero."""
+    proc = subprocess.run(train_command(args, ranks), capture_output=True, text=True, timeout=timeout,
+                          env=train_env(), cwd=ROOT)
+    if proc.returncode != 0:
+        pytest.fail(f"training exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return proc
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
