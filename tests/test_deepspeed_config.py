@@ -83,3 +83,22 @@ def test_precision_forced():
 def test_shipped_configs_are_plain_json():
     for path in (ROOT / "ds_configs").glob("*.json"):
         json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_files_are_ds_config_for_output(name):
+    from ftprof.deepspeed_config import ds_config_for
+
+    stage, opt, param = CONFIGS[name]
+    expected = ds_config_for(stage, opt == "cpu", param == "cpu")
+    assert json.loads((ROOT / "ds_configs" / f"{name}.json").read_text()) == expected
+
+
+def test_with_stage_keeps_offload_where_the_stage_allows_it():
+    from ftprof.deepspeed_config import with_stage
+
+    base = load_ds_config(ROOT / "ds_configs" / "zero3_offload.json")
+    assert with_stage(base, 2)["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in with_stage(base, 2)["zero_optimization"]
+    assert "offload_optimizer" not in with_stage(base, 0)["zero_optimization"]
+    assert with_stage(base, 3)["zero_optimization"]["offload_param"]["device"] == "cpu"

@@ -103,3 +103,52 @@ def validate(cfg: DeepSpeedConfig) -> DeepSpeedConfig:
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ConfigError(f"{where}: {key} is {value!r}; use a positive integer or \"auto\"")
     return cfg
+
+
+def ds_config_for(stage: int, offload_optimizer: bool = False, offload_param: bool = False) -> dict[str, Any]:
+    """The config ftprof ships for a ZeRO stage (``ds_configs/*.json`` are this function's output).
+
+    Every value HF Trainer knows is ``"auto"``; there is no scheduler block, so Trainer's
+    ``--lr_scheduler_type`` applies.
+    """
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 1:
+        zero["reduce_bucket_size"] = "auto"
+    if stage == 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True, allgather_bucket_size=200_000_000,
+                    reduce_bucket_size="auto")
+    if stage == 3:
+        zero.update(overlap_comm=True, contiguous_gradients=True, sub_group_size=1_000_000_000,
+                    reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto",
+                    stage3_param_persistence_threshold="auto", stage3_max_live_parameters=1_000_000_000,
+                    stage3_max_reuse_distance=1_000_000_000, stage3_gather_16bit_weights_on_model_save=True)
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                  "weight_decay": "auto"}},
+        "zero_optimization": zero,
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def with_stage(base: DeepSpeedConfig, stage: int) -> dict[str, Any]:
+    """A copy of ``base`` at ZeRO ``stage``: the shipped block for that stage, keeping ``base``'s offload."""
+    config = json.loads(json.dumps(base.config))
+    zero = ds_config_for(stage)["zero_optimization"]
+    if stage > 0 and base.offload_optimizer != "none":
+        zero["offload_optimizer"] = base.get("zero_optimization.offload_optimizer")
+    if stage == 3 and base.offload_param != "none":
+        zero["offload_param"] = base.get("zero_optimization.offload_param")
+    config["zero_optimization"] = zero
+    return config

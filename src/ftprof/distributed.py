@@ -51,3 +51,16 @@ def adopt_process_group(state) -> bool:
     state.process_index = dist.get_rank()
     state.local_process_index = int(os.environ.get("LOCAL_RANK", 0))
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it.
+
+    Exiting with the group alive lets C++ threads of the comm backend be torn down mid-flight, which can
+    abort a rank (``terminate called without an active exception``) after a run that succeeded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ftprof.args import FtprofTrainingArguments, ScriptArguments
 from ftprof.data import load_raw, prepare_task, tokenize
 from ftprof.deepspeed_config import load_ds_config
-from ftprof.distributed import ensure_single_process_env
+from ftprof.distributed import ensure_single_process_env, shutdown
 from ftprof.errors import ConfigError
 from ftprof.footprint import FootprintCallback
 from ftprof.metrics import argmax_logits, classification_metrics
@@ -235,4 +235,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     _configure_logging()
     script, args = parse(argv)
     _configure_logging(args)
-    return fit(setup(script, args))
+    metrics = fit(setup(script, args))
+    shutdown()
+    return metrics

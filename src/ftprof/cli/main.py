@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from ftprof import __version__
 
-USAGE = f"""usage: ftprof COMMAND [ARGS]   (ftprof {__version__})
-
-commands:
-  train     fine-tune a text classifier with HF Trainer + DeepSpeed (same as launch/train.py)
-
-Run `ftprof COMMAND --help` for a command's flags."""
+COMMANDS = {
+    "train": ("ftprof.cli.train", "fine-tune a text classifier with HF Trainer + DeepSpeed (= launch/train.py)"),
+    "sweep": ("ftprof.cli.sweep", "measure peak memory and throughput over batch, precision, length, ZeRO stage"),
+    "report": ("ftprof.cli.report", "tables, Pareto front, recommendations, exports and plots of a sweep"),
+}
+USAGE = f"usage: ftprof COMMAND [ARGS]   (ftprof {__version__})\n\ncommands:\n" + "\n".join(
+    f"  {name:<8}  {help_}" for name, (_, help_) in COMMANDS.items()) + "\n\nRun `ftprof COMMAND --help` for its flags."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,13 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-V", "--version"):
         print(__version__)
         return 0
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        from ftprof.cli.train import main as train_main
-
-        return train_main(rest)
-    print(f"ftprof: error: unknown command {command!r}; run `ftprof --help`", file=sys.stderr)
-    return 2
+    if argv[0] not in COMMANDS:
+        print(f"ftprof: error: unknown command {argv[0]!r}; run `ftprof --help`", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""Run sweep points, each in a fresh process (the ``deepspeed`` launcher for world size > 1), and record them.
+
+A point that runs out of memory is a result (``oom``); a crash is ``error`` and a hang ``timeout``, with
+the tail of its output; the sweep goes on either way. Every finished point is appended to
+``results.jsonl`` at once (see :mod:`ftprof.results`), and ``resume`` skips points already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ftprof import point as point_module
+from ftprof.deepspeed_config import DeepSpeedConfig, ds_config_for, with_stage
+from ftprof.distributed import free_port
+from ftprof.results import Record, append_record
+from ftprof.sweep_plan import Point, must_oom, next_batch_to_try
+
+# What an out-of-memory looks like in a child's output, on GPUs and CPUs.
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory", "DefaultCPUAllocator: can't allocate",
+               "std::bad_alloc", "MemoryError", "Cannot allocate memory", "CUBLAS_STATUS_ALLOC_FAILED")
+TAIL_CHARS = 2000
+
+
+@dataclass
+class SweepConfig:
+    """What to measure and how (the CLI builds it from flags)."""
+
+    model: str
+    points: list[Point]
+    out_dir: Path
+    steps: int = 3
+    warmup: int = 1
+    dataset: str | None = None
+    base_ds_config: DeepSpeedConfig | None = None
+    timeout_s: float = 600.0
+    find_max_batch: bool = False
+    max_batch: int = 1024
+    child_memory_limit: int | None = None  # RLIMIT_AS for each point's process(es), bytes
+    env: dict = field(default_factory=dict)
+
+    @property
+    def results_path(self) -> Path:
+        return self.out_dir / "results.jsonl"
+
+
+def classify(returncode: int, output: str, has_result: bool) -> tuple[str, str | None]:
+    """(status, reason) of a finished child process.
+
+    >>> classify(0, "", True)
+    ('ok', None)
+    >>> classify(1, "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", False)[0]
+    'oom'
+    >>> classify(-9, "", False)
+    ('oom', 'killed by SIGKILL (the kernel OOM killer, most likely)')
+    """
+    if returncode == 0 and has_result:
+        return "ok", None
+    if any(marker in output for marker in OOM_MARKERS):
+        line = next((ln for ln in reversed(output.splitlines()) if any(m in ln for m in OOM_MARKERS)), "")
+        return "oom", line.strip()[-300:]
+    if returncode == -signal.SIGKILL:
+        return "oom", "killed by SIGKILL (the kernel OOM killer, most likely)"
+    last = next((ln for ln in reversed(output.splitlines()) if ln.strip()), f"exit code {returncode}")
+    return "error", last.strip()[-300:]
+
+
+def peak_from_summary(summary: dict) -> tuple[int | None, dict]:
+    """The point's peak (max over ranks and phases of the primary figure) and flat metrics."""
+    figure = "nvml_process_bytes" if summary.get("sampler") == "nvml" else "rss_bytes"
+    peaks = {figure: 0, "torch_allocated_bytes": 0, "torch_reserved_bytes": 0, "nvml_device_used_bytes": 0}
+    for rank in summary.get("ranks", []):
+        for phase in rank["phases"].values():
+            for key in peaks:
+                peaks[key] = max(peaks[key], phase.get(key, 0))
+    metrics = {k: v for k, v in summary.items() if k != "ranks"}
+    metrics.update({f"peak_{k}": v for k, v in peaks.items() if v})
+    metrics["ranks"] = summary.get("ranks", [])
+    return (peaks[figure] or None), metrics
+
+
+def _command(spec_path: Path, world_size: int) -> list[str]:
+    script = point_module.__file__
+    if world_size == 1:
+        return [sys.executable, script, str(spec_path)]
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return [launcher, "--num_gpus", str(world_size), "--master_port", str(free_port()), script, str(spec_path)]
+
+
+def run_point(cfg: SweepConfig, p: Point) -> Record:
+    """Measure ``p`` in a fresh process group; never raises for the point's own failures."""
+    base = cfg.base_ds_config or DeepSpeedConfig(ds_config_for(p.zero))
+    with tempfile.TemporaryDirectory(prefix="ftprof-point-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        spec = point_module.PointSpec(
+            model=cfg.model, batch_size=p.batch_size, grad_accum=p.grad_accum, precision=p.precision,
+            seq_len=p.seq_len, zero=p.zero, world_size=p.world_size, steps=cfg.steps, warmup=cfg.warmup,
+            ds_config=with_stage(base, p.zero), result_path=str(result_path), dataset=cfg.dataset)
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(asdict(spec)))
+        limit = cfg.child_memory_limit
+
+        def preexec() -> None:
+            os.setsid()  # own process group: a timeout kills every rank
+            if limit:
+                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        started = time.perf_counter()
+        proc = subprocess.Popen(_command(spec_path, p.world_size), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", preexec_fn=preexec, env=_child_env())
+        try:
+            output, _ = proc.communicate(timeout=cfg.timeout_s)
+            status, reason = classify(proc.returncode, output, result_path.is_file())
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            status, reason = "timeout", f"no result after {cfg.timeout_s:.0f} s"
+        wall = time.perf_counter() - started
+        peak, metrics = (None, {})
+        if status == "ok":
+            peak, metrics = peak_from_summary(json.loads(result_path.read_text()))
+        tail = None if status == "ok" else output[-TAIL_CHARS:]
+        return Record(p, status, cfg.model, peak, metrics, reason, tail, round(wall, 3),
+                      {**cfg.env, "world_size": p.world_size})
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        env.pop(var, None)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def iterate_sweep(cfg: SweepConfig, done: dict[str, Record],
+                  run: Callable[[SweepConfig, Point], Record] = run_point) -> Iterator[Record]:
+    """Yield each new record (already appended to the results file), skipping points in ``done``."""
+    oomed = [r.point for r in done.values() if r.status == "oom"]
+
+    def settle(p: Point) -> Record:
+        if p.key in done:
+            return done[p.key]
+        proof = must_oom(p, oomed)
+        if proof is not None:
+            record = Record(p, "skipped", cfg.model, reason=f"must OOM: {proof.key} did with a batch and "
+                                                            "sequence no larger", env=dict(cfg.env))
+        else:
+            record = run(cfg, p)
+            if record.status == "oom":
+                oomed.append(p)
+        append_record(cfg.results_path, record)
+        done[p.key] = record
+        return record
+
+    if not cfg.find_max_batch:
+        for p in cfg.points:
+            if p.key not in done:
+                yield settle(p)
+        return
+    start = min(p.batch_size for p in cfg.points)
+    for setting in sorted({p.setting for p in cfg.points}):
+        fits: set[int] = set()
+        ooms: set[int] = set()
+        for r in done.values():
+            if r.point.setting == setting:
+                (fits if r.status == "ok" else ooms if r.status in ("oom", "skipped") else set()).add(r.point.batch_size)
+        while (batch := next_batch_to_try(fits, ooms, start, cfg.max_batch)) is not None:
+            p = Point(*setting, batch_size=batch)
+            fresh = p.key not in done
+            record = settle(p)
+            if fresh:
+                yield record
+            if record.status == "ok":
+                fits.add(batch)
+            elif record.status in ("oom", "skipped"):
+                ooms.add(batch)
+            else:  # an error or timeout says nothing about memory: stop searching this setting
+                break

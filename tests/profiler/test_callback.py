@@ -1,0 +1,83 @@
+"""ProfilerCallback inside a plain HF Trainer (no DeepSpeed, no ftprof launcher)."""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, BertConfig, BertForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+
+from ftprof.profiler import ProfilerCallback, TokenCountingCollator, add_profiler
+from ftprof.profiler.flops import model_shape, training_flops_per_token
+
+
+class PadCollator:
+    """Pads input_ids with 0 and builds the attention mask (no tokenizer needed)."""
+
+    def __call__(self, features):
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.zeros(len(features), longest, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, f in enumerate(features):
+            ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            mask[i, : len(f["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([f["labels"] for f in features])}
+
+
+def make_trainer(tmp_path, ga=1):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64))
+    # Lengths alternate 10 and 30, so each batch of 4 pads 2 rows: real 80 tokens, padded 120.
+    rows = [{"input_ids": [5] * (10 if i % 2 else 30), "labels": i % 2} for i in range(64)]
+    counter = TokenCountingCollator(PadCollator())
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=ga,
+                             max_steps=6, report_to="none", disable_tqdm=True, logging_steps=3, save_strategy="no",
+                             use_cpu=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=counter)
+    return trainer, counter
+
+
+def test_callback_in_plain_trainer_counts_tokens_under_accumulation(tmp_path):
+    trainer, counter = make_trainer(tmp_path, ga=2)
+    profiler = ProfilerCallback(warmup_steps=2, counter=counter)
+    trainer.add_callback(profiler)
+    trainer.train()
+    s = profiler.summary
+    assert s["steady_steps"] == 4 and s["sampler"] == "rss"
+    assert s["step_time_p90_s"] >= s["step_time_median_s"] > 0
+    # 4 optimizer steps x 2 micro-batches x 4 rows; real/padded = 80/120 per micro-batch.
+    assert s["padded_tokens_per_s"] / s["samples_per_s"] == pytest.approx(30.0)
+    assert s["real_tokens_per_s"] / s["padded_tokens_per_s"] == pytest.approx(80 / 120)
+    phases = s["ranks"][0]["phases"]
+    assert {"model_load", "setup", "first_step", "steady", "optimizer"} <= set(phases)
+    assert phases["steady"]["rss_bytes"] >= phases["model_load"]["rss_bytes"] > 0
+    assert trainer.state.log_history[-1]["profile"]["steady_steps"] == 4  # saved in trainer_state.json
+
+
+class RecordingIntegration(TrainerCallback):
+    """Stands in for TensorBoard/W&B: integrations receive each log through on_log."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_add_profiler_reaches_reporting_integrations(tmp_path):
+    trainer, counter = make_trainer(tmp_path)
+    integration = RecordingIntegration()
+    trainer.add_callback(integration)
+    add_profiler(trainer, warmup_steps=1, counter=counter)
+    trainer.train()
+    losses = [e for e in integration.logs if "loss" in e]
+    assert len(losses) == 2 and all(e["profile/samples_per_s"] > 0 for e in losses)
+    assert losses[-1]["profile/steady_steps"] == 5
+
+
+def test_flops_formula_by_hand(tmp_path):
+    trainer, _ = make_trainer(tmp_path)
+    n, layers, heads, head_dim = model_shape(trainer.model)
+    # Non-embedding parameters: all minus word (100x32), position (512x32) and token-type (2x32) embeddings.
+    total = sum(p.numel() for p in trainer.model.parameters())
+    assert (n, layers, heads, head_dim) == (total - (100 + 512 + 2) * 32, 2, 2, 16)
+    assert training_flops_per_token(n, layers, heads, head_dim, 128) == 6 * n + 12 * 2 * 2 * 16 * 128

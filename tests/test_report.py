@@ -1,0 +1,47 @@
+import csv
+import io
+import json
+
+from rich.console import Console
+
+from ftprof import report as views
+from ftprof.recommend import recommend
+from tests.test_recommend import GIB, RECORDS
+
+
+def render_text(records, budget):
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    console.print(views.render(records, recommend(records, budget), budget))
+    return console.file.getvalue()
+
+
+def test_terminal_report_marks_oom_and_gives_commands():
+    text = render_text(RECORDS, 10 * GIB)
+    assert "OOM" in text and "Pareto" in text
+    assert ("Fastest under the budget: bf16-z2-w1-ga1-s128-b16 — peak 6.0 GiB, 180.0 samples/s, effective batch 16"
+            in text)
+    assert ("deepspeed launch/train.py --ds_config ds_configs/zero2.json --model bert-base-uncased "
+            "--per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_length 128 --bf16") in text
+    assert "6 points: 5 ok, 1 oom." in text
+
+
+def test_nothing_fits():
+    assert "No measured point fits 1.0 GiB" in render_text(RECORDS, GIB)
+
+
+def test_csv_export_loads_with_one_row_per_point():
+    rows = list(csv.DictReader(io.StringIO(views.to_csv(RECORDS))))
+    assert len(rows) == len(RECORDS)
+    oom = next(r for r in rows if r["status"] == "oom")
+    assert (oom["batch_size"], oom["peak_gib"], oom["samples_per_s"]) == ("64", "", "")
+    assert next(r for r in rows if r["batch_size"] == "16" and r["seq_len"] == "512")["peak_gib"] == "12.0"
+
+
+def test_json_and_markdown_exports():
+    recs = recommend(RECORDS, 10 * GIB)
+    data = json.loads(views.to_json(RECORDS, recs, 10 * GIB))
+    assert data["budget_bytes"] == 10 * GIB and len(data["points"]) == 6
+    assert data["recommendations"][0]["ds_config"]["zero_optimization"]["stage"] == 2
+    md = views.to_markdown(RECORDS, recs, 10 * GIB)
+    assert md.splitlines()[0].startswith("| precision | zero | world_size |")
+    assert "- **Largest effective batch**: `bf16-z3-w1-ga1-s128-b32`, peak 9.0 GiB, 150.0 samples/s" in md

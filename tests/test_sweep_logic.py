@@ -1,0 +1,69 @@
+"""The sweep loop's decisions (skip, resume, bisect) with the point runner replaced by a memory model.
+
+The real runner (fresh processes, the deepspeed launcher, OOM detection) is exercised in
+tests/integration/test_sweep_cli.py; here a deterministic stand-in lets us check every decision exactly.
+"""
+
+from ftprof.results import Record, read_records
+from ftprof.sweep import SweepConfig, classify, iterate_sweep
+from ftprof.sweep_plan import Point, plan_grid
+
+
+def fake_runner(limit_tokens):
+    calls = []
+
+    def run(cfg, p: Point) -> Record:
+        calls.append(p.key)
+        if p.batch_size * p.seq_len > limit_tokens:
+            return Record(p, "oom", cfg.model, reason="CUDA out of memory")
+        return Record(p, "ok", cfg.model, p.batch_size * p.seq_len * 1000, {"samples_per_s": float(p.batch_size)})
+
+    return run, calls
+
+
+def test_points_that_must_oom_are_skipped_not_run(tmp_path):
+    points = plan_grid([8, 16, 32, 64], [1], ["fp32"], [128, 256], [2], [1])
+    run, calls = fake_runner(limit_tokens=16 * 128)
+    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path)
+    records = list(iterate_sweep(cfg, {}, run))
+    status = {r.point.key: r.status for r in records}
+    assert status == {"fp32-z2-w1-ga1-s128-b8": "ok", "fp32-z2-w1-ga1-s128-b16": "ok",
+                      "fp32-z2-w1-ga1-s128-b32": "oom", "fp32-z2-w1-ga1-s128-b64": "skipped",
+                      "fp32-z2-w1-ga1-s256-b8": "ok", "fp32-z2-w1-ga1-s256-b16": "oom",
+                      "fp32-z2-w1-ga1-s256-b32": "skipped", "fp32-z2-w1-ga1-s256-b64": "skipped"}
+    assert len(calls) == 5
+    assert [r.point.key for r in read_records(cfg.results_path)] == [r.point.key for r in records]
+
+
+def test_resume_runs_only_missing_points(tmp_path):
+    points = plan_grid([8, 16], [1], ["fp32"], [128], [0, 2], [1])
+    run, calls = fake_runner(limit_tokens=10**9)
+    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path)
+    first = iterate_sweep(cfg, {}, run)
+    next(first), next(first)  # "killed" after two points
+    done = {r.point.key: r for r in read_records(cfg.results_path)}
+    list(iterate_sweep(cfg, done, run))
+    keys = [r.point.key for r in read_records(cfg.results_path)]
+    assert sorted(keys) == sorted(p.key for p in points) and len(keys) == len(set(keys)) == 4
+    assert len(calls) == 4
+
+
+def test_find_max_batch_bisects_per_setting(tmp_path):
+    points = plan_grid([8], [1], ["fp32"], [128, 512], [2], [1])
+    run, calls = fake_runner(limit_tokens=40 * 128)  # fits up to batch 40 at 128, 10 at 512
+    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path, find_max_batch=True, max_batch=256)
+    records = list(iterate_sweep(cfg, {}, run))
+    best = {}
+    for r in records:
+        if r.status == "ok":
+            best[r.point.seq_len] = max(best.get(r.point.seq_len, 0), r.point.batch_size)
+    assert best == {128: 40, 512: 10}
+    grid_cost = 256 // 8 * 2  # an exhaustive grid of multiples of 8 up to 256, for both lengths
+    assert len(calls) < grid_cost * 0.4
+
+
+def test_classify_cpu_oom_and_errors():
+    assert classify(1, "RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate "
+                       "memory: you tried to allocate 123 bytes", False)[0] == "oom"
+    assert classify(1, "Traceback ...\nValueError: bad thing\n", False) == ("error", "ValueError: bad thing")
+    assert classify(0, "", False)[0] == "error"  # exit 0 without a result is not a success

@@ -1,0 +1,72 @@
+import pytest
+
+from ftprof.errors import ConfigError
+from ftprof.sweep_plan import (Point, must_oom, next_batch_to_try, parse_int_list, parse_precisions, parse_size,
+                               parse_zero, plan_grid)
+
+
+def test_grid_is_the_full_product_smallest_first():
+    points = plan_grid([16, 8], [1, 4], ["bf16"], [256, 128], [0, 3], [1])
+    assert len(points) == 2 * 2 * 2 * 2
+    assert points[0] == Point("bf16", 0, 1, 1, 128, 8)
+    assert points == sorted(points) and len({p.key for p in points}) == len(points)
+
+
+def test_effective_batch_derives_accumulation():
+    points = plan_grid([4, 8, 16, 24], [1], ["fp32"], [128], [2], [2], effective_batch=64)
+    assert sorted((p.batch_size, p.grad_accum) for p in points) == [(4, 8), (8, 4), (16, 2)]  # 24*2 doesn't divide 64
+    assert {p.effective_batch() for p in points} == {64}
+    with pytest.raises(ConfigError, match="no micro-batch"):
+        plan_grid([3], [1], ["fp32"], [128], [2], [1], effective_batch=64)
+
+
+@pytest.mark.parametrize("text, flag", [("8,x", "--batch_sizes"), ("0,8", "--batch_sizes"), ("-4", "--seq_lens"),
+                                        ("", "--grad_accum"), ("1.5", "--steps")])
+def test_grid_values_must_be_positive_integers(text, flag):
+    with pytest.raises(ConfigError, match=f"{flag} .*is not a positive integer"):
+        parse_int_list(text, flag)
+
+
+def test_precision_and_zero_parsing():
+    assert parse_precisions("bf16, fp32") == ["fp32", "bf16"]
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        parse_precisions("fp16,fp8")
+    assert parse_zero("3,0,2") == [0, 2, 3]
+    with pytest.raises(ConfigError, match="unknown ZeRO stage '4'"):
+        parse_zero("2,4")
+
+
+@pytest.mark.parametrize("text, expected", [("24GiB", 24 * 2**30), ("24GB", 24 * 2**30), ("80g", 80 * 2**30),
+                                            ("512MiB", 2**29), ("1.5T", int(1.5 * 2**40)), ("4096", 4096)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "24 GiBs", "-1G", ""])
+def test_unparsable_budget(text):
+    with pytest.raises(ConfigError, match="--budget .*not a size"):
+        parse_size(text)
+
+
+def test_must_oom_needs_everything_else_equal():
+    oom = Point("fp32", 2, 1, 1, 256, 16)
+    assert must_oom(Point("fp32", 2, 1, 1, 256, 32), [oom]) == oom
+    assert must_oom(Point("fp32", 2, 1, 1, 512, 16), [oom]) == oom
+    assert must_oom(Point("fp32", 2, 1, 1, 128, 32), [oom]) is None  # shorter sequence: may fit
+    assert must_oom(Point("fp32", 3, 1, 1, 256, 32), [oom]) is None  # other ZeRO stage
+    assert must_oom(Point("bf16", 2, 1, 1, 256, 32), [oom]) is None
+
+
+def simulate_search(limit: int, start: int = 8, cap: int = 1024) -> tuple[int | None, list[int]]:
+    fits, ooms, tried = set(), set(), []
+    while (b := next_batch_to_try(fits, ooms, start, cap)) is not None:
+        tried.append(b)
+        (fits if b <= limit else ooms).add(b)
+    return (max(fits) if fits else None), tried
+
+
+@pytest.mark.parametrize("limit", [1, 5, 8, 13, 100, 127, 1000, 5000])
+def test_bisection_finds_the_largest_batch_that_fits(limit):
+    found, tried = simulate_search(limit)
+    assert found == min(limit, 1024)
+    assert len(tried) == len(set(tried)) <= 2 * 11  # doubling then bisection: logarithmic
