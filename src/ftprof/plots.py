@@ -17,7 +17,12 @@ def _series(records: list[Record], value) -> dict[str, list[tuple[int, float]]]:
             label = f"{p.precision} ZeRO-{p.zero} seq {p.seq_len}" + (f" x{p.world_size}" if p.world_size > 1 else "") \
                 + (f" ga{p.grad_accum}" if p.grad_accum > 1 else "")
             lines[label].append((p.batch_size, value(r)))
-    return {k: sorted(v) for k, v in sorted(lines.items())}
+    return {k: sorted(v) for k, v in sorted(lines.items(), key=lambda kv: _natural(kv[0]))}
+
+
+def _natural(label: str) -> list:
+    """Sort 'seq 64' before 'seq 256'."""
+    return [int(t) if t.isdigit() else t for t in label.replace("-", " ").split()]
 
 
 def save_plots(records: list[Record], out_dir: Path, budget: int | None = None) -> list[Path]:
@@ -39,9 +44,12 @@ def save_plots(records: list[Record], out_dir: Path, budget: int | None = None) 
         if name == "memory.png":
             if ooms:
                 ax.scatter(ooms, [ax.get_ylim()[1]] * len(ooms), marker="x", color="red", label="OOM", zorder=3)
-            if budget:
+            top = max((r.peak_bytes for r in records if r.peak_bytes), default=0)
+            if budget and budget <= 2 * top:  # far above the data it would flatten every line
                 ax.axhline(budget / 2**30, color="grey", linestyle="--", label="budget")
         ax.set_xscale("log", base=2)
+        batches = sorted({r.point.batch_size for r in records})
+        ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("micro-batch per rank")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)

@@ -7,6 +7,7 @@ import io
 import json
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.rule import Rule
 from rich.table import Table
@@ -54,24 +55,25 @@ def _fmt(value: Any) -> str:
 
 
 def results_table(records: list[Record], figure: str) -> Table:
-    """Peak memory and throughput per point; OOM and skipped cells marked."""
-    table = Table(title=f"Measured points (peak = {figure}, max over ranks and phases)", header_style="bold")
-    for name in ("precision", "ZeRO", "ranks", "seq", "batch", "accum", "eff. batch", "status", "peak GiB",
-                 "samples/s", "tokens/s (real)", "step ms (p50/p90)"):
-        table.add_column(name, justify="right" if name not in ("precision", "status") else "left")
+    """Peak memory and throughput per point; OOM and skipped cells marked. Fits 80 columns; the exports
+    carry every figure (p90 step time, padded tokens, TFLOP/s, MFU)."""
+    table = Table(title=f"Measured points (peak = {figure}, max over ranks and phases)", header_style="bold",
+                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    for name in ("setting", "seq", "batch", "accum", "status", "peak GiB", "samples/s", "tokens/s", "step ms"):
+        table.add_column(name, justify="left" if name in ("setting", "status") else "right", no_wrap=True,
+                         min_width=len(name))
     for r in sorted(records, key=lambda r: r.point):
-        d = row(r)
-        status = Text(r.status.upper() if r.status != "ok" else "ok", style=STATUS_STYLE[r.status])
-        steps = f"{_fmt(d['step_time_median_ms'])}/{_fmt(d['step_time_p90_ms'])}" if d["step_time_median_ms"] else ""
-        table.add_row(d["precision"], str(d["zero"]), str(d["world_size"]), str(d["seq_len"]), str(d["batch_size"]),
-                      str(d["grad_accum"]), str(d["effective_batch"]), status, _fmt(d["peak_gib"]),
-                      _fmt(d["samples_per_s"]), _fmt(d["real_tokens_per_s"]), steps)
+        d, p = row(r), r.point
+        setting = f"{p.precision} z{p.zero}" + (f" x{p.world_size}" if p.world_size > 1 else "")
+        status = Text(r.status if r.status == "ok" else r.status.upper(), style=STATUS_STYLE[r.status])
+        table.add_row(setting, str(p.seq_len), str(p.batch_size), str(p.grad_accum), status, _fmt(d["peak_gib"]),
+                      _fmt(d["samples_per_s"]), _fmt(d["real_tokens_per_s"]), _fmt(d["step_time_median_ms"]))
     return table
 
 
 def pareto_table(records: list[Record]) -> Table:
-    table = Table(title="Memory vs throughput Pareto front (nothing measured is both leaner and faster)",
-                  header_style="bold")
+    table = Table(title="Pareto front: nothing measured is both leaner and faster", header_style="bold",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("peak GiB", "samples/s", "setting"):
         table.add_column(name, justify="right" if name != "setting" else "left")
     for r in pareto_front(records):

@@ -1,0 +1,89 @@
+"""`ftprof sweep` for real: fresh processes per point, ZeRO 0/2/3, 2 ranks, forced OOM, SIGKILL + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ftprof.results import read_records
+from tests.conftest import ROOT
+from tests.integration.conftest import train_env
+
+SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--model", "tiny-bert", "--steps", "2", "--warmup", "1"]
+
+
+def sweep(args, timeout=900):
+    proc = subprocess.run(SWEEP + args, capture_output=True, text=True, env=train_env(), cwd=ROOT,
+                          timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_sweep_grid_ranks_resume_and_report(tmp_path):
+    out = tmp_path / "profile"
+    sweep(["--zero", "0,2,3", "--batch_sizes", "4,32", "--seq_lens", "512", "--out", str(out), "--no_report"])
+    sweep(["--zero", "2", "--batch_sizes", "4", "--seq_lens", "32", "--out", str(out), "--resume", "--no_report"])
+    last = sweep(["--zero", "2,3", "--batch_sizes", "4", "--seq_lens", "512", "--world_size", "2", "--out", str(out),
+                  "--resume"])
+    records = read_records(out / "results.jsonl")
+    by_key = {r.point.key: r for r in records}
+    assert len(records) == len(by_key) == 9 and {r.status for r in records} == {"ok"}
+    peak = {k: r.peak_bytes for k, r in by_key.items()}
+    for z in (0, 2, 3):  # peaks grow with the batch...
+        assert peak[f"fp32-z{z}-w1-ga1-s512-b32"] > peak[f"fp32-z{z}-w1-ga1-s512-b4"] * 1.1
+    assert peak["fp32-z2-w1-ga1-s512-b4"] > peak["fp32-z2-w1-ga1-s32-b4"]  # ...and with the sequence
+    for z in (2, 3):
+        two = by_key[f"fp32-z{z}-w2-ga1-s512-b4"]
+        assert [r["rank"] for r in two.metrics["ranks"]] == [0, 1] and two.env["world_size"] == 2
+        assert two.metrics["samples_per_s"] > 0 and two.metrics["padded_tokens_per_s"] == pytest.approx(
+            two.metrics["samples_per_s"] * 512)
+    first_line = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert {"torch", "transformers", "deepspeed", "device"} <= set(first_line["env"])
+    # The sweep ends with its report; every export format renders from the same file.
+    assert "Recommendations" in last.stdout and "Pareto" in last.stdout
+    for fmt, check in (("md", "| precision |"), ("csv", "precision,zero,world_size"), ("json", '"recommendations"')):
+        proc = subprocess.run([sys.executable, "-m", "ftprof.cli.main", "report", str(out), "--format", fmt,
+                               "--write_config"], capture_output=True, text=True, env=train_env(), cwd=ROOT)
+        assert proc.returncode == 0 and check in proc.stdout
+    for png in ("memory.png", "throughput.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "recommended_fastest.json").read_text())["zero_optimization"]["stage"] in (0, 2, 3)
+
+
+@pytest.mark.slow
+def test_forced_oom_is_a_result_and_larger_points_are_skipped(tmp_path):
+    out = tmp_path / "oom"
+    # A 4 GiB address-space limit per point: batch 4 fits, batch 128 x 512 tokens can't allocate its attention.
+    sweep(["--zero", "0", "--batch_sizes", "4,128,256", "--seq_lens", "512", "--child_memory_limit", "4GiB",
+           "--out", str(out), "--no_report"])
+    status = {r.point.batch_size: r for r in read_records(out / "results.jsonl")}
+    assert [status[b].status for b in (4, 128, 256)] == ["ok", "oom", "skipped"]
+    assert "can't allocate memory" in status[128].reason and status[128].stderr_tail
+    assert "fp32-z0-w1-ga1-s512-b128 did" in status[256].reason
+
+
+@pytest.mark.slow
+def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
+    out = tmp_path / "killed"
+    args = ["--zero", "0,2", "--batch_sizes", "4,8", "--seq_lens", "32", "--out", str(out), "--no_report"]
+    proc = subprocess.Popen(SWEEP + args, env=train_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    results = out / "results.jsonl"
+    deadline = time.time() + 600
+    while not (results.exists() and results.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the point it is running
+    proc.wait()
+    finished = results.read_text().splitlines()
+    assert 1 <= len(finished) < 4
+    sweep(args + ["--resume"])
+    lines = results.read_text().splitlines()
+    keys = [json.loads(x)["key"] for x in lines]
+    assert len(keys) == len(set(keys)) == 4
+    assert lines[: len(finished)] == finished  # what finished before the kill is kept as it was
