@@ -25,7 +25,10 @@ def test_recommendations_respect_budget_with_margin():
     assert recs == {"fastest": "bf16-z2-w1-ga1-s128-b16", "largest_effective_batch": "bf16-z3-w1-ga1-s128-b32",
                     "memory_optimal": "bf16-z2-w1-ga1-s128-b8"}
     assert recommend(RECORDS, budget=2 * GIB) == []
-    assert {r.kind: r.record.point.key for r in recommend(RECORDS, None)}["fastest"] == "bf16-z2-w1-ga1-s128-b32"
+    # Without a budget the longest sequence length decides; another length can be asked for.
+    assert {r.kind: r.record.point.key for r in recommend(RECORDS, None)}["fastest"] == "bf16-z2-w1-ga1-s512-b16"
+    assert recommend(RECORDS, None, seq_len=128)[0].record.point.key == "bf16-z2-w1-ga1-s128-b32"
+    assert recommend(RECORDS, None, seq_len=64) == []
 
 
 def test_launch_command_is_exact():

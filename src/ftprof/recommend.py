@@ -64,9 +64,17 @@ def launch_command(record: Record, config_path: str) -> str:
             f"--max_length {p.seq_len}{precision}")
 
 
-def recommend(records: list[Record], budget: int | None, config_dir: str = "ds_configs") -> list[Recommendation]:
-    """Up to three recommendations (fewer when nothing fits)."""
+def recommend(records: list[Record], budget: int | None, seq_len: int | None = None,
+              config_dir: str = "ds_configs") -> list[Recommendation]:
+    """Up to three recommendations at one sequence length (fewer when nothing fits).
+
+    The sequence length is the data's, not a free choice, so settings are compared at ``seq_len``: by
+    default the longest measured length at which something fits (inputs padded up to ``--max_length``).
+    """
     candidates = fitting(records, budget)
+    if seq_len is None and candidates:
+        seq_len = max(r.point.seq_len for r in candidates)
+    candidates = [r for r in candidates if r.point.seq_len == seq_len]
     if not candidates:
         return []
     picks = {

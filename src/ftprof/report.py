@@ -84,7 +84,8 @@ def pareto_table(records: list[Record]) -> Table:
 def recommendations_panel(recs: list[Recommendation], budget: int | None) -> Group:
     """Recommendations as plain lines under a rule: no border, so a command copies as one piece."""
     budget_text = f"{gib(budget)} GiB" if budget else "no budget"
-    rule = Rule(f"Recommendations (budget {budget_text}, 5% kept free)")
+    at = f" at seq {recs[0].record.point.seq_len}" if recs else ""
+    rule = Rule(f"Recommendations{at} (budget {budget_text}, 5% kept free)")
     if not recs:
         return Group(rule, Text(f"No measured point fits {budget_text}; try smaller batches, ZeRO-3 or offload.",
                                 style="bold red"))

@@ -25,13 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("profile", help="a sweep folder (holding results.jsonl) or the results.jsonl file")
     p.add_argument("--format", default="rich", choices=["rich", "md", "json", "csv"], help="output format")
     p.add_argument("--budget", help="memory budget, e.g. 24GiB (default: the measured device's memory)")
+    p.add_argument("--seq_len", type=int, help="recommend for this sequence length (default: the longest that fits)")
     p.add_argument("--write_config", action="store_true",
                    help="write recommended_<kind>.json ds_configs beside the results")
     p.add_argument("--no_plots", action="store_true", help="don't write memory.png / throughput.png")
     return p
 
 
-def report(profile: Path, budget: int | None, fmt: str, write_config: bool, plots: bool, console: Console) -> None:
+def report(profile: Path, budget: int | None, fmt: str, write_config: bool, plots: bool, console: Console,
+           seq_len: int | None = None) -> None:
     from ftprof import report as views
     from ftprof.plots import save_plots
     from ftprof.recommend import recommend
@@ -43,7 +45,7 @@ def report(profile: Path, budget: int | None, fmt: str, write_config: bool, plot
         raise ConfigError(f"{results} holds no points yet; run or --resume the sweep")
     if budget is None:
         budget = next((r.env.get("device_memory_bytes") for r in records if r.env.get("device_memory_bytes")), None)
-    recs = recommend(records, budget)
+    recs = recommend(records, budget, seq_len)
     written = save_plots(records, results.parent, budget) if plots else []
     if write_config:
         for rec in recs:
@@ -68,6 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         budget = parse_size(a.budget) if a.budget else None
-        report(Path(a.profile), budget, a.format, a.write_config, not a.no_plots, Console())
+        report(Path(a.profile), budget, a.format, a.write_config, not a.no_plots, Console(), a.seq_len)
 
     return run_reporting_errors(go, debug)
