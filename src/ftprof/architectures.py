@@ -64,7 +64,8 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
                         "hidden_dim": 128},
     "tiny-roberta": {**_ROBERTA, "vocab_size": 4096, "hidden_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "intermediate_size": 128},
-    "tiny-gpt2": {**_GPT2, "vocab_size": 4096, "n_positions": 512, "n_embd": 64, "n_layer": 2, "n_head": 2},
+    "tiny-gpt2": {**_GPT2, "vocab_size": 4096, "n_positions": 512, "n_embd": 64, "n_layer": 2, "n_head": 2,
+                  "bos_token_id": 4095, "eos_token_id": 4095},
 }
 
 

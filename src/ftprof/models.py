@@ -148,15 +148,20 @@ def train_tokenizer_for(spec: ModelSpec, texts: Iterable[str]) -> PreTrainedToke
     return train_wordpiece(texts, vocab_size, spec.max_positions() or 512)
 
 
-def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, label_names: list[str]) -> PreTrainedModel:
-    """A sequence classifier with ``len(label_names)`` outputs, pretrained body when ``spec`` has weights."""
+def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, label_names: list[str],
+                shrink_vocab: bool = True) -> PreTrainedModel:
+    """A sequence classifier with ``len(label_names)`` outputs, pretrained body when ``spec`` has weights.
+
+    ``shrink_vocab`` fits a tiny preset's embedding to a tokenizer trained on the data; profiling keeps the
+    preset's own size so that measurements don't depend on the data.
+    """
     config = spec.config
     config.num_labels = len(label_names)
     config.id2label = dict(enumerate(label_names))
     config.label2id = {label: i for i, label in enumerate(label_names)}
     config.pad_token_id = tokenizer.pad_token_id
     if spec.random_init:
-        if spec.origin == "preset":
+        if spec.origin == "preset" and shrink_vocab:
             config.vocab_size = len(tokenizer)
         elif len(tokenizer) > config.vocab_size:
             raise ModelError(f"--model {spec.name!r}: tokenizer has {len(tokenizer)} entries but the model's "

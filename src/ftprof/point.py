@@ -74,6 +74,13 @@ def _dataset_rows(spec: PointSpec, tokenizer, n_rows: int, global_batch: int):
                               "labels": [labels[i] for i in chosen]})
 
 
+def task_texts(spec: PointSpec) -> list[str]:
+    from ftprof.data import load_raw, prepare_task
+
+    task = prepare_task(load_raw(spec.dataset, seed=spec.seed), None, None, seed=spec.seed)
+    return task.train[task.text_column]
+
+
 def measure(spec: PointSpec) -> dict:
     """Run ``warmup + steps`` optimizer steps and return the profiler's summary (on every rank)."""
     from torch.utils.data import SequentialSampler
@@ -95,13 +102,14 @@ def measure(spec: PointSpec) -> dict:
             learning_rate=1e-5)
         global_batch = spec.batch_size * spec.grad_accum * args.world_size
         n_rows = global_batch * (spec.warmup + spec.steps + 1)
-        texts = ["a small offline vocabulary for profiling"] * 8
+        # Token ids are synthetic unless --dataset: a tokenizer is only needed for real texts (and pad id 0).
+        texts = task_texts(spec) if spec.dataset else ["profiling"] * 4
         tokenizer = train_tokenizer_for(model_spec, texts)
         if spec.dataset:
             train = _dataset_rows(spec, tokenizer, n_rows, global_batch)
         else:
-            train = _token_dataset(spec, min(model_spec.config.vocab_size, len(tokenizer)), n_rows)
-        model = build_model(model_spec, tokenizer, ["0", "1"])
+            train = _token_dataset(spec, model_spec.config.vocab_size, n_rows)
+        model = build_model(model_spec, tokenizer, ["0", "1"], shrink_vocab=False)  # the preset's real shape
         model.accepts_loss_kwargs = False
         counter = TokenCountingCollator(DataCollatorWithPadding(tokenizer))
         profiler = ProfilerCallback(warmup_steps=spec.warmup, counter=counter)

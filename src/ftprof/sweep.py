@@ -47,6 +47,7 @@ class SweepConfig:
     find_max_batch: bool = False
     max_batch: int = 1024
     child_memory_limit: int | None = None  # RLIMIT_AS for each point's process(es), bytes
+    prune: bool = True  # skip points that must OOM
     env: dict = field(default_factory=dict)
 
     @property
@@ -150,7 +151,7 @@ def iterate_sweep(cfg: SweepConfig, done: dict[str, Record],
     def settle(p: Point) -> Record:
         if p.key in done:
             return done[p.key]
-        proof = must_oom(p, oomed)
+        proof = must_oom(p, oomed) if cfg.prune else None
         if proof is not None:
             record = Record(p, "skipped", cfg.model, reason=f"must OOM: {proof.key} did with a batch and "
                                                             "sequence no larger", env=dict(cfg.env))

@@ -10,6 +10,7 @@ from ftprof import __version__
 COMMANDS = {
     "train": ("ftprof.cli.train", "fine-tune a text classifier with HF Trainer + DeepSpeed (= launch/train.py)"),
     "sweep": ("ftprof.cli.sweep", "measure peak memory and throughput over batch, precision, length, ZeRO stage"),
+    "estimate": ("ftprof.cli.estimate", "predict peak memory per rank before running; calibrate on a sweep"),
     "report": ("ftprof.cli.report", "tables, Pareto front, recommendations, exports and plots of a sweep"),
 }
 USAGE = f"usage: ftprof COMMAND [ARGS]   (ftprof {__version__})\n\ncommands:\n" + "\n".join(

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a sweep: skip points already in results.jsonl")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a point counts as hung")
     p.add_argument("--child_memory_limit", help="address-space limit per point process (CPU testing), e.g. 6GiB")
+    p.add_argument("--no_skip", action="store_true",
+                   help="run every grid point, even those a smaller OOM proves will OOM (to compare costs)")
     p.add_argument("--no_report", action="store_true", help="don't print the report at the end")
     return p
 
@@ -116,7 +118,7 @@ def run(argv: list[str], console: Console) -> None:
         done = {r.point.key: r for r in read_records(results)}
     cfg = SweepConfig(model=a.model, points=points, out_dir=out, steps=steps, warmup=warmup, dataset=a.dataset,
                       base_ds_config=base, timeout_s=a.timeout, find_max_batch=a.find_max_batch,
-                      max_batch=a.max_batch, child_memory_limit=child_limit, env=environment())
+                      max_batch=a.max_batch, child_memory_limit=child_limit, prune=not a.no_skip, env=environment())
     pending = [p for p in points if p.key not in done]
     console.print(f"[bold]ftprof sweep[/] {spec.name} ({spec.config.model_type}, shapes from its config) on "
                   f"{cfg.env['device']}: {len(pending)} of {len(points)} points to run"

@@ -1,0 +1,207 @@
+"""Predict peak memory per rank before running: pure arithmetic over architecture facts (no torch.cuda,
+no deepspeed).
+
+Three figures are predicted: the tensor peak (torch ``max_memory_allocated``), the allocator peak
+(``max_memory_reserved``) and what the device reports as used (NVML on GPUs; process RSS on CPUs). Items:
+
+* model states — parameters, gradients, the fp32 master copy and Adam's two moments, divided by the world
+  size as ZeRO stage 1 (optimizer states), 2 (+ gradients) and 3 (+ parameters) partition them, and moved to
+  host memory by optimizer/parameter offload;
+* activations saved for backward, per layer, after Korthikanti et al. (2022) generalised to any MLP width:
+  ``s·b·h·(8e + 2·drop) + 2·s·b·i·e`` plus, with eager attention, ``a·s²·b·(e + drop·(e + 1))`` for the
+  score matrices (SDPA/flash kernels keep none; they store ``4·a·b·s`` bytes of softmax statistics instead);
+  with gradient checkpointing only each layer's input plus one layer's full set;
+* embeddings, logits (fp32; ``b·s·V`` for LM heads) and the fp32 gradient partition of the optimizer step;
+* DeepSpeed's communication buckets, and the runtime (CUDA context / Python + torch) and allocator overhead
+  as constants that :func:`calibrate` fits to measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from ftprof.errors import ConfigError
+
+GIB = 2**30
+
+# Memory of common GPUs (bytes), for --gpu. Names are lower-case, as typed on the command line.
+GPUS: dict[str, int] = {
+    "h200-141gb": 141 * 10**9, "h100-80gb": 80 * GIB, "h100-94gb": 94 * GIB, "a100-80gb": 80 * GIB,
+    "a100-40gb": 40 * GIB, "l40s-48gb": 48 * GIB, "a10g-24gb": 24 * GIB, "l4-24gb": 24 * GIB,
+    "rtx4090-24gb": 24 * GIB, "rtx3090-24gb": 24 * GIB, "v100-32gb": 32 * GIB, "v100-16gb": 16 * GIB,
+    "t4-16gb": 16 * GIB,
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The facts of an architecture that memory depends on (from its config; no weights)."""
+
+    name: str
+    family: Literal["encoder", "decoder"]
+    params: int  # all parameters, counted exactly
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+    vocab: int
+    dropout: bool = True
+    attention: Literal["eager", "sdpa"] = "sdpa"
+    lm_head: bool = False  # logits over the vocabulary (causal LM) rather than a few labels
+    num_labels: int = 2
+
+
+@dataclass(frozen=True)
+class Setting:
+    batch_size: int
+    seq_len: int
+    precision: Literal["fp32", "fp16", "bf16"] = "bf16"
+    zero: int = 2
+    world_size: int = 1
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    gradient_checkpointing: bool = False
+    device: Literal["gpu", "cpu"] = "gpu"  # on a CPU, "offloaded" state still counts in the process
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "world_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero {self.zero}: unknown ZeRO stage; use 0, 1, 2 or 3")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"--precision {self.precision!r}: use fp32, fp16 or bf16")
+
+
+@dataclass
+class Calibration:
+    """Constants fitted to measurements of one device (defaults: typical values, uncalibrated)."""
+
+    device: str = "default"
+    runtime_bytes: float = 0.55 * GIB  # CUDA context + cuBLAS/NCCL workspaces, or Python + torch on a CPU
+    activation_factor: float = 1.0  # allocator rounding and temporaries not itemised, relative to activations
+    buffer_factor: float = 2.0  # DeepSpeed bucket elements, in units of hidden² (HF's "auto" bucket size)
+    reserved_factor: float = 1.08  # caching allocator: reserved / allocated
+    fitted_on: int = 0  # number of measured points behind these values
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass
+class Estimate:
+    """Bytes per rank: itemised, then the three predicted peaks."""
+
+    items: dict[str, int]
+    host_items: dict[str, int] = field(default_factory=dict)  # offloaded to CPU memory
+    allocated: int = 0
+    reserved: int = 0
+    device_used: int = 0
+
+
+def bytes_per_element(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def model_states(arch: Arch, s: Setting) -> tuple[dict[str, int], dict[str, int]]:
+    """(on device, offloaded to host) bytes of parameters, gradients, master weights and Adam moments.
+
+    >>> arch = Arch("x", "encoder", 1000, 1, 8, 2, 32, 10)
+    >>> model_states(arch, Setting(1, 8, "bf16", zero=2, world_size=4))[0]
+    {'parameters': 2000, 'gradients': 500, 'fp32 master weights': 1000, 'Adam moments': 2000}
+    """
+    p, n, e = arch.params, s.world_size, bytes_per_element(s.precision)
+    optimizer_split = n if s.zero >= 1 else 1
+    device = {
+        "parameters": math.ceil(e * p / (n if s.zero == 3 else 1)),
+        "gradients": math.ceil(e * p / (n if s.zero >= 2 else 1)),
+        # ZeRO 1-3 keep an fp32 copy of their partition even in fp32 training; mixed precision always does.
+        "fp32 master weights": math.ceil(4 * p / optimizer_split) if (s.zero >= 1 or e == 2) else 0,
+        "Adam moments": math.ceil(8 * p / optimizer_split),
+    }
+    host: dict[str, int] = {}
+    if s.device == "gpu":
+        moved = (["fp32 master weights", "Adam moments"] if s.offload_optimizer else []) + \
+                (["parameters"] if s.offload_param else [])
+        host = {k: device.pop(k) for k in moved}
+    return device, host
+
+
+def layer_activations(arch: Arch, s: Setting) -> int:
+    """Bytes one transformer layer saves for backward at micro-batch ``b`` and length ``s``.
+
+    >>> arch = Arch("gpt", "decoder", 0, 1, 1024, 16, 4096, 50257, attention="eager")
+    >>> layer_activations(arch, Setting(1, 2048, "fp16")) == 2048 * 1024 * (34 + 5 * 16 * 2048 / 1024)
+    True
+    """
+    b, sq, h, i, a = s.batch_size, s.seq_len, arch.hidden, arch.intermediate, arch.heads
+    e, drop = bytes_per_element(s.precision), int(arch.dropout)
+    linear = sq * b * h * (8 * e + 2 * drop) + 2 * sq * b * i * e
+    if arch.attention == "eager":
+        scores = a * sq * sq * b * (e + drop * (e + 1))
+    else:
+        scores = 4 * a * b * sq  # softmax statistics of fused kernels
+    return linear + scores
+
+
+def activations(arch: Arch, s: Setting) -> dict[str, int]:
+    b, sq, h, e = s.batch_size, s.seq_len, arch.hidden, bytes_per_element(s.precision)
+    per_layer = layer_activations(arch, s)
+    if s.gradient_checkpointing:
+        layers = arch.layers * sq * b * h * e + per_layer  # inputs kept, one layer recomputed at a time
+    else:
+        layers = arch.layers * per_layer
+    embeddings = sq * b * h * (2 * e + int(arch.dropout))
+    classes = arch.vocab if arch.lm_head else arch.num_labels
+    positions = sq if arch.lm_head else 1
+    logits = 2 * 4 * b * positions * classes  # fp32 logits and their softmax for the loss
+    return {"activations (layers)": layers, "activations (embeddings)": embeddings, "logits + loss": logits}
+
+
+def estimate(arch: Arch, s: Setting, cal: Calibration | None = None) -> Estimate:
+    """Predict the per-rank peaks of training ``arch`` with setting ``s``."""
+    cal = cal or Calibration()
+    items, host = model_states(arch, s)
+    acts = activations(arch, s)
+    items.update({k: math.ceil(v * cal.activation_factor) for k, v in acts.items()})
+    e = bytes_per_element(s.precision)
+    if s.zero >= 1:
+        items["DeepSpeed buckets"] = math.ceil(cal.buffer_factor * arch.hidden**2 * e)
+    # The optimizer step materialises fp32 gradients of this rank's partition; activations are gone by then,
+    # so the peak is the larger of the two moments.
+    step_extra = math.ceil(4 * arch.params / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
+    if s.offload_optimizer and s.device == "gpu":
+        step_extra = 0
+    activation_total = sum(items[k] for k in items if k.startswith(("activations", "logits")))
+    states = sum(v for k, v in items.items() if k not in acts)
+    allocated = states + max(activation_total, step_extra)
+    if step_extra > activation_total:
+        items["optimizer step (fp32 grads)"] = step_extra - activation_total
+    reserved = math.ceil(allocated * cal.reserved_factor)
+    return Estimate(items, host, allocated, reserved, reserved + math.ceil(cal.runtime_bytes))
+
+
+def max_batch(arch: Arch, s: Setting, budget: int, cal: Calibration | None = None, limit: int = 1 << 16) -> int:
+    """The largest micro-batch whose predicted device-used peak fits ``budget`` (0 if none), by bisection
+    over the model (monotonic in the batch), not by trial runs."""
+    lo, hi = 0, 1
+    while hi <= limit and estimate(arch, replace(s, batch_size=hi), cal).device_used <= budget:
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if estimate(arch, replace(s, batch_size=mid), cal).device_used <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
