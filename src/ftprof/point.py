@@ -83,10 +83,12 @@ def task_texts(spec: PointSpec) -> list[str]:
 
 def measure(spec: PointSpec) -> dict:
     """Run ``warmup + steps`` optimizer steps and return the profiler's summary (on every rank)."""
+    import torch
     from torch.utils.data import SequentialSampler
     from transformers import DataCollatorWithPadding, Trainer
 
     from ftprof.args import FtprofTrainingArguments
+    from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted
     from ftprof.distributed import ensure_single_process_env
     from ftprof.models import build_model, resolve_model_spec, train_tokenizer_for
     from ftprof.profiler import ProfilerCallback, TokenCountingCollator
@@ -97,7 +99,7 @@ def measure(spec: PointSpec) -> dict:
         args = FtprofTrainingArguments(
             output_dir=out, per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=spec.grad_accum,
             max_steps=spec.warmup + spec.steps, bf16=spec.precision == "bf16", fp16=spec.precision == "fp16",
-            deepspeed=spec.ds_config, save_strategy="no", eval_strategy="no", load_best_model_at_end=False,
+            deepspeed=cpu_adjusted(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available()).config, save_strategy="no", eval_strategy="no", load_best_model_at_end=False,
             logging_steps=10_000, report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=spec.seed,
             learning_rate=1e-5)
         global_batch = spec.batch_size * spec.grad_accum * args.world_size

@@ -7,9 +7,12 @@ config, data, tokenizer, model) → :func:`fit` (train, evaluate, save). ``launc
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ftprof.args import FtprofTrainingArguments, ScriptArguments
 from ftprof.data import load_raw, prepare_task, tokenize
-from ftprof.deepspeed_config import load_ds_config
+from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_config
 from ftprof.distributed import ensure_single_process_env, shutdown
 from ftprof.errors import ConfigError
 from ftprof.footprint import FootprintCallback
@@ -64,9 +67,38 @@ def _normalize_deepspeed_flags(argv: list[str]) -> list[str]:
     if cfg.precision_forced() == "fp16" and not torch.cuda.is_available():
         raise ConfigError(f"--ds_config {path!r} sets fp16.enabled true, but fp16 training needs a CUDA GPU and "
                           "this machine has none; set it to \"auto\" (or use bf16)")
+    effective = cpu_adjusted(cfg, torch.cuda.is_available())
+    if effective is not cfg:
+        logger.info("no CUDA device: running %s with zero_optimization.overlap_comm=false", path)
+        path = _write_effective_config(effective)
+        argv = _drop_flag(_drop_flag(argv, "--deepspeed"), "--ds_config")
+        deepspeed = None
     if not deepspeed:
         argv = argv + ["--deepspeed", path]
     return argv
+
+
+def _write_effective_config(cfg: DeepSpeedConfig) -> str:
+    """Write ``cfg`` to a content-addressed temp file: every rank computes the same name and bytes."""
+    text = json.dumps(cfg.config, indent=2, sort_keys=True)
+    path = Path(tempfile.gettempdir()) / f"ftprof-ds-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    if not path.is_file():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _drop_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
 
 
 def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:

@@ -13,10 +13,13 @@ from ftprof.results import read_records
 from tests.conftest import ROOT
 from tests.integration.conftest import train_env
 
-SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--model", "tiny-bert", "--steps", "2", "--warmup", "1"]
+SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--steps", "2", "--warmup", "1"]
 
 
 def sweep(args, timeout=900):
+    """Run `ftprof sweep` (tiny-bert unless --model is given) to the end; fail with its output otherwise."""
+    if "--model" not in args:
+        args = ["--model", "tiny-bert", *args]
     proc = subprocess.run(SWEEP + args, capture_output=True, text=True, env=train_env(), cwd=ROOT,
                           timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -71,7 +74,7 @@ def test_forced_oom_is_a_result_and_larger_points_are_skipped(tmp_path):
 def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
     out = tmp_path / "killed"
     args = ["--zero", "0,2", "--batch_sizes", "4,8", "--seq_lens", "32", "--out", str(out), "--no_report"]
-    proc = subprocess.Popen(SWEEP + args, env=train_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(SWEEP + ["--model", "tiny-bert", *args], env=train_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     results = out / "results.jsonl"
     deadline = time.time() + 600

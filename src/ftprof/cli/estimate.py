@@ -143,7 +143,7 @@ def run(argv: list[str], console: Console) -> None:
 
 
 def calibrate_command(profile: Path, console: Console) -> None:
-    from ftprof.calibrate import Observation, calibrate, error_summary, errors
+    from ftprof.calibrate import calibrate, error_summary, errors, observations_from_records
     from ftprof.model_facts import arch_for
     from ftprof.results import read_records
 
@@ -154,10 +154,7 @@ def calibrate_command(profile: Path, console: Console) -> None:
     device = records[0].env.get("device", "unknown")
     on_cpu = device.startswith("cpu")
     archs = {m: arch_for(m) for m in {r.model for r in records}}
-    observations = [Observation(archs[r.model], Setting(r.point.batch_size, r.point.seq_len, r.point.precision,
-                                                        r.point.zero, r.point.world_size,
-                                                        device="cpu" if on_cpu else "gpu"), r.peak_bytes)
-                    for r in records]
+    observations = observations_from_records(records, archs.__getitem__)
     cal = calibrate(observations, device, load_calibration("cpu" if on_cpu else device))
     path = cal.save(calibration_dir() / f"{device_slug('cpu' if on_cpu else device)}.json")
     errs = errors(observations, cal)
