@@ -76,7 +76,7 @@ def evaluate(profiles: list[Path]) -> dict:
                "accelerate_estimate_memory": error_summary(accelerate_errs),
                "calibration": {"runtime_gib": round(cal.runtime_bytes / GIB, 3),
                                "activation_factor": round(cal.activation_factor, 3),
-                               "buffer_factor": round(cal.buffer_factor, 2)}}
+                               "zero_runtime_gib": round(cal.zero_runtime_bytes / GIB, 3)}}
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -67,3 +67,14 @@ def test_classify_cpu_oom_and_errors():
                        "memory: you tried to allocate 123 bytes", False)[0] == "oom"
     assert classify(1, "Traceback ...\nValueError: bad thing\n", False) == ("error", "ValueError: bad thing")
     assert classify(0, "", False)[0] == "error"  # exit 0 without a result is not a success
+
+
+def test_points_predicted_far_over_budget_are_skipped_with_the_figure(tmp_path):
+    points = plan_grid([4, 8, 16], [1], ["fp32"], [128], [2], [1])
+    run, calls = fake_runner(limit_tokens=10**9)
+    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path, predict=lambda p: p.batch_size * 2**30,
+                      budget=10 * 2**30)
+    records = {r.point.batch_size: r for r in iterate_sweep(cfg, {}, run)}
+    assert [records[b].status for b in (4, 8, 16)] == ["ok", "ok", "skipped"]  # 16 GiB > 10 GiB + 25%
+    assert records[16].reason == "predicted 16.00 GiB exceeds the 10.0 GiB budget by more than 25%"
+    assert records[8].metrics["predicted_bytes"] == 8 * 2**30 and len(calls) == 2

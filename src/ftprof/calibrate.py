@@ -20,7 +20,7 @@ class Observation:
 
 
 def calibrate(observations: list[Observation], device: str, base: Calibration | None = None) -> Calibration:
-    """Fit runtime bytes, the activation factor and the bucket factor so that predicted device-used peaks
+    """Fit runtime bytes, the activation factor and ZeRO's runtime bytes so that predicted device-used peaks
     match ``observations`` in the least-squares sense.
 
     The prediction is linear in the three constants once it is known which moment (forward activations or
@@ -31,21 +31,21 @@ def calibrate(observations: list[Observation], device: str, base: Calibration | 
         rows, targets = [], []
         for ob in observations:
             # Which moment peaks depends on the current activation factor; the columns use unit factors.
-            current = estimate(ob.arch, ob.setting, replace(cal, runtime_bytes=0, buffer_factor=0.0))
+            current = estimate(ob.arch, ob.setting, replace(cal, runtime_bytes=0, zero_runtime_bytes=0.0))
             step_peak = "optimizer step (fp32 grads)" in current.items
-            est = estimate(ob.arch, ob.setting, replace(cal, runtime_bytes=0, activation_factor=1.0, buffer_factor=0.0))
+            est = estimate(ob.arch, ob.setting, replace(cal, runtime_bytes=0, activation_factor=1.0,
+                                                        zero_runtime_bytes=0.0))
             acts = sum(v for k, v in est.items.items() if k.startswith(("activations", "logits")))
             states = sum(v for k, v in est.items.items() if not k.startswith(("activations", "logits", "optimizer step")))
             if step_peak:  # the peak is states + the step's fp32 gradients, whatever the activations
                 states = current.allocated
-            buckets = ob.arch.hidden**2 * (4 if ob.setting.precision == "fp32" else 2) if ob.setting.zero >= 1 else 0
             r = cal.reserved_factor
-            rows.append([1.0, 0.0 if step_peak else acts * r, buckets * r])
+            rows.append([1.0, 0.0 if step_peak else acts * r, r if ob.setting.zero >= 1 else 0.0])
             targets.append(ob.measured - states * r)
         solution, *_ = np.linalg.lstsq(np.array(rows, dtype=float), np.array(targets, dtype=float), rcond=None)
-        runtime, act_factor, buf_factor = (float(x) for x in solution)
+        runtime, act_factor, zero_runtime = (float(x) for x in solution)
         cal = replace(cal, runtime_bytes=max(0.0, runtime), activation_factor=max(0.1, act_factor),
-                      buffer_factor=max(0.0, buf_factor))
+                      zero_runtime_bytes=max(0.0, zero_runtime))
     return cal
 
 

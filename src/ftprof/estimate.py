@@ -12,8 +12,10 @@ Three figures are predicted: the tensor peak (torch ``max_memory_allocated``), t
   score matrices (SDPA/flash kernels keep none; they store ``4·a·b·s`` bytes of softmax statistics instead);
   with gradient checkpointing only each layer's input plus one layer's full set;
 * embeddings, logits (fp32; ``b·s·V`` for LM heads) and the fp32 gradient partition of the optimizer step;
-* DeepSpeed's communication buckets, and the runtime (CUDA context / Python + torch) and allocator overhead
-  as constants that :func:`calibrate` fits to measurements.
+* DeepSpeed's communication buckets (``2·hidden²`` elements), and as constants that
+  :func:`~ftprof.calibrate.calibrate` fits to measurements: the runtime (CUDA context / Python + torch), what
+  the ZeRO optimizer adds beyond its buckets, an activation factor (temporaries not itemised) and the caching
+  allocator's overhead.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class Calibration:
     device: str = "default"
     runtime_bytes: float = 0.55 * GIB  # CUDA context + cuBLAS/NCCL workspaces, or Python + torch on a CPU
     activation_factor: float = 1.0  # allocator rounding and temporaries not itemised, relative to activations
-    buffer_factor: float = 2.0  # DeepSpeed bucket elements, in units of hidden² (HF's "auto" bucket size)
+    zero_runtime_bytes: float = 0.0  # what DeepSpeed's ZeRO optimizer adds beyond its buckets (ops, comm state)
     reserved_factor: float = 1.08  # caching allocator: reserved / allocated
     fitted_on: int = 0  # number of measured points behind these values
 
@@ -147,11 +149,17 @@ def layer_activations(arch: Arch, s: Setting) -> int:
     b, sq, h, i, a = s.batch_size, s.seq_len, arch.hidden, arch.intermediate, arch.heads
     e, drop = bytes_per_element(s.precision), int(arch.dropout)
     linear = sq * b * h * (8 * e + 2 * drop) + 2 * sq * b * i * e
-    if arch.attention == "eager":
+    if materializes_scores(arch, s):
         scores = a * sq * sq * b * (e + drop * (e + 1))
     else:
         scores = 4 * a * b * sq  # softmax statistics of fused kernels
     return linear + scores
+
+
+def materializes_scores(arch: Arch, s: Setting) -> bool:
+    """Whether attention keeps the s x s score matrices: eager always; SDPA on a CPU when dropout is on, since
+    torch's fused CPU kernel has no dropout and SDPA falls back to its math path."""
+    return arch.attention == "eager" or (s.device == "cpu" and arch.dropout)
 
 
 def activations(arch: Arch, s: Setting) -> dict[str, int]:
@@ -176,7 +184,9 @@ def estimate(arch: Arch, s: Setting, cal: Calibration | None = None) -> Estimate
     items.update({k: math.ceil(v * cal.activation_factor) for k, v in acts.items()})
     e = bytes_per_element(s.precision)
     if s.zero >= 1:
-        items["DeepSpeed buckets"] = math.ceil(cal.buffer_factor * arch.hidden**2 * e)
+        # HF's "auto" reduce bucket is hidden² elements; overlap_comm keeps two (GPU configs).
+        items["DeepSpeed buckets"] = 2 * arch.hidden**2 * e
+        items["DeepSpeed runtime"] = math.ceil(cal.zero_runtime_bytes)
     # The optimizer step materialises fp32 gradients of this rank's partition; activations are gone by then,
     # so the peak is the larger of the two moments.
     step_extra = math.ceil(4 * arch.params / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0

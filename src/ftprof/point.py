@@ -84,7 +84,6 @@ def task_texts(spec: PointSpec) -> list[str]:
 def measure(spec: PointSpec) -> dict:
     """Run ``warmup + steps`` optimizer steps and return the profiler's summary (on every rank)."""
     import torch
-    from torch.utils.data import SequentialSampler
     from transformers import DataCollatorWithPadding, Trainer
 
     from ftprof.args import FtprofTrainingArguments
@@ -101,7 +100,9 @@ def measure(spec: PointSpec) -> dict:
             max_steps=spec.warmup + spec.steps, bf16=spec.precision == "bf16", fp16=spec.precision == "fp16",
             deepspeed=cpu_adjusted(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available()).config, save_strategy="no", eval_strategy="no", load_best_model_at_end=False,
             logging_steps=10_000, report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=spec.seed,
-            learning_rate=1e-5)
+            learning_rate=1e-5,
+            # With --dataset the rows are ordered so the first global batch is the worst case: keep that order.
+            train_sampling_strategy="sequential" if spec.dataset else "random")
         global_batch = spec.batch_size * spec.grad_accum * args.world_size
         n_rows = global_batch * (spec.warmup + spec.steps + 1)
         # Token ids are synthetic unless --dataset: a tokenizer is only needed for real texts (and pad id 0).
@@ -116,8 +117,6 @@ def measure(spec: PointSpec) -> dict:
         counter = TokenCountingCollator(DataCollatorWithPadding(tokenizer))
         profiler = ProfilerCallback(warmup_steps=spec.warmup, counter=counter)
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=counter, callbacks=[profiler])
-        if spec.dataset:  # keep the worst-case batch first
-            trainer._get_train_sampler = lambda *a, **k: SequentialSampler(train)
         trainer.train()
         summary = dict(profiler.summary or {})
         summary["random_init"] = True

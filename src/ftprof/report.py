@@ -18,7 +18,7 @@ from ftprof.results import Record
 
 STATUS_STYLE = {"ok": "green", "oom": "bold red", "skipped": "yellow", "error": "magenta", "timeout": "magenta"}
 COLUMNS = ["precision", "zero", "world_size", "seq_len", "batch_size", "grad_accum", "effective_batch", "status",
-           "peak_gib", "torch_allocated_gib", "samples_per_s", "real_tokens_per_s", "padded_tokens_per_s",
+           "peak_gib", "predicted_gib", "torch_allocated_gib", "samples_per_s", "real_tokens_per_s", "padded_tokens_per_s",
            "step_time_median_ms", "step_time_p90_ms", "model_tflops_per_s", "mfu", "reason"]
 
 
@@ -46,6 +46,7 @@ def row(record: Record) -> dict[str, Any]:
             "status": record.status, "peak_gib": gib(record.peak_bytes),
             "torch_allocated_gib": gib(m.get("peak_torch_allocated_bytes")), "samples_per_s": num("samples_per_s"),
             "real_tokens_per_s": num("real_tokens_per_s", 0), "padded_tokens_per_s": num("padded_tokens_per_s", 0),
+            "predicted_gib": gib(m.get("predicted_bytes")),
             "step_time_median_ms": ms("step_time_median_s"), "step_time_p90_ms": ms("step_time_p90_s"),
             "model_tflops_per_s": num("model_tflops_per_s", 3), "mfu": num("mfu", 4), "reason": record.reason}
 
@@ -59,7 +60,8 @@ def results_table(records: list[Record], figure: str) -> Table:
     carry every figure (p90 step time, padded tokens, TFLOP/s, MFU)."""
     table = Table(title=f"Measured points (peak = {figure}, max over ranks and phases)", header_style="bold",
                   box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
-    for name in ("setting", "seq", "batch", "accum", "status", "peak GiB", "samples/s", "tokens/s", "step ms"):
+    for name in ("setting", "seq", "batch", "accum", "status", "peak GiB", "pred.", "samples/s", "tokens/s",
+                 "step ms"):
         table.add_column(name, justify="left" if name in ("setting", "status") else "right", no_wrap=True,
                          min_width=len(name))
     for r in sorted(records, key=lambda r: r.point):
@@ -67,7 +69,7 @@ def results_table(records: list[Record], figure: str) -> Table:
         setting = f"{p.precision} z{p.zero}" + (f" x{p.world_size}" if p.world_size > 1 else "")
         status = Text(r.status if r.status == "ok" else r.status.upper(), style=STATUS_STYLE[r.status])
         table.add_row(setting, str(p.seq_len), str(p.batch_size), str(p.grad_accum), status, _fmt(d["peak_gib"]),
-                      _fmt(d["samples_per_s"]), _fmt(d["real_tokens_per_s"]), _fmt(d["step_time_median_ms"]))
+                      _fmt(round(d["predicted_gib"], 2) if d["predicted_gib"] else None), _fmt(d["samples_per_s"]), _fmt(d["real_tokens_per_s"]), _fmt(d["step_time_median_ms"]))
     return table
 
 

@@ -48,6 +48,9 @@ class SweepConfig:
     max_batch: int = 1024
     child_memory_limit: int | None = None  # RLIMIT_AS for each point's process(es), bytes
     prune: bool = True  # skip points that must OOM
+    predict: Callable[[Point], int] | None = None  # the estimator's device-used bytes for a point
+    budget: int | None = None  # device memory per rank; with ``predict``, points sure to exceed it are skipped
+    margin: float = 0.25  # "sure": predicted above budget x (1 + margin), since predictions can be off
     env: dict = field(default_factory=dict)
 
     @property
@@ -152,19 +155,28 @@ def iterate_sweep(cfg: SweepConfig, done: dict[str, Record],
         if p.key in done:
             return done[p.key]
         proof = must_oom(p, oomed) if cfg.prune else None
+        predicted = cfg.predict(p) if cfg.predict else None
         if proof is not None:
             record = Record(p, "skipped", cfg.model, reason=f"must OOM: {proof.key} did with a batch and "
                                                             "sequence no larger", env=dict(cfg.env))
+        elif cfg.prune and predicted and cfg.budget and predicted > cfg.budget * (1 + cfg.margin):
+            record = Record(p, "skipped", cfg.model, reason=f"predicted {predicted / 2**30:.2f} GiB exceeds the "
+                            f"{cfg.budget / 2**30:.1f} GiB budget by more than {cfg.margin:.0%}", env=dict(cfg.env))
         else:
             record = run(cfg, p)
             if record.status == "oom":
                 oomed.append(p)
+        if predicted:
+            record.metrics["predicted_bytes"] = predicted
         append_record(cfg.results_path, record)
         done[p.key] = record
         return record
 
     if not cfg.find_max_batch:
-        for p in cfg.points:
+        # Smallest predicted peak first (the grid's own order without a predictor): smaller points run
+        # before the larger ones their OOM would rule out.
+        order = sorted(cfg.points, key=lambda p: (cfg.predict(p), p)) if cfg.predict else cfg.points
+        for p in order:
             if p.key not in done:
                 yield settle(p)
         return

@@ -90,3 +90,15 @@ def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
     keys = [json.loads(x)["key"] for x in lines]
     assert len(keys) == len(set(keys)) == 4
     assert lines[: len(finished)] == finished  # what finished before the kill is kept as it was
+
+
+@pytest.mark.slow
+def test_dataset_lengths_are_measured_worst_batch_included(tmp_path):
+    out = tmp_path / "data"
+    sweep(["--dataset", "synthetic", "--zero", "0", "--batch_sizes", "8", "--seq_lens", "64", "--out", str(out),
+           "--no_report"])
+    (record,) = read_records(out / "results.jsonl")
+    m = record.metrics
+    assert record.status == "ok"
+    # Real texts are shorter than 64 tokens and of varied length: padding shows, and tokens/sample < 64.
+    assert m["real_tokens_per_s"] < m["padded_tokens_per_s"] <= 64 * m["samples_per_s"]

@@ -167,7 +167,7 @@ def calibrate_command(profile: Path, console: Console) -> None:
     console.print(table)
     summary = error_summary(errs)
     console.print(f"runtime {cal.runtime_bytes / GIB:.3f} GiB, activation factor {cal.activation_factor:.3f}, "
-                  f"bucket factor {cal.buffer_factor:.2f}; median |error| {summary['median_abs_pct']:.1f}%, worst "
+                  f"ZeRO runtime {cal.zero_runtime_bytes / GIB:.3f} GiB; median |error| {summary['median_abs_pct']:.1f}%, worst "
                   f"{summary['worst_abs_pct']:.1f}% (on the fitted points) — saved to {path}")
 
 

@@ -91,6 +91,26 @@ def plan_from_args(a: argparse.Namespace, cuda: bool, bf16_ok: bool):
     return points, a.steps or defaults["steps"], a.warmup if a.warmup is not None else defaults["warmup"]
 
 
+def predictor(spec, base, env: dict, cuda: bool):
+    """The estimator for this device (its saved calibration, else defaults) and the per-rank memory."""
+    from ftprof.cli.estimate import load_calibration
+    from ftprof.estimate import Setting, estimate
+    from ftprof.model_facts import arch_from_config
+
+    arch = arch_from_config(spec.name, spec.config)
+    cal = load_calibration(env["device"] if cuda else "cpu")
+    offload_opt = bool(base and base.offload_optimizer != "none")
+    offload_param = bool(base and base.offload_param != "none")
+
+    def predict(p) -> int:
+        setting = Setting(p.batch_size, p.seq_len, p.precision, p.zero, p.world_size,
+                          offload_optimizer=offload_opt and p.zero > 0, offload_param=offload_param and p.zero == 3,
+                          device="gpu" if cuda else "cpu")
+        return estimate(arch, setting, cal).device_used
+
+    return predict, env.get("device_memory_bytes")
+
+
 def run(argv: list[str], console: Console) -> None:
     a = build_parser().parse_args(argv)
     budget = parse_size(a.budget) if a.budget else None
@@ -116,9 +136,12 @@ def run(argv: list[str], console: Console) -> None:
         if not a.resume:
             raise ConfigError(f"{results} already exists; pass --resume to continue that sweep, or another --out")
         done = {r.point.key: r for r in read_records(results)}
+    env = environment()
+    predict, device_budget = predictor(spec, base, env, cuda)
     cfg = SweepConfig(model=a.model, points=points, out_dir=out, steps=steps, warmup=warmup, dataset=a.dataset,
                       base_ds_config=base, timeout_s=a.timeout, find_max_batch=a.find_max_batch,
-                      max_batch=a.max_batch, child_memory_limit=child_limit, prune=not a.no_skip, env=environment())
+                      max_batch=a.max_batch, child_memory_limit=child_limit, prune=not a.no_skip, env=env,
+                      predict=predict, budget=device_budget)
     pending = [p for p in points if p.key not in done]
     console.print(f"[bold]ftprof sweep[/] {spec.name} ({spec.config.model_type}, shapes from its config) on "
                   f"{cfg.env['device']}: {len(pending)} of {len(points)} points to run"
