@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ def evaluate(profiles: list[Path]) -> dict:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from ftprof.calibrate import calibrate, error_summary, errors, observations_from_records, split_holdout
-    from ftprof.estimate import GIB, Calibration, estimate
+    from ftprof.estimate import GIB, Calibration
     from ftprof.model_facts import arch_for
     from ftprof.results import read_records
 

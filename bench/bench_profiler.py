@@ -22,10 +22,15 @@ def worker(with_profiler: bool, steps: int) -> None:
 
     import torch
     from datasets import Dataset
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     from ftprof.profiler import ProfilerCallback, TokenCountingCollator
-    from transformers import default_data_collator
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=4,

@@ -59,8 +59,13 @@ def run_plain(rows: int, out: Path, pad_to: int | None) -> dict:
 
 def worker(rows: int, out: Path, pad_to: int | None) -> None:
     """The baseline: HF Trainer with torch AdamW; ``pad_to`` pads every input to that length (seeds' recipe)."""
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from ftprof.data import load_raw, prepare_task
     from ftprof.metrics import argmax_logits, classification_metrics

@@ -1,8 +1,16 @@
 import pytest
 
 from ftprof.errors import ConfigError
-from ftprof.sweep_plan import (Point, must_oom, next_batch_to_try, parse_int_list, parse_precisions, parse_size,
-                               parse_zero, plan_grid)
+from ftprof.sweep_plan import (
+    Point,
+    must_oom,
+    next_batch_to_try,
+    parse_int_list,
+    parse_precisions,
+    parse_size,
+    parse_zero,
+    plan_grid,
+)
 
 
 def test_grid_is_the_full_product_smallest_first():

@@ -11,8 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
-from datasets import Value
+from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 
 from ftprof.errors import DataError
 from ftprof.synthetic import synthetic_dataset

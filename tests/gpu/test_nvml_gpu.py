@@ -26,9 +26,8 @@ def test_nvml_sampler_sees_a_real_allocation():
 
 @pytest.mark.slow
 def test_gpu_sweep_point_records_nvml_and_torch_peaks(tmp_path):
-    from tests.integration.test_sweep_cli import sweep
-
     from ftprof.results import read_records
+    from tests.integration.test_sweep_cli import sweep
 
     sweep(["--model", "tiny-bert", "--zero", "2", "--batch_sizes", "8,32", "--seq_lens", "256", "--precision", "bf16",
            "--out", str(tmp_path), "--no_report"])

@@ -3,7 +3,13 @@
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback, BertConfig, BertForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from ftprof.profiler import ProfilerCallback, TokenCountingCollator, add_profiler
 from ftprof.profiler.flops import model_shape, training_flops_per_token

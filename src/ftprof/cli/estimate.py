@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from ftprof.cli.errors import run_reporting_errors
+from ftprof.cli.errors import run_command
 from ftprof.errors import ConfigError
 from ftprof.estimate import GIB, GPUS, Calibration, Setting, estimate, max_batch
 from ftprof.sweep_plan import parse_int_list, parse_size, parse_zero
@@ -172,14 +171,4 @@ def calibrate_command(profile: Path, console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [x for x in argv if x != "--debug"]
-    if not any(x in ("-h", "--help") for x in argv):
-        from ftprof.hub import configure_offline_mode
-
-        configure_offline_mode()
-    console = Console()
-    return run_reporting_errors(lambda: run(argv, console), debug)
-
-
+    return run_command(argv, lambda args: run(args, Console()))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ftprof.cli.errors import run_reporting_errors
+from ftprof.cli.errors import run_command
 from ftprof.errors import ConfigError
 from ftprof.sweep_plan import parse_size
 
@@ -63,13 +63,9 @@ def report(profile: Path, budget: int | None, fmt: str, write_config: bool, plot
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [x for x in argv if x != "--debug"]
-    a = build_parser().parse_args(argv)
-
-    def go() -> None:
+    def command(args: list[str]) -> None:
+        a = build_parser().parse_args(args)
         budget = parse_size(a.budget) if a.budget else None
         report(Path(a.profile), budget, a.format, a.write_config, not a.no_plots, Console(), a.seq_len)
 
-    return run_reporting_errors(go, debug)
+    return run_command(argv, command, uses_hub=False)

@@ -8,16 +8,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ftprof.cli.errors import run_reporting_errors
+from ftprof.cli.errors import run_command
 from ftprof.errors import ConfigError
-from ftprof.hub import configure_offline_mode
 from ftprof.sweep_plan import parse_int_list, parse_precisions, parse_size, parse_zero, plan_grid
 
 # Defaults that fit the device: a CPU grid finishes in a few minutes; a GPU gets the full grid.
@@ -166,10 +164,4 @@ def run(argv: list[str], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [x for x in argv if x != "--debug"]
-    if not any(x in ("-h", "--help") for x in argv):
-        configure_offline_mode()
-    console = Console()
-    return run_reporting_errors(lambda: run(argv, console), debug)
+    return run_command(argv, lambda args: run(args, Console()))
