@@ -29,6 +29,9 @@ class ScriptArguments:
     ds_config: str | None = field(default=None, metadata={"help": "DeepSpeed config JSON (same as --deepspeed)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start over in an --output_dir that already holds checkpoints (they may be rotated away)."})
+    profile: bool = field(default=False, metadata={
+        "help": "Measure peak memory per phase and steady-state throughput (ProfilerCallback); the figures go to "
+                "the logs (profile/*) and trainer_state.json."})
     group_by_length: bool = field(default=False, metadata={
         "help": "Batch inputs of similar length together (sets --train_sampling_strategy group_by_length)."})
 

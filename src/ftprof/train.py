@@ -27,6 +27,7 @@ from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_confi
 from ftprof.distributed import ensure_single_process_env, shutdown
 from ftprof.errors import ConfigError
 from ftprof.footprint import FootprintCallback
+from ftprof.profiler import TokenCountingCollator, add_profiler
 from ftprof.metrics import argmax_logits, classification_metrics
 from ftprof.models import ModelSpec, build_model, load_tokenizer, resolve_model_spec, train_tokenizer_for
 
@@ -208,18 +209,22 @@ def setup(script: ScriptArguments, args: FtprofTrainingArguments) -> Setup:
     model.accepts_loss_kwargs = False
     num_labels = len(task.label_names)
     mixed = args.fp16 or args.bf16
+    # Pad each batch to its own longest input; multiples of 8 suit tensor cores in fp16/bf16.
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed else None)
+    counter = TokenCountingCollator(collator) if script.profile else None
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        # Pad each batch to its own longest input; multiples of 8 suit tensor cores in fp16/bf16.
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed else None),
+        data_collator=counter or collator,
         compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids, num_labels),
         preprocess_logits_for_metrics=argmax_logits,
         callbacks=[FootprintCallback()],
     )
+    if counter is not None:
+        add_profiler(trainer, counter=counter)
     logger.info("model %s (%s%s), %d train / %d eval rows, max_length %d, world size %d",
                 spec.name, spec.origin, ", RANDOM weights" if spec.random_init else "", len(train_ds),
                 len(eval_ds), max_length, args.world_size)

@@ -32,3 +32,16 @@ def test_config_trains_saves_and_reloads(tmp_path, name):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.num_labels == 2 and len(tokenizer) == model.config.vocab_size
     assert sum(p.numel() for p in model.parameters()) == footprint["total_parameter_numel"]
+
+
+@pytest.mark.slow
+def test_profile_flag_records_steady_state_figures(tmp_path):
+    out = tmp_path / "out"
+    run_train(TINY + ["--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--output_dir", str(out),
+                      "--max_steps", "5", "--per_device_train_batch_size", "8", "--eval_strategy", "no",
+                      "--save_strategy", "no", "--load_best_model_at_end", "false", "--profile"])
+    history = read_json(out / "trainer_state.json")["log_history"]
+    profile = next(e["profile"] for e in history if "profile" in e)
+    assert profile["steady_steps"] == 3 and profile["samples_per_s"] > 0
+    assert profile["real_tokens_per_s"] < profile["padded_tokens_per_s"]  # dynamic padding still pads a little
+    assert {"setup", "first_step", "steady"} <= set(profile["ranks"][0]["phases"])
