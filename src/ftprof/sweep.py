@@ -185,8 +185,10 @@ def iterate_sweep(cfg: SweepConfig, done: dict[str, Record],
         fits: set[int] = set()
         ooms: set[int] = set()
         for r in done.values():
-            if r.point.setting == setting:
-                (fits if r.status == "ok" else ooms if r.status in ("oom", "skipped") else set()).add(r.point.batch_size)
+            if r.point.setting == setting and r.status == "ok":
+                fits.add(r.point.batch_size)
+            elif r.point.setting == setting and r.status in ("oom", "skipped"):
+                ooms.add(r.point.batch_size)
         while (batch := next_batch_to_try(fits, ooms, start, cfg.max_batch)) is not None:
             p = Point(*setting, batch_size=batch)
             fresh = p.key not in done

@@ -134,7 +134,7 @@ def run(argv: list[str], console: Console) -> None:
                 per_step = best * a.world_size
                 accum = -(-a.effective_batch // per_step)
                 micro = -(-a.effective_batch // (accum * a.world_size))
-                cells.append(f"{micro} (x{accum} accum)")
+                cells.append(f"{micro} x{accum} accum (max {best})")
             else:
                 cells.append(str(best) if best else "[red]none[/]")
         table.add_row(str(seq), *cells)
