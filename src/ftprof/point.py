@@ -51,34 +51,30 @@ def _token_dataset(spec: PointSpec, vocab_size: int, n_rows: int):
                               "labels": labels.tolist()})
 
 
-def _dataset_rows(spec: PointSpec, tokenizer, n_rows: int, global_batch: int):
+def _load_task(spec: PointSpec):
+    from ftprof.data import load_raw, prepare_task
+
+    return prepare_task(load_raw(spec.dataset, seed=spec.seed), None, None, seed=spec.seed)
+
+
+def _dataset_rows(spec: PointSpec, task, tokenizer, n_rows: int, global_batch: int):
     """Real texts truncated to ``seq_len``, ordered so that the first global batch holds the longest
     inputs (the worst-case batch is always measured) and the rest follow in random order."""
     import random
 
-    from ftprof.data import load_raw, prepare_task
+    from datasets import Dataset
 
-    task = prepare_task(load_raw(spec.dataset, seed=spec.seed), None, None, seed=spec.seed)
-    encoded = tokenizer(task.train[task.text_column], truncation=True, max_length=spec.seq_len)
-    order = sorted(range(len(task.train)), key=lambda i: -len(encoded["input_ids"][i]))
+    texts, labels = list(task.train[task.text_column]), list(task.train[task.label_column])
+    encoded = tokenizer(texts, truncation=True, max_length=spec.seq_len)
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
     head, tail = order[:global_batch], order[global_batch:]
     random.Random(spec.seed).shuffle(tail)
     chosen = (head + tail)[:n_rows]
     while len(chosen) < n_rows:  # small files: repeat
         chosen += chosen[: n_rows - len(chosen)]
-    from datasets import Dataset
-
-    labels = task.train[task.label_column]
     return Dataset.from_dict({"input_ids": [encoded["input_ids"][i] for i in chosen],
                               "attention_mask": [encoded["attention_mask"][i] for i in chosen],
                               "labels": [labels[i] for i in chosen]})
-
-
-def task_texts(spec: PointSpec) -> list[str]:
-    from ftprof.data import load_raw, prepare_task
-
-    task = prepare_task(load_raw(spec.dataset, seed=spec.seed), None, None, seed=spec.seed)
-    return task.train[task.text_column]
 
 
 def measure(spec: PointSpec) -> dict:
@@ -106,10 +102,11 @@ def measure(spec: PointSpec) -> dict:
         global_batch = spec.batch_size * spec.grad_accum * args.world_size
         n_rows = global_batch * (spec.warmup + spec.steps + 1)
         # Token ids are synthetic unless --dataset: a tokenizer is only needed for real texts (and pad id 0).
-        texts = task_texts(spec) if spec.dataset else ["profiling"] * 4
+        task = _load_task(spec) if spec.dataset else None
+        texts = list(task.train[task.text_column]) if task else ["profiling"] * 4
         tokenizer = train_tokenizer_for(model_spec, texts)
-        if spec.dataset:
-            train = _dataset_rows(spec, tokenizer, n_rows, global_batch)
+        if task is not None:
+            train = _dataset_rows(spec, task, tokenizer, n_rows, global_batch)
         else:
             train = _token_dataset(spec, model_spec.config.vocab_size, n_rows)
         model = build_model(model_spec, tokenizer, ["0", "1"], shrink_vocab=False)  # the preset's real shape
