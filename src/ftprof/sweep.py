@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftprof import point as point_module
@@ -110,8 +110,7 @@ def run_point(cfg: SweepConfig, p: Point) -> Record:
             model=cfg.model, batch_size=p.batch_size, grad_accum=p.grad_accum, precision=p.precision,
             seq_len=p.seq_len, zero=p.zero, world_size=p.world_size, steps=cfg.steps, warmup=cfg.warmup,
             ds_config=with_stage(base, p.zero), result_path=str(result_path), dataset=cfg.dataset)
-        spec_path = Path(tmp) / "spec.json"
-        spec_path.write_text(json.dumps(asdict(spec)))
+        spec_path = point_module.write_spec(spec, Path(tmp) / "spec.json")
         limit = cfg.child_memory_limit
 
         def preexec() -> None:

@@ -70,6 +70,10 @@ class ProfilerCallback(TrainerCallback):
         if self.cuda:
             peaks["torch_allocated_bytes"] = torch.cuda.max_memory_allocated()
             peaks["torch_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        self._merge(name, peaks)
+
+    def _merge(self, name: str, peaks: dict[str, int]) -> None:
+        """Keep the highest figures seen for phase ``name`` (phases like ``optimizer`` recur every step)."""
         previous = self.phases.get(name, {})
         self.phases[name] = {k: max(v, previous.get(k, 0)) for k, v in peaks.items()}
 
@@ -103,9 +107,7 @@ class ProfilerCallback(TrainerCallback):
         self.sampler.start("optimizer")
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        peaks = self.sampler.stop("optimizer")
-        previous = self.phases.get("optimizer", {})
-        self.phases["optimizer"] = {k: max(v, previous.get(k, 0)) for k, v in peaks.items()}
+        self._merge("optimizer", self.sampler.stop("optimizer"))
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
@@ -123,9 +125,7 @@ class ProfilerCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         if self._evaluating:
             self._evaluating = False
-            peaks = self.sampler.stop("evaluation")
-            previous = self.phases.get("evaluation", {})
-            self.phases["evaluation"] = {k: max(v, previous.get(k, 0)) for k, v in peaks.items()}
+            self._merge("evaluation", self.sampler.stop("evaluation"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.step_times:
