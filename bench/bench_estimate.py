@@ -28,18 +28,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 SMALL = {
-    "small-bert": {"model_type": "bert", "vocab_size": 8192, "hidden_size": 256, "num_hidden_layers": 4,
-                   "num_attention_heads": 4, "intermediate_size": 1024, "max_position_embeddings": 512},
-    "small-gpt2": {"model_type": "gpt2", "vocab_size": 8192, "n_embd": 256, "n_layer": 4, "n_head": 4,
-                   "n_positions": 512, "bos_token_id": 8191, "eos_token_id": 8191},
+    "small-bert": {
+        "model_type": "bert",
+        "vocab_size": 8192,
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+        "max_position_embeddings": 512,
+    },
+    "small-gpt2": {
+        "model_type": "gpt2",
+        "vocab_size": 8192,
+        "n_embd": 256,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_positions": 512,
+        "bos_token_id": 8191,
+        "eos_token_id": 8191,
+    },
 }
 GRID = ["--zero", "0,2", "--batch_sizes", "4,16,32", "--seq_lens", "128,512", "--steps", "2", "--warmup", "1"]
 
 
 def sweep(model: str, out: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "ftprof.cli.main", "sweep", "--model", model, *GRID, "--out", str(out),
-                    "--no_report"], check=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "ftprof.cli.main", "sweep", "--model", model, *GRID, "--out", str(out), "--no_report"],
+        check=True,
+        cwd=ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        stdout=subprocess.DEVNULL,
+    )
     return out
 
 
@@ -49,9 +68,10 @@ def evaluate(profiles: list[Path]) -> dict:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from ftprof.calibrate import calibrate, error_summary, errors, observations_from_records, split_holdout
-    from ftprof.estimate import GIB, Calibration
+    from ftprof.estimate import Calibration
     from ftprof.model_facts import arch_for
     from ftprof.results import read_records
+    from ftprof.units import GIB
 
     records = [r for p in profiles for r in read_records(p / "results.jsonl")]
     archs = {m: arch_for(m) for m in {r.model for r in records}}
@@ -61,21 +81,29 @@ def evaluate(profiles: list[Path]) -> dict:
     ours = errors(held_out, cal)
     deepspeed_errs, accelerate_errs = [], []
     print(f"{'model':<16}{'setting':<22}{'measured GiB':>13}{'ftprof':>9}{'DeepSpeed':>11}{'accelerate':>11}")
-    for ob, err in zip(held_out, ours):
+    for ob, err in zip(held_out, ours, strict=True):
         p = ob.arch.params
         ds = estimate_zero2_model_states_mem_needs(p, 1, 1, cpu_offload=False)[1]
         acc = max(estimate_training_usage(4 * p, "float32").values())
         deepspeed_errs.append((ds - ob.measured) / ob.measured)
         accelerate_errs.append((acc - ob.measured) / ob.measured)
-        s = ob.setting
-        print(f"{ob.arch.name:<16}{f'z{s.zero} b{s.batch_size} s{s.seq_len}':<22}{ob.measured / GIB:>13.3f}"
-              f"{100 * err:>+8.1f}%{100 * deepspeed_errs[-1]:>+10.1f}%{100 * accelerate_errs[-1]:>+10.1f}%")
-    summary = {"points_fit": len(fit), "points_judged": len(held_out), "ftprof": error_summary(ours),
-               "deepspeed_zero2_estimator": error_summary(deepspeed_errs),
-               "accelerate_estimate_memory": error_summary(accelerate_errs),
-               "calibration": {"runtime_gib": round(cal.runtime_bytes / GIB, 3),
-                               "activation_factor": round(cal.activation_factor, 3),
-                               "zero_runtime_gib": round(cal.zero_runtime_bytes / GIB, 3)}}
+        s = ob.point
+        print(
+            f"{ob.arch.name:<16}{f'z{s.zero} b{s.batch_size} s{s.seq_len}':<22}{ob.measured / GIB:>13.3f}"
+            f"{100 * err:>+8.1f}%{100 * deepspeed_errs[-1]:>+10.1f}%{100 * accelerate_errs[-1]:>+10.1f}%"
+        )
+    summary = {
+        "points_fit": len(fit),
+        "points_judged": len(held_out),
+        "ftprof": error_summary(ours),
+        "deepspeed_zero2_estimator": error_summary(deepspeed_errs),
+        "accelerate_estimate_memory": error_summary(accelerate_errs),
+        "calibration": {
+            "runtime_gib": round(cal.runtime_bytes / GIB, 3),
+            "activation_factor": round(cal.activation_factor, 3),
+            "zero_runtime_gib": round(cal.zero_runtime_bytes / GIB, 3),
+        },
+    }
     print(json.dumps(summary, indent=2))
     return summary
 

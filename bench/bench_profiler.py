@@ -33,15 +33,29 @@ def worker(with_profiler: bool, steps: int) -> None:
     from ftprof.profiler import ProfilerCallback, TokenCountingCollator
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=4,
-                                                     num_attention_heads=4, intermediate_size=1024))
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    )
     g = torch.Generator().manual_seed(0)
     n = 16 * (steps + 1)
-    data = Dataset.from_dict({"input_ids": torch.randint(5, 4096, (n, 128), generator=g).tolist(),
-                              "attention_mask": [[1] * 128] * n, "labels": [i % 2 for i in range(n)]})
+    data = Dataset.from_dict(
+        {
+            "input_ids": torch.randint(5, 4096, (n, 128), generator=g).tolist(),
+            "attention_mask": [[1] * 128] * n,
+            "labels": [i % 2 for i in range(n)],
+        }
+    )
     counter = TokenCountingCollator(default_data_collator)
-    args = TrainingArguments(output_dir="/tmp/ftprof-bench-profiler", per_device_train_batch_size=16, max_steps=steps,
-                             report_to="none", disable_tqdm=True, logging_steps=10, save_strategy="no", use_cpu=True)
+    args = TrainingArguments(
+        output_dir="/tmp/ftprof-bench-profiler",
+        per_device_train_batch_size=16,
+        max_steps=steps,
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=10,
+        save_strategy="no",
+        use_cpu=True,
+    )
     callbacks = [ProfilerCallback(warmup_steps=2, counter=counter)] if with_profiler else []
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counter, callbacks=callbacks)
     start = time.perf_counter()
@@ -60,11 +74,17 @@ def main() -> None:
     rates: dict[str, list[float]] = {"without": [], "with": []}
     for i in range(a.repeats):
         for side in ("without", "with"):
-            out = subprocess.run([sys.executable, __file__, "--worker", side, "--steps", str(a.steps)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", side, "--steps", str(a.steps)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             rates[side].append(json.loads(out.strip().splitlines()[-1])["steps_per_s"])
-        print(f"round {i + 1}: without {rates['without'][-1]:.2f} steps/s, with {rates['with'][-1]:.2f} steps/s",
-              flush=True)
+        print(
+            f"round {i + 1}: without {rates['without'][-1]:.2f} steps/s, with {rates['with'][-1]:.2f} steps/s",
+            flush=True,
+        )
     without, with_ = statistics.median(rates["without"]), statistics.median(rates["with"])
     print(f"\nmedian steps/s: without {without:.3f} | with ProfilerCallback {with_:.3f}")
     print(f"with / without: {with_ / without:.4f} ({100 * (1 - with_ / without):+.2f}% slower)")

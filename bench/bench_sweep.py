@@ -24,15 +24,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from ftprof.results import read_records  # noqa: E402
 
-BASE = ["--model", "tiny-bert", "--zero", "0", "--seq_lens", "512", "--child_memory_limit", "4GiB", "--steps", "2",
-        "--warmup", "1", "--no_report"]
+BASE = [
+    "--model",
+    "tiny-bert",
+    "--zero",
+    "0",
+    "--seq_lens",
+    "512",
+    "--child_memory_limit",
+    "4GiB",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--no_report",
+]
 GRID = ",".join(str(b) for b in range(8, 257, 8))
 
 
 def run(args: list[str], out: Path) -> tuple[float, list]:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ftprof.cli.main", "sweep", *BASE, *args, "--out", str(out)], check=True,
-                   cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "ftprof.cli.main", "sweep", *BASE, *args, "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start, read_records(out / "results.jsonl")
 
 
@@ -41,8 +59,9 @@ def main() -> None:
         results = {
             "exhaustive grid": run(["--batch_sizes", GRID, "--no_skip"], Path(tmp) / "grid"),
             "pruned grid": run(["--batch_sizes", GRID], Path(tmp) / "pruned"),
-            "--find_max_batch": run(["--batch_sizes", "8", "--find_max_batch", "--max_batch", "256"],
-                                    Path(tmp) / "bisect"),
+            "--find_max_batch": run(
+                ["--batch_sizes", "8", "--find_max_batch", "--max_batch", "256"], Path(tmp) / "bisect"
+            ),
         }
     grid_time = results["exhaustive grid"][0]
     print(f"{'strategy':<18} {'wall s':>8} {'points run':>11} {'largest fitting batch':>22} {'vs grid':>8}")
@@ -51,12 +70,13 @@ def main() -> None:
         best = max((r.point.batch_size for r in records if r.status == "ok"), default=None)
         print(f"{name:<18} {wall:>8.1f} {len(ran):>11} {best!s:>22} {wall / grid_time:>7.0%}")
     ok = [r for r in results["exhaustive grid"][1] if r.status == "ok"]
-    overhead = [r.wall_s - (r.metrics["steady_steps"] + r.metrics["warmup_steps"]) * r.metrics["step_time_median_s"]
-                for r in ok]
+    overhead = [r.wall_s - (r.profile.steady_steps + r.profile.warmup_steps) * r.profile.step_time_median_s for r in ok]
     failed = [r.wall_s for r in results["exhaustive grid"][1] if r.status == "oom"]
-    print(f"\nper-point overhead beyond measured steps: median {statistics.median(overhead):.1f} s "
-          f"(min {min(overhead):.1f}, max {max(overhead):.1f}) over {len(ok)} points; an OOM point costs "
-          f"{statistics.median(failed):.1f} s")
+    print(
+        f"\nper-point overhead beyond measured steps: median {statistics.median(overhead):.1f} s "
+        f"(min {min(overhead):.1f}, max {max(overhead):.1f}) over {len(ok)} points; an OOM point costs "
+        f"{statistics.median(failed):.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -37,18 +37,49 @@ def minilm_dir() -> str:
 
 
 def run_ftprof(rows: int, out: Path, ds_config: str = "zero2") -> dict:
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--model", minilm_dir(), "--dataset", str(SST2),
-           "--ds_config", str(ROOT / "ds_configs" / f"{ds_config}.json"), "--max_train_samples", str(rows),
-           "--num_train_epochs", "1", "--per_device_train_batch_size", "32", "--learning_rate", "5e-5",
-           "--max_length", "128", "--output_dir", str(out), "--disable_tqdm", "true", "--seed", "42",
-           "--save_strategy", "no", "--eval_strategy", "no", "--load_best_model_at_end", "false", "--profile"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--model",
+        minilm_dir(),
+        "--dataset",
+        str(SST2),
+        "--ds_config",
+        str(ROOT / "ds_configs" / f"{ds_config}.json"),
+        "--max_train_samples",
+        str(rows),
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "32",
+        "--learning_rate",
+        "5e-5",
+        "--max_length",
+        "128",
+        "--output_dir",
+        str(out),
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "42",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "false",
+        "--profile",
+    ]
     subprocess.run(cmd, check=True, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL)
     train = json.loads((out / "train_results.json").read_text())
     evaluation = json.loads((out / "eval_results.json").read_text())
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     profile = next(e["profile"] for e in history if "profile" in e)
-    return {"samples_per_s": train["train_samples_per_second"], "steady_samples_per_s": profile["samples_per_s"],
-            "accuracy": evaluation["eval_accuracy"]}
+    return {
+        "samples_per_s": train["train_samples_per_second"],
+        "steady_samples_per_s": profile["samples_per_s"],
+        "accuracy": evaluation["eval_accuracy"],
+    }
 
 
 def run_plain(rows: int, out: Path, pad_to: int | None) -> dict:
@@ -88,19 +119,40 @@ def worker(rows: int, out: Path, pad_to: int | None) -> None:
     from ftprof.profiler import TokenCountingCollator, add_profiler
 
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=32, learning_rate=5e-5,
-                             num_train_epochs=1, seed=42, save_strategy="no", eval_strategy="no", report_to="none",
-                             disable_tqdm=True, logging_steps=1000)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=32,
+        learning_rate=5e-5,
+        num_train_epochs=1,
+        seed=42,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=1000,
+    )
     counter = TokenCountingCollator(DataCollatorWithPadding(tokenizer))
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=counter,
-                      compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids, 2),
-                      preprocess_logits_for_metrics=argmax_logits)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=counter,
+        compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids, 2),
+        preprocess_logits_for_metrics=argmax_logits,
+    )
     profiler = add_profiler(trainer, counter=counter)  # the same steady-state measure as --profile
     metrics = trainer.train().metrics
     accuracy = trainer.evaluate()["eval_accuracy"] if not pad_to else None
-    (out / "bench.json").write_text(json.dumps({"samples_per_s": metrics["train_samples_per_second"],
-                                                "steady_samples_per_s": profiler.summary.get("samples_per_s"),
-                                                "accuracy": accuracy}))
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                "samples_per_s": metrics["train_samples_per_second"],
+                "steady_samples_per_s": profiler.profile.samples_per_s,
+                "accuracy": accuracy,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -122,24 +174,31 @@ def main() -> None:
             # Alternate which goes first, so drift on a shared machine hits both alike.
             first, second = ("ftprof", "plain") if i % 2 == 0 else ("plain", "ftprof")
             for name in (first, second):
-                results[name].append(run_ftprof(a.rows, base / name) if name == "ftprof"
-                                     else run_plain(a.rows, base / name, None))
+                results[name].append(
+                    run_ftprof(a.rows, base / name) if name == "ftprof" else run_plain(a.rows, base / name, None)
+                )
             results["pad512"].append(run_plain(a.pad512_rows, base / "pad512", 512))
             print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]}" for k, v in results.items()), flush=True)
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
-    for key, what in (("samples_per_s", "Trainer's train_samples_per_second (end to end, DeepSpeed init included)"),
-                      ("steady_samples_per_s", "steady-state samples/s (ProfilerCallback, after 2 warm-up steps)")):
+    for key, what in (
+        ("samples_per_s", "Trainer's train_samples_per_second (end to end, DeepSpeed init included)"),
+        ("steady_samples_per_s", "steady-state samples/s (ProfilerCallback, after 2 warm-up steps)"),
+    ):
         ours, plain, pad = med("ftprof", key), med("plain", key), med("pad512", key)
-        print(f"\n{what}, median of {a.repeats}: ftprof {ours:.1f} | plain HF Trainer {plain:.1f} | "
-              f"pad-to-512 recipe {pad:.2f}")
+        print(
+            f"\n{what}, median of {a.repeats}: ftprof {ours:.1f} | plain HF Trainer {plain:.1f} | "
+            f"pad-to-512 recipe {pad:.2f}"
+        )
         if pad:  # too few pad-to-512 steps leave no steady window to measure
             print(f"  ftprof / pad-to-512 recipe: {ours / pad:.1f}x")
         print(f"  ftprof / plain HF Trainer:  {ours / plain:.2f}x")
-    print(f"dev accuracy: ftprof {med('ftprof', 'accuracy'):.4f} | plain {med('plain', 'accuracy'):.4f} "
-          f"| difference {100 * (med('ftprof', 'accuracy') - med('plain', 'accuracy')):+.1f} points")
+    print(
+        f"dev accuracy: ftprof {med('ftprof', 'accuracy'):.4f} | plain {med('plain', 'accuracy'):.4f} "
+        f"| difference {100 * (med('ftprof', 'accuracy') - med('plain', 'accuracy')):+.1f} points"
+    )
 
 
 if __name__ == "__main__":

@@ -5,9 +5,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+# Run a step with its output in $log. On failure show all of it and stop (set -e alone would hide why);
+# on success show only what isn't known noise (pip's "WARNING: Location" lines for user-site packages).
+quiet() {
+    if ! "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "setup.sh: failed: $*" >&2
+        exit 1
+    fi
+    grep -v '^WARNING: Location' "$log" || true  # grep exits 1 when nothing is left to show
+}
+
+[ -x .venv/bin/python ] || quiet "$PYTHON" -m venv .venv
+quiet .venv/bin/python -m pip install -q --upgrade pip
 # torch first: a plain `torch` requirement would otherwise pull a multi-GB CUDA build onto CPU machines.
-.venv/bin/python -m pip install -q "${FTPROF_TORCH:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -c "import ftprof, torch, deepspeed, transformers; print('ftprof', ftprof.__version__, '| torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+quiet .venv/bin/python -m pip install -q "${FTPROF_TORCH:-torch==2.13.0}"
+quiet .venv/bin/python -m pip install -q -e '.[test]'
+# Importing deepspeed logs its accelerator choice on stdout; keep only our summary line.
+quiet .venv/bin/python -c "import ftprof, torch, deepspeed, transformers; print('ftprof', ftprof.__version__, '| torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)" >/dev/null
+tail -n 1 "$log"

@@ -16,16 +16,19 @@ def one_line_error(capsys, fn, argv, pattern):
     assert re.search(pattern, err[-1]), err[-1]
 
 
-@pytest.mark.parametrize("extra, pattern", [
-    (["--model", "no-such/model-anywhere"], "architecture is not known offline"),
-    (["--model", "tiny-bert", "--batch_sizes", "8,0"], "--batch_sizes '8,0': '0' is not a positive integer"),
-    (["--model", "tiny-bert", "--seq_lens", "128,abc"], "--seq_lens .*'abc' is not a positive integer"),
-    (["--model", "tiny-bert", "--precision", "fp32,int4"], "unknown precision 'int4'"),
-    (["--model", "tiny-bert", "--precision", "fp16"], "fp16 needs a CUDA GPU"),
-    (["--model", "tiny-bert", "--budget", "a lot"], "--budget 'a lot': not a size"),
-    (["--model", "tiny-bert", "--zero", "5"], "unknown ZeRO stage '5'"),
-    (["--model", "tiny-bert", "--steps", "0"], "--steps must be positive"),
-])
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--model", "no-such/model-anywhere"], "architecture is not known offline"),
+        (["--model", "tiny-bert", "--batch_sizes", "8,0"], "--batch_sizes '8,0': '0' is not a positive integer"),
+        (["--model", "tiny-bert", "--seq_lens", "128,abc"], "--seq_lens .*'abc' is not a positive integer"),
+        (["--model", "tiny-bert", "--precision", "fp32,int4"], "unknown precision 'int4'"),
+        (["--model", "tiny-bert", "--precision", "fp16"], "fp16 needs a CUDA GPU"),
+        (["--model", "tiny-bert", "--budget", "a lot"], "--budget 'a lot': not a size"),
+        (["--model", "tiny-bert", "--zero", "5"], "unknown ZeRO stage '5'"),
+        (["--model", "tiny-bert", "--steps", "0"], "--steps must be positive"),
+    ],
+)
 def test_sweep_rejects_bad_input_before_running(tmp_path, capsys, extra, pattern):
     out = tmp_path / "sweep"
     one_line_error(capsys, sweep_cli.main, extra + ["--out", str(out)], pattern)
@@ -36,10 +39,15 @@ def test_existing_results_are_never_overwritten(tmp_path, capsys):
     results = tmp_path / "results.jsonl"
     results.write_text("this is not json\n{}\n")
     before = results.read_text()
-    one_line_error(capsys, sweep_cli.main, ["--model", "tiny-bert", "--out", str(tmp_path)],
-                   "already exists; pass --resume")
-    one_line_error(capsys, sweep_cli.main, ["--model", "tiny-bert", "--out", str(tmp_path), "--resume"],
-                   r"results.jsonl:1 is not valid JSON")
+    one_line_error(
+        capsys, sweep_cli.main, ["--model", "tiny-bert", "--out", str(tmp_path)], "already exists; pass --resume"
+    )
+    one_line_error(
+        capsys,
+        sweep_cli.main,
+        ["--model", "tiny-bert", "--out", str(tmp_path), "--resume"],
+        r"results.jsonl:1 is not valid JSON",
+    )
     one_line_error(capsys, report_cli.main, [str(tmp_path)], r"results.jsonl:1 is not valid JSON")
     assert results.read_text() == before
 

@@ -81,14 +81,17 @@ def test_explicit_columns(tmp_path):
     assert task.label_names == ["0", "1", "2"]
 
 
-@pytest.mark.parametrize("rows, text_col, label_col, message", [
-    ([{"sentence": "x", "score": 1}] * 4, None, None, "which column holds the labels.*--label_column"),
-    ([{"sentence": "x", "label": 1}] * 4, None, "stars", "--label_column 'stars' is not a column"),
-    ([{"a": "x", "b": "y", "label": 1}] * 4, None, None, "which column holds the text.*--text_column"),
-    ([{"sentence": "x", "label": "pos"}] * 4, None, None, "must be integers 0..K-1, got text values like 'pos'"),
-    ([{"sentence": "x", "label": 0.5}] * 4, None, None, "must be integers 0..K-1, got float64 values like 0.5"),
-    ([{"sentence": "x", "label": -1}] * 4, None, None, "must be integers 0..K-1, found -1"),
-])
+@pytest.mark.parametrize(
+    "rows, text_col, label_col, message",
+    [
+        ([{"sentence": "x", "score": 1}] * 4, None, None, "which column holds the labels.*--label_column"),
+        ([{"sentence": "x", "label": 1}] * 4, None, "stars", "--label_column 'stars' is not a column"),
+        ([{"a": "x", "b": "y", "label": 1}] * 4, None, None, "which column holds the text.*--text_column"),
+        ([{"sentence": "x", "label": "pos"}] * 4, None, None, "must be integers 0..K-1, got text values like 'pos'"),
+        ([{"sentence": "x", "label": 0.5}] * 4, None, None, "must be integers 0..K-1, got float64 values like 0.5"),
+        ([{"sentence": "x", "label": -1}] * 4, None, None, "must be integers 0..K-1, found -1"),
+    ],
+)
 def test_bad_columns_and_labels(tmp_path, rows, text_col, label_col, message):
     raw = load_raw(str(write_rows(tmp_path / "train.jsonl", rows)))
     with pytest.raises(DataError, match=message):

@@ -6,14 +6,32 @@ from ftprof.deepspeed_config import DeepSpeedConfig, load_ds_config
 from ftprof.errors import ConfigError
 from tests.conftest import ROOT
 
-CONFIGS = {"zero0": (0, "none", "none"), "zero1": (1, "none", "none"), "zero2": (2, "none", "none"),
-           "zero3": (3, "none", "none"), "zero2_offload": (2, "cpu", "none"), "zero3_offload": (3, "cpu", "cpu")}
+CONFIGS = {
+    "zero0": (0, "none", "none"),
+    "zero1": (1, "none", "none"),
+    "zero2": (2, "none", "none"),
+    "zero3": (3, "none", "none"),
+    "zero2_offload": (2, "cpu", "none"),
+    "zero3_offload": (3, "cpu", "cpu"),
+}
 # Keys that HF Trainer fills, so one file works with any TrainingArguments.
-AUTO_KEYS = ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping", "fp16.enabled", "bf16.enabled", "optimizer.params.lr",
-             "optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay"]
-ZERO3_AUTO_KEYS = ["zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
-                   "zero_optimization.stage3_param_persistence_threshold"]
+AUTO_KEYS = [
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "fp16.enabled",
+    "bf16.enabled",
+    "optimizer.params.lr",
+    "optimizer.params.betas",
+    "optimizer.params.eps",
+    "optimizer.params.weight_decay",
+]
+ZERO3_AUTO_KEYS = [
+    "zero_optimization.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -58,18 +76,21 @@ def test_missing_file(tmp_path):
         load_ds_config(tmp_path / "nope.json")
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[1, 2]', "must hold a JSON object, not list"),
-    ('{"zero_optimization": {"stage": 4}}', "unknown ZeRO stage 4"),
-    ('{"zero_optimization": {"stage": "two"}}', "unknown ZeRO stage 'two'"),
-    ('{"zero_optimization": {"stage": true}}', "unknown ZeRO stage True"),
-    ('{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}', "offload_param needs ZeRO stage 3"),
-    ('{"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}', "offload_optimizer needs ZeRO"),
-    ('{"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}', "offload_param.device is 'gpu'"),
-    ('{"fp16": {"enabled": true}, "bf16": {"enabled": true}}', "both true"),
-    ('{"train_micro_batch_size_per_gpu": 0}', "train_micro_batch_size_per_gpu is 0"),
-    ('{"zero_optimization": 2}', "zero_optimization must be an object"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "must hold a JSON object, not list"),
+        ('{"zero_optimization": {"stage": 4}}', "unknown ZeRO stage 4"),
+        ('{"zero_optimization": {"stage": "two"}}', "unknown ZeRO stage 'two'"),
+        ('{"zero_optimization": {"stage": true}}', "unknown ZeRO stage True"),
+        ('{"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}', "offload_param needs ZeRO stage 3"),
+        ('{"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}', "offload_optimizer needs ZeRO"),
+        ('{"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}', "offload_param.device is 'gpu'"),
+        ('{"fp16": {"enabled": true}, "bf16": {"enabled": true}}', "both true"),
+        ('{"train_micro_batch_size_per_gpu": 0}', "train_micro_batch_size_per_gpu is 0"),
+        ('{"zero_optimization": 2}', "zero_optimization must be an object"),
+    ],
+)
 def test_rejected_values(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_ds_config(write(tmp_path, text))
@@ -94,11 +115,22 @@ def test_shipped_files_are_ds_config_for_output(name):
     assert json.loads((ROOT / "ds_configs" / f"{name}.json").read_text()) == expected
 
 
-def test_with_stage_keeps_offload_where_the_stage_allows_it():
-    from ftprof.deepspeed_config import with_stage
+def test_a_base_configs_offload_applies_where_the_stage_allows_it():
+    from ftprof.deepspeed_config import for_point
+    from ftprof.sweep_plan import plan_grid
 
     base = load_ds_config(ROOT / "ds_configs" / "zero3_offload.json")
-    assert with_stage(base, 2)["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert "offload_param" not in with_stage(base, 2)["zero_optimization"]
-    assert "offload_optimizer" not in with_stage(base, 0)["zero_optimization"]
-    assert with_stage(base, 3)["zero_optimization"]["offload_param"]["device"] == "cpu"
+    points = {p.zero: p for p in plan_grid([8], [1], ["bf16"], [128], [0, 2, 3], [1], offload=base.offload)}
+    assert [points[z].offload for z in (0, 2, 3)] == ["none", "optimizer", "optimizer+param"]
+    zero = {z: for_point(base, points[z])["zero_optimization"] for z in (0, 2, 3)}
+    assert zero[2]["offload_optimizer"]["device"] == "cpu" and "offload_param" not in zero[2]
+    assert "offload_optimizer" not in zero[0]
+    assert zero[3]["offload_param"]["device"] == "cpu" and zero[3]["stage"] == 3
+
+
+def test_shipped_config_names_match_their_contents():
+    from ftprof.deepspeed_config import SHIPPED_CONFIGS, ds_config_for
+
+    for (stage, offload), name in SHIPPED_CONFIGS.items():
+        shipped = json.loads((ROOT / "ds_configs" / name).read_text())
+        assert shipped == ds_config_for(stage, offload != "none", offload == "optimizer+param"), name

@@ -9,8 +9,12 @@ TEXTS = ["a good film", "a bad film", "the plot was dull", "the cast was great"]
 
 # Parameter counts of the real checkpoints' encoders (from their model cards / from_pretrained), for
 # which the offline configs must give the same shapes.
-PARAMS = {"bert-base-uncased": 109_482_240, "distilbert-base-uncased": 66_362_880, "roberta-base": 124_645_632,
-          "gpt2": 124_439_808}
+PARAMS = {
+    "bert-base-uncased": 109_482_240,
+    "distilbert-base-uncased": 66_362_880,
+    "roberta-base": 124_645_632,
+    "gpt2": 124_439_808,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))

@@ -1,29 +1,48 @@
-from ftprof.recommend import launch_command, pareto_front, recommend
+from ftprof.commands import train_command
+from ftprof.point import Point
+from ftprof.recommend import pareto_front, recommend
 from ftprof.results import Record
-from ftprof.sweep_plan import Point
-
-GIB = 2**30
+from ftprof.run_profile import Profile
+from ftprof.units import GIB
 
 
 def rec(batch, seq, peak_gib, sps, zero=2, status="ok", ga=1, world=1, precision="bf16"):
-    return Record(Point(precision, zero, world, ga, seq, batch), status, "bert-base-uncased",
-                  int(peak_gib * GIB) if peak_gib else None, {"samples_per_s": sps} if sps else {})
+    point = Point(precision=precision, zero=zero, world_size=world, grad_accum=ga, seq_len=seq, batch_size=batch)
+    return Record(
+        point=point,
+        status=status,
+        model="bert-base-uncased",
+        peak_bytes=int(peak_gib * GIB) if peak_gib else None,
+        profile=Profile(sampler="rss", samples_per_s=sps) if sps else None,
+    )
 
 
-RECORDS = [rec(8, 128, 4, 100), rec(16, 128, 6, 180), rec(32, 128, 10, 200), rec(64, 128, None, None, status="oom"),
-           rec(16, 512, 12, 90), rec(32, 128, 9, 150, zero=3)]
+RECORDS = [
+    rec(8, 128, 4, 100),
+    rec(16, 128, 6, 180),
+    rec(32, 128, 10, 200),
+    rec(64, 128, None, None, status="oom"),
+    rec(16, 512, 12, 90),
+    rec(32, 128, 9, 150, zero=3),
+]
 
 
 def test_pareto_front():
     assert [r.point.key for r in pareto_front(RECORDS)] == [
-        "bf16-z2-w1-ga1-s128-b8", "bf16-z2-w1-ga1-s128-b16", "bf16-z2-w1-ga1-s128-b32"]  # z3-b32: more memory, slower than b16
+        "bf16-z2-w1-ga1-s128-b8",
+        "bf16-z2-w1-ga1-s128-b16",
+        "bf16-z2-w1-ga1-s128-b32",
+    ]  # z3-b32: more memory, slower than b16
 
 
 def test_recommendations_respect_budget_with_margin():
     recs = {r.kind: r.record.point.key for r in recommend(RECORDS, budget=10 * GIB)}
     # 10 GiB budget keeps 5% free: the 10 GiB point doesn't fit, the 9 GiB ZeRO-3 one does.
-    assert recs == {"fastest": "bf16-z2-w1-ga1-s128-b16", "largest_effective_batch": "bf16-z3-w1-ga1-s128-b32",
-                    "memory_optimal": "bf16-z2-w1-ga1-s128-b8"}
+    assert recs == {
+        "fastest": "bf16-z2-w1-ga1-s128-b16",
+        "largest_effective_batch": "bf16-z3-w1-ga1-s128-b32",
+        "memory_optimal": "bf16-z2-w1-ga1-s128-b8",
+    }
     assert recommend(RECORDS, budget=2 * GIB) == []
     # Without a budget the longest sequence length decides; another length can be asked for.
     assert {r.kind: r.record.point.key for r in recommend(RECORDS, None)}["fastest"] == "bf16-z2-w1-ga1-s512-b16"
@@ -31,8 +50,58 @@ def test_recommendations_respect_budget_with_margin():
     assert recommend(RECORDS, None, seq_len=64) == []
 
 
-def test_launch_command_is_exact():
-    assert launch_command(rec(16, 256, 5, 10, zero=3, ga=4, world=8), "ds_configs/zero3.json") == (
+def test_launch_command_is_exact_and_pins_the_rank_count():
+    r = rec(16, 256, 5, 10, zero=3, ga=4, world=8)
+    assert train_command(r.model, r.point, "ds_configs/zero3.json") == (
         "deepspeed --num_gpus 8 launch/train.py --ds_config ds_configs/zero3.json --model bert-base-uncased "
-        "--per_device_train_batch_size 16 --gradient_accumulation_steps 4 --max_length 256 --bf16")
-    assert "--bf16" not in launch_command(rec(8, 128, 1, 1, precision="fp32"), "x.json")
+        "--per_device_train_batch_size 16 --gradient_accumulation_steps 4 --max_length 256 --bf16"
+    )
+    one = rec(8, 128, 1, 1, precision="fp32")
+    assert train_command(one.model, one.point, "x.json").startswith("deepspeed --num_gpus 1 launch/train.py")
+    assert "--bf16" not in train_command(one.model, one.point, "x.json")
+    assert train_command("my model", one.point, "a b.json").count("'") == 4  # quoted for the shell
+
+
+def test_commands_name_the_config_that_holds_the_setting(tmp_path):
+    offloaded = [rec(8, 128, 4, 100, zero=2), rec(8, 128, 3, 50, zero=3)]
+    offloaded = [
+        Record(
+            point=Point(**{**r.point.to_json(), "offload": "optimizer"}),
+            status="ok",
+            model=r.model,
+            peak_bytes=r.peak_bytes,
+            profile=r.profile,
+        )
+        for r in offloaded
+    ]
+    by_kind = {x.kind: x for x in recommend(offloaded, None, config_dir=str(tmp_path))}
+    assert by_kind["fastest"].config_path == "ds_configs/zero2_offload.json"  # shipped: same settings
+    assert by_kind["memory_optimal"].config_path == f"{tmp_path}/recommended_memory_optimal.json"  # none shipped
+    assert by_kind["memory_optimal"].ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in by_kind["memory_optimal"].ds_config["zero_optimization"]
+    written = {x.kind: x.config_path for x in recommend(offloaded, None, config_dir="out", write_configs=True)}
+    assert written["fastest"] == "out/recommended_fastest.json"
+
+
+def timed(batch, sps, p10_s, p90_s, world=1, seq=128):
+    """A measured point whose steps took p10_s..p90_s seconds for ``batch * world`` samples."""
+    r = rec(batch, seq, 4, sps, world=world)
+    r.profile.samples_per_step = batch * world
+    r.profile.step_time_p10_s, r.profile.step_time_p90_s = p10_s, p90_s
+    return r
+
+
+def test_more_ranks_never_win_by_their_total_alone():
+    one, two = rec(8, 128, 4, 100, world=1), rec(8, 128, 4, 150, world=2)  # 2 ranks: 75 samples/s per rank
+    recs = recommend([one, two], None)
+    assert {r.cohort.world_size for r in recs} == {2}  # the cohort is one world size, stated
+    assert recommend([one, two], None, world_size=1)[0].record is one
+    assert str(recs[0].cohort) == "seq 128, 2 ranks"
+
+
+def test_fastest_is_marked_when_within_noise_of_another():
+    a = timed(8, 100.0, 0.075, 0.085)  # 94..107 samples/s
+    b = timed(4, 98.0, 0.039, 0.045)  # 89..103: overlaps a
+    c = timed(16, 60.0, 0.25, 0.28)  # 57..64: clearly slower
+    fastest = recommend([a, b, c], None)[0]
+    assert fastest.record is a and fastest.within_noise_of == [b.point.key]

@@ -6,7 +6,8 @@ from rich.console import Console
 
 from ftprof import report as views
 from ftprof.recommend import recommend
-from tests.test_recommend import GIB, RECORDS
+from ftprof.units import GIB
+from tests.test_recommend import RECORDS
 
 
 def render_text(records, budget):
@@ -18,10 +19,13 @@ def render_text(records, budget):
 def test_terminal_report_marks_oom_and_gives_commands():
     text = render_text(RECORDS, 10 * GIB)
     assert "OOM" in text and "Pareto" in text
-    assert ("Fastest under the budget: bf16-z2-w1-ga1-s128-b16 — peak 6.0 GiB, 180.0 samples/s, effective batch 16"
-            in text)
-    assert ("deepspeed launch/train.py --ds_config ds_configs/zero2.json --model bert-base-uncased "
-            "--per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_length 128 --bf16") in text
+    assert (
+        "Fastest under the budget: bf16-z2-w1-ga1-s128-b16 — peak 6.0 GiB, 180.0 samples/s, effective batch 16" in text
+    )
+    assert (
+        "deepspeed --num_gpus 1 launch/train.py --ds_config ds_configs/zero2.json --model bert-base-uncased "
+        "--per_device_train_batch_size 16 --gradient_accumulation_steps 1 --max_length 128 --bf16"
+    ) in text
     assert "6 points: 5 ok, 1 oom." in text
 
 
@@ -44,4 +48,7 @@ def test_json_and_markdown_exports():
     assert data["recommendations"][0]["ds_config"]["zero_optimization"]["stage"] == 2
     md = views.to_markdown(RECORDS, recs, 10 * GIB)
     assert md.splitlines()[0].startswith("| precision | zero | world_size |")
-    assert "- **Largest effective batch**: `bf16-z3-w1-ga1-s128-b32`, peak 9.0 GiB, 150.0 samples/s" in md
+    assert (
+        "- **Largest effective batch** (among seq 128, 1 rank): `bf16-z3-w1-ga1-s128-b32`, peak 9.0 GiB, "
+        "150.0 samples/s, effective batch 32"
+    ) in md

@@ -4,9 +4,11 @@ The real runner (fresh processes, the deepspeed launcher, OOM detection) is exer
 tests/integration/test_sweep_cli.py; here a deterministic stand-in lets us check every decision exactly.
 """
 
-from ftprof.results import Record, read_records
-from ftprof.sweep import SweepConfig, classify, iterate_sweep
-from ftprof.sweep_plan import Point, plan_grid
+from ftprof.point import Point
+from ftprof.results import Record, latest, read_records
+from ftprof.run_profile import Profile
+from ftprof.sweep import SweepConfig, classify, close_calls, iterate_sweep, remeasure
+from ftprof.sweep_plan import plan_grid
 
 
 def fake_runner(limit_tokens):
@@ -15,8 +17,14 @@ def fake_runner(limit_tokens):
     def run(cfg, p: Point) -> Record:
         calls.append(p.key)
         if p.batch_size * p.seq_len > limit_tokens:
-            return Record(p, "oom", cfg.model, reason="CUDA out of memory")
-        return Record(p, "ok", cfg.model, p.batch_size * p.seq_len * 1000, {"samples_per_s": float(p.batch_size)})
+            return Record(point=p, status="oom", model=cfg.model, reason="CUDA out of memory")
+        return Record(
+            point=p,
+            status="ok",
+            model=cfg.model,
+            peak_bytes=p.batch_size * p.seq_len * 1000,
+            profile=Profile(sampler="rss", samples_per_s=float(p.batch_size)),
+        )
 
     return run, calls
 
@@ -27,10 +35,16 @@ def test_points_that_must_oom_are_skipped_not_run(tmp_path):
     cfg = SweepConfig(model="m", points=points, out_dir=tmp_path)
     records = list(iterate_sweep(cfg, {}, run))
     status = {r.point.key: r.status for r in records}
-    assert status == {"fp32-z2-w1-ga1-s128-b8": "ok", "fp32-z2-w1-ga1-s128-b16": "ok",
-                      "fp32-z2-w1-ga1-s128-b32": "oom", "fp32-z2-w1-ga1-s128-b64": "skipped",
-                      "fp32-z2-w1-ga1-s256-b8": "ok", "fp32-z2-w1-ga1-s256-b16": "oom",
-                      "fp32-z2-w1-ga1-s256-b32": "skipped", "fp32-z2-w1-ga1-s256-b64": "skipped"}
+    assert status == {
+        "fp32-z2-w1-ga1-s128-b8": "ok",
+        "fp32-z2-w1-ga1-s128-b16": "ok",
+        "fp32-z2-w1-ga1-s128-b32": "oom",
+        "fp32-z2-w1-ga1-s128-b64": "skipped",
+        "fp32-z2-w1-ga1-s256-b8": "ok",
+        "fp32-z2-w1-ga1-s256-b16": "oom",
+        "fp32-z2-w1-ga1-s256-b32": "skipped",
+        "fp32-z2-w1-ga1-s256-b64": "skipped",
+    }
     assert len(calls) == 5
     assert [r.point.key for r in read_records(cfg.results_path)] == [r.point.key for r in records]
 
@@ -63,8 +77,15 @@ def test_find_max_batch_bisects_per_setting(tmp_path):
 
 
 def test_classify_cpu_oom_and_errors():
-    assert classify(1, "RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate "
-                       "memory: you tried to allocate 123 bytes", False)[0] == "oom"
+    assert (
+        classify(
+            1,
+            "RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 123 bytes",
+            False,
+        )[0]
+        == "oom"
+    )
     assert classify(1, "Traceback ...\nValueError: bad thing\n", False) == ("error", "ValueError: bad thing")
     assert classify(0, "", False)[0] == "error"  # exit 0 without a result is not a success
 
@@ -72,9 +93,56 @@ def test_classify_cpu_oom_and_errors():
 def test_points_predicted_far_over_budget_are_skipped_with_the_figure(tmp_path):
     points = plan_grid([4, 8, 16], [1], ["fp32"], [128], [2], [1])
     run, calls = fake_runner(limit_tokens=10**9)
-    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path, predict=lambda p: p.batch_size * 2**30,
-                      budget=10 * 2**30)
+    cfg = SweepConfig(
+        model="m", points=points, out_dir=tmp_path, predict=lambda p: p.batch_size * 2**30, budget=10 * 2**30
+    )
     records = {r.point.batch_size: r for r in iterate_sweep(cfg, {}, run)}
-    assert [records[b].status for b in (4, 8, 16)] == ["ok", "ok", "skipped"]  # 16 GiB > 10 GiB + 25%
-    assert records[16].reason == "predicted 16.00 GiB exceeds the 10.0 GiB budget by more than 25%"
-    assert records[8].metrics["predicted_bytes"] == 8 * 2**30 and len(calls) == 2
+    assert [records[b].status for b in (4, 8, 16)] == ["ok", "ok", "over_budget"]  # 16 GiB > 10 GiB + 50%
+    assert records[16].reason == "not run: predicted 16.00 GiB exceeds the 10.0 GiB budget by more than 50%"
+    assert records[8].predicted_bytes == 8 * 2**30 and len(calls) == 2
+
+
+def test_a_prediction_never_stands_in_for_an_oom_when_bisecting(tmp_path):
+    points = plan_grid([8], [1], ["fp32"], [128], [2], [1])
+    run, calls = fake_runner(limit_tokens=40 * 128)  # batch 40 fits
+    # The estimator wrongly says anything above batch 16 needs 100 GiB: bisection must still measure.
+    cfg = SweepConfig(
+        model="m",
+        points=points,
+        out_dir=tmp_path,
+        find_max_batch=True,
+        max_batch=64,
+        predict=lambda p: (100 if p.batch_size > 16 else 1) * 2**30,
+        budget=10 * 2**30,
+    )
+    records = list(iterate_sweep(cfg, {}, run))
+    assert max(r.point.batch_size for r in records if r.status == "ok") == 40
+    assert "over_budget" not in {r.status for r in records}
+
+
+def test_close_calls_are_measured_again_longer_and_replace_the_first_figures(tmp_path):
+    points = plan_grid([4, 8, 16], [1], ["fp32"], [128], [2], [1])
+    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path, steps=3, min_seconds=1.0)
+    windows = []
+
+    def run(c, p):  # first pass: batches 8 and 16 tie within noise; longer windows separate them
+        windows.append((p.batch_size, c.steps, c.min_seconds))
+        spread = 0.2 if c.steps == 3 else 0.01
+        sps = {4: 50.0, 8: 100.0, 16: 101.0 if c.steps == 3 else 120.0}[p.batch_size]
+        prof = Profile(
+            sampler="rss",
+            samples_per_s=sps,
+            samples_per_step=p.batch_size,
+            step_time_p10_s=p.batch_size / sps / (1 + spread),
+            step_time_p90_s=p.batch_size / sps * (1 + spread),
+        )
+        return Record(point=p, status="ok", model="m", peak_bytes=p.batch_size, profile=prof)
+
+    list(iterate_sweep(cfg, {}, run))
+    close = close_calls(read_records(cfg.results_path), None)
+    assert sorted(p.batch_size for p in close) == [8, 16]
+    list(remeasure(cfg, close, run))
+    assert sorted(w for w in windows if w[1] == 9) == [(8, 9, 3.0), (16, 9, 3.0)]
+    latest_records = {r.point.batch_size: r for r in latest(read_records(cfg.results_path))}
+    assert latest_records[16].samples_per_s == 120.0 and len(latest_records) == 3
+    assert close_calls(read_records(cfg.results_path), None) == []  # separated now

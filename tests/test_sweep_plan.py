@@ -1,22 +1,22 @@
 import pytest
 
 from ftprof.errors import ConfigError
+from ftprof.point import Point
 from ftprof.sweep_plan import (
-    Point,
     must_oom,
     next_batch_to_try,
     parse_int_list,
     parse_precisions,
-    parse_size,
     parse_zero,
     plan_grid,
 )
+from ftprof.units import parse_size
 
 
 def test_grid_is_the_full_product_smallest_first():
     points = plan_grid([16, 8], [1, 4], ["bf16"], [256, 128], [0, 3], [1])
     assert len(points) == 2 * 2 * 2 * 2
-    assert points[0] == Point("bf16", 0, 1, 1, 128, 8)
+    assert points[0] == Point(precision="bf16", zero=0, world_size=1, grad_accum=1, seq_len=128, batch_size=8)
     assert points == sorted(points) and len({p.key for p in points}) == len(points)
 
 
@@ -28,8 +28,16 @@ def test_effective_batch_derives_accumulation():
         plan_grid([3], [1], ["fp32"], [128], [2], [1], effective_batch=64)
 
 
-@pytest.mark.parametrize("text, flag", [("8,x", "--batch_sizes"), ("0,8", "--batch_sizes"), ("-4", "--seq_lens"),
-                                        ("", "--grad_accum"), ("1.5", "--steps")])
+@pytest.mark.parametrize(
+    "text, flag",
+    [
+        ("8,x", "--batch_sizes"),
+        ("0,8", "--batch_sizes"),
+        ("-4", "--seq_lens"),
+        ("", "--grad_accum"),
+        ("1.5", "--steps"),
+    ],
+)
 def test_grid_values_must_be_positive_integers(text, flag):
     with pytest.raises(ConfigError, match=f"{flag} .*is not a positive integer"):
         parse_int_list(text, flag)
@@ -44,8 +52,17 @@ def test_precision_and_zero_parsing():
         parse_zero("2,4")
 
 
-@pytest.mark.parametrize("text, expected", [("24GiB", 24 * 2**30), ("24GB", 24 * 2**30), ("80g", 80 * 2**30),
-                                            ("512MiB", 2**29), ("1.5T", int(1.5 * 2**40)), ("4096", 4096)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("24GiB", 24 * 2**30),
+        ("24GB", 24 * 2**30),
+        ("80g", 80 * 2**30),
+        ("512MiB", 2**29),
+        ("1.5T", int(1.5 * 2**40)),
+        ("4096", 4096),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -57,12 +74,22 @@ def test_unparsable_budget(text):
 
 
 def test_must_oom_needs_everything_else_equal():
-    oom = Point("fp32", 2, 1, 1, 256, 16)
-    assert must_oom(Point("fp32", 2, 1, 1, 256, 32), [oom]) == oom
-    assert must_oom(Point("fp32", 2, 1, 1, 512, 16), [oom]) == oom
-    assert must_oom(Point("fp32", 2, 1, 1, 128, 32), [oom]) is None  # shorter sequence: may fit
-    assert must_oom(Point("fp32", 3, 1, 1, 256, 32), [oom]) is None  # other ZeRO stage
-    assert must_oom(Point("bf16", 2, 1, 1, 256, 32), [oom]) is None
+    oom = Point(precision="fp32", zero=2, world_size=1, grad_accum=1, seq_len=256, batch_size=16)
+    assert (
+        must_oom(Point(precision="fp32", zero=2, world_size=1, grad_accum=1, seq_len=256, batch_size=32), [oom]) == oom
+    )
+    assert (
+        must_oom(Point(precision="fp32", zero=2, world_size=1, grad_accum=1, seq_len=512, batch_size=16), [oom]) == oom
+    )
+    assert (
+        must_oom(Point(precision="fp32", zero=2, world_size=1, grad_accum=1, seq_len=128, batch_size=32), [oom]) is None
+    )  # shorter sequence: may fit
+    assert (
+        must_oom(Point(precision="fp32", zero=3, world_size=1, grad_accum=1, seq_len=256, batch_size=32), [oom]) is None
+    )  # other ZeRO stage
+    assert (
+        must_oom(Point(precision="bf16", zero=2, world_size=1, grad_accum=1, seq_len=256, batch_size=32), [oom]) is None
+    )
 
 
 def simulate_search(limit: int, start: int = 8, cap: int = 1024) -> tuple[int | None, list[int]]:

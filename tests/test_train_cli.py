@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,89 +39,154 @@ def assert_one_line_error(capsys, argv, pattern, out_dir):
 def test_invalid_json_config(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 2}')
-    assert_one_line_error(capsys, ["--model", "tiny-bert", "--dataset", "synthetic", "--ds_config", str(bad)],
-                          r"bad\.json' is not valid JSON: .* line 1, column 35", tmp_path / "out")
+    assert_one_line_error(
+        capsys,
+        ["--model", "tiny-bert", "--dataset", "synthetic", "--ds_config", str(bad)],
+        r"bad\.json' is not valid JSON: .* line 1, column 35",
+        tmp_path / "out",
+    )
 
 
 def test_unknown_zero_stage(tmp_path, capsys):
     bad = tmp_path / "z5.json"
     bad.write_text('{"zero_optimization": {"stage": 5}}')
-    assert_one_line_error(capsys, ["--model", "tiny-bert", "--dataset", "synthetic", "--deepspeed", str(bad)],
-                          "unknown ZeRO stage 5", tmp_path / "out")
+    assert_one_line_error(
+        capsys,
+        ["--model", "tiny-bert", "--dataset", "synthetic", "--deepspeed", str(bad)],
+        "unknown ZeRO stage 5",
+        tmp_path / "out",
+    )
 
 
 def test_missing_config_file(tmp_path, capsys):
-    assert_one_line_error(capsys, ["--model", "tiny-bert", "--ds_config", str(tmp_path / "zero9.json")],
-                          "no such file", tmp_path / "out")
+    assert_one_line_error(
+        capsys, ["--model", "tiny-bert", "--ds_config", str(tmp_path / "zero9.json")], "no such file", tmp_path / "out"
+    )
 
 
 def test_fp16_on_cpu(tmp_path, capsys):
-    assert_one_line_error(capsys, ["--model", "tiny-bert", "--dataset", "synthetic", "--fp16"],
-                          "--fp16 needs a CUDA GPU", tmp_path / "out")
+    assert_one_line_error(
+        capsys,
+        ["--model", "tiny-bert", "--dataset", "synthetic", "--fp16"],
+        "--fp16 needs a CUDA GPU",
+        tmp_path / "out",
+    )
 
 
-@pytest.mark.parametrize("extra, pattern", [
-    (["--label_column", "stars"], "--label_column 'stars' is not a column"),
-    (["--max_length", "0"], "--max_length must be a positive"),
-    (["--max_length", "600"], "--max_length 600 is above 'tiny-bert''s limit of 512"),
-    (["--max_train_samples", "-3"], "--max_train_samples must be positive"),
-])
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--label_column", "stars"], "--label_column 'stars' is not a column"),
+        (["--max_length", "0"], "--max_length must be a positive"),
+        (["--max_length", "600"], "--max_length 600 is above 'tiny-bert''s limit of 512"),
+        (["--max_train_samples", "-3"], "--max_train_samples must be positive"),
+        (
+            ["--load_best_model_at_end", "--save_strategy", "no"],
+            "--load_best_model_at_end needs a checkpoint at each evaluation, but --save_strategy 'no'",
+        ),
+        (["--metric", "accuracy"], "--metric 'accuracy' isn't available offline.*drop --metric"),
+    ],
+)
 def test_bad_flags_and_columns(tmp_path, capsys, data_dir, extra, pattern):
-    assert_one_line_error(capsys, ["--model", "tiny-bert", "--dataset", str(data_dir)] + extra, pattern,
-                          tmp_path / "out")
+    assert_one_line_error(
+        capsys, ["--model", "tiny-bert", "--dataset", str(data_dir)] + extra, pattern, tmp_path / "out"
+    )
 
 
 def test_non_integer_labels(tmp_path, capsys):
     (tmp_path / "train.csv").write_text("text,label\ngood,pos\nbad,neg\nok,pos\n")
-    assert_one_line_error(capsys, ["--model", "tiny-bert", "--dataset", str(tmp_path / "train.csv")],
-                          "must be integers 0..K-1, got text values like '(pos|neg)'", tmp_path / "out")
+    assert_one_line_error(
+        capsys,
+        ["--model", "tiny-bert", "--dataset", str(tmp_path / "train.csv")],
+        "must be integers 0..K-1, got text values like '(pos|neg)'",
+        tmp_path / "out",
+    )
 
 
 def test_empty_dataset(tmp_path, capsys):
     (tmp_path / "train.csv").write_text("text,label\n")
-    assert_one_line_error(capsys, ["--model", "tiny-bert", "--dataset", str(tmp_path / "train.csv")],
-                          "split is empty", tmp_path / "out")
+    assert_one_line_error(
+        capsys, ["--model", "tiny-bert", "--dataset", str(tmp_path / "train.csv")], "split is empty", tmp_path / "out"
+    )
 
 
 def test_unreachable_model(tmp_path, capsys):
-    assert_one_line_error(capsys, ["--model", "bert-base-uncased", "--dataset", "synthetic"],
-                          "Hub is unreachable.*--random_init", tmp_path / "out")
+    assert_one_line_error(
+        capsys,
+        ["--model", "bert-base-uncased", "--dataset", "synthetic"],
+        "Hub is unreachable.*--random_init",
+        tmp_path / "out",
+    )
 
 
 def test_existing_checkpoints_are_not_overwritten(tmp_path, capsys):
     ckpt = tmp_path / "out" / "checkpoint-5"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
-    code, err = run_main(capsys, ["--model", "tiny-bert", "--dataset", "synthetic", "--output_dir",
-                                  str(tmp_path / "out")])
+    code, err = run_main(
+        capsys, ["--model", "tiny-bert", "--dataset", "synthetic", "--output_dir", str(tmp_path / "out")]
+    )
     assert code == 2 and "already holds checkpoints (checkpoint-5)" in err[-1]
     assert "--resume_from_checkpoint true" in err[-1]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-5"]
 
 
 def test_resume_without_checkpoint(tmp_path, capsys):
-    code, err = run_main(capsys, ["--model", "tiny-bert", "--dataset", "synthetic", "--resume_from_checkpoint",
-                                  "true", "--output_dir", str(tmp_path / "out")])
+    code, err = run_main(
+        capsys,
+        [
+            "--model",
+            "tiny-bert",
+            "--dataset",
+            "synthetic",
+            "--resume_from_checkpoint",
+            "true",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+    )
     assert code == 2 and "no complete checkpoint-* folder" in err[-1]
 
 
 def test_launch_script_prints_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{oops")
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--model", "tiny-bert",
-                           "--ds_config", str(bad), "--output_dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "train.py"),
+            "--model",
+            "tiny-bert",
+            "--ds_config",
+            str(bad),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("ftprof: error: --ds_config")
     assert "Traceback" not in proc.stderr
 
 
 def test_help_lists_training_arguments_and_ours():
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--help"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0
-    for flag in ("--ds_config", "--model", "--max_length", "--random_init", "--per_device_train_batch_size",
-                 "--gradient_accumulation_steps", "--bf16", "--resume_from_checkpoint", "--group_by_length"):
+    for flag in (
+        "--ds_config",
+        "--model",
+        "--max_length",
+        "--random_init",
+        "--per_device_train_batch_size",
+        "--gradient_accumulation_steps",
+        "--bf16",
+        "--resume_from_checkpoint",
+        "--group_by_length",
+    ):
         assert flag in proc.stdout
 
 
@@ -131,7 +197,7 @@ def test_cpu_runs_get_overlap_comm_off_in_a_shared_copy():
 
     argv = _normalize_deepspeed_flags(["--model", "tiny-bert", "--ds_config", str(ROOT / "ds_configs" / "zero2.json")])
     assert "--ds_config" not in argv and argv[:2] == ["--model", "tiny-bert"]
-    effective = json.loads(open(_flag_value(argv, "--deepspeed")).read())
+    effective = json.loads(Path(_flag_value(argv, "--deepspeed")).read_text())
     shipped = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     assert effective["zero_optimization"].pop("overlap_comm") is False
     assert shipped["zero_optimization"].pop("overlap_comm") is True  # the file itself is untouched

@@ -7,38 +7,94 @@ of these has random weights, and ftprof says so.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 _BERT = dict(
-    model_type="bert", vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu",
-    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-12, pad_token_id=0,
+    model_type="bert",
+    vocab_size=30522,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
 )
 _ROBERTA = dict(
-    model_type="roberta", vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, hidden_act="gelu",
-    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, layer_norm_eps=1e-5, pad_token_id=1,
-    bos_token_id=0, eos_token_id=2,
+    model_type="roberta",
+    vocab_size=50265,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
 )
 _DISTILBERT = dict(
-    model_type="distilbert", vocab_size=30522, max_position_embeddings=512, sinusoidal_pos_embds=False,
-    dropout=0.1, attention_dropout=0.1, activation="gelu", pad_token_id=0,
+    model_type="distilbert",
+    vocab_size=30522,
+    max_position_embeddings=512,
+    sinusoidal_pos_embds=False,
+    dropout=0.1,
+    attention_dropout=0.1,
+    activation="gelu",
+    pad_token_id=0,
 )
 _GPT2 = dict(
-    model_type="gpt2", vocab_size=50257, n_positions=1024, activation_function="gelu_new", resid_pdrop=0.1,
-    embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5, bos_token_id=50256, eos_token_id=50256,
+    model_type="gpt2",
+    vocab_size=50257,
+    n_positions=1024,
+    activation_function="gelu_new",
+    resid_pdrop=0.1,
+    embd_pdrop=0.1,
+    attn_pdrop=0.1,
+    layer_norm_epsilon=1e-5,
+    bos_token_id=50256,
+    eos_token_id=50256,
 )
 
 KNOWN_CHECKPOINTS: dict[str, dict[str, Any]] = {
-    "bert-base-uncased": {**_BERT, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                          "intermediate_size": 3072},
-    "bert-base-cased": {**_BERT, "vocab_size": 28996, "hidden_size": 768, "num_hidden_layers": 12,
-                        "num_attention_heads": 12, "intermediate_size": 3072},
-    "bert-large-uncased": {**_BERT, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                           "intermediate_size": 4096},
+    "bert-base-uncased": {
+        **_BERT,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "bert-base-cased": {
+        **_BERT,
+        "vocab_size": 28996,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "bert-large-uncased": {
+        **_BERT,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+    },
     "distilbert-base-uncased": {**_DISTILBERT, "dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072},
-    "roberta-base": {**_ROBERTA, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                     "intermediate_size": 3072},
-    "roberta-large": {**_ROBERTA, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                      "intermediate_size": 4096},
+    "roberta-base": {
+        **_ROBERTA,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "roberta-large": {
+        **_ROBERTA,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+    },
     "gpt2": {**_GPT2, "n_embd": 768, "n_layer": 12, "n_head": 12},
     "gpt2-medium": {**_GPT2, "n_embd": 1024, "n_layer": 24, "n_head": 16},
 }
@@ -58,14 +114,33 @@ ALIASES = {
 # Tiny presets: real architectures at toy size, for tests and for the no-network default job.
 # vocab_size is an upper bound; a tokenizer trained on the data sets the real size.
 TINY_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-bert": {**_BERT, "vocab_size": 4096, "hidden_size": 64, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "intermediate_size": 128},
-    "tiny-distilbert": {**_DISTILBERT, "vocab_size": 4096, "dim": 64, "n_layers": 2, "n_heads": 2,
-                        "hidden_dim": 128},
-    "tiny-roberta": {**_ROBERTA, "vocab_size": 4096, "hidden_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "intermediate_size": 128},
-    "tiny-gpt2": {**_GPT2, "vocab_size": 4096, "n_positions": 512, "n_embd": 64, "n_layer": 2, "n_head": 2,
-                  "bos_token_id": 4095, "eos_token_id": 4095},
+    "tiny-bert": {
+        **_BERT,
+        "vocab_size": 4096,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+    },
+    "tiny-distilbert": {**_DISTILBERT, "vocab_size": 4096, "dim": 64, "n_layers": 2, "n_heads": 2, "hidden_dim": 128},
+    "tiny-roberta": {
+        **_ROBERTA,
+        "vocab_size": 4096,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+    },
+    "tiny-gpt2": {
+        **_GPT2,
+        "vocab_size": 4096,
+        "n_positions": 512,
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 2,
+        "bos_token_id": 4095,
+        "eos_token_id": 4095,
+    },
 }
 
 
@@ -82,3 +157,39 @@ def known_config_dict(name: str) -> dict[str, Any] | None:
 
 def known_names() -> list[str]:
     return sorted(KNOWN_CHECKPOINTS) + sorted(TINY_PRESETS)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shape of a transformer stack, whatever its config calls the fields."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def dims(config: Any) -> Dims:
+    """A transformers config's dimensions. Configs map the common names (``hidden_size``,
+    ``num_hidden_layers``, ``num_attention_heads``) onto their own (GPT-2's ``n_embd``, DistilBERT's ``dim``)
+    through ``attribute_map``; only the MLP width has no common name.
+
+    >>> from transformers import GPT2Config
+    >>> dims(GPT2Config(n_embd=64, n_layer=2, n_head=4))
+    Dims(layers=2, hidden=64, heads=4, intermediate=256)
+    """
+    hidden = int(config.hidden_size)
+    intermediate = next(
+        (getattr(config, n) for n in ("intermediate_size", "hidden_dim", "n_inner") if getattr(config, n, None)),
+        4 * hidden,
+    )
+    return Dims(
+        layers=int(config.num_hidden_layers),
+        hidden=hidden,
+        heads=int(config.num_attention_heads),
+        intermediate=int(intermediate),
+    )

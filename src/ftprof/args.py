@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 from transformers import TrainingArguments
 
@@ -14,45 +15,148 @@ from ftprof.distributed import adopt_process_group
 class ScriptArguments:
     """What to train on; the field help is the ``--help`` text."""
 
-    model: str = field(default="bert-base-uncased", metadata={
-        "help": "Hub id, local model directory, or a tiny preset (tiny-bert, tiny-distilbert, tiny-roberta, tiny-gpt2)."})
-    dataset: str = field(default="imdb", metadata={
-        "help": "Hub dataset name, a local csv/tsv/json/jsonl/parquet file or folder (splits by file name), or 'synthetic'."})
+    model: str = field(
+        default="bert-base-uncased",
+        metadata={
+            "help": "Hub id, local model directory, or a tiny preset (tiny-bert, tiny-distilbert, tiny-roberta, "
+            "tiny-gpt2)."
+        },
+    )
+    dataset: str = field(
+        default="imdb",
+        metadata={
+            "help": "Hub dataset name, a local csv/tsv/json/jsonl/parquet file or folder (splits by file name), or "
+            "'synthetic'."
+        },
+    )
     text_column: str | None = field(default=None, metadata={"help": "Column with the text (detected when omitted)."})
-    label_column: str | None = field(default=None, metadata={"help": "Column with integer labels (detected when omitted)."})
-    max_length: int | None = field(default=None, metadata={
-        "help": "Truncate inputs to this many tokens (default: the model's limit, at most 512). Batches are padded only to their longest input."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a seeded random subset of this size."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on a seeded random subset of this size."})
-    random_init: bool = field(default=False, metadata={
-        "help": "Build the architecture from its config with random weights (for when the weights can't be fetched)."})
+    label_column: str | None = field(
+        default=None, metadata={"help": "Column with integer labels (detected when omitted)."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Truncate inputs to this many tokens (default: the model's limit, at most 512). Batches are padded "
+            "only to their longest input."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a seeded random subset of this size."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on a seeded random subset of this size."}
+    )
+    random_init: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the architecture from its config with random weights (when weights cannot be fetched)."
+        },
+    )
     ds_config: str | None = field(default=None, metadata={"help": "DeepSpeed config JSON (same as --deepspeed)."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start over in an --output_dir that already holds checkpoints (they may be rotated away)."})
-    profile: bool = field(default=False, metadata={
-        "help": "Measure peak memory per phase and steady-state throughput (ProfilerCallback); the figures go to "
-                "the logs (profile/*) and trainer_state.json."})
-    group_by_length: bool = field(default=False, metadata={
-        "help": "Batch inputs of similar length together (sets --train_sampling_strategy group_by_length)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an --output_dir that already holds checkpoints (they may be rotated away)."},
+    )
+    profile: bool = field(
+        default=False,
+        metadata={
+            "help": "Measure peak memory per phase and steady-state throughput (ProfilerCallback); the figures go to "
+            "the logs (profile/*) and trainer_state.json."
+        },
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch inputs of similar length together (sets --train_sampling_strategy group_by_length)."},
+    )
+    metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also compute this `evaluate` metric on the eval predictions: a Hub name (accuracy, f1, "
+            "matthews_correlation; needs network once, then its cache) or a local metric script path. "
+            "Accuracy and F1 are always computed (numpy, no network)."
+        },
+    )
 
 
 @dataclass
 class FtprofTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with defaults for classification fine-tuning and a CPU multi-rank fix.
 
-    Changed defaults: evaluate and save each epoch, keep the best checkpoint by accuracy.
+    Changed defaults: evaluate and save each epoch, keep the best checkpoint by accuracy. The best-model
+    defaults give way to the user's strategies: ``ftprof.train.parse`` turns them off (see
+    :func:`best_model_conflict`) unless ``--load_best_model_at_end`` / ``--metric_for_best_model`` were passed.
     """
 
-    output_dir: str | None = field(default="outputs/train", metadata={"help": "Where checkpoints, model and metrics go."})
+    output_dir: str = field(default="outputs/train", metadata={"help": "Where checkpoints, model and metrics go."})
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: no, steps or epoch."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps, epoch or best."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Restore the best checkpoint after training."})
-    metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Metric that picks the best model."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (the best one is never deleted)."})
+    metric_for_best_model: str | None = field(
+        default="accuracy", metadata={"help": "Metric that picks the best model."}
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Checkpoints kept (the best one is never deleted)."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N optimizer steps."})
 
     @cached_property
     def _setup_devices(self):
-        device = TrainingArguments._setup_devices.func(self)
+        device = TrainingArguments._setup_devices.func(self)  # type: ignore[attr-defined]  # cached_property
         adopt_process_group(self.distributed_state)
         return device
+
+
+class BestModelConflict(NamedTuple):
+    """Why ``--load_best_model_at_end`` can't work with the chosen strategies, and the fix."""
+
+    reason: str
+    fix: str
+
+
+def best_model_conflict(
+    eval_strategy: str, save_strategy: str, eval_steps: float | None, save_steps: float, logging_steps: float
+) -> BestModelConflict | None:
+    """Whether restoring the best checkpoint is impossible with these eval/save strategies (None: it works).
+
+    Mirrors the checks of ``TrainingArguments.__post_init__``, so the launcher can decide before they raise,
+    plus one of its own: without evaluation during training there is no best model to restore.
+
+    >>> best_model_conflict("epoch", "no", None, 500, 10).reason
+    "--save_strategy 'no' saves no checkpoint to restore"
+    >>> best_model_conflict("steps", "steps", 5, 15, 10) is None
+    True
+    """
+    if eval_strategy == "no":
+        return BestModelConflict(
+            "--eval_strategy 'no' never evaluates during training, so no checkpoint is best",
+            "evaluate with --eval_strategy epoch (or steps)",
+        )
+    if save_strategy == "best":  # Trainer saves exactly the best checkpoints, whatever the eval cadence
+        return None
+    every = eval_steps or logging_steps  # Trainer evaluates every --logging_steps when --eval_steps is unset
+    match = f"pass --save_strategy {eval_strategy}" + (
+        f" with --save_steps a multiple of {every:g}" if eval_strategy == "steps" else ""
+    )
+    if save_strategy == "no":
+        return BestModelConflict("--save_strategy 'no' saves no checkpoint to restore", match)
+    if eval_strategy != save_strategy:
+        return BestModelConflict(
+            f"--eval_strategy {eval_strategy!r} and --save_strategy {save_strategy!r} differ", match
+        )
+    # every == 0: Trainer itself rejects "steps" without --eval_steps or --logging_steps, with its own message
+    if eval_strategy == "steps" and every and not _steps_compatible(save_steps, every):
+        return BestModelConflict(
+            f"--save_steps {save_steps:g} is not a multiple of --eval_steps {every:g}",
+            f"make --save_steps a multiple of {every:g}",
+        )
+    return None
+
+
+def _steps_compatible(save_steps: float, eval_steps: float) -> bool:
+    """Trainer's rule: saves land on evaluations (ratios below 1 and absolute steps can't be mixed)."""
+    if save_steps % eval_steps == 0:
+        return True
+    if save_steps < 1 and eval_steps < 1:
+        scale = 1_000_000  # Trainer's own integer scaling for ratio steps
+        return (save_steps * scale) % (eval_steps * scale) == 0
+    return False

@@ -86,13 +86,15 @@ def _load_local(path: Path) -> DatasetDict:
         raise DataError(f"--dataset {str(path)!r}: no {'/'.join(FORMATS)} files in it")
     suffixes = {f.suffix.lower() for f in files}
     if len(suffixes) > 1 or files[0].suffix.lower() not in FORMATS:
-        raise DataError(f"--dataset {str(path)!r}: expected files of one format among {', '.join(FORMATS)}, "
-                        f"found {', '.join(sorted(suffixes))}")
+        raise DataError(
+            f"--dataset {str(path)!r}: expected files of one format among {', '.join(FORMATS)}, "
+            f"found {', '.join(sorted(suffixes))}"
+        )
     builder, kwargs = FORMATS[files[0].suffix.lower()]
+    data_files: dict[str, list[str]] = {}
     if path.is_file():
         data_files = {"train": [str(path)]}
     else:
-        data_files: dict[str, list[str]] = {}
         for f in files:
             data_files.setdefault(_split_of(f) or "train", []).append(str(f))
     try:
@@ -114,12 +116,20 @@ def detect_column(ds: Dataset, candidates: tuple[str, ...], flag: str, want_text
         strings = [c for c, f in ds.features.items() if isinstance(f, Value) and f.dtype in ("string", "large_string")]
         if len(strings) == 1:
             return strings[0]
-    raise DataError(f"can't tell which column holds the {'text' if want_text else 'labels'} among "
-                    f"{ds.column_names}; pass {flag} NAME")
+    raise DataError(
+        f"can't tell which column holds the {'text' if want_text else 'labels'} among "
+        f"{ds.column_names}; pass {flag} NAME"
+    )
 
 
-def prepare_task(raw: DatasetDict, text_column: str | None, label_column: str | None, seed: int = 42,
-                 max_train_samples: int | None = None, max_eval_samples: int | None = None) -> TaskData:
+def prepare_task(
+    raw: DatasetDict,
+    text_column: str | None,
+    label_column: str | None,
+    seed: int = 42,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> TaskData:
     """Pick splits and columns, check the labels, and subsample.
 
     ``max_*_samples`` take a seeded random subset, since local files are often sorted (by label, by
@@ -146,8 +156,9 @@ def prepare_task(raw: DatasetDict, text_column: str | None, label_column: str | 
     for split_name, ds in (("train", train), ("eval", evaluation)):
         for column, flag in ((text_column, "--text_column"), (label_column, "--label_column")):
             if column not in ds.column_names:
-                raise DataError(f"{flag} {column!r} is not a column of the {split_name} split "
-                                f"(columns: {ds.column_names})")
+                raise DataError(
+                    f"{flag} {column!r} is not a column of the {split_name} split (columns: {ds.column_names})"
+                )
         if len(ds) == 0:
             raise DataError(f"the {split_name} split is empty; check the file or --dataset")
         names = _label_names(ds, label_column, split_name)
@@ -165,18 +176,24 @@ def _label_names(ds: Dataset, column: str, split_name: str) -> list[str]:
     if isinstance(feature, ClassLabel):
         labels = [y for y in ds.unique(column) if y is not None]
         if any(y < 0 for y in labels):  # -1 marks unlabelled rows, as in GLUE test splits
-            raise DataError(f"the {split_name} split has unlabelled rows (label -1 in {column!r}); use a labelled split")
+            raise DataError(
+                f"the {split_name} split has unlabelled rows (label -1 in {column!r}); use a labelled split"
+            )
         return list(feature.names)
     if not (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint"))):
         kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
         kind = "text" if kind in ("string", "large_string") else kind
         example = next((y for y in ds[column][:100] if y is not None), None)
-        raise DataError(f"labels in {column!r} ({split_name} split) must be integers 0..K-1, got {kind} values "
-                        f"like {example!r}; map them to integers or pass --label_column")
+        raise DataError(
+            f"labels in {column!r} ({split_name} split) must be integers 0..K-1, got {kind} values "
+            f"like {example!r}; map them to integers or pass --label_column"
+        )
     labels = ds.unique(column)
     if None in labels or min(labels) < 0:
-        raise DataError(f"labels in {column!r} ({split_name} split) must be integers 0..K-1, "
-                        f"found {'missing values' if None in labels else min(labels)}")
+        raise DataError(
+            f"labels in {column!r} ({split_name} split) must be integers 0..K-1, "
+            f"found {'missing values' if None in labels else min(labels)}"
+        )
     return [str(i) for i in range(max(labels) + 1)]
 
 

@@ -12,10 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from ftprof.errors import ConfigError
+from ftprof.point import ZERO_STAGES, Offload, Point
 
-ZERO_STAGES = (0, 1, 2, 3)
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
-_MISSING = object()
+# The file in ds_configs/ that holds ds_config_for(stage, offload), by (stage, offload).
+SHIPPED_CONFIGS: dict[tuple[int, Offload], str] = {
+    (0, "none"): "zero0.json",
+    (1, "none"): "zero1.json",
+    (2, "none"): "zero2.json",
+    (3, "none"): "zero3.json",
+    (2, "optimizer"): "zero2_offload.json",
+    (3, "optimizer+param"): "zero3_offload.json",
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,13 @@ class DeepSpeedConfig:
     @property
     def offload_param(self) -> str:
         return str(self.get("zero_optimization.offload_param.device", "none"))
+
+    @property
+    def offload(self) -> Offload:
+        """What this config offloads, as a :class:`~ftprof.point.Point` axis."""
+        if self.offload_param != "none":
+            return "optimizer+param"
+        return "optimizer" if self.offload_optimizer != "none" else "none"
 
     def precision_forced(self) -> str | None:
         """'fp16' or 'bf16' when the file enables it with ``true`` rather than ``"auto"``."""
@@ -101,7 +116,7 @@ def validate(cfg: DeepSpeedConfig) -> DeepSpeedConfig:
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         value = cfg.get(key, "auto")
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ConfigError(f"{where}: {key} is {value!r}; use a positive integer or \"auto\"")
+            raise ConfigError(f'{where}: {key} is {value!r}; use a positive integer or "auto"')
     return cfg
 
 
@@ -115,13 +130,21 @@ def ds_config_for(stage: int, offload_optimizer: bool = False, offload_param: bo
     if stage == 1:
         zero["reduce_bucket_size"] = "auto"
     if stage == 2:
-        zero.update(overlap_comm=True, contiguous_gradients=True, allgather_bucket_size=200_000_000,
-                    reduce_bucket_size="auto")
+        zero.update(
+            overlap_comm=True, contiguous_gradients=True, allgather_bucket_size=200_000_000, reduce_bucket_size="auto"
+        )
     if stage == 3:
-        zero.update(overlap_comm=True, contiguous_gradients=True, sub_group_size=1_000_000_000,
-                    reduce_bucket_size="auto", stage3_prefetch_bucket_size="auto",
-                    stage3_param_persistence_threshold="auto", stage3_max_live_parameters=1_000_000_000,
-                    stage3_max_reuse_distance=1_000_000_000, stage3_gather_16bit_weights_on_model_save=True)
+        zero.update(
+            overlap_comm=True,
+            contiguous_gradients=True,
+            sub_group_size=1_000_000_000,
+            reduce_bucket_size="auto",
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            stage3_max_live_parameters=1_000_000_000,
+            stage3_max_reuse_distance=1_000_000_000,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload_param:
@@ -131,25 +154,42 @@ def ds_config_for(stage: int, offload_optimizer: bool = False, offload_param: bo
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
-        "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-                 "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": "auto",
+            "loss_scale": 0,
+            "loss_scale_window": 1000,
+            "initial_scale_power": 16,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "bf16": {"enabled": "auto"},
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                  "weight_decay": "auto"}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        },
         "zero_optimization": zero,
         "steps_per_print": 1_000_000,
         "wall_clock_breakdown": False,
     }
 
 
-def with_stage(base: DeepSpeedConfig, stage: int) -> dict[str, Any]:
-    """A copy of ``base`` at ZeRO ``stage``: the shipped block for that stage, keeping ``base``'s offload."""
+def shipped_config(point: Point) -> str | None:
+    """The name of the ``ds_configs/`` file for ``point``'s stage and offload, if ftprof ships one."""
+    return SHIPPED_CONFIGS.get((point.zero, point.offload))
+
+
+def for_point(base: DeepSpeedConfig, point: Point) -> dict[str, Any]:
+    """A copy of ``base`` for ``point``: the shipped block for its ZeRO stage, with its offload (``base``'s
+    offload settings where it has them, else to pinned CPU memory)."""
     config = json.loads(json.dumps(base.config))
-    zero = ds_config_for(stage)["zero_optimization"]
-    if stage > 0 and base.offload_optimizer != "none":
-        zero["offload_optimizer"] = base.get("zero_optimization.offload_optimizer")
-    if stage == 3 and base.offload_param != "none":
-        zero["offload_param"] = base.get("zero_optimization.offload_param")
+    zero = ds_config_for(point.zero)["zero_optimization"]
+    if point.offload_optimizer:
+        zero["offload_optimizer"] = base.get("zero_optimization.offload_optimizer") or {
+            "device": "cpu",
+            "pin_memory": True,
+        }
+    if point.offload_param:
+        zero["offload_param"] = base.get("zero_optimization.offload_param") or {"device": "cpu", "pin_memory": True}
     config["zero_optimization"] = zero
     return config
 

@@ -22,19 +22,29 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ftprof.errors import ConfigError
+from ftprof.point import Point, Precision
+from ftprof.units import GIB
 
-GIB = 2**30
+Device = Literal["gpu", "cpu"]  # on a CPU, "offloaded" state still counts in the process
 
 # Memory of common GPUs (bytes), for --gpu. Names are lower-case, as typed on the command line.
 GPUS: dict[str, int] = {
-    "h200-141gb": 141 * 10**9, "h100-80gb": 80 * GIB, "h100-94gb": 94 * GIB, "a100-80gb": 80 * GIB,
-    "a100-40gb": 40 * GIB, "l40s-48gb": 48 * GIB, "a10g-24gb": 24 * GIB, "l4-24gb": 24 * GIB,
-    "rtx4090-24gb": 24 * GIB, "rtx3090-24gb": 24 * GIB, "v100-32gb": 32 * GIB, "v100-16gb": 16 * GIB,
+    "h200-141gb": 141 * 10**9,
+    "h100-80gb": 80 * GIB,
+    "h100-94gb": 94 * GIB,
+    "a100-80gb": 80 * GIB,
+    "a100-40gb": 40 * GIB,
+    "l40s-48gb": 48 * GIB,
+    "a10g-24gb": 24 * GIB,
+    "l4-24gb": 24 * GIB,
+    "rtx4090-24gb": 24 * GIB,
+    "rtx3090-24gb": 24 * GIB,
+    "v100-32gb": 32 * GIB,
+    "v100-16gb": 16 * GIB,
     "t4-16gb": 16 * GIB,
 }
 
@@ -55,28 +65,6 @@ class Arch:
     attention: Literal["eager", "sdpa"] = "sdpa"
     lm_head: bool = False  # logits over the vocabulary (causal LM) rather than a few labels
     num_labels: int = 2
-
-
-@dataclass(frozen=True)
-class Setting:
-    batch_size: int
-    seq_len: int
-    precision: Literal["fp32", "fp16", "bf16"] = "bf16"
-    zero: int = 2
-    world_size: int = 1
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    gradient_checkpointing: bool = False
-    device: Literal["gpu", "cpu"] = "gpu"  # on a CPU, "offloaded" state still counts in the process
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "world_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        if self.zero not in (0, 1, 2, 3):
-            raise ConfigError(f"--zero {self.zero}: unknown ZeRO stage; use 0, 1, 2 or 3")
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise ConfigError(f"--precision {self.precision!r}: use fp32, fp16 or bf16")
 
 
 @dataclass
@@ -111,20 +99,20 @@ class Estimate:
     device_used: int = 0
 
 
-def bytes_per_element(precision: str) -> int:
+def bytes_per_element(precision: Precision) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def model_states(arch: Arch, s: Setting) -> tuple[dict[str, int], dict[str, int]]:
+def model_states(arch: Arch, s: Point, device: Device = "gpu") -> tuple[dict[str, int], dict[str, int]]:
     """(on device, offloaded to host) bytes of parameters, gradients, master weights and Adam moments.
 
     >>> arch = Arch("x", "encoder", 1000, 1, 8, 2, 32, 10)
-    >>> model_states(arch, Setting(1, 8, "bf16", zero=2, world_size=4))[0]
+    >>> model_states(arch, Point(batch_size=1, seq_len=8, precision="bf16", zero=2, world_size=4))[0]
     {'parameters': 2000, 'gradients': 500, 'fp32 master weights': 1000, 'Adam moments': 2000}
     """
     p, n, e = arch.params, s.world_size, bytes_per_element(s.precision)
     optimizer_split = n if s.zero >= 1 else 1
-    device = {
+    held = {
         "parameters": math.ceil(e * p / (n if s.zero == 3 else 1)),
         "gradients": math.ceil(e * p / (n if s.zero >= 2 else 1)),
         # ZeRO 1-3 keep an fp32 copy of their partition even in fp32 training; mixed precision always does.
@@ -132,39 +120,41 @@ def model_states(arch: Arch, s: Setting) -> tuple[dict[str, int], dict[str, int]
         "Adam moments": math.ceil(8 * p / optimizer_split),
     }
     host: dict[str, int] = {}
-    if s.device == "gpu":
-        moved = (["fp32 master weights", "Adam moments"] if s.offload_optimizer else []) + \
-                (["parameters"] if s.offload_param else [])
-        host = {k: device.pop(k) for k in moved}
-    return device, host
+    if device == "gpu":
+        moved = (["fp32 master weights", "Adam moments"] if s.offload_optimizer else []) + (
+            ["parameters"] if s.offload_param else []
+        )
+        host = {k: held.pop(k) for k in moved}
+    return held, host
 
 
-def layer_activations(arch: Arch, s: Setting) -> int:
+def layer_activations(arch: Arch, s: Point, device: Device = "gpu") -> int:
     """Bytes one transformer layer saves for backward at micro-batch ``b`` and length ``s``.
 
     >>> arch = Arch("gpt", "decoder", 0, 1, 1024, 16, 4096, 50257, attention="eager")
-    >>> layer_activations(arch, Setting(1, 2048, "fp16")) == 2048 * 1024 * (34 + 5 * 16 * 2048 / 1024)
+    >>> p = Point(batch_size=1, seq_len=2048, precision="fp16", zero=0)
+    >>> layer_activations(arch, p) == 2048 * 1024 * (34 + 5 * 16 * 2048 / 1024)
     True
     """
     b, sq, h, i, a = s.batch_size, s.seq_len, arch.hidden, arch.intermediate, arch.heads
     e, drop = bytes_per_element(s.precision), int(arch.dropout)
     linear = sq * b * h * (8 * e + 2 * drop) + 2 * sq * b * i * e
-    if materializes_scores(arch, s):
+    if materializes_scores(arch, device):
         scores = a * sq * sq * b * (e + drop * (e + 1))
     else:
         scores = 4 * a * b * sq  # softmax statistics of fused kernels
     return linear + scores
 
 
-def materializes_scores(arch: Arch, s: Setting) -> bool:
+def materializes_scores(arch: Arch, device: Device) -> bool:
     """Whether attention keeps the s x s score matrices: eager always; SDPA on a CPU when dropout is on, since
     torch's fused CPU kernel has no dropout and SDPA falls back to its math path."""
-    return arch.attention == "eager" or (s.device == "cpu" and arch.dropout)
+    return arch.attention == "eager" or (device == "cpu" and arch.dropout)
 
 
-def activations(arch: Arch, s: Setting) -> dict[str, int]:
+def activations(arch: Arch, s: Point, device: Device = "gpu") -> dict[str, int]:
     b, sq, h, e = s.batch_size, s.seq_len, arch.hidden, bytes_per_element(s.precision)
-    per_layer = layer_activations(arch, s)
+    per_layer = layer_activations(arch, s, device)
     if s.gradient_checkpointing:
         layers = arch.layers * sq * b * h * e + per_layer  # inputs kept, one layer recomputed at a time
     else:
@@ -176,11 +166,11 @@ def activations(arch: Arch, s: Setting) -> dict[str, int]:
     return {"activations (layers)": layers, "activations (embeddings)": embeddings, "logits + loss": logits}
 
 
-def estimate(arch: Arch, s: Setting, cal: Calibration | None = None) -> Estimate:
-    """Predict the per-rank peaks of training ``arch`` with setting ``s``."""
+def estimate(arch: Arch, s: Point, cal: Calibration | None = None, device: Device = "gpu") -> Estimate:
+    """Predict the per-rank peaks of training ``arch`` at point ``s`` on a GPU or a CPU."""
     cal = cal or Calibration()
-    items, host = model_states(arch, s)
-    acts = activations(arch, s)
+    items, host = model_states(arch, s, device)
+    acts = activations(arch, s, device)
     items.update({k: math.ceil(v * cal.activation_factor) for k, v in acts.items()})
     e = bytes_per_element(s.precision)
     if s.zero >= 1:
@@ -190,7 +180,7 @@ def estimate(arch: Arch, s: Setting, cal: Calibration | None = None) -> Estimate
     # The optimizer step materialises fp32 gradients of this rank's partition; activations are gone by then,
     # so the peak is the larger of the two moments.
     step_extra = math.ceil(4 * arch.params / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
-    if s.offload_optimizer and s.device == "gpu":
+    if s.offload_optimizer and device == "gpu":
         step_extra = 0
     activation_total = sum(items[k] for k in items if k.startswith(("activations", "logits")))
     states = sum(v for k, v in items.items() if k not in acts)
@@ -201,16 +191,22 @@ def estimate(arch: Arch, s: Setting, cal: Calibration | None = None) -> Estimate
     return Estimate(items, host, allocated, reserved, reserved + math.ceil(cal.runtime_bytes))
 
 
-def max_batch(arch: Arch, s: Setting, budget: int, cal: Calibration | None = None, limit: int = 1 << 16) -> int:
+def max_batch(
+    arch: Arch, s: Point, budget: int, cal: Calibration | None = None, device: Device = "gpu", limit: int = 1 << 16
+) -> int:
     """The largest micro-batch whose predicted device-used peak fits ``budget`` (0 if none), by bisection
     over the model (monotonic in the batch), not by trial runs."""
+
+    def fits(batch: int) -> bool:
+        return estimate(arch, s.with_batch(batch), cal, device).device_used <= budget
+
     lo, hi = 0, 1
-    while hi <= limit and estimate(arch, replace(s, batch_size=hi), cal).device_used <= budget:
+    while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, limit + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if estimate(arch, replace(s, batch_size=mid), cal).device_used <= budget:
+        if fits(mid):
             lo = mid
         else:
             hi = mid

@@ -26,8 +26,12 @@ def optimizer_state_bytes(optimizer) -> int:
     inner = innermost_optimizer(optimizer)
     if inner is None:
         return 0
-    return sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
-               if torch.is_tensor(t) and t.dim() > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for state in inner.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
 
 
 def local_parameter_numel(model: torch.nn.Module) -> int:

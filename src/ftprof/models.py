@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import (
     AutoConfig,
@@ -29,8 +29,12 @@ from ftprof.offline_tokenizer import train_wordpiece
 logger = logging.getLogger(__name__)
 
 Origin = Literal["preset", "local", "hub", "offline-config"]
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 # A tokenizer trained on the data needs no more entries than this to learn a sentiment task.
 OFFLINE_VOCAB_SIZE = 8000
@@ -92,15 +96,18 @@ def resolve_model_spec(name: str, random_init: bool = False) -> ModelSpec:
     if path.is_dir():
         return _local_spec(name, path, random_init)
     if name.startswith((".", "/", "~")) or path.suffix:
-        raise ModelError(f"--model {name!r}: no such directory; give a model directory, a Hub id or a preset "
-                         f"({', '.join(sorted(TINY_PRESETS))})")
+        raise ModelError(
+            f"--model {name!r}: no such directory; give a model directory, a Hub id or a preset "
+            f"({', '.join(sorted(TINY_PRESETS))})"
+        )
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
         known = known_config_dict(name)
         if random_init and known:
-            logger.warning("%s: config not reachable (%s); using the offline copy of its architecture",
-                           name, type(err).__name__)
+            logger.warning(
+                "%s: config not reachable (%s); using the offline copy of its architecture", name, type(err).__name__
+            )
             return ModelSpec(name, config_from_dict(known), "offline-config", None, name)
         if not random_init:
             raise ModelError(
@@ -121,8 +128,10 @@ def _local_spec(name: str, path: Path, random_init: bool) -> ModelSpec:
     config = AutoConfig.from_pretrained(path)
     has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
     if not has_weights and not random_init:
-        raise ModelError(f"--model {name!r}: the directory has no weights ({', '.join(WEIGHT_FILES[:2])}); "
-                         "add --random_init to train the architecture from random weights")
+        raise ModelError(
+            f"--model {name!r}: the directory has no weights ({', '.join(WEIGHT_FILES[:2])}); "
+            "add --random_init to train the architecture from random weights"
+        )
     has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
     weights = None if random_init else str(path)
     return ModelSpec(name, config, "local", weights, str(path) if has_tokenizer else None)
@@ -130,7 +139,7 @@ def _local_spec(name: str, path: Path, random_init: bool) -> ModelSpec:
 
 def load_tokenizer(spec: ModelSpec, fallback: Callable[[], PreTrainedTokenizerBase]) -> PreTrainedTokenizerBase:
     """The model's own tokenizer when it can be had, else ``fallback()`` (see :func:`train_tokenizer_for`)."""
-    tokenizer = None
+    tokenizer: Any = None  # AutoTokenizer's declared return type is narrower than what it returns
     if spec.tokenizer_source is not None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_source)
@@ -149,13 +158,17 @@ def load_tokenizer(spec: ModelSpec, fallback: Callable[[], PreTrainedTokenizerBa
 def train_tokenizer_for(spec: ModelSpec, texts: Iterable[str]) -> PreTrainedTokenizerBase:
     """A WordPiece tokenizer trained on ``texts`` that fits ``spec``'s embedding and length limit."""
     vocab_size = min(OFFLINE_VOCAB_SIZE, spec.config.vocab_size)
-    logger.warning("%s: no tokenizer available offline; training a %d-entry WordPiece tokenizer on the "
-                   "training texts", spec.name, vocab_size)
+    logger.warning(
+        "%s: no tokenizer available offline; training a %d-entry WordPiece tokenizer on the training texts",
+        spec.name,
+        vocab_size,
+    )
     return train_wordpiece(texts, vocab_size, spec.max_positions() or 512)
 
 
-def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, label_names: list[str],
-                shrink_vocab: bool = True) -> PreTrainedModel:
+def build_model(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, label_names: list[str], shrink_vocab: bool = True
+) -> PreTrainedModel:
     """A sequence classifier with ``len(label_names)`` outputs, pretrained body when ``spec`` has weights.
 
     ``shrink_vocab`` fits a tiny preset's embedding to a tokenizer trained on the data; profiling keeps the
@@ -170,9 +183,13 @@ def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, label_names
         if spec.origin == "preset" and shrink_vocab:
             config.vocab_size = len(tokenizer)
         elif len(tokenizer) > config.vocab_size:
-            raise ModelError(f"--model {spec.name!r}: tokenizer has {len(tokenizer)} entries but the model's "
-                             f"embedding only {config.vocab_size}")
-        logger.warning("%s: RANDOM weights (built from its config); accuracy will not match a pretrained model",
-                       spec.name)
+            raise ModelError(
+                f"--model {spec.name!r}: tokenizer has {len(tokenizer)} entries but the model's "
+                f"embedding only {config.vocab_size}"
+            )
+        logger.warning(
+            "%s: RANDOM weights (built from its config); accuracy will not match a pretrained model", spec.name
+        )
         return AutoModelForSequenceClassification.from_config(config)
+    assert spec.weights is not None, "resolve_model_spec sets weights unless random_init"
     return AutoModelForSequenceClassification.from_pretrained(spec.weights, config=config)

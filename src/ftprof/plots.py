@@ -3,50 +3,81 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-from ftprof.recommend import samples_per_s
 from ftprof.results import Record
+from ftprof.units import GIB
+
+Series = dict[str, list[tuple[int, Record]]]
 
 
-def _series(records: list[Record], value) -> dict[str, list[tuple[int, float]]]:
-    lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+def label(record: Record) -> str:
+    """The line a point belongs to: everything but the micro-batch."""
+    p = record.point
+    text = f"{p.precision} ZeRO-{p.zero} seq {p.seq_len}"
+    text += f" x{p.world_size}" if p.world_size > 1 else ""
+    text += f" ga{p.grad_accum}" if p.grad_accum > 1 else ""
+    text += f" off:{p.offload}" if p.offload != "none" else ""
+    return text + (" ckpt" if p.gradient_checkpointing else "")
+
+
+def _series(records: list[Record]) -> Series:
+    lines: Series = defaultdict(list)
     for r in records:
         if r.status == "ok" and r.peak_bytes:
-            p = r.point
-            label = f"{p.precision} ZeRO-{p.zero} seq {p.seq_len}" + (f" x{p.world_size}" if p.world_size > 1 else "") \
-                + (f" ga{p.grad_accum}" if p.grad_accum > 1 else "")
-            lines[label].append((p.batch_size, value(r)))
-    return {k: sorted(v) for k, v in sorted(lines.items(), key=lambda kv: _natural(kv[0]))}
+            lines[label(r)].append((r.point.batch_size, r))
+    return {k: sorted(v, key=lambda x: x[0]) for k, v in sorted(lines.items(), key=lambda kv: _natural(kv[0]))}
 
 
-def _natural(label: str) -> list:
+def _natural(text: str) -> list[int | str]:
     """Sort 'seq 64' before 'seq 256'."""
-    return [int(t) if t.isdigit() else t for t in label.replace("-", " ").split()]
+    return [int(t) if t.isdigit() else t for t in text.replace("-", " ").split()]
+
+
+def throughput_spread(record: Record) -> tuple[float, float] | None:
+    """Samples/s at the slow (p90) and fast (p10) step times: the spread the throughput plot shows."""
+    prof = record.profile
+    if prof is None or not prof.step_time_p90_s or not prof.step_time_p10_s:
+        return None
+    samples_per_step = record.point.effective_batch()
+    return samples_per_step / prof.step_time_p90_s, samples_per_step / prof.step_time_p10_s
 
 
 def save_plots(records: list[Record], out_dir: Path, budget: int | None = None) -> list[Path]:
-    """Write ``memory.png`` (peak GiB over batch, a line per sequence length and setting; OOMs marked) and
-    ``throughput.png`` (samples/s over batch). Returns the paths written."""
+    """Write ``memory.png`` (peak GiB over batch, a line per setting; the budget as a line, OOM and skipped
+    points as markers) and ``throughput.png`` (samples/s over batch, p10-p90 spread as error bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    for name, ylabel, value in (("memory.png", "peak memory (GiB)", lambda r: r.peak_bytes / 2**30),
-                                ("throughput.png", "train samples/s", samples_per_s)):
+    plots: list[tuple[str, str, Callable[[Record], float]]] = [
+        ("memory.png", "peak memory (GiB)", lambda r: (r.peak_bytes or 0) / GIB),
+        ("throughput.png", "train samples/s", lambda r: r.samples_per_s),
+    ]
+    for name, ylabel, value in plots:
         fig, ax = plt.subplots(figsize=(8, 5))
-        for label, points in _series(records, value).items():
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=label)
-        ooms = [r.point.batch_size for r in records if r.status == "oom"]
+        for text, points in _series(records).items():
+            xs = [b for b, _ in points]
+            ys = [value(r) for _, r in points]
+            line = ax.plot(xs, ys, marker="o", label=text)[0]
+            if name == "throughput.png":
+                spreads = [throughput_spread(r) for _, r in points]
+                lows = [y - s[0] if s else 0.0 for y, s in zip(ys, spreads, strict=True)]
+                highs = [s[1] - y if s else 0.0 for y, s in zip(ys, spreads, strict=True)]
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=[[max(0.0, v) for v in lows], [max(0.0, v) for v in highs]],
+                    fmt="none",
+                    ecolor=line.get_color(),
+                    capsize=3,
+                    alpha=0.7,
+                )
         if name == "memory.png":
-            if ooms:
-                ax.scatter(ooms, [ax.get_ylim()[1]] * len(ooms), marker="x", color="red", label="OOM", zorder=3)
-            top = max((r.peak_bytes for r in records if r.peak_bytes), default=0)
-            if budget and budget <= 2 * top:  # far above the data it would flatten every line
-                ax.axhline(budget / 2**30, color="grey", linestyle="--", label="budget")
+            _mark_failures(ax, records, budget)
         ax.set_xscale("log", base=2)
         batches = sorted({r.point.batch_size for r in records})
         ax.set_xticks(batches, [str(b) for b in batches])
@@ -60,3 +91,16 @@ def save_plots(records: list[Record], out_dir: Path, budget: int | None = None) 
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _mark_failures(ax, records: list[Record], budget: int | None) -> None:
+    """The budget as a dashed line; OOM (red x) and skipped (orange triangle) points along the top edge."""
+    if budget:
+        ax.axhline(budget / GIB, color="grey", linestyle="--", label=f"budget {budget / GIB:.1f} GiB")
+    top = ax.get_ylim()[1]
+    for status, marker, color in (("oom", "x", "red"), ("skipped", "^", "orange")):
+        batches = [r.point.batch_size for r in records if r.status == status]
+        if batches:
+            ax.scatter(
+                batches, [top] * len(batches), marker=marker, color=color, label=status.upper(), zorder=3, clip_on=False
+            )

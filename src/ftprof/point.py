@@ -1,142 +1,109 @@
-"""Measure one sweep point: a few real Trainer + DeepSpeed steps in this process (one per rank).
+"""A sweep point: one setting of every axis ftprof measures and predicts, and the names of those axes.
 
-Run by ``ftprof sweep`` in a fresh process per point, so no peak is polluted by an earlier point:
-
-    python -m ftprof.point SPEC.json                       # world size 1
-    deepspeed --num_gpus 2 .../ftprof/point.py SPEC.json   # world size 2
-
-SPEC holds a :class:`PointSpec`; rank 0 writes the measurement to ``spec.result_path`` as JSON.
-The model is built from its config with random weights: memory and speed don't depend on weight values,
-and this works with no network for known architectures.
+:class:`Point` is the one type for "what was trained": the sweep plans and runs points, results store them,
+the estimator predicts them and recommendations turn them into commands. Build it by keyword.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import tempfile
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, get_args
+
+from ftprof.errors import ConfigError
+
+Precision = Literal["fp32", "fp16", "bf16"]
+Offload = Literal["none", "optimizer", "optimizer+param"]  # what ZeRO moves to host memory
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+OFFLOADS: tuple[Offload, ...] = get_args(Offload)
+ZERO_STAGES = (0, 1, 2, 3)
 
 
-@dataclass
-class PointSpec:
-    """Everything one measurement needs (JSON-serialisable)."""
+@dataclass(frozen=True, order=True, kw_only=True)
+class Point:
+    """One configuration to measure or predict, per rank. Field order is the run order: small before large.
 
-    model: str
-    batch_size: int
-    grad_accum: int
-    precision: str  # fp32 | fp16 | bf16
-    seq_len: int
+    >>> Point(precision="bf16", zero=2, seq_len=128, batch_size=8).key
+    'bf16-z2-w1-ga1-s128-b8'
+    >>> Point(precision="bf16", zero=3, seq_len=128, batch_size=8, offload="optimizer+param").key
+    'bf16-z3-w1-ga1-s128-b8-off_optimizer+param'
+    """
+
+    precision: Precision
     zero: int
-    world_size: int
-    steps: int
-    warmup: int
-    ds_config: dict
-    result_path: str
-    dataset: str | None = None
-    seed: int = 0
+    world_size: int = 1
+    grad_accum: int = 1
+    seq_len: int
+    batch_size: int
+    offload: Offload = "none"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "grad_accum", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+        if self.zero not in ZERO_STAGES:
+            raise ConfigError(f"--zero {self.zero!r}: unknown ZeRO stage; use 0, 1, 2 or 3")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: use fp32, fp16 or bf16")
+        if self.offload not in OFFLOADS:
+            raise ConfigError(f"--offload {self.offload!r}: use one of {', '.join(OFFLOADS)}")
+        if self.offload == "optimizer+param" and self.zero != 3:
+            raise ConfigError(f"--offload optimizer+param needs ZeRO stage 3, not {self.zero}; use --offload optimizer")
+        if self.offload == "optimizer" and self.zero == 0:
+            raise ConfigError("--offload optimizer needs ZeRO stage 1, 2 or 3, not 0")
+
+    @property
+    def key(self) -> str:
+        """A stable id, used to resume and to de-duplicate (the memory levers only when pulled)."""
+        key = f"{self.precision}-z{self.zero}-w{self.world_size}-ga{self.grad_accum}-s{self.seq_len}-b{self.batch_size}"
+        if self.offload != "none":
+            key += f"-off_{self.offload}"
+        return key + ("-gc" if self.gradient_checkpointing else "")
+
+    @property
+    def offload_optimizer(self) -> bool:
+        return self.offload != "none"
+
+    @property
+    def offload_param(self) -> bool:
+        return self.offload == "optimizer+param"
+
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def with_batch(self, batch_size: int) -> Point:
+        """The same setting at another micro-batch (the unit of ``--find_max_batch``)."""
+        return replace(self, batch_size=batch_size)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Point:
+        """The point stored in ``data`` (extra keys, such as a record's other columns, are ignored)."""
+        names = (
+            "precision",
+            "zero",
+            "world_size",
+            "grad_accum",
+            "seq_len",
+            "batch_size",
+            "offload",
+            "gradient_checkpointing",
+        )
+        return cls(**{n: data[n] for n in names if n in data})
 
 
-def _token_dataset(spec: PointSpec, vocab_size: int, n_rows: int):
-    """Random token ids of exactly ``seq_len`` (the swept length) and random binary labels."""
-    import torch
-    from datasets import Dataset
+def offload_within(offload: Offload, zero: int) -> Offload:
+    """The part of ``offload`` that ZeRO ``zero`` supports: a base ds_config's offload applies to the stages
+    that can offload, and is dropped for the others (stage 0 keeps everything on the device).
 
-    g = torch.Generator().manual_seed(spec.seed)
-    ids = torch.randint(5, vocab_size, (n_rows, spec.seq_len), generator=g)
-    labels = torch.randint(0, 2, (n_rows,), generator=g)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * spec.seq_len] * n_rows,
-                              "labels": labels.tolist()})
-
-
-def _load_task(spec: PointSpec):
-    from ftprof.data import load_raw, prepare_task
-
-    return prepare_task(load_raw(spec.dataset, seed=spec.seed), None, None, seed=spec.seed)
-
-
-def _dataset_rows(spec: PointSpec, task, tokenizer, n_rows: int, global_batch: int):
-    """Real texts truncated to ``seq_len``, ordered so that the first global batch holds the longest
-    inputs (the worst-case batch is always measured) and the rest follow in random order."""
-    import random
-
-    from datasets import Dataset
-
-    texts, labels = list(task.train[task.text_column]), list(task.train[task.label_column])
-    encoded = tokenizer(texts, truncation=True, max_length=spec.seq_len)
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
-    head, tail = order[:global_batch], order[global_batch:]
-    random.Random(spec.seed).shuffle(tail)
-    chosen = (head + tail)[:n_rows]
-    while len(chosen) < n_rows:  # small files: repeat
-        chosen += chosen[: n_rows - len(chosen)]
-    return Dataset.from_dict({"input_ids": [encoded["input_ids"][i] for i in chosen],
-                              "attention_mask": [encoded["attention_mask"][i] for i in chosen],
-                              "labels": [labels[i] for i in chosen]})
-
-
-def measure(spec: PointSpec) -> dict:
-    """Run ``warmup + steps`` optimizer steps and return the profiler's summary (on every rank)."""
-    import torch
-    from transformers import DataCollatorWithPadding, Trainer
-
-    from ftprof.args import FtprofTrainingArguments
-    from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted
-    from ftprof.distributed import ensure_single_process_env
-    from ftprof.models import build_model, resolve_model_spec, train_tokenizer_for
-    from ftprof.profiler import ProfilerCallback, TokenCountingCollator
-
-    ensure_single_process_env()
-    model_spec = resolve_model_spec(spec.model, random_init=True)
-    with tempfile.TemporaryDirectory() as out:
-        args = FtprofTrainingArguments(
-            output_dir=out, per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=spec.grad_accum,
-            max_steps=spec.warmup + spec.steps, bf16=spec.precision == "bf16", fp16=spec.precision == "fp16",
-            deepspeed=cpu_adjusted(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available()).config, save_strategy="no", eval_strategy="no", load_best_model_at_end=False,
-            logging_steps=10_000, report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=spec.seed,
-            learning_rate=1e-5,
-            # With --dataset the rows are ordered so the first global batch is the worst case: keep that order.
-            train_sampling_strategy="sequential" if spec.dataset else "random")
-        global_batch = spec.batch_size * spec.grad_accum * args.world_size
-        n_rows = global_batch * (spec.warmup + spec.steps + 1)
-        # Token ids are synthetic unless --dataset: a tokenizer is only needed for real texts (and pad id 0).
-        task = _load_task(spec) if spec.dataset else None
-        texts = list(task.train[task.text_column]) if task else ["profiling"] * 4
-        tokenizer = train_tokenizer_for(model_spec, texts)
-        if task is not None:
-            train = _dataset_rows(spec, task, tokenizer, n_rows, global_batch)
-        else:
-            train = _token_dataset(spec, model_spec.config.vocab_size, n_rows)
-        model = build_model(model_spec, tokenizer, ["0", "1"], shrink_vocab=False)  # the preset's real shape
-        model.accepts_loss_kwargs = False
-        counter = TokenCountingCollator(DataCollatorWithPadding(tokenizer))
-        profiler = ProfilerCallback(warmup_steps=spec.warmup, counter=counter)
-        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=counter, callbacks=[profiler])
-        trainer.train()
-        summary = dict(profiler.summary or {})
-        summary["random_init"] = True
-        return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
-    spec = PointSpec(**json.loads(Path(argv[0]).read_text()))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ftprof.distributed import shutdown
-
-    summary = measure(spec)
-    if int(os.environ.get("RANK", "0")) == 0:
-        Path(spec.result_path).write_text(json.dumps(summary))
-    shutdown()
-    return 0
-
-
-def write_spec(spec: PointSpec, path: Path) -> Path:
-    path.write_text(json.dumps(asdict(spec)))
-    return path
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    >>> offload_within("optimizer+param", 2), offload_within("optimizer+param", 0)
+    ('optimizer', 'none')
+    """
+    if zero == 0:
+        return "none"
+    if zero < 3 and offload == "optimizer+param":
+        return "optimizer"
+    return offload

@@ -1,33 +1,61 @@
 """Recommendations from measured points: pure rules over records, no I/O.
 
+Settings are compared like with like: at one sequence length (the data's, not a free choice) and one
+world size (more GPUs are always faster in total). Within that cohort:
+
 * fastest: the highest samples/s whose peak fits the budget;
 * largest_effective_batch: the largest micro-batch × accumulation × ranks that fits (faster on ties);
 * memory_optimal: the smallest peak among measured points (the safest choice on a shared device).
-Each comes with the exact launcher command and the ds_config to use.
+
+Each comes with the ds_config to use and the command that trains with it. A fastest pick whose throughput
+range (p10-p90 step periods) overlaps the runner-up's is marked as within noise of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from ftprof.deepspeed_config import ds_config_for
+from ftprof.commands import train_command
+from ftprof.deepspeed_config import ds_config_for, shipped_config
 from ftprof.results import Record
 
 # Peaks vary a little run to run (allocator, sampling); keep this much of the budget free.
 SAFETY_MARGIN = 0.05
+TITLES = {
+    "fastest": "Fastest under the budget",
+    "largest_effective_batch": "Largest effective batch",
+    "memory_optimal": "Least memory",
+}
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The settings a recommendation was chosen among: one sequence length and one world size."""
+
+    seq_len: int
+    world_size: int
+
+    def __str__(self) -> str:
+        return f"seq {self.seq_len}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
 
 
 @dataclass(frozen=True)
 class Recommendation:
     kind: str
     record: Record
-    command: str
-    ds_config: dict
+    cohort: Cohort
+    ds_config: dict[str, Any]
+    config_path: str  # a shipped ds_configs/ file, or where the report writes ``ds_config``
+    within_noise_of: list[str] = field(default_factory=list)  # keys whose throughput range overlaps
+
+    @property
+    def command(self) -> str:
+        return train_command(self.record.model, self.record.point, self.config_path)
 
     @property
     def title(self) -> str:
-        return {"fastest": "Fastest under the budget", "largest_effective_batch": "Largest effective batch",
-                "memory_optimal": "Least memory"}[self.kind]
+        return TITLES[self.kind]
 
 
 def fitting(records: list[Record], budget: int | None) -> list[Record]:
@@ -35,55 +63,102 @@ def fitting(records: list[Record], budget: int | None) -> list[Record]:
     ok = [r for r in records if r.status == "ok" and r.peak_bytes]
     if budget is None:
         return ok
-    return [r for r in ok if r.peak_bytes <= budget * (1 - SAFETY_MARGIN)]
+    return [r for r in ok if (r.peak_bytes or 0) <= budget * (1 - SAFETY_MARGIN)]
 
 
-def samples_per_s(record: Record) -> float:
-    return float(record.metrics.get("samples_per_s") or 0.0)
+def per_rank_samples_per_s(record: Record) -> float:
+    return record.samples_per_s / record.point.world_size
+
+
+def throughput_range(record: Record) -> tuple[float, float]:
+    """Samples/s at the p90 (slow) and p10 (fast) step periods; the median figure twice when unknown."""
+    prof = record.profile
+    if prof is None or not prof.samples_per_step or not prof.step_time_p90_s or not prof.step_time_p10_s:
+        return record.samples_per_s, record.samples_per_s
+    return prof.samples_per_step / prof.step_time_p90_s, prof.samples_per_step / prof.step_time_p10_s
+
+
+def within_noise(a: Record, b: Record) -> bool:
+    """Whether two points' throughput ranges overlap, so measured speed can't order them."""
+    (a_low, a_high), (b_low, b_high) = throughput_range(a), throughput_range(b)
+    return a_low <= b_high and b_low <= a_high
 
 
 def pareto_front(records: list[Record]) -> list[Record]:
-    """Points no other point beats on both peak memory (lower) and samples/s (higher), by rising memory."""
+    """Points no other point beats on both peak memory (lower) and samples/s (higher), by rising memory.
+    Pass one cohort's records: across sequence lengths or world sizes the comparison means nothing."""
     front: list[Record] = []
     best = -1.0
-    for r in sorted((r for r in records if r.status == "ok" and r.peak_bytes),
-                    key=lambda r: (r.peak_bytes, -samples_per_s(r))):
-        if samples_per_s(r) > best:
+    for r in sorted(
+        (r for r in records if r.status == "ok" and r.peak_bytes), key=lambda r: (r.peak_bytes, -r.samples_per_s)
+    ):
+        if r.samples_per_s > best:
             front.append(r)
-            best = samples_per_s(r)
+            best = r.samples_per_s
     return front
 
 
-def launch_command(record: Record, config_path: str) -> str:
-    """The ``deepspeed launch/train.py`` command that trains with ``record``'s settings."""
-    p = record.point
-    launcher = "deepspeed" if p.world_size == 1 else f"deepspeed --num_gpus {p.world_size}"
-    precision = {"bf16": " --bf16", "fp16": " --fp16"}.get(p.precision, "")
-    return (f"{launcher} launch/train.py --ds_config {config_path} --model {record.model} "
-            f"--per_device_train_batch_size {p.batch_size} --gradient_accumulation_steps {p.grad_accum} "
-            f"--max_length {p.seq_len}{precision}")
-
-
-def recommend(records: list[Record], budget: int | None, seq_len: int | None = None,
-              config_dir: str = "ds_configs") -> list[Recommendation]:
-    """Up to three recommendations at one sequence length (fewer when nothing fits).
-
-    The sequence length is the data's, not a free choice, so settings are compared at ``seq_len``: by
-    default the longest measured length at which something fits (inputs padded up to ``--max_length``).
-    """
+def choose_cohort(
+    records: list[Record], budget: int | None, seq_len: int | None = None, world_size: int | None = None
+) -> Cohort | None:
+    """The cohort to recommend in: by default the longest sequence length at which something fits (inputs
+    are padded up to ``--max_length``), then the largest world size measured there."""
     candidates = fitting(records, budget)
     if seq_len is None and candidates:
         seq_len = max(r.point.seq_len for r in candidates)
     candidates = [r for r in candidates if r.point.seq_len == seq_len]
-    if not candidates:
+    if world_size is None and candidates:
+        world_size = max(r.point.world_size for r in candidates)
+    if seq_len is None or world_size is None or not any(r.point.world_size == world_size for r in candidates):
+        return None
+    return Cohort(seq_len, world_size)
+
+
+def in_cohort(records: list[Record], cohort: Cohort) -> list[Record]:
+    return [r for r in records if (r.point.seq_len, r.point.world_size) == (cohort.seq_len, cohort.world_size)]
+
+
+def recommend(
+    records: list[Record],
+    budget: int | None,
+    seq_len: int | None = None,
+    world_size: int | None = None,
+    config_dir: str = ".",
+    write_configs: bool = False,
+) -> list[Recommendation]:
+    """Up to three recommendations in one :class:`Cohort` (none when nothing fits).
+
+    Commands name ``config_dir/recommended_<kind>.json`` with ``write_configs`` (the report writes those
+    files), else the shipped ``ds_configs/`` file for the setting, else where the report writes it.
+    """
+    cohort = choose_cohort(records, budget, seq_len, world_size)
+    if cohort is None:
         return []
+    candidates = in_cohort(fitting(records, budget), cohort)
+    fastest = max(candidates, key=lambda r: (r.samples_per_s, -(r.peak_bytes or 0)))
     picks = {
-        "fastest": max(candidates, key=lambda r: (samples_per_s(r), -r.peak_bytes)),
-        "largest_effective_batch": max(candidates, key=lambda r: (r.point.effective_batch(), samples_per_s(r))),
-        "memory_optimal": min(candidates, key=lambda r: (r.peak_bytes, -samples_per_s(r))),
+        "fastest": fastest,
+        "largest_effective_batch": max(candidates, key=lambda r: (r.point.effective_batch(), r.samples_per_s)),
+        "memory_optimal": min(candidates, key=lambda r: (r.peak_bytes or 0, -r.samples_per_s)),
     }
     out = []
     for kind, record in picks.items():
-        path = f"{config_dir}/zero{record.point.zero}.json"
-        out.append(Recommendation(kind, record, launch_command(record, path), ds_config_for(record.point.zero)))
+        p = record.point
+        shipped = shipped_config(p)
+        path = f"ds_configs/{shipped}" if shipped and not write_configs else f"{config_dir}/recommended_{kind}.json"
+        ties = (
+            [r.point.key for r in candidates if r is not record and within_noise(record, r)]
+            if kind == "fastest"
+            else []
+        )
+        out.append(
+            Recommendation(
+                kind=kind,
+                record=record,
+                cohort=cohort,
+                config_path=path,
+                within_noise_of=ties,
+                ds_config=ds_config_for(p.zero, p.offload_optimizer, p.offload_param),
+            )
+        )
     return out

@@ -1,54 +1,112 @@
-"""Sweep reports: rich renderables for the terminal and md/json/csv exports, all from the same records."""
+"""Sweep reports: the records and recommendations of one sweep folder, as rich renderables for the
+terminal, md/json/csv exports, PNG plots and recommended ds_configs, all from the same objects."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Group
+from rich.console import Console, Group
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ftprof.recommend import Recommendation, pareto_front, samples_per_s
-from ftprof.results import Record
+from ftprof.errors import ConfigError
+from ftprof.recommend import (
+    Cohort,
+    Recommendation,
+    choose_cohort,
+    in_cohort,
+    pareto_front,
+    per_rank_samples_per_s,
+    recommend,
+)
+from ftprof.results import STATUSES, Record, latest, read_records
+from ftprof.units import gib
 
-STATUS_STYLE = {"ok": "green", "oom": "bold red", "skipped": "yellow", "error": "magenta", "timeout": "magenta"}
-COLUMNS = ["precision", "zero", "world_size", "seq_len", "batch_size", "grad_accum", "effective_batch", "status",
-           "peak_gib", "predicted_gib", "torch_allocated_gib", "samples_per_s", "real_tokens_per_s", "padded_tokens_per_s",
-           "step_time_median_ms", "step_time_p90_ms", "model_tflops_per_s", "mfu", "reason"]
-
-
-def gib(n: int | float | None) -> float | None:
-    """Bytes to GiB, rounded for display.
-
-    >>> gib(3 * 2**30)
-    3.0
-    """
-    return None if not n else round(n / 2**30, 3)
+STATUS_STYLE = {
+    "ok": "green",
+    "oom": "bold red",
+    "skipped": "yellow",
+    "over_budget": "yellow",
+    "error": "magenta",
+    "timeout": "magenta",
+}
+SKIP_RULES = {
+    "skipped": "a smaller batch or sequence of the same setting ran out of memory (proof)",
+    "over_budget": "the estimator predicted more than the budget plus the margin stated (not run)",
+}
+COLUMNS = [
+    "precision",
+    "zero",
+    "world_size",
+    "seq_len",
+    "batch_size",
+    "grad_accum",
+    "effective_batch",
+    "status",
+    "peak_gib",
+    "predicted_gib",
+    "torch_allocated_gib",
+    "samples_per_s",
+    "samples_per_s_per_rank",
+    "throughput_spread_pct",
+    "unstable",
+    "real_tokens_per_s",
+    "padded_tokens_per_s",
+    "step_time_median_ms",
+    "step_time_p90_ms",
+    "model_tflops_per_s",
+    "mfu",
+    "reason",
+]
 
 
 def row(record: Record) -> dict[str, Any]:
     """One flat row per record: the CSV/markdown/JSON view."""
-    p, m = record.point, record.metrics
+    p, prof = record.point, record.profile
+
+    def value(key: str) -> float | None:
+        return getattr(prof, key) if prof is not None else None
 
     def ms(key: str) -> float | None:
-        return round(m[key] * 1000, 2) if m.get(key) is not None else None
+        v = value(key)
+        return round(v * 1000, 2) if v is not None else None
 
     def num(key: str, digits: int = 1) -> float | None:
-        return round(m[key], digits) if m.get(key) is not None else None
+        v = value(key)
+        return round(v, digits) if v is not None else None
 
-    return {"precision": p.precision, "zero": p.zero, "world_size": p.world_size, "seq_len": p.seq_len,
-            "batch_size": p.batch_size, "grad_accum": p.grad_accum, "effective_batch": p.effective_batch(),
-            "status": record.status, "peak_gib": gib(record.peak_bytes),
-            "torch_allocated_gib": gib(m.get("peak_torch_allocated_bytes")), "samples_per_s": num("samples_per_s"),
-            "real_tokens_per_s": num("real_tokens_per_s", 0), "padded_tokens_per_s": num("padded_tokens_per_s", 0),
-            "predicted_gib": gib(m.get("predicted_bytes")),
-            "step_time_median_ms": ms("step_time_median_s"), "step_time_p90_ms": ms("step_time_p90_s"),
-            "model_tflops_per_s": num("model_tflops_per_s", 3), "mfu": num("mfu", 4), "reason": record.reason}
+    return {
+        "precision": p.precision,
+        "zero": p.zero,
+        "world_size": p.world_size,
+        "seq_len": p.seq_len,
+        "batch_size": p.batch_size,
+        "grad_accum": p.grad_accum,
+        "effective_batch": p.effective_batch(),
+        "status": record.status,
+        "peak_gib": gib(record.peak_bytes),
+        "torch_allocated_gib": gib(prof.peak("torch_allocated_bytes")) if prof else None,
+        "samples_per_s": num("samples_per_s"),
+        "samples_per_s_per_rank": round(per_rank_samples_per_s(record), 1) if prof else None,
+        "throughput_spread_pct": round(100 * prof.step_time_spread, 1) if prof and prof.step_time_spread else None,
+        "unstable": prof.unstable if prof else None,
+        "real_tokens_per_s": num("real_tokens_per_s", 0),
+        "padded_tokens_per_s": num("padded_tokens_per_s", 0),
+        "predicted_gib": gib(record.predicted_bytes),
+        "step_time_median_ms": ms("step_time_median_s"),
+        "step_time_p90_ms": ms("step_time_p90_s"),
+        "model_tflops_per_s": num("model_tflops_per_s", 3),
+        "mfu": num("mfu", 4),
+        "reason": record.reason,
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -58,58 +116,106 @@ def _fmt(value: Any) -> str:
 def results_table(records: list[Record], figure: str) -> Table:
     """Peak memory and throughput per point; OOM and skipped cells marked. Fits 80 columns; the exports
     carry every figure (p90 step time, padded tokens, TFLOP/s, MFU)."""
-    table = Table(title=f"Measured points (peak = {figure}, max over ranks and phases)", header_style="bold",
-                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
-    for name in ("setting", "seq", "batch", "accum", "status", "peak GiB", "pred.", "samples/s", "tokens/s",
-                 "step ms"):
-        table.add_column(name, justify="left" if name in ("setting", "status") else "right", no_wrap=True,
-                         min_width=len(name))
+    table = Table(
+        title=f"Measured points (peak = {figure}, max over ranks and phases)",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    for name in ("setting", "seq", "batch", "accum", "status", "peak GiB", "pred.", "samples/s", "±%", "step ms"):
+        table.add_column(
+            name, justify="left" if name in ("setting", "status") else "right", no_wrap=True, min_width=len(name)
+        )
     for r in sorted(records, key=lambda r: r.point):
         d, p = row(r), r.point
         setting = f"{p.precision} z{p.zero}" + (f" x{p.world_size}" if p.world_size > 1 else "")
         status = Text(r.status if r.status == "ok" else r.status.upper(), style=STATUS_STYLE[r.status])
-        table.add_row(setting, str(p.seq_len), str(p.batch_size), str(p.grad_accum), status, _fmt(d["peak_gib"]),
-                      _fmt(round(d["predicted_gib"], 2) if d["predicted_gib"] else None), _fmt(d["samples_per_s"]), _fmt(d["real_tokens_per_s"]), _fmt(d["step_time_median_ms"]))
+        table.add_row(
+            setting,
+            str(p.seq_len),
+            str(p.batch_size),
+            str(p.grad_accum),
+            status,
+            _fmt(d["peak_gib"]),
+            _fmt(round(d["predicted_gib"], 2) if d["predicted_gib"] else None),
+            _fmt(d["samples_per_s"]),
+            Text(_fmt(d["throughput_spread_pct"]), style="bold yellow" if d["unstable"] else ""),
+            _fmt(d["step_time_median_ms"]),
+        )
     return table
 
 
-def pareto_table(records: list[Record]) -> Table:
-    table = Table(title="Pareto front: nothing measured is both leaner and faster", header_style="bold",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+def pareto_table(records: list[Record], cohort: Cohort | None) -> Table:
+    """The Pareto front of one cohort (one sequence length and world size)."""
+    where = f" at {cohort}" if cohort else ""
+    table = Table(
+        title=f"Pareto front{where}: nothing measured is both leaner and faster",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for name in ("peak GiB", "samples/s", "setting"):
         table.add_column(name, justify="right" if name != "setting" else "left")
-    for r in pareto_front(records):
-        table.add_row(_fmt(gib(r.peak_bytes)), _fmt(round(samples_per_s(r), 1)), r.point.key)
+    for r in pareto_front(in_cohort(records, cohort) if cohort else []):
+        table.add_row(_fmt(gib(r.peak_bytes)), _fmt(round(r.samples_per_s, 1)), r.point.key)
     return table
 
 
 def recommendations_panel(recs: list[Recommendation], budget: int | None) -> Group:
     """Recommendations as plain lines under a rule: no border, so a command copies as one piece."""
     budget_text = f"{gib(budget)} GiB" if budget else "no budget"
-    at = f" at seq {recs[0].record.point.seq_len}" if recs else ""
-    rule = Rule(f"Recommendations{at} (budget {budget_text}, 5% kept free)")
+    at = f", chosen among points at {recs[0].cohort}" if recs else ""
+    rule = Rule(f"Recommendations (budget {budget_text}, 5% kept free{at})")
     if not recs:
-        return Group(rule, Text(f"No measured point fits {budget_text}; try smaller batches, ZeRO-3 or offload.",
-                                style="bold red"))
+        return Group(
+            rule,
+            Text(f"No measured point fits {budget_text}; try smaller batches, ZeRO-3 or offload.", style="bold red"),
+        )
     parts: list[Any] = []
     for rec in recs:
         r = rec.record
-        parts.append(Text(f"{rec.title}: {r.point.key} — peak {gib(r.peak_bytes)} GiB, "
-                          f"{samples_per_s(r):.1f} samples/s, effective batch {r.point.effective_batch()}",
-                          style="bold"))
+        parts.append(Text(f"{rec.title}: {r.point.key} — {summary(rec)}", style="bold"))
+        if rec.within_noise_of:
+            parts.append(Text(f"  within measurement noise of {', '.join(rec.within_noise_of)}", style="yellow"))
         parts.append(Text(f"  {rec.command}", style="cyan"))
     return Group(rule, *parts)
 
 
+def summary(rec: Recommendation) -> str:
+    """Peak, throughput (total and per rank, with its spread) and effective batch of a recommendation."""
+    r = rec.record
+    spread = r.profile.step_time_spread if r.profile else None
+    spread_text = f" ±{100 * spread / 2:.0f}%" if spread else ""
+    per_rank = f" ({per_rank_samples_per_s(r):.1f} per rank)" if r.point.world_size > 1 else ""
+    return (
+        f"peak {gib(r.peak_bytes)} GiB, {r.samples_per_s:.1f}{spread_text} samples/s{per_rank}, "
+        f"effective batch {r.point.effective_batch()}"
+    )
+
+
 def notes(records: list[Record]) -> Text:
-    counts = {s: sum(r.status == s for r in records) for s in ("ok", "oom", "skipped", "error", "timeout")}
+    counts = {s: sum(r.status == s for r in records) for s in STATUSES}
     text = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    random_init = any(r.metrics.get("random_init") for r in records)
+    profiles = [r.profile for r in records if r.profile]
+    random_init = any(p.random_init for p in profiles)
     lines = [f"{len(records)} points: {text}."]
+    for status, rule in SKIP_RULES.items():
+        keys = [r.point.key for r in records if r.status == status]
+        if keys:
+            lines.append(f"{status.upper()} ({rule}): {', '.join(keys)}.")
+    unstable = [r.point.key for r in records if r.profile and r.profile.unstable]
+    if unstable:
+        lines.append(
+            f"Unstable throughput (p10-p90 step times spread over 25% of the median; ±% column): "
+            f"{', '.join(unstable)}; measure longer with --min_seconds."
+        )
     if random_init:
-        lines.append("Models were built from their configs with random weights: memory and speed don't depend "
-                     "on weight values.")
-    formula = next((r.metrics.get("flop_formula") for r in records if r.metrics.get("flop_formula")), None)
+        lines.append(
+            "Models were built from their configs with random weights: memory and speed don't depend on weight values."
+        )
+    formula = next((p.flop_formula for p in profiles if p.flop_formula), None)
     if formula:
         lines.append(f"Model FLOPs: {formula}.")
     return Text("\n".join(lines))
@@ -117,9 +223,14 @@ def notes(records: list[Record]) -> Text:
 
 def render(records: list[Record], recs: list[Recommendation], budget: int | None) -> Group:
     """The whole terminal report."""
-    figure = "NVML process memory" if any(r.metrics.get("sampler") == "nvml" for r in records) else "process RSS"
-    return Group(results_table(records, figure), pareto_table(records), recommendations_panel(recs, budget),
-                 notes(records))
+    figure = "NVML process memory" if any(r.profile and r.profile.sampler == "nvml" for r in records) else "process RSS"
+    cohort = recs[0].cohort if recs else choose_cohort(records, None)
+    return Group(
+        results_table(records, figure),
+        pareto_table(records, cohort),
+        recommendations_panel(recs, budget),
+        notes(records),
+    )
 
 
 def to_csv(records: list[Record]) -> str:
@@ -139,18 +250,116 @@ def to_markdown(records: list[Record], recs: list[Recommendation], budget: int |
         lines.append("| " + " | ".join(_fmt(d[c]) for c in cols) + " |")
     lines += ["", f"## Recommendations (budget {gib(budget) if budget else 'none'} GiB)", ""]
     for rec in recs:
-        lines += [f"- **{rec.title}**: `{rec.record.point.key}`, peak {gib(rec.record.peak_bytes)} GiB, "
-                  f"{samples_per_s(rec.record):.1f} samples/s", f"  `{rec.command}`"]
+        lines += [
+            f"- **{rec.title}** (among {rec.cohort}): `{rec.record.point.key}`, {summary(rec)}",
+            f"  `{rec.command}`",
+        ]
     if not recs:
         lines.append("- nothing measured fits the budget")
     return "\n".join(lines) + "\n"
 
 
 def to_json(records: list[Record], recs: list[Recommendation], budget: int | None) -> str:
-    return json.dumps({
-        "budget_bytes": budget,
-        "points": [row(r) | {"key": r.point.key, "peak_bytes": r.peak_bytes} for r in sorted(records, key=lambda r: r.point)],
-        "pareto": [r.point.key for r in pareto_front(records)],
-        "recommendations": [{"kind": x.kind, "key": x.record.point.key, "command": x.command, "ds_config": x.ds_config}
-                            for x in recs],
-    }, indent=2) + "\n"
+    return (
+        json.dumps(
+            {
+                "budget_bytes": budget,
+                "points": [
+                    row(r) | {"key": r.point.key, "peak_bytes": r.peak_bytes}
+                    for r in sorted(records, key=lambda r: r.point)
+                ],
+                "pareto": [r.point.key for r in pareto_front(in_cohort(records, recs[0].cohort))] if recs else [],
+                "recommendations": [
+                    {
+                        "kind": x.kind,
+                        "key": x.record.point.key,
+                        "cohort": {"seq_len": x.cohort.seq_len, "world_size": x.cohort.world_size},
+                        "within_noise_of": x.within_noise_of,
+                        "command": x.command,
+                        "ds_config": x.ds_config,
+                    }
+                    for x in recs
+                ],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+@dataclass
+class SweepReport:
+    """A sweep folder's records and the recommendations drawn from them."""
+
+    folder: Path
+    records: list[Record]
+    recommendations: list[Recommendation]
+    budget: int | None
+
+    @classmethod
+    def load(
+        cls,
+        sweep: Path,
+        budget: int | None = None,
+        seq_len: int | None = None,
+        world_size: int | None = None,
+        write_configs: bool = False,
+    ) -> SweepReport:
+        """Read ``sweep`` (a folder or its results.jsonl); the budget defaults to the measured device's memory.
+
+        Raises:
+            ConfigError: the folder holds no points yet.
+        """
+        results = sweep if sweep.suffix == ".jsonl" else sweep / "results.jsonl"
+        records = latest(read_records(results))
+        if not records:
+            raise ConfigError(f"{results} holds no points yet; run or --resume the sweep")
+        if budget is None:
+            budget = next((r.env["device_memory_bytes"] for r in records if r.env.get("device_memory_bytes")), None)
+        recs = recommend(records, budget, seq_len, world_size, str(results.parent), write_configs)
+        return cls(results.parent, records, recs, budget)
+
+    def write_configs(self) -> list[Path]:
+        """Write each recommendation's ds_config where its command expects it (shipped files are left alone)."""
+        written = []
+        for rec in self.recommendations:
+            path = Path(rec.config_path)
+            if path.parent == self.folder:
+                path.write_text(json.dumps(rec.ds_config, indent=2) + "\n")
+                written.append(path)
+        return written
+
+    def render(self) -> Group:
+        return render(self.records, self.recommendations, self.budget)
+
+    def export(self, fmt: str) -> str:
+        """The report as ``md``, ``json`` or ``csv`` text."""
+        if fmt == "md":
+            return to_markdown(self.records, self.recommendations, self.budget)
+        if fmt == "json":
+            return to_json(self.records, self.recommendations, self.budget)
+        return to_csv(self.records)
+
+
+def print_report(
+    sweep: Path,
+    console: Console,
+    budget: int | None = None,
+    seq_len: int | None = None,
+    world_size: int | None = None,
+    fmt: str = "rich",
+    write_config: bool = False,
+    plots: bool = True,
+) -> None:
+    """Print a sweep's report and write its plots and the ds_configs its commands name."""
+    from ftprof.plots import save_plots  # matplotlib: only when plotting
+
+    report = SweepReport.load(sweep, budget, seq_len, world_size, write_config)
+    written = save_plots(report.records, report.folder, report.budget) if plots else []
+    written += report.write_configs()
+    if fmt != "rich":
+        sys.stdout.write(report.export(fmt))
+        return
+    console.print(report.render())
+    for path in written:
+        console.print(f"wrote {path}")

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ftprof.errors import FtprofError
-from ftprof.sweep_plan import Point
+from ftprof.point import Point
+from ftprof.run_profile import Profile
 
-SCHEMA = "ftprof.sweep/1"
-Status = Literal["ok", "oom", "error", "timeout", "skipped"]
-STATUSES = ("ok", "oom", "error", "timeout", "skipped")
+SCHEMA = "ftprof.sweep/2"
+OLD_SCHEMAS = ("ftprof.sweep/1",)  # read, never written: its flat "metrics" dict holds the profile's fields
+# skipped: a smaller point of the same setting ran out of memory (proof); over_budget: the estimator predicts
+# more than the budget with a margin (a prediction, never used as an OOM by --find_max_batch).
+Status = Literal["ok", "oom", "error", "timeout", "skipped", "over_budget"]
+FAILED: tuple[Status, ...] = ("error", "timeout")  # --retry_failed runs these again
+STATUSES: tuple[Status, ...] = get_args(Status)
 
 
 class ResultsError(FtprofError):
@@ -34,33 +38,85 @@ class Record:
     status: Status
     model: str
     peak_bytes: int | None = None  # max over ranks and phases: NVML process memory on GPUs, RSS on CPUs
-    metrics: dict[str, Any] = field(default_factory=dict)
+    profile: Profile | None = None  # what the point's run measured (``ok`` points)
+    predicted_bytes: int | None = None  # the estimator's device-used figure, when a predictor was used
     reason: str | None = None  # why skipped / the error's last line
     stderr_tail: str | None = None
     wall_s: float | None = None
     env: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def samples_per_s(self) -> float:
+        """Measured samples/s over all ranks (0 when not measured)."""
+        return float(self.profile.samples_per_s or 0.0) if self.profile else 0.0
+
     def to_json(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "key": self.point.key, "model": self.model, **self.point.as_dict(),
-                "effective_batch": self.point.effective_batch(), "status": self.status,
-                "peak_bytes": self.peak_bytes, "metrics": self.metrics, "reason": self.reason,
-                "stderr_tail": self.stderr_tail, "wall_s": self.wall_s, "env": self.env}
+        return {
+            "schema": SCHEMA,
+            "key": self.point.key,
+            "model": self.model,
+            **self.point.to_json(),
+            "effective_batch": self.point.effective_batch(),
+            "status": self.status,
+            "peak_bytes": self.peak_bytes,
+            "predicted_bytes": self.predicted_bytes,
+            "profile": self.profile.to_json() if self.profile else None,
+            "reason": self.reason,
+            "stderr_tail": self.stderr_tail,
+            "wall_s": self.wall_s,
+            "env": self.env,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
-        point = Point(data["precision"], data["zero"], data["world_size"], data["grad_accum"], data["seq_len"],
-                      data["batch_size"])
-        return cls(point, data["status"], data["model"], data.get("peak_bytes"), data.get("metrics") or {},
-                   data.get("reason"), data.get("stderr_tail"), data.get("wall_s"), data.get("env") or {})
+        profile = data.get("profile")
+        predicted = data.get("predicted_bytes")
+        if data.get("schema") in OLD_SCHEMAS:
+            metrics = data.get("metrics") or {}
+            profile = metrics or None
+            predicted = metrics.get("predicted_bytes")
+        return cls(
+            point=Point.from_json(data),
+            status=data["status"],
+            model=data["model"],
+            peak_bytes=data.get("peak_bytes"),
+            profile=Profile.from_json(profile) if profile else None,
+            predicted_bytes=predicted,
+            reason=data.get("reason"),
+            stderr_tail=data.get("stderr_tail"),
+            wall_s=data.get("wall_s"),
+            env=data.get("env") or {},
+        )
 
 
 def append_record(path: Path, record: Record) -> None:
-    """Append one line and fsync it, so it survives a kill or power loss right after."""
+    """Append one line and fsync it, so it survives a kill or power loss right after. A torn last line
+    (a kill mid-write) is cut off first, so the new line never glues onto it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    repair_torn_tail(path)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record.to_json()) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut a last line that has no newline (torn by a kill mid-write), keeping every complete line.
+
+    Returns:
+        The number of bytes removed (0 when the file is whole or absent).
+    """
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data) - keep
 
 
 def read_records(path: Path) -> list[Record]:
@@ -71,7 +127,8 @@ def read_records(path: Path) -> list[Record]:
     """
     if not path.is_file():
         raise ResultsError(f"{str(path)!r}: no results file; run `ftprof sweep --out {path.parent}` first")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -79,14 +136,16 @@ def read_records(path: Path) -> list[Record]:
         try:
             data = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines) and not path.read_text(encoding="utf-8").endswith("\n"):
+            if number == len(lines) and not text.endswith("\n"):
                 continue  # torn by a kill mid-write: that point simply didn't finish
-            raise ResultsError(f"{str(path)}:{number} is not valid JSON; the file is corrupt "
-                               "(fix or remove that line)") from None
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            raise ResultsError(
+                f"{str(path)}:{number} is not valid JSON; the file is corrupt (fix or remove that line)"
+            ) from None
+        if not isinstance(data, dict) or data.get("schema") not in (SCHEMA, *OLD_SCHEMAS):
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise ResultsError(f"{str(path)}:{number} has schema {found!r}, expected {SCHEMA!r}; "
-                               "not an ftprof sweep results file")
+            raise ResultsError(
+                f"{str(path)}:{number} has schema {found!r}, expected {SCHEMA!r}; not an ftprof sweep results file"
+            )
         try:
             records.append(Record.from_json(data))
         except (KeyError, TypeError) as err:
@@ -94,30 +153,6 @@ def read_records(path: Path) -> list[Record]:
     return records
 
 
-def environment() -> dict[str, Any]:
-    """What a measurement depends on besides its settings: devices, driver, library versions."""
-    import deepspeed
-    import torch
-    import transformers
-
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__, "deepspeed": deepspeed.__version__,
-                           "cpu_count": os.cpu_count(), "host": platform.node()}
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name(0)
-        env["device_count"] = torch.cuda.device_count()
-        env["cuda"] = torch.version.cuda
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-            env["device_memory_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total
-        except Exception:  # NVML missing or blocked: the rest is still useful
-            pass
-    else:
-        env["device"] = f"cpu ({platform.processor() or platform.machine()})"
-        import psutil
-
-        env["device_memory_bytes"] = psutil.virtual_memory().total
-    return env
+def latest(records: list[Record]) -> list[Record]:
+    """One record per point, the last written (a retried point's new outcome replaces its failure)."""
+    return list({r.point.key: r for r in records}.values())

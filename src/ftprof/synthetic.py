@@ -10,12 +10,75 @@ import random
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-POSITIVE = ("good great superb moving delightful charming brilliant funny warm clever touching fresh "
-            "wonderful gripping beautiful smart").split()
-NEGATIVE = ("bad dull boring awful tedious clumsy weak bland stale lifeless messy shallow painful "
-            "forgettable tiresome flat").split()
-FILLER = ("the film story plot cast movie director script scenes actors music this that it was is and but "
-          "with a of an its their very quite rather overall ending pace camera").split()
+POSITIVE = [
+    "good",
+    "great",
+    "superb",
+    "moving",
+    "delightful",
+    "charming",
+    "brilliant",
+    "funny",
+    "warm",
+    "clever",
+    "touching",
+    "fresh",
+    "wonderful",
+    "gripping",
+    "beautiful",
+    "smart",
+]
+NEGATIVE = [
+    "bad",
+    "dull",
+    "boring",
+    "awful",
+    "tedious",
+    "clumsy",
+    "weak",
+    "bland",
+    "stale",
+    "lifeless",
+    "messy",
+    "shallow",
+    "painful",
+    "forgettable",
+    "tiresome",
+    "flat",
+]
+FILLER = [
+    "the",
+    "film",
+    "story",
+    "plot",
+    "cast",
+    "movie",
+    "director",
+    "script",
+    "scenes",
+    "actors",
+    "music",
+    "this",
+    "that",
+    "it",
+    "was",
+    "is",
+    "and",
+    "but",
+    "with",
+    "a",
+    "of",
+    "an",
+    "its",
+    "their",
+    "very",
+    "quite",
+    "rather",
+    "overall",
+    "ending",
+    "pace",
+    "camera",
+]
 LABELS = ["negative", "positive"]
 
 

@@ -7,6 +7,7 @@ config, data, tokenizer, model) → :func:`fit` (train, evaluate, save). ``launc
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -21,27 +22,26 @@ import transformers
 from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from ftprof.args import FtprofTrainingArguments, ScriptArguments
+from ftprof.args import FtprofTrainingArguments, ScriptArguments, best_model_conflict
 from ftprof.data import load_raw, prepare_task, tokenize
 from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_config
 from ftprof.distributed import ensure_single_process_env, shutdown
 from ftprof.errors import ConfigError
 from ftprof.footprint import FootprintCallback
-from ftprof.profiler import TokenCountingCollator, add_profiler
-from ftprof.metrics import argmax_logits, classification_metrics
+from ftprof.metrics import argmax_logits, load_metric, make_compute_metrics
 from ftprof.models import ModelSpec, build_model, load_tokenizer, resolve_model_spec, train_tokenizer_for
+from ftprof.profiler import add_profiler
 
 logger = logging.getLogger("ftprof.train")
 DEFAULT_MAX_LENGTH = 512  # longer inputs cost quadratic attention for little accuracy on classification
 TRUE_WORDS = ("true", "last", "yes", "1")
+_UNSET = object()  # marks a flag the user did not pass (argparse keeps values already in the namespace)
 
 
 @dataclass
 class Setup:
     """Everything :func:`fit` needs."""
 
-    script: ScriptArguments
-    args: FtprofTrainingArguments
     spec: ModelSpec
     trainer: Trainer
     resume: str | None
@@ -66,8 +66,10 @@ def _normalize_deepspeed_flags(argv: list[str]) -> list[str]:
         return argv
     cfg = load_ds_config(path)
     if cfg.precision_forced() == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(f"--ds_config {path!r} sets fp16.enabled true, but fp16 training needs a CUDA GPU and "
-                          "this machine has none; set it to \"auto\" (or use bf16)")
+        raise ConfigError(
+            f"--ds_config {path!r} sets fp16.enabled true, but fp16 training needs a CUDA GPU and "
+            'this machine has none; set it to "auto" (or use bf16)'
+        )
     effective = cpu_adjusted(cfg, torch.cuda.is_available())
     if effective is not cfg:
         logger.info("no CUDA device: running %s with zero_optimization.overlap_comm=false", path)
@@ -102,20 +104,51 @@ def _drop_flag(argv: list[str], flag: str) -> list[str]:
     return out
 
 
+def _best_model_defaults_give_way(parser: HfArgumentParser, argv: list[str]) -> None:
+    """Turn our best-model defaults off when the user's eval/save strategies rule them out.
+
+    ``--load_best_model_at_end`` and ``--metric_for_best_model accuracy`` are launcher defaults, so a user who
+    sets ``--save_strategy no`` (say) must not get Trainer's error about a flag they never passed. Passed
+    explicitly, a contradiction is the user's and is reported as a :class:`ConfigError`.
+    """
+    probe = argparse.Namespace(load_best_model_at_end=_UNSET, metric_for_best_model=_UNSET)
+    flags, _ = parser.parse_known_args(argv, namespace=probe)  # values only: no dataclass checks yet
+    conflict = best_model_conflict(
+        flags.eval_strategy, flags.save_strategy, flags.eval_steps, flags.save_steps, flags.logging_steps
+    )
+    if conflict is None:
+        return
+    if flags.load_best_model_at_end is _UNSET:
+        logger.info("not restoring the best model at the end (--load_best_model_at_end off): %s", conflict.reason)
+        parser.set_defaults(load_best_model_at_end=False)
+    elif flags.load_best_model_at_end:
+        raise ConfigError(
+            f"--load_best_model_at_end needs a checkpoint at each evaluation, but {conflict.reason}; "
+            f"{conflict.fix}, or drop --load_best_model_at_end"
+        )
+    if flags.eval_strategy == "no" and flags.save_strategy != "best" and flags.metric_for_best_model is _UNSET:
+        parser.set_defaults(metric_for_best_model=None)  # nothing is evaluated during training to compare
+
+
 def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
     """Parse and check flags. Starts the process group when DeepSpeed is used (cheap, and needed to
     know the world size), but loads no model or data.
 
+    Our best-model defaults yield to the user's eval/save strategies (see
+    :func:`_best_model_defaults_give_way`); ``--metric`` is loaded here so an unavailable one fails at once.
+
     Raises:
-        ConfigError: any invalid flag or DeepSpeed config.
+        ConfigError: any invalid flag, DeepSpeed config or ``--metric``.
     """
     if "--fp16" in argv and not torch.cuda.is_available():
-        raise ConfigError("--fp16 needs a CUDA GPU and this machine has none; drop it, or use --bf16 on a CPU "
-                          "that supports bfloat16")
+        raise ConfigError(
+            "--fp16 needs a CUDA GPU and this machine has none; drop it, or use --bf16 on a CPU that supports bfloat16"
+        )
     argv = _normalize_deepspeed_flags(argv)
     if _flag_value(argv, "--deepspeed"):
         ensure_single_process_env()
-    parser = HfArgumentParser((ScriptArguments, FtprofTrainingArguments))
+    parser = HfArgumentParser((ScriptArguments, FtprofTrainingArguments))  # type: ignore[arg-type]  # NewType
+    _best_model_defaults_give_way(parser, argv)
     try:
         script, args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # TrainingArguments.__post_init__ reports bad combinations this way
@@ -128,6 +161,8 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
             raise ConfigError(f"--{flag} must be positive, got {value}")
     if script.group_by_length:
         args.train_sampling_strategy = "group_by_length"
+    if script.metric:
+        load_metric(script.metric)  # fail now, not after the first epoch; setup() loads it again (cheap)
     return script, args
 
 
@@ -138,8 +173,11 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     """
     if not output_dir.is_dir():
         return None
-    done = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            and (p / "trainer_state.json").is_file()]
+    done = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
@@ -150,9 +188,11 @@ def _resume_point(args: FtprofTrainingArguments, overwrite: bool) -> str | None:
     wanted = args.resume_from_checkpoint
     if wanted is None:
         if any_checkpoint is not None and not overwrite:
-            raise ConfigError(f"--output_dir {str(output_dir)!r} already holds checkpoints "
-                              f"({Path(any_checkpoint).name}); pass --resume_from_checkpoint true to continue, "
-                              "or --overwrite_output_dir to start over")
+            raise ConfigError(
+                f"--output_dir {str(output_dir)!r} already holds checkpoints "
+                f"({Path(any_checkpoint).name}); pass --resume_from_checkpoint true to continue, "
+                "or --overwrite_output_dir to start over"
+            )
         return None
     if wanted.lower() in TRUE_WORDS:
         last = last_complete_checkpoint(output_dir)
@@ -162,8 +202,9 @@ def _resume_point(args: FtprofTrainingArguments, overwrite: bool) -> str | None:
             logger.warning("skipping %s: it was not completely saved", any_checkpoint)
         return last
     if not (Path(wanted) / "trainer_state.json").is_file():
-        raise ConfigError(f"--resume_from_checkpoint {wanted!r}: not a complete checkpoint folder "
-                          "(no trainer_state.json)")
+        raise ConfigError(
+            f"--resume_from_checkpoint {wanted!r}: not a complete checkpoint folder (no trainer_state.json)"
+        )
     return wanted
 
 
@@ -194,41 +235,54 @@ def setup(script: ScriptArguments, args: FtprofTrainingArguments) -> Setup:
     limit = spec.max_positions()
     max_length = script.max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
     if limit is not None and max_length > limit:
-        raise ConfigError(f"--max_length {max_length} is above {script.model!r}'s limit of {limit} tokens; "
-                          f"use --max_length {limit} or less")
+        raise ConfigError(
+            f"--max_length {max_length} is above {script.model!r}'s limit of {limit} tokens; "
+            f"use --max_length {limit} or less"
+        )
     with args.main_process_first(local=False, desc="dataset"):
-        task = prepare_task(load_raw(script.dataset, seed=args.seed), script.text_column, script.label_column,
-                            seed=args.seed, max_train_samples=script.max_train_samples,
-                            max_eval_samples=script.max_eval_samples)
+        task = prepare_task(
+            load_raw(script.dataset, seed=args.seed),
+            script.text_column,
+            script.label_column,
+            seed=args.seed,
+            max_train_samples=script.max_train_samples,
+            max_eval_samples=script.max_eval_samples,
+        )
     tokenizer = _tokenizer_for(spec, args, lambda: task.train[task.text_column], resuming=resume is not None)
     with args.main_process_first(local=False, desc="tokenize"):
         train_ds, eval_ds = tokenize(task, tokenizer, max_length, with_length=script.group_by_length)
     model = build_model(spec, tokenizer, task.label_names)
     # Classification heads return a per-batch mean loss; declaring no loss kwargs stops Trainer from also
     # multiplying it by the number of ranks (it would report and back-propagate world_size x the mean).
-    model.accepts_loss_kwargs = False
+    model.accepts_loss_kwargs = False  # type: ignore[assignment]  # a plain attribute, not a Module
     num_labels = len(task.label_names)
     mixed = args.fp16 or args.bf16
     # Pad each batch to its own longest input; multiples of 8 suit tensor cores in fp16/bf16.
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed else None)
-    counter = TokenCountingCollator(collator) if script.profile else None
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        data_collator=counter or collator,
-        compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids, num_labels),
+        data_collator=collator,
+        compute_metrics=make_compute_metrics(num_labels, script.metric),
         preprocess_logits_for_metrics=argmax_logits,
         callbacks=[FootprintCallback()],
     )
-    if counter is not None:
-        add_profiler(trainer, counter=counter)
-    logger.info("model %s (%s%s), %d train / %d eval rows, max_length %d, world size %d",
-                spec.name, spec.origin, ", RANDOM weights" if spec.random_init else "", len(train_ds),
-                len(eval_ds), max_length, args.world_size)
-    return Setup(script, args, spec, trainer, resume)
+    if script.profile:
+        add_profiler(trainer)
+    logger.info(
+        "model %s (%s%s), %d train / %d eval rows, max_length %d, world size %d",
+        spec.name,
+        spec.origin,
+        ", RANDOM weights" if spec.random_init else "",
+        len(train_ds),
+        len(eval_ds),
+        max_length,
+        args.world_size,
+    )
+    return Setup(spec, trainer, resume)
 
 
 def fit(s: Setup) -> dict[str, float]:
@@ -238,14 +292,14 @@ def fit(s: Setup) -> dict[str, float]:
         logger.info("resuming from %s", s.resume)
     result = trainer.train(resume_from_checkpoint=s.resume)
     metrics = dict(result.metrics)
-    metrics["train_samples"] = len(trainer.train_dataset)
+    metrics["train_samples"] = len(trainer.train_dataset)  # type: ignore[arg-type]  # set by setup()
     metrics["random_init"] = s.spec.random_init
     trainer.save_model()
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     eval_metrics = trainer.evaluate()
-    eval_metrics["eval_samples"] = len(trainer.eval_dataset)
+    eval_metrics["eval_samples"] = len(trainer.eval_dataset)  # type: ignore[arg-type]  # set by setup()
     eval_metrics["random_init"] = s.spec.random_init
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
@@ -256,8 +310,9 @@ def _configure_logging(args: FtprofTrainingArguments | None = None) -> None:
     """Log to stdout: INFO on the main process, WARNING on the other ranks (once ``args`` is known)."""
     level = logging.INFO if args is None or args.should_log else logging.WARNING
     # An entry point owns logging; force=True rebinds the handler on repeated in-process calls.
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout,
-                        force=True)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout, force=True
+    )
     hf_logging = transformers.utils.logging
     hf_logging.set_verbosity(level)
     hf_logging.disable_default_handler()  # one handler and format for all: transformers propagates to root

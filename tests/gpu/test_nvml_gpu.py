@@ -3,22 +3,22 @@
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_nvml_sampler_sees_a_real_allocation():
-    from ftprof.profiler.samplers import NvmlSampler
+    from ftprof.profiler.samplers import FIGURE_KEYS, NvmlSampler
 
     sampler = NvmlSampler(interval=0.001)
     try:
         sampler.start("x")
-        before = sampler.read()["nvml_process_bytes"]
+        before = sampler.read()["nvml_device_used_bytes"]
         block = torch.empty(2**30, dtype=torch.uint8, device="cuda")
         block.fill_(1)
         torch.cuda.synchronize()
-        peak = sampler.stop("x")["nvml_process_bytes"]
-        assert peak - before >= 2**30
+        peaks = sampler.stop("x")
+        assert peaks["nvml_device_used_bytes"] - before >= 2**30
+        assert peaks[FIGURE_KEYS[sampler.figure]] >= 2**30
         del block
     finally:
         sampler.close()
@@ -29,13 +29,28 @@ def test_gpu_sweep_point_records_nvml_and_torch_peaks(tmp_path):
     from ftprof.results import read_records
     from tests.integration.test_sweep_cli import sweep
 
-    sweep(["--model", "tiny-bert", "--zero", "2", "--batch_sizes", "8,32", "--seq_lens", "256", "--precision", "bf16",
-           "--out", str(tmp_path), "--no_report"])
+    sweep(
+        [
+            "--model",
+            "tiny-bert",
+            "--zero",
+            "2",
+            "--batch_sizes",
+            "8,32",
+            "--seq_lens",
+            "256",
+            "--precision",
+            "bf16",
+            "--out",
+            str(tmp_path),
+            "--no_report",
+        ]
+    )
     records = read_records(tmp_path / "results.jsonl")
     assert {r.status for r in records} == {"ok"}
     small, large = sorted(records, key=lambda r: r.point.batch_size)
     for r in records:
-        assert r.metrics["sampler"] == "nvml" and r.metrics["peak_torch_allocated_bytes"] > 0
-        assert r.metrics["peak_torch_reserved_bytes"] >= r.metrics["peak_torch_allocated_bytes"]
-    assert large.metrics["peak_torch_allocated_bytes"] > small.metrics["peak_torch_allocated_bytes"]
+        assert r.profile.sampler == "nvml" and r.profile.peak("torch_allocated_bytes") > 0
+        assert r.profile.peak("torch_reserved_bytes") >= r.profile.peak("torch_allocated_bytes")
+    assert large.profile.peak("torch_allocated_bytes") > small.profile.peak("torch_allocated_bytes")
     assert large.peak_bytes >= small.peak_bytes

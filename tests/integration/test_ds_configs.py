@@ -13,10 +13,33 @@ CONFIGS = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"]
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_trains_saves_and_reloads(tmp_path, name):
     out = tmp_path / "out"
-    run_train(TINY + ["--ds_config", str(ROOT / "ds_configs" / f"{name}.json"), "--output_dir", str(out),
-                      "--max_steps", "6", "--per_device_train_batch_size", "8", "--max_eval_samples", "64",
-                      "--eval_strategy", "steps", "--eval_steps", "3", "--save_strategy", "steps",
-                      "--save_steps", "3", "--logging_steps", "2", "--learning_rate", "1e-3"])
+    run_train(
+        TINY
+        + [
+            "--ds_config",
+            str(ROOT / "ds_configs" / f"{name}.json"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "6",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_eval_samples",
+            "64",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "3",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "3",
+            "--logging_steps",
+            "2",
+            "--learning_rate",
+            "1e-3",
+        ]
+    )
     state = read_json(out / "trainer_state.json")
     assert state["global_step"] == 6
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
@@ -37,9 +60,26 @@ def test_config_trains_saves_and_reloads(tmp_path, name):
 @pytest.mark.slow
 def test_profile_flag_records_steady_state_figures(tmp_path):
     out = tmp_path / "out"
-    run_train(TINY + ["--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--output_dir", str(out),
-                      "--max_steps", "5", "--per_device_train_batch_size", "8", "--eval_strategy", "no",
-                      "--save_strategy", "no", "--load_best_model_at_end", "false", "--profile"])
+    run_train(
+        TINY
+        + [
+            "--ds_config",
+            str(ROOT / "ds_configs" / "zero2.json"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "5",
+            "--per_device_train_batch_size",
+            "8",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--load_best_model_at_end",
+            "false",
+            "--profile",
+        ]
+    )
     history = read_json(out / "trainer_state.json")["log_history"]
     profile = next(e["profile"] for e in history if "profile" in e)
     assert profile["steady_steps"] == 3 and profile["samples_per_s"] > 0

@@ -14,8 +14,21 @@ def test_cpu_peak_rss_prediction_on_unseen_points(tmp_path):
     records = []
     for model in ("tiny-bert", "tiny-gpt2"):  # an encoder and a decoder
         out = tmp_path / model
-        sweep(["--model", model, "--zero", "0,2", "--batch_sizes", "4,32", "--seq_lens", "128,512", "--out", str(out),
-               "--no_report"])
+        sweep(
+            [
+                "--model",
+                model,
+                "--zero",
+                "0,2",
+                "--batch_sizes",
+                "4,32",
+                "--seq_lens",
+                "128,512",
+                "--out",
+                str(out),
+                "--no_report",
+            ]
+        )
         records += read_records(out / "results.jsonl")
     observations = observations_from_records(records, lambda m: arch_for(m))
     assert len(observations) == 16

@@ -9,10 +9,30 @@ import pytest
 from tests.conftest import ROOT
 from tests.integration.conftest import TINY, read_json, run_train, train_command, train_env
 
-ARGS = TINY + ["--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--max_steps", "60", "--save_steps", "10",
-               "--save_strategy", "steps", "--eval_strategy", "no", "--load_best_model_at_end", "false",
-               "--save_total_limit", "3", "--logging_steps", "10", "--per_device_train_batch_size", "32",
-               "--learning_rate", "1e-3", "--seed", "7"]
+ARGS = TINY + [
+    "--ds_config",
+    str(ROOT / "ds_configs" / "zero2.json"),
+    "--max_steps",
+    "60",
+    "--save_steps",
+    "10",
+    "--save_strategy",
+    "steps",
+    "--eval_strategy",
+    "no",
+    "--load_best_model_at_end",
+    "false",
+    "--save_total_limit",
+    "3",
+    "--logging_steps",
+    "10",
+    "--per_device_train_batch_size",
+    "32",
+    "--learning_rate",
+    "1e-3",
+    "--seed",
+    "7",
+]
 
 
 def final_loss(out):
@@ -27,8 +47,13 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
     run_train(ARGS + ["--output_dir", str(reference)])
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(ARGS + ["--output_dir", str(out)]), env=train_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_command(ARGS + ["--output_dir", str(out)]),
+        env=train_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (out / "checkpoint-10" / "trainer_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"

@@ -13,15 +13,14 @@ from ftprof.results import read_records
 from tests.conftest import ROOT
 from tests.integration.conftest import train_env
 
-SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--steps", "2", "--warmup", "1"]
+SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--steps", "2", "--warmup", "1", "--min_seconds", "0"]
 
 
 def sweep(args, timeout=900):
     """Run `ftprof sweep` (tiny-bert unless --model is given) to the end; fail with its output otherwise."""
     if "--model" not in args:
         args = ["--model", "tiny-bert", *args]
-    proc = subprocess.run(SWEEP + args, capture_output=True, text=True, env=train_env(), cwd=ROOT,
-                          timeout=timeout)
+    proc = subprocess.run(SWEEP + args, capture_output=True, text=True, env=train_env(), cwd=ROOT, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
 
@@ -31,8 +30,9 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
     out = tmp_path / "profile"
     sweep(["--zero", "0,2,3", "--batch_sizes", "4,32", "--seq_lens", "512", "--out", str(out), "--no_report"])
     sweep(["--zero", "2", "--batch_sizes", "4", "--seq_lens", "32", "--out", str(out), "--resume", "--no_report"])
-    last = sweep(["--zero", "2,3", "--batch_sizes", "4", "--seq_lens", "512", "--world_size", "2", "--out", str(out),
-                  "--resume"])
+    last = sweep(
+        ["--zero", "2,3", "--batch_sizes", "4", "--seq_lens", "512", "--world_size", "2", "--out", str(out), "--resume"]
+    )
     records = read_records(out / "results.jsonl")
     by_key = {r.point.key: r for r in records}
     assert len(records) == len(by_key) == 9 and {r.status for r in records} == {"ok"}
@@ -42,16 +42,20 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
     assert peak["fp32-z2-w1-ga1-s512-b4"] > peak["fp32-z2-w1-ga1-s32-b4"]  # ...and with the sequence
     for z in (2, 3):
         two = by_key[f"fp32-z{z}-w2-ga1-s512-b4"]
-        assert [r["rank"] for r in two.metrics["ranks"]] == [0, 1] and two.env["world_size"] == 2
-        assert two.metrics["samples_per_s"] > 0 and two.metrics["padded_tokens_per_s"] == pytest.approx(
-            two.metrics["samples_per_s"] * 512)
+        assert [r.rank for r in two.profile.ranks] == [0, 1] and two.env["world_size"] == 2
+        assert two.samples_per_s > 0 and two.profile.padded_tokens_per_s == pytest.approx(two.samples_per_s * 512)
     first_line = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert {"torch", "transformers", "deepspeed", "device"} <= set(first_line["env"])
     # The sweep ends with its report; every export format renders from the same file.
     assert "Recommendations" in last.stdout and "Pareto" in last.stdout
     for fmt, check in (("md", "| precision |"), ("csv", "precision,zero,world_size"), ("json", '"recommendations"')):
-        proc = subprocess.run([sys.executable, "-m", "ftprof.cli.main", "report", str(out), "--format", fmt,
-                               "--write_config"], capture_output=True, text=True, env=train_env(), cwd=ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ftprof.cli.main", "report", str(out), "--format", fmt, "--write_config"],
+            capture_output=True,
+            text=True,
+            env=train_env(),
+            cwd=ROOT,
+        )
         assert proc.returncode == 0 and check in proc.stdout
     for png in ("memory.png", "throughput.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -62,8 +66,21 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
 def test_forced_oom_is_a_result_and_larger_points_are_skipped(tmp_path):
     out = tmp_path / "oom"
     # A 4 GiB address-space limit per point: batch 4 fits, batch 128 x 512 tokens can't allocate its attention.
-    sweep(["--zero", "0", "--batch_sizes", "4,128,256", "--seq_lens", "512", "--child_memory_limit", "4GiB",
-           "--out", str(out), "--no_report"])
+    sweep(
+        [
+            "--zero",
+            "0",
+            "--batch_sizes",
+            "4,128,256",
+            "--seq_lens",
+            "512",
+            "--child_memory_limit",
+            "4GiB",
+            "--out",
+            str(out),
+            "--no_report",
+        ]
+    )
     status = {r.point.batch_size: r for r in read_records(out / "results.jsonl")}
     assert [status[b].status for b in (4, 128, 256)] == ["ok", "oom", "skipped"]
     assert "can't allocate memory" in status[128].reason and status[128].stderr_tail
@@ -74,8 +91,14 @@ def test_forced_oom_is_a_result_and_larger_points_are_skipped(tmp_path):
 def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
     out = tmp_path / "killed"
     args = ["--zero", "0,2", "--batch_sizes", "4,8", "--seq_lens", "32", "--out", str(out), "--no_report"]
-    proc = subprocess.Popen(SWEEP + ["--model", "tiny-bert", *args], env=train_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        SWEEP + ["--model", "tiny-bert", *args],
+        env=train_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     results = out / "results.jsonl"
     deadline = time.time() + 600
     while not (results.exists() and results.read_text().count("\n") >= 1):
@@ -94,11 +117,35 @@ def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
 
 @pytest.mark.slow
 def test_dataset_lengths_are_measured_worst_batch_included(tmp_path):
+    from ftprof.data import load_raw, prepare_task
+    from ftprof.models import resolve_model_spec, train_tokenizer_for
+
     out = tmp_path / "data"
-    sweep(["--dataset", "synthetic", "--zero", "0", "--batch_sizes", "8", "--seq_lens", "64", "--out", str(out),
-           "--no_report"])
+    sweep(
+        [
+            "--dataset",
+            "synthetic",
+            "--zero",
+            "0",
+            "--batch_sizes",
+            "8",
+            "--seq_lens",
+            "64",
+            "--out",
+            str(out),
+            "--no_report",
+        ]
+    )
     (record,) = read_records(out / "results.jsonl")
-    m = record.metrics
+    m = record.profile
     assert record.status == "ok"
     # Real texts are shorter than 64 tokens and of varied length: padding shows, and tokens/sample < 64.
-    assert m["real_tokens_per_s"] < m["padded_tokens_per_s"] <= 64 * m["samples_per_s"]
+    assert m.real_tokens_per_s < m.padded_tokens_per_s <= 64 * m.samples_per_s
+    # The longest input of the data (tokenized as the point does) was trained on, although the window only
+    # averages over random batches: the worst-case batch always runs first.
+    task = prepare_task(load_raw("synthetic", seed=0), None, None, seed=0)
+    texts = list(task.train[task.text_column])
+    tokenizer = train_tokenizer_for(resolve_model_spec("tiny-bert", random_init=True), texts)
+    longest = max(len(ids) for ids in tokenizer(texts, truncation=True, max_length=64)["input_ids"])
+    assert m.longest_input_tokens == longest
+    assert m.padded_tokens_per_s / m.samples_per_s < longest  # most batches are shorter than the worst

@@ -5,15 +5,39 @@ import pytest
 from tests.conftest import ROOT
 from tests.integration.conftest import TINY, read_json, run_train
 
-COMMON = TINY + ["--max_train_samples", "320", "--max_eval_samples", "64", "--num_train_epochs", "1",
-                 "--save_strategy", "no", "--eval_strategy", "no", "--load_best_model_at_end", "false",
-                 "--logging_steps", "5"]
+COMMON = TINY + [
+    "--max_train_samples",
+    "320",
+    "--max_eval_samples",
+    "64",
+    "--num_train_epochs",
+    "1",
+    "--save_strategy",
+    "no",
+    "--eval_strategy",
+    "no",
+    "--load_best_model_at_end",
+    "false",
+    "--logging_steps",
+    "5",
+]
 
 
 def train(tmp_path, name, ranks, batch, extra=()):
     out = tmp_path / f"{name}-{ranks}"
-    run_train(COMMON + ["--ds_config", str(ROOT / "ds_configs" / f"{name}.json"), "--output_dir", str(out),
-                        "--per_device_train_batch_size", str(batch), *extra], ranks=ranks)
+    run_train(
+        COMMON
+        + [
+            "--ds_config",
+            str(ROOT / "ds_configs" / f"{name}.json"),
+            "--output_dir",
+            str(out),
+            "--per_device_train_batch_size",
+            str(batch),
+            *extra,
+        ],
+        ranks=ranks,
+    )
     footprints = [read_json(out / f"footprint_rank{r}.json") for r in range(ranks)]
     return read_json(out / "trainer_state.json"), read_json(out / "train_results.json"), footprints
 

@@ -11,7 +11,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from ftprof.profiler import ProfilerCallback, TokenCountingCollator, add_profiler
+from ftprof.profiler import ProfilerCallback, add_profiler
 from ftprof.profiler.flops import model_shape, training_flops_per_token
 
 
@@ -30,26 +30,43 @@ class PadCollator:
 
 def make_trainer(tmp_path, ga=1):
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                                     num_attention_heads=2, intermediate_size=64))
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    )
     # Lengths alternate 10 and 30, so each batch of 4 pads 2 rows: real 80 tokens, padded 120.
     rows = [{"input_ids": [5] * (10 if i % 2 else 30), "labels": i % 2} for i in range(64)]
-    counter = TokenCountingCollator(PadCollator())
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=ga,
-                             max_steps=6, report_to="none", disable_tqdm=True, logging_steps=3, save_strategy="no",
-                             use_cpu=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=counter)
-    return trainer, counter
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=ga,
+        max_steps=6,
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=3,
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+    )
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=PadCollator())
 
 
 def test_callback_in_plain_trainer_counts_tokens_under_accumulation(tmp_path):
-    trainer, counter = make_trainer(tmp_path, ga=2)
-    profiler = ProfilerCallback(warmup_steps=2, counter=counter)
+    trainer = make_trainer(tmp_path, ga=2)
+    profiler = ProfilerCallback(warmup_steps=2)
     trainer.add_callback(profiler)
     trainer.train()
-    s = profiler.summary
+    s = profiler.profile.to_json()
     assert s["steady_steps"] == 4 and s["sampler"] == "rss"
-    assert s["step_time_p90_s"] >= s["step_time_median_s"] > 0
+    # Exactly the window's samples: batch 4 x accumulation 2 x 1 rank per step, although Trainer draws each
+    # step's batches before on_step_begin and accelerate prefetches one more.
+    assert s["samples_per_step"] == 4 * 2 * 1
+    assert s["samples_per_s"] == pytest.approx(8 / s["step_time_median_s"])
+    assert s["step_time_p90_s"] >= s["step_time_median_s"] >= s["step_time_p10_s"] > 0
+    assert s["step_time_spread"] == pytest.approx(
+        (s["step_time_p90_s"] - s["step_time_p10_s"]) / s["step_time_median_s"]
+    )
+    assert 0 < s["optimizer_step_median_s"] < s["step_time_median_s"]
     # 4 optimizer steps x 2 micro-batches x 4 rows; real/padded = 80/120 per micro-batch.
     assert s["padded_tokens_per_s"] / s["samples_per_s"] == pytest.approx(30.0)
     assert s["real_tokens_per_s"] / s["padded_tokens_per_s"] == pytest.approx(80 / 120)
@@ -70,10 +87,10 @@ class RecordingIntegration(TrainerCallback):
 
 
 def test_add_profiler_reaches_reporting_integrations(tmp_path):
-    trainer, counter = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path)
     integration = RecordingIntegration()
     trainer.add_callback(integration)
-    add_profiler(trainer, warmup_steps=1, counter=counter)
+    add_profiler(trainer, warmup_steps=1)
     trainer.train()
     losses = [e for e in integration.logs if "loss" in e]
     assert len(losses) == 2 and all(e["profile/samples_per_s"] > 0 for e in losses)
@@ -81,9 +98,20 @@ def test_add_profiler_reaches_reporting_integrations(tmp_path):
 
 
 def test_flops_formula_by_hand(tmp_path):
-    trainer, _ = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path)
     n, layers, heads, head_dim = model_shape(trainer.model)
     # Non-embedding parameters: all minus word (100x32), position (512x32) and token-type (2x32) embeddings.
     total = sum(p.numel() for p in trainer.model.parameters())
     assert (n, layers, heads, head_dim) == (total - (100 + 512 + 2) * 32, 2, 2, 16)
     assert training_flops_per_token(n, layers, heads, head_dim, 128) == 6 * n + 12 * 2 * 2 * 16 * 128
+
+
+def test_min_seconds_extends_the_window_and_stops_training(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.args.max_steps = 10_000
+    profiler = ProfilerCallback(warmup_steps=1, min_steps=3, min_seconds=0.5)
+    trainer.add_callback(profiler)
+    trainer.train()
+    s = profiler.profile
+    assert 3 <= trainer.state.global_step - 1 == s.steady_steps < 10_000
+    assert s.steady_steps * s.step_time_median_s >= 0.3  # about 0.5 s of steps, robust to a slow first step

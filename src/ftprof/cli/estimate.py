@@ -9,42 +9,28 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from ftprof.cli.errors import run_command
+from ftprof.calibrate import load_calibration
+from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
-from ftprof.estimate import GIB, GPUS, Calibration, Setting, estimate, max_batch
-from ftprof.sweep_plan import parse_int_list, parse_size, parse_zero
-
-
-def calibration_dir() -> Path:
-    """Where fitted constants are kept, one file per device (``$FTPROF_HOME``, default ~/.cache/ftprof)."""
-    return Path(os.environ.get("FTPROF_HOME", Path.home() / ".cache" / "ftprof")) / "calibrations"
-
-
-def device_slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
-def load_calibration(device: str) -> Calibration:
-    """The saved calibration of ``device``, else defaults (CPU defaults count host memory as RSS)."""
-    path = calibration_dir() / f"{device_slug(device)}.json"
-    if path.is_file():
-        return Calibration.load(path)
-    return Calibration(device=device, reserved_factor=1.0) if device.startswith("cpu") else Calibration(device=device)
+from ftprof.estimate import GPUS, Device, Estimate, estimate, max_batch
+from ftprof.point import PRECISIONS, Offload, Point, offload_within
+from ftprof.sweep_plan import parse_int_list, parse_zero
+from ftprof.units import GIB, parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ftprof estimate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ftprof estimate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", help="Hub id, local directory or known architecture (config only)")
     p.add_argument("--batch_size", type=int, default=8, help="micro-batch per rank")
     p.add_argument("--seq_len", type=int, default=512)
-    p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="bf16", choices=PRECISIONS)
     p.add_argument("--zero", type=int, default=2, help="ZeRO stage 0-3")
     p.add_argument("--world_size", type=int, default=1)
     p.add_argument("--offload_optimizer", action="store_true")
@@ -58,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_lens", default="128,256,512", help="for --grid")
     p.add_argument("--zeros", "--zero_stages", dest="zeros", default="0,1,2,3", help="for --grid")
     p.add_argument("--effective_batch", type=int, help="with --grid: gradient accumulation to reach this batch")
-    p.add_argument("--calibrate", metavar="PROFILE", help="fit constants to a sweep's measured points")
+    p.add_argument("--calibrate", metavar="SWEEP_DIR", help="fit constants to a sweep's measured points")
     return p
 
 
@@ -74,15 +60,25 @@ def _target(a: argparse.Namespace) -> tuple[str, int | None]:
     return device, budget
 
 
-def _setting(a: argparse.Namespace, device: str, **overrides) -> Setting:
-    values = dict(batch_size=a.batch_size, seq_len=a.seq_len, precision=a.precision, zero=a.zero,
-                  world_size=a.world_size, offload_optimizer=a.offload_optimizer, offload_param=a.offload_param,
-                  gradient_checkpointing=a.gradient_checkpointing, device="cpu" if device == "cpu" else "gpu")
+def _point(a: argparse.Namespace, **overrides) -> Point:
+    """The point the flags describe; in a grid (``overrides``), offload as far as each stage allows."""
+    offload: Offload = "optimizer+param" if a.offload_param else "optimizer" if a.offload_optimizer else "none"
+    values = dict(
+        batch_size=a.batch_size,
+        seq_len=a.seq_len,
+        precision=a.precision,
+        zero=a.zero,
+        world_size=a.world_size,
+        offload=offload,
+        gradient_checkpointing=a.gradient_checkpointing,
+    )
     values.update(overrides)
-    return Setting(**values)
+    if overrides:
+        values["offload"] = offload_within(offload, values["zero"])
+    return Point(**values)
 
 
-def breakdown_table(est, budget: int | None, title: str) -> Table:
+def breakdown_table(est: Estimate, budget: int | None, title: str) -> Table:
     table = Table(title=title, header_style="bold")
     table.add_column("item")
     table.add_column("GiB per rank", justify="right")
@@ -105,31 +101,37 @@ def run(argv: list[str], console: Console) -> None:
     if a.calibrate:
         return calibrate_command(Path(a.calibrate), console)
     if not a.model:
-        raise ConfigError("--model is required (or --calibrate PROFILE)")
+        raise ConfigError("--model is required (or --calibrate SWEEP_DIR)")
     device, budget = _target(a)
     from ftprof.model_facts import arch_for
 
     arch = arch_for(a.model, a.attention)
     cal = load_calibration(device)
+    target: Device = "cpu" if device == "cpu" else "gpu"
     source = f"calibrated on {cal.fitted_on} points" if cal.fitted_on else "default constants (uncalibrated)"
     if not a.grid:
-        s = _setting(a, device)
-        title = (f"{a.model}: {arch.params / 1e6:.1f}M params, batch {s.batch_size} x seq {s.seq_len}, {s.precision}, "
-                 f"ZeRO-{s.zero}, {s.world_size} rank(s) — {source}")
-        console.print(breakdown_table(estimate(arch, s, cal), budget, title))
+        s = _point(a)
+        title = (
+            f"{a.model}: {arch.params / 1e6:.1f}M params, batch {s.batch_size} x seq {s.seq_len}, {s.precision}, "
+            f"ZeRO-{s.zero}, {s.world_size} rank(s) — {source}"
+        )
+        console.print(breakdown_table(estimate(arch, s, cal, target), budget, title))
         return
     if budget is None:
         raise ConfigError("--grid needs a memory size: --gpu NAME, --cpu or --budget SIZE")
     seq_lens, zeros = parse_int_list(a.seq_lens, "--seq_lens"), parse_zero(a.zeros)
-    table = Table(title=f"Largest micro-batch per rank that fits {budget / GIB:.1f} GiB — {a.model}, {a.precision}, "
-                        f"{a.world_size} rank(s), {source}", header_style="bold")
+    table = Table(
+        title=f"Largest micro-batch per rank that fits {budget / GIB:.1f} GiB — {a.model}, {a.precision}, "
+        f"{a.world_size} rank(s), {source}",
+        header_style="bold",
+    )
     table.add_column("seq")
     for z in zeros:
         table.add_column(f"ZeRO-{z}", justify="right")
     for seq in seq_lens:
         cells = []
         for z in zeros:
-            best = max_batch(arch, _setting(a, device, seq_len=seq, zero=z, batch_size=1), budget, cal)
+            best = max_batch(arch, _point(a, seq_len=seq, zero=z, batch_size=1), budget, cal, target)
             if best and a.effective_batch:
                 per_step = best * a.world_size
                 accum = -(-a.effective_batch // per_step)
@@ -142,7 +144,7 @@ def run(argv: list[str], console: Console) -> None:
 
 
 def calibrate_command(profile: Path, console: Console) -> None:
-    from ftprof.calibrate import calibrate, error_summary, errors, observations_from_records
+    from ftprof.calibrate import calibrate, calibration_path, error_summary, errors, observations_from_records
     from ftprof.model_facts import arch_for
     from ftprof.results import read_records
 
@@ -155,19 +157,22 @@ def calibrate_command(profile: Path, console: Console) -> None:
     archs = {m: arch_for(m) for m in {r.model for r in records}}
     observations = observations_from_records(records, archs.__getitem__)
     cal = calibrate(observations, device, load_calibration("cpu" if on_cpu else device))
-    path = cal.save(calibration_dir() / f"{device_slug('cpu' if on_cpu else device)}.json")
+    path = cal.save(calibration_path("cpu" if on_cpu else device))
     errs = errors(observations, cal)
     table = Table(title=f"Calibration on {device}: {len(records)} points", header_style="bold")
     for col in ("point", "measured GiB", "predicted GiB", "error %"):
         table.add_column(col, justify="right" if col != "point" else "left")
-    for r, ob, err in zip(records, observations, errs):
-        table.add_row(f"{r.model} {r.point.key}", f"{ob.measured / GIB:.3f}",
-                      f"{estimate(ob.arch, ob.setting, cal).device_used / GIB:.3f}", f"{100 * err:+.1f}")
+    for r, ob, err in zip(records, observations, errs, strict=True):
+        table.add_row(
+            f"{r.model} {r.point.key}", f"{ob.measured / GIB:.3f}", f"{ob.predict(cal) / GIB:.3f}", f"{100 * err:+.1f}"
+        )
     console.print(table)
     summary = error_summary(errs)
-    console.print(f"runtime {cal.runtime_bytes / GIB:.3f} GiB, activation factor {cal.activation_factor:.3f}, "
-                  f"ZeRO runtime {cal.zero_runtime_bytes / GIB:.3f} GiB; median |error| {summary['median_abs_pct']:.1f}%, worst "
-                  f"{summary['worst_abs_pct']:.1f}% (on the fitted points) — saved to {path}")
+    console.print(
+        f"runtime {cal.runtime_bytes / GIB:.3f} GiB, activation factor {cal.activation_factor:.3f}, "
+        f"ZeRO runtime {cal.zero_runtime_bytes / GIB:.3f} GiB; median |error| {summary['median_abs_pct']:.1f}%, worst "
+        f"{summary['worst_abs_pct']:.1f}% (on the fitted points) — saved to {path}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,11 @@ COMMANDS = {
     "estimate": ("ftprof.cli.estimate", "predict peak memory per rank before running; calibrate on a sweep"),
     "report": ("ftprof.cli.report", "tables, Pareto front, recommendations, exports and plots of a sweep"),
 }
-USAGE = f"usage: ftprof COMMAND [ARGS]   (ftprof {__version__})\n\ncommands:\n" + "\n".join(
-    f"  {name:<8}  {help_}" for name, (_, help_) in COMMANDS.items()) + "\n\nRun `ftprof COMMAND --help` for its flags."
+USAGE = (
+    f"usage: ftprof COMMAND [ARGS]   (ftprof {__version__})\n\ncommands:\n"
+    + "\n".join(f"  {name:<8}  {help_}" for name, (_, help_) in COMMANDS.items())
+    + "\n\nRun `ftprof COMMAND --help` for its flags."
+)
 
 
 def main(argv: list[str] | None = None) -> int:

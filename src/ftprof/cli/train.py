@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ftprof.cli.errors import run_command
+from ftprof.cli.runner import run_command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,14 @@
 
 from ftprof.profiler.callback import ProfilerCallback, add_profiler
 from ftprof.profiler.samplers import MemorySampler, NvmlSampler, RssSampler, make_sampler
-from ftprof.profiler.tokens import TokenCountingCollator
+from ftprof.profiler.tokens import BatchCounter
 
-__all__ = ["MemorySampler", "NvmlSampler", "ProfilerCallback", "RssSampler", "TokenCountingCollator",
-           "add_profiler", "make_sampler"]
+__all__ = [
+    "BatchCounter",
+    "MemorySampler",
+    "NvmlSampler",
+    "ProfilerCallback",
+    "RssSampler",
+    "add_profiler",
+    "make_sampler",
+]

@@ -1,18 +1,25 @@
 """``ProfilerCallback``: peak memory per phase and rank, and steady-state throughput, inside any Trainer.
 
-    trainer = Trainer(..., callbacks=[ProfilerCallback()])      # records; summary in trainer_state.json
+    trainer = Trainer(..., callbacks=[ProfilerCallback()])      # records; the profile goes to trainer_state.json
     add_profiler(trainer)                                       # same, and its figures reach TensorBoard/W&B
 
 Phases: ``setup`` (Trainer and DeepSpeed initialisation up to the first step), ``first_step`` (includes the
-optimizer state allocation), ``steady`` (steps after ``warmup_steps``), ``optimizer`` (inside optimizer steps)
-and ``evaluation``. Each phase records the sampler's peaks (RSS, or NVML device/process) and, on CUDA,
-torch's ``max_memory_allocated`` / ``max_memory_reserved``.
+optimizer state allocation), ``steady`` (steps after ``warmup_steps``), ``optimizer`` (inside the real
+optimizer step: under DeepSpeed that is the engine's, which accelerate runs inside ``backward``) and
+``evaluation``. Each phase records the sampler's peaks (RSS, or NVML device/process) and, on CUDA, torch's
+``max_memory_allocated`` / ``max_memory_reserved``.
+
+Throughput is measured over a window after the warm-up: samples and tokens are counted as the model
+consumes them (:class:`~ftprof.profiler.tokens.BatchCounter`), step periods are timed without
+synchronising each step (:class:`~ftprof.profiler.timing.StepClock`), and rates are per-step counts over
+the *median* step period, so one slow step doesn't rule the figure; the p10–p90 spread is kept beside it.
+With ``min_steps`` / ``min_seconds`` the callback ends training once the window is long enough.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
-import time
 from typing import Any
 
 import torch
@@ -20,15 +27,11 @@ from transformers import TrainerCallback
 
 from ftprof.profiler.flops import model_shape, peak_tflops, training_flops_per_token
 from ftprof.profiler.samplers import MemorySampler, make_sampler
-from ftprof.profiler.tokens import TokenCountingCollator
+from ftprof.profiler.timing import IntervalTimer, StepClock, summarize_periods
+from ftprof.profiler.tokens import BatchCounter
+from ftprof.run_profile import Profile, RankProfile
 
 FLOP_FORMULA = "6*N + 12*L*H*Q*T per token (PaLM), N = non-embedding parameters, on padded tokens"
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 class ProfilerCallback(TrainerCallback):
@@ -37,29 +40,35 @@ class ProfilerCallback(TrainerCallback):
     Args:
         warmup_steps: optimizer steps excluded from throughput (allocator warm-up, first-step state creation).
         sampler: a :class:`MemorySampler`; by default NVML on CUDA (this rank's GPU), RSS otherwise.
-        counter: the :class:`TokenCountingCollator` the Trainer uses, for real vs padded tokens.
+        min_steps: with ``min_seconds``, stop training once the window has at least this many steps...
+        min_seconds: ...and lasted at least this long (0 and 0: train to ``max_steps``, the default).
     """
 
-    def __init__(self, warmup_steps: int = 2, sampler: MemorySampler | None = None,
-                 counter: TokenCountingCollator | None = None) -> None:
+    def __init__(
+        self, warmup_steps: int = 2, sampler: MemorySampler | None = None, min_steps: int = 0, min_seconds: float = 0.0
+    ) -> None:
         self.warmup_steps = warmup_steps
-        self.sampler = sampler
-        self.counter = counter
+        self.min_steps = min_steps
+        self.min_seconds = min_seconds
+        self._sampler = sampler
         self.cuda = torch.cuda.is_available()
         self.phases: dict[str, dict[str, int]] = {}
-        self.step_times: list[float] = []
-        self._t0 = 0.0
-        self._steady_counts: tuple[int, int, int] | None = None
-        self._steady_started = False
+        self.counter = BatchCounter()
+        self.clock = StepClock(self.cuda)
+        self.optimizer_timer = IntervalTimer(self.cuda)
+        self._window_counts: tuple[int, int, int] | None = None
+        self._target_steps: int | None = None
         self._evaluating = False
-        self.summary: dict[str, Any] | None = None
-        self._model = None
+        self.profile: Profile | None = None
+        self._model: Any = None
 
-    # -- helpers ---------------------------------------------------------------------------------------
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
+    @property
+    def sampler(self) -> MemorySampler:
+        if self._sampler is None:
+            raise RuntimeError("ProfilerCallback has not started: the Trainer hasn't initialised it yet")
+        return self._sampler
 
+    # -- phases ----------------------------------------------------------------------------------------
     def _begin(self, name: str) -> None:
         self.sampler.start(name)
         if self.cuda:
@@ -77,45 +86,82 @@ class ProfilerCallback(TrainerCallback):
         previous = self.phases.get(name, {})
         self.phases[name] = {k: max(v, previous.get(k, 0)) for k, v in peaks.items()}
 
+    def _wrap_optimizer_step(self, optimizer: Any) -> None:
+        """Record the ``optimizer`` phase around the optimizer step that really runs.
+
+        Trainer's ``optimizer`` is accelerate's wrapper; the object inside it is what steps: torch's optimizer,
+        or DeepSpeed's (ZeRO) optimizer, whose ``step`` the engine calls inside ``backward``. Its ``step`` is
+        replaced on the instance, so whoever calls it is measured.
+        """
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if inner is None or getattr(inner.step, "_ftprof_wrapped", False):
+            return
+        original = inner.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            self.sampler.start("optimizer")
+            self.optimizer_timer.begin()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.optimizer_timer.end()
+                self._merge("optimizer", self.sampler.stop("optimizer"))
+
+        step._ftprof_wrapped = True  # type: ignore[attr-defined]
+        inner.step = step
+
     # -- Trainer events --------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, **kwargs):
         self._attach(args)
 
     def _attach(self, args) -> None:
         """Start sampling; the first reading is the memory held once the model is loaded."""
-        if self.sampler is None:
-            self.sampler = make_sampler("auto", device_index=max(0, args.local_process_index))
+        if self._sampler is None:
+            index = args.device.index if args.device.type == "cuda" else None
+            self._sampler = make_sampler("auto", device_index=index)
         self.phases["model_load"] = self.sampler.read()
         self._begin("setup")
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if "model_load" not in self.phases:  # added with trainer.add_callback after Trainer.__init__
             self._attach(args)
         self._model = model
+        if model is not None:
+            self.counter.attach(model)
+        if optimizer is not None:
+            self._wrap_optimizer_step(optimizer)
         self._end("setup")
         self._begin("first_step")
+        if self.warmup_steps == 0:
+            self._open_window()
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        if state.global_step == self.warmup_steps and not self._steady_started:
-            self._steady_started = True
-            self._begin("steady")
-            self._steady_counts = self.counter.snapshot() if self.counter else None
-        self._t0 = time.perf_counter()
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.sampler.start("optimizer")
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self._merge("optimizer", self.sampler.stop("optimizer"))
+    def _open_window(self) -> None:
+        self._begin("steady")
+        self._window_counts = self.counter.snapshot()
+        self.clock.start()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        elapsed = time.perf_counter() - self._t0
         if state.global_step == 1:
             self._end("first_step")
-        if state.global_step > self.warmup_steps:
-            self.step_times.append(elapsed)
+        if self._window_counts is None:
+            if state.global_step >= self.warmup_steps:
+                self._open_window()
+            return
+        self.clock.mark()
+        if self._window_long_enough(len(self.clock) - 1):
+            control.should_training_stop = True
+
+    def _window_long_enough(self, steps: int) -> bool:
+        """Whether the window reached ``min_steps`` and ``min_seconds``. Ranks must stop at the same step, so
+        the number of steps is fixed once, from the first ``min_steps`` steps, as the maximum over ranks."""
+        if not (self.min_steps or self.min_seconds):
+            return False
+        if self._target_steps is None:
+            if steps < max(1, self.min_steps):
+                return False
+            needed = math.ceil(self.min_seconds / (self.clock.elapsed() / steps)) if self.min_seconds else 0
+            self._target_steps = int(_reduce_over_ranks([float(max(self.min_steps, needed))], "max")[0])
+        return steps >= self._target_steps
 
     def on_prediction_step(self, args, state, control, **kwargs):
         if not self._evaluating:
@@ -128,77 +174,97 @@ class ProfilerCallback(TrainerCallback):
             self._merge("evaluation", self.sampler.stop("evaluation"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.step_times:
-            logs.update({f"profile/{k}": v for k, v in self._throughput(args, local_only=True).items()
-                         if isinstance(v, (int, float))})
+        if logs is not None and len(self.clock) > 1:
+            logs.update(
+                {
+                    f"profile/{k}": v
+                    for k, v in self._throughput(args, local_only=True).items()
+                    if isinstance(v, (int, float))
+                }
+            )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self._steady_started:
+        if self._window_counts is not None:
             self._end("steady")
-        self.summary = self._summarize(args, model or self._model)
-        state.log_history.append({"profile": self.summary, "step": state.global_step})
+        self.counter.detach()
+        self.profile = self._summarize(args, model or self._model)
+        state.log_history.append({"profile": self.profile.to_json(), "step": state.global_step})
         self.sampler.close()
 
     # -- results ---------------------------------------------------------------------------------------
     def _throughput(self, args, local_only: bool = False) -> dict[str, Any]:
-        steps = len(self.step_times)
-        if steps == 0:
+        """Steady-window figures: per-step counts over the median step period (rates summed over ranks)."""
+        periods = self.clock.periods()
+        if not periods or self._window_counts is None:
             return {}
-        total = sum(self.step_times)
-        out: dict[str, Any] = {"steady_steps": steps, "step_time_median_s": statistics.median(self.step_times),
-                               "step_time_p90_s": _percentile(self.step_times, 0.9)}
-        world = args.world_size
-        if self.counter is not None and self._steady_counts is not None:
-            now = self.counter.snapshot()
-            counts = [a - b for a, b in zip(now, self._steady_counts)]
-            if not local_only:
-                counts = _sum_over_ranks(counts)
-            samples, real, padded = counts
-        else:
-            samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * world * steps
-            real = padded = None
-        out["samples_per_s"] = samples / total
-        if real is not None:
-            out["real_tokens_per_s"] = real / total
-            out["padded_tokens_per_s"] = padded / total
-        return out
+        now = self.counter.snapshot()
+        counts = [float(a - b) for a, b in zip(now, self._window_counts, strict=True)]
+        if not local_only:
+            counts = _reduce_over_ranks(counts, "sum")
+        samples, real, padded = (c / len(periods) for c in counts)  # per optimizer step
+        timing = summarize_periods(periods)
+        median = timing["step_time_median_s"]
+        optimizer_steps = self.optimizer_timer.durations()
+        return {
+            "steady_steps": len(periods),
+            **timing,
+            "optimizer_step_median_s": statistics.median(optimizer_steps) if optimizer_steps else None,
+            "samples_per_step": samples,
+            "samples_per_s": samples / median,
+            "real_tokens_per_s": real / median if padded else None,
+            "padded_tokens_per_s": padded / median if padded else None,
+        }
 
-    def _summarize(self, args, model) -> dict[str, Any]:
-        throughput = self._throughput(args)
-        summary: dict[str, Any] = {"sampler": self.sampler.kind, "warmup_steps": self.warmup_steps,
-                                   "world_size": args.world_size, **throughput}
-        if model is not None and throughput.get("padded_tokens_per_s"):
+    def _summarize(self, args, model) -> Profile:
+        profile = Profile(
+            sampler=self.sampler.kind,
+            warmup_steps=self.warmup_steps,
+            world_size=args.world_size,
+            **self._throughput(args),
+        )
+        if model is not None and profile.padded_tokens_per_s and profile.samples_per_s:
             n, layers, heads, head_dim = model_shape(model)
-            samples_per_s = throughput["samples_per_s"]
-            seq = throughput["padded_tokens_per_s"] / samples_per_s  # mean padded length per sample
-            flops_per_s = training_flops_per_token(n, layers, heads, head_dim, round(seq)) * throughput["padded_tokens_per_s"]
-            summary["model_tflops_per_s"] = flops_per_s / 1e12
-            summary["flop_formula"] = FLOP_FORMULA
+            seq = profile.padded_tokens_per_s / profile.samples_per_s  # mean padded length per sample
+            flops_per_s = training_flops_per_token(n, layers, heads, head_dim, round(seq)) * profile.padded_tokens_per_s
+            profile.model_tflops_per_s = flops_per_s / 1e12
+            profile.flop_formula = FLOP_FORMULA
             if self.cuda:
                 precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
                 peak = peak_tflops(torch.cuda.get_device_name(), precision)
                 if peak:
-                    summary["mfu"] = flops_per_s / 1e12 / (peak * args.world_size)
-        summary["ranks"] = _gather_over_ranks({"rank": args.process_index, "phases": self.phases})
-        return summary
+                    profile.mfu = flops_per_s / 1e12 / (peak * args.world_size)
+        profile.longest_input_tokens = int(_reduce_over_ranks([float(self.counter.longest)], "max")[0]) or None
+        # The sampler's figure (process list or device delta on GPUs) is decided once the process has a CUDA
+        # context, so it is read here, at the end, and kept per rank.
+        mine = {"rank": args.process_index, "figure": self.sampler.figure, "phases": self.phases}
+        profile.ranks = [
+            RankProfile(rank=r["rank"], figure=r["figure"], phases=r["phases"]) for r in _gather_over_ranks(mine)
+        ]
+        return profile
 
 
-def _sum_over_ranks(values: list[int]) -> list[int]:
+def _distributed() -> bool:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _reduce_over_ranks(values: list[float], op: str) -> list[float]:
+    """``values`` summed (``op="sum"``) or maximised (``"max"``) over ranks; unchanged on one process."""
+    if not _distributed():
         return values
-    tensor = torch.tensor(values, dtype=torch.float64,
-                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(tensor)
-    return [int(v) for v in tensor.tolist()]
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return [float(v) for v in tensor.tolist()]
 
 
 def _gather_over_ranks(record: dict[str, Any]) -> list[dict[str, Any]]:
+    if not _distributed():
+        return [record]
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [record]
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, record)
     return sorted(gathered, key=lambda r: r["rank"])

@@ -8,6 +8,8 @@ padding) leaves out.
 
 from __future__ import annotations
 
+from ftprof.architectures import dims
+
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), and fp32 (non-tensor-core) peaks.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
@@ -32,6 +34,7 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     989.0
     """
     name = device_name.upper()
+    key: str | None
     if "H100" in name:  # SXM parts report "HBM3"; PCIe ones say "PCIe"; NVL says NVL
         key = "H100 PCIe" if "PCIE" in name else "H100 NVL" if "NVL" in name else "H100 SXM"
     else:
@@ -52,11 +55,9 @@ def training_flops_per_token(non_embedding_params: int, layers: int, heads: int,
 
 def model_shape(model) -> tuple[int, int, int, int]:
     """(non-embedding parameters, layers, heads, head dim) of a transformers model, from its config."""
-    config = model.config
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None) or config.n_layer
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", None) or config.n_head
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or config.n_embd
-    embedding = sum(getattr(m, "ds_numel", m.weight.numel()) for m in model.modules()
-                    if type(m).__name__ == "Embedding")
+    d = dims(model.config)
+    embedding = sum(
+        getattr(m, "ds_numel", m.weight.numel()) for m in model.modules() if type(m).__name__ == "Embedding"
+    )
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    return total - embedding, int(layers), int(heads), int(hidden) // int(heads)
+    return total - embedding, d.layers, d.heads, d.head_dim

@@ -1,31 +1,52 @@
-"""Count real and padded tokens as batches are built, on each rank, under any gradient accumulation."""
+"""Count the samples, real tokens and padded tokens a model trains on, as its forward consumes them."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 
-class TokenCountingCollator:
-    """Wrap a data collator; counts ``attention_mask`` ones (real tokens) and ``input_ids`` elements (padded).
 
-    Counts are per process; :class:`~ftprof.profiler.ProfilerCallback` sums them over ranks. Use with
-    ``dataloader_num_workers=0`` (workers would count in their own processes).
+class BatchCounter:
+    """A forward pre-hook on the model that counts training inputs (``input_ids`` elements are padded
+    tokens, ``attention_mask`` ones real tokens).
+
+    Counting where the model consumes a batch, not where the data loader builds it, keeps the count exact
+    whatever the loader fetches ahead (Trainer draws a whole accumulation window before ``on_step_begin``,
+    and accelerate prefetches one more batch). Evaluation forwards (``model.training`` false) don't count.
+    Counts are per process; :class:`~ftprof.profiler.ProfilerCallback` sums them over ranks.
     """
 
-    def __init__(self, collator) -> None:
-        self.collator = collator
+    def __init__(self) -> None:
+        self.samples = 0
         self.real_tokens = 0
         self.padded_tokens = 0
-        self.samples = 0
+        self.longest = 0  # the longest padded input of any training forward (the worst case that ran)
+        self._handle: Any = None
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.collator(features)
-        ids = batch["input_ids"]
-        self.padded_tokens += int(ids.numel())
-        mask = batch.get("attention_mask")
-        self.real_tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+    def attach(self, model: torch.nn.Module) -> None:
+        if self._handle is None:
+            self._handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _count(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not module.training:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, torch.Tensor):
+            embeds = kwargs.get("inputs_embeds")
+            if isinstance(embeds, torch.Tensor):
+                self.samples += int(embeds.shape[0])
+            return
         self.samples += int(ids.shape[0])
-        return batch
+        self.padded_tokens += int(ids.numel())
+        self.longest = max(self.longest, int(ids.shape[-1]))
+        mask = kwargs.get("attention_mask")
+        self.real_tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else int(ids.numel())
 
     def snapshot(self) -> tuple[int, int, int]:
         return self.samples, self.real_tokens, self.padded_tokens

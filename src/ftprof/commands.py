@@ -1,0 +1,39 @@
+"""Shell command lines ftprof prints for the user to run: built as argument lists, quoted once."""
+
+from __future__ import annotations
+
+import shlex
+
+from ftprof.point import Point
+
+PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}
+
+
+def train_command(model: str, point: Point, config_path: str) -> str:
+    """The ``deepspeed launch/train.py`` command that trains ``model`` as ``point`` was measured, rank count
+    pinned (a bare ``deepspeed`` would start one rank per visible GPU).
+
+    >>> train_command("gpt2", Point(precision="bf16", zero=2, seq_len=512, batch_size=8), "ds_configs/zero2.json")
+    'deepspeed --num_gpus 1 launch/train.py --ds_config ds_configs/zero2.json --model gpt2 \
+--per_device_train_batch_size 8 --gradient_accumulation_steps 1 --max_length 512 --bf16'
+    """
+    args = [
+        "deepspeed",
+        "--num_gpus",
+        str(point.world_size),
+        "launch/train.py",
+        "--ds_config",
+        config_path,
+        "--model",
+        model,
+        "--per_device_train_batch_size",
+        str(point.batch_size),
+        "--gradient_accumulation_steps",
+        str(point.grad_accum),
+        "--max_length",
+        str(point.seq_len),
+        *PRECISION_FLAGS[point.precision],
+    ]
+    if point.gradient_checkpointing:
+        args.append("--gradient_checkpointing")
+    return shlex.join(args)

@@ -1,0 +1,179 @@
+"""Measure one sweep point: a few real Trainer + DeepSpeed steps in this process (one per rank).
+
+Run by ``ftprof sweep`` in a fresh process per point, so no peak is polluted by an earlier point:
+
+    python -m ftprof.measure SPEC.json                       # world size 1
+    deepspeed --num_gpus 2 .../ftprof/measure.py SPEC.json   # world size 2
+
+SPEC holds a :class:`MeasureSpec`; rank 0 writes the measured :class:`~ftprof.run_profile.Profile` to
+``spec.result_path`` as JSON.
+The model is built from its config with random weights: memory and speed don't depend on weight values,
+and this works with no network for known architectures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ftprof.point import Point
+from ftprof.run_profile import Profile
+
+MAX_WINDOW_STEPS = 5000  # a cap on the window, however fast the steps
+
+
+@dataclass
+class MeasureSpec:
+    """Everything one measurement needs besides the point's axes (JSON round trip)."""
+
+    point: Point
+    model: str
+    steps: int
+    warmup: int
+    ds_config: dict[str, Any]  # complete, for this point's ZeRO stage and offload
+    result_path: str
+    dataset: str | None = None
+    seed: int = 0
+    min_seconds: float = 0.0  # the throughput window lasts at least ``steps`` steps and this long
+
+    @property
+    def max_steps(self) -> int:
+        """Trainer's step budget: ``warmup + steps``, or room for ``min_seconds`` (the profiler stops early)."""
+        return self.warmup + (max(self.steps, MAX_WINDOW_STEPS) if self.min_seconds else self.steps)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps({**asdict(self), "point": self.point.to_json()}))
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> MeasureSpec:
+        data = json.loads(path.read_text())
+        return cls(**{**data, "point": Point.from_json(data["point"])})
+
+
+def _token_dataset(spec: MeasureSpec, vocab_size: int, n_rows: int):
+    """Random token ids of exactly ``seq_len`` (the swept length) and random binary labels."""
+    import torch
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(spec.seed)
+    seq_len = spec.point.seq_len
+    ids = torch.randint(5, vocab_size, (n_rows, seq_len), generator=g)
+    labels = torch.randint(0, 2, (n_rows,), generator=g)
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * n_rows, "labels": labels.tolist()}
+    )
+
+
+def _load_task(dataset: str, seed: int):
+    from ftprof.data import load_raw, prepare_task
+
+    return prepare_task(load_raw(dataset, seed=seed), None, None, seed=seed)
+
+
+def _dataset_rows(spec: MeasureSpec, task, tokenizer, n_rows: int, global_batch: int):
+    """Real texts truncated to ``seq_len``, ordered so that the first global batch holds the longest
+    inputs (the worst-case batch is always measured) and the rest follow in random order."""
+    import random
+
+    from datasets import Dataset
+
+    texts, labels = list(task.train[task.text_column]), list(task.train[task.label_column])
+    encoded = tokenizer(texts, truncation=True, max_length=spec.point.seq_len)
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
+    head, tail = order[:global_batch], order[global_batch:]
+    random.Random(spec.seed).shuffle(tail)
+    chosen = (head + tail)[:n_rows]
+    while len(chosen) < n_rows:  # small files: repeat
+        chosen += chosen[: n_rows - len(chosen)]
+    return Dataset.from_dict(
+        {
+            "input_ids": [encoded["input_ids"][i] for i in chosen],
+            "attention_mask": [encoded["attention_mask"][i] for i in chosen],
+            "labels": [labels[i] for i in chosen],
+        }
+    )
+
+
+def measure(spec: MeasureSpec) -> Profile:
+    """Run ``warmup + steps`` optimizer steps and return the profile (on every rank)."""
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from ftprof.args import FtprofTrainingArguments
+    from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted
+    from ftprof.distributed import ensure_single_process_env
+    from ftprof.models import build_model, resolve_model_spec, train_tokenizer_for
+    from ftprof.profiler import ProfilerCallback
+
+    ensure_single_process_env()
+    p = spec.point
+    model_spec = resolve_model_spec(spec.model, random_init=True)
+    with tempfile.TemporaryDirectory() as out:
+        args = FtprofTrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=p.batch_size,
+            gradient_accumulation_steps=p.grad_accum,
+            max_steps=spec.max_steps,
+            bf16=p.precision == "bf16",
+            fp16=p.precision == "fp16",
+            gradient_checkpointing=p.gradient_checkpointing,
+            deepspeed=cpu_adjusted(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available()).config,
+            save_strategy="no",
+            eval_strategy="no",
+            load_best_model_at_end=False,
+            logging_steps=10_000,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=spec.seed,
+            learning_rate=1e-5,
+            # With --dataset the rows are ordered so the first global batch is the worst case: keep that order.
+            train_sampling_strategy="sequential" if spec.dataset else "random",
+        )
+        global_batch = p.batch_size * p.grad_accum * args.world_size
+        n_rows = global_batch * (spec.warmup + spec.steps + 1)
+        # Token ids are synthetic unless --dataset: a tokenizer is only needed for real texts (and pad id 0).
+        task = _load_task(spec.dataset, spec.seed) if spec.dataset else None
+        texts = list(task.train[task.text_column]) if task else ["profiling"] * 4
+        tokenizer = train_tokenizer_for(model_spec, texts)
+        if task is not None:
+            train = _dataset_rows(spec, task, tokenizer, n_rows, global_batch)
+        else:
+            train = _token_dataset(spec, model_spec.config.vocab_size, n_rows)
+        model = build_model(model_spec, tokenizer, ["0", "1"], shrink_vocab=False)  # the preset's real shape
+        model.accepts_loss_kwargs = False  # type: ignore[assignment]  # a plain attribute Trainer reads
+        profiler = ProfilerCallback(warmup_steps=spec.warmup, min_steps=spec.steps, min_seconds=spec.min_seconds)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            callbacks=[profiler],
+        )
+        trainer.train()
+        assert profiler.profile is not None  # set by on_train_end
+        profiler.profile.random_init = True
+        return profiler.profile
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    spec = MeasureSpec.read(Path(argv[0]))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ftprof.distributed import shutdown
+
+    profile = measure(spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(spec.result_path).write_text(json.dumps(profile.to_json()))
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""What a sweep folder's points were measured with, kept in ``sweep.json`` beside ``results.jsonl``.
+
+A point's key names its axes only; the model, the window, the data, the DeepSpeed config, the libraries and
+the device decide its figures too. ``--resume`` into a folder measured with other settings would mix runs, so
+it is refused with every difference named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ftprof.errors import ConfigError
+
+MANIFEST = "sweep.json"
+VERSIONED = ("torch", "transformers", "deepspeed")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The settings every point of one sweep shares."""
+
+    model: str
+    steps: int
+    warmup: int
+    min_seconds: float
+    dataset: str | None
+    ds_config_sha256: str | None  # of the base --ds_config's contents; None for the shipped configs
+    device: str
+    torch: str
+    transformers: str
+    deepspeed: str
+
+    @classmethod
+    def of(
+        cls,
+        model: str,
+        steps: int,
+        warmup: int,
+        min_seconds: float,
+        dataset: str | None,
+        ds_config: dict[str, Any] | None,
+        env: dict[str, Any],
+    ) -> SweepSettings:
+        digest = None
+        if ds_config is not None:
+            digest = hashlib.sha256(json.dumps(ds_config, sort_keys=True).encode()).hexdigest()
+        return cls(
+            model=model,
+            steps=steps,
+            warmup=warmup,
+            min_seconds=min_seconds,
+            dataset=dataset,
+            ds_config_sha256=digest,
+            device=str(env.get("device")),
+            **{name: str(env.get(name)) for name in VERSIONED},
+        )
+
+    def differences(self, other: SweepSettings) -> list[str]:
+        """``name: theirs -> ours`` for each setting that differs.
+
+        >>> a = SweepSettings("m", 3, 1, 2.0, None, None, "cpu", "2.13", "5.24", "0.19")
+        >>> from dataclasses import replace
+        >>> a.differences(replace(a, model="n", steps=5))
+        ["model: 'n' -> 'm'", 'steps: 5 -> 3']
+        """
+        return [
+            f"{f.name}: {getattr(other, f.name)!r} -> {getattr(self, f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+def check_or_write(folder: Path, settings: SweepSettings) -> None:
+    """Write ``sweep.json`` in a new sweep; in a resumed one, refuse other settings.
+
+    Raises:
+        ConfigError: the folder's points were measured with other settings (each difference named).
+    """
+    path = folder / MANIFEST
+    if path.is_file():
+        stored = SweepSettings(**json.loads(path.read_text()))
+        diff = settings.differences(stored)
+        if diff:
+            raise ConfigError(
+                f"--resume into {str(folder)!r}, measured with other settings ({'; '.join(diff)}); "
+                "resume with the same flags, or pass another --out"
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
