@@ -134,3 +134,14 @@ def test_shipped_config_names_match_their_contents():
     for (stage, offload), name in SHIPPED_CONFIGS.items():
         shipped = json.loads((ROOT / "ds_configs" / name).read_text())
         assert shipped == ds_config_for(stage, offload != "none", offload == "optimizer+param"), name
+
+
+def test_a_users_block_is_used_as_written_at_its_own_stage():
+    from ftprof.deepspeed_config import DeepSpeedConfig, for_point
+    from ftprof.point import Point
+
+    base = DeepSpeedConfig({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e7}})
+    same = for_point(base, Point(precision="fp32", zero=2, seq_len=8, batch_size=1))["zero_optimization"]
+    assert same == {"stage": 2, "reduce_bucket_size": 5e7}  # no overlap_comm or buckets slipped in
+    other = for_point(base, Point(precision="fp32", zero=3, seq_len=8, batch_size=1))["zero_optimization"]
+    assert other["stage"] == 3 and other["reduce_bucket_size"] == 5e7 and "stage3_prefetch_bucket_size" in other

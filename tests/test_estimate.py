@@ -1,14 +1,18 @@
 from dataclasses import replace
 
 import pytest
+import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from ftprof.calibrate import Observation, calibrate, error_summary, errors
+import ftprof.estimate
+from ftprof.calibrate import Observation, calibrate, error_summary, errors, observations_from_records
 from ftprof.errors import ConfigError
-from ftprof.estimate import Arch, Calibration, estimate, max_batch
+from ftprof.estimate import Arch, Calibration, activations, estimate, max_batch
 from ftprof.model_facts import arch_for, arch_from_config
 from ftprof.point import Point
+from ftprof.results import read_records
 from ftprof.units import GIB
+from tests.conftest import ROOT
 
 CONFIG = dict(
     vocab_size=1000,
@@ -24,8 +28,12 @@ def pt(batch_size: int, seq_len: int, precision: str = "bf16", zero: int = 2, **
     return Point(batch_size=batch_size, seq_len=seq_len, precision=precision, zero=zero, **levers)
 
 
+def real_model() -> BertForSequenceClassification:
+    return BertForSequenceClassification(BertConfig(**CONFIG, num_labels=2))
+
+
 def real_param_count() -> int:
-    return sum(p.numel() for p in BertForSequenceClassification(BertConfig(**CONFIG, num_labels=2)).parameters())
+    return sum(p.numel() for p in real_model().parameters())
 
 
 def test_facts_count_the_real_models_parameters():
@@ -35,27 +43,98 @@ def test_facts_count_the_real_models_parameters():
     assert arch_for("tiny-gpt2").family == "decoder"
 
 
-def test_itemised_bytes_by_hand_bf16_zero2_four_ranks():
-    p = real_param_count()
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_model_state_bytes_match_real_tensors_bf16_zero2_four_ranks():
+    """The truth is measured on the real model: its weights in bf16, the gradients a backward pass leaves,
+    and the fp32 weights and Adam moments of a real ``torch.optim.AdamW`` after one step. ZeRO-2 over four
+    ranks keeps the weights whole and splits the rest evenly (DeepSpeed's alignment padding, a few elements,
+    is checked against real ranks in tests/integration/test_two_ranks.py)."""
+    torch.manual_seed(0)
+    model = real_model()
+    ids, labels = torch.randint(0, CONFIG["vocab_size"], (4, 32)), torch.tensor([0, 1, 1, 0])
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(input_ids=ids, labels=labels).loss.backward()
+    optimizer.step()
+    master = tensor_bytes(model.parameters())
+    moments = tensor_bytes(t for state in optimizer.state.values() for t in state.values() if t.dim() > 0)
+    model.to(torch.bfloat16).zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    weights = tensor_bytes(model.parameters())
+    grads = tensor_bytes(p.grad for p in model.parameters())
+
     arch = arch_from_config("small", BertConfig(**CONFIG), attention="eager")
     cal = Calibration(runtime_bytes=1000, activation_factor=1.0, zero_runtime_bytes=300, reserved_factor=1.0)
     est = estimate(arch, pt(4, 32, "bf16", zero=2, world_size=4), cal)
-    b, s, h, i, a, L = 4, 32, 64, 256, 4, 2
-    layer = s * b * h * (8 * 2 + 2) + 2 * s * b * i * 2 + a * s * s * b * (2 + 1 * (2 + 1))
-    expected = {
-        "parameters": 2 * p,  # bf16 weights, whole on every rank below ZeRO-3
-        "gradients": -(-2 * p // 4),  # ZeRO-2 partitions gradients over 4 ranks
-        "fp32 master weights": -(-4 * p // 4),
-        "Adam moments": -(-8 * p // 4),
-        "activations (layers)": L * layer,
-        "activations (embeddings)": s * b * h * (2 * 2 + 1),
-        "logits + loss": 2 * 4 * b * 2,
-        "DeepSpeed buckets": 2 * h * h * 2,  # two hidden² buckets of bf16
-        "DeepSpeed runtime": 300,
+    ranks = 4
+    assert {k: est.items[k] for k in ("parameters", "gradients", "fp32 master weights", "Adam moments")} == {
+        "parameters": weights,
+        "gradients": -(-grads // ranks),
+        "fp32 master weights": -(-master // ranks),
+        "Adam moments": -(-moments // ranks),
     }
-    assert est.items == expected
-    assert est.allocated == sum(expected.values())
+    assert est.items["DeepSpeed buckets"] == 2 * 64 * 64 * 2  # HF's "auto" reduce bucket: hidden² bf16 elements
+    assert est.items["DeepSpeed runtime"] == 300
+    assert est.allocated == sum(est.items.values())
     assert est.device_used == est.allocated + 1000
+
+
+def saved_for_backward(model: BertForSequenceClassification, **inputs) -> dict[str, int]:
+    """Bytes of the tensors a forward pass saves for backward, by the block that saved them (``layer0``, ...,
+    ``embeddings``, ``other``). Each storage counts once, parameters (saved by every linear) not at all."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, seen = ["other"], {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen.setdefault(storage.data_ptr(), (current[0], storage.nbytes()))
+        return t
+
+    blocks = {"embeddings": model.bert.embeddings} | {f"layer{i}": m for i, m in enumerate(model.bert.encoder.layer)}
+    for name, block in blocks.items():
+        block.register_forward_pre_hook(lambda m, args, name=name: current.__setitem__(0, name))
+        block.register_forward_hook(lambda m, args, out: current.__setitem__(0, "other"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**inputs).loss
+    assert loss.requires_grad
+    by_block: dict[str, int] = {}
+    for block, nbytes in seen.values():
+        by_block[block] = by_block.get(block, 0) + nbytes
+    return by_block
+
+
+# Exact on CPU since the estimator counts dropout masks in the data type (torch's CPU dropout saves them so)
+# and LayerNorm's fp32 statistics; 0.5% leaves room for torch versions, while one missing s·b·h fp32 tensor
+# is over 2% of a layer at these shapes. Before those two fixes: -0.3% without dropout, -13% to -18% with.
+ACTIVATION_TOLERANCE = 0.005
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("batch, seq", [(4, 32), (2, 128)])
+def test_layer_activations_match_what_a_real_forward_saves(dropout, batch, seq):
+    """A real fp32 forward of a small BERT (eager attention, train mode): what its encoder layers save for
+    backward, measured with saved-tensor hooks, against the estimator's ``activations (layers)``."""
+    p = 0.1 if dropout else 0.0
+    config = BertConfig(**CONFIG, hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**config.to_dict(), num_labels=2, attn_implementation="eager"))
+    assert model.config._attn_implementation == "eager"
+    measured = saved_for_backward(
+        model.train(),
+        input_ids=torch.randint(5, CONFIG["vocab_size"], (batch, seq)),
+        labels=torch.randint(0, 2, (batch,)),
+    )
+    arch = arch_from_config("small", config, attention="eager")
+    assert arch.dropout is dropout
+    predicted = activations(arch, pt(batch, seq, "fp32", zero=0), device="cpu")["activations (layers)"]
+    layers = sum(v for k, v in measured.items() if k.startswith("layer"))
+    error = predicted / layers - 1
+    print(f"b={batch} s={seq} dropout={dropout}: saved by layers {layers} B, predicted {predicted} B ({error:+.2%})")
+    assert abs(error) < ACTIVATION_TOLERANCE, measured
 
 
 @pytest.mark.parametrize(
@@ -99,7 +178,9 @@ def test_max_batch_inverts_the_model():
     assert estimate(arch, pt(best, 512), cal).device_used <= budget < estimate(arch, pt(best + 1, 512), cal).device_used
 
 
-def test_calibration_recovers_constants_from_synthetic_points():
+def test_solver_recovers_constants_from_points_the_estimator_made():
+    """The least-squares solver only: the "measurements" come from :func:`estimate` itself, so this says
+    nothing about whether the estimator is right (see the real-measurement test below)."""
     truth = Calibration(
         runtime_bytes=0.7 * GIB, activation_factor=1.3, zero_runtime_bytes=0.05 * GIB, reserved_factor=1.0
     )
@@ -113,6 +194,47 @@ def test_calibration_recovers_constants_from_synthetic_points():
     assert fitted.activation_factor == pytest.approx(1.3, rel=1e-3)
     assert fitted.zero_runtime_bytes == pytest.approx(0.05 * GIB, rel=1e-2)
     assert error_summary(errors(obs, fitted))["worst_abs_pct"] < 0.01
+
+
+def real_observations(model: str) -> list[Observation]:
+    return observations_from_records(read_records(ROOT / "profiles" / f"cpu-2core-{model}" / "results.jsonl"), arch_for)
+
+
+# Why 5%: fitted on tiny-bert, the held-out tiny-gpt2 points come out at a median of 2.9% (worst 9.8%, at the
+# largest batch, where RSS also moves most between neighbouring points); 5% leaves room for that noise.
+HELD_OUT_MEDIAN_PCT = 5.0
+
+
+def held_out_error(fit_on: list[Observation], judge_on: list[Observation]) -> dict[str, float]:
+    cal = calibrate(fit_on, "cpu", Calibration(reserved_factor=1.0))
+    return error_summary(errors(judge_on, cal))
+
+
+def test_calibrated_on_one_family_predicts_measured_peaks_of_another():
+    """Real measurements (profiles/, peak RSS on the 2-core CPU): fit on tiny-bert, judge on tiny-gpt2."""
+    bert, gpt2 = real_observations("tiny-bert"), real_observations("tiny-gpt2")
+    assert len(bert) == len(gpt2) == 12
+    summary = held_out_error(bert, gpt2)
+    print(f"held-out tiny-gpt2: {summary}")
+    assert summary["median_abs_pct"] < HELD_OUT_MEDIAN_PCT
+
+
+def test_held_out_check_fails_an_estimator_with_model_states_100x(monkeypatch):
+    """The check above must be able to fail. Model states 100x too big push the fitted runtime to zero and the
+    held-out error past the bound. It is a coarse check: the ~0.55 GiB interpreter runtime dominates these
+    tiny models' peaks, so a 10x error (3.1%) or any error in the activations' scale (absorbed by the
+    fitted factor) passes it; model states are checked against real tensors above and on real ranks in
+    tests/integration/test_two_ranks.py."""
+    real = ftprof.estimate.model_states
+
+    def hundredfold(arch, s, device="gpu"):
+        held, host = real(arch, s, device)
+        return {k: 100 * v for k, v in held.items()}, host
+
+    monkeypatch.setattr(ftprof.estimate, "model_states", hundredfold)
+    summary = held_out_error(real_observations("tiny-bert"), real_observations("tiny-gpt2"))
+    print(f"held-out tiny-gpt2, model states x100: {summary}")
+    assert summary["median_abs_pct"] > HELD_OUT_MEDIAN_PCT
 
 
 @pytest.mark.parametrize(
@@ -165,3 +287,55 @@ def test_cli_breakdown_says_whether_it_fits(capsys):
     )
     out = capsys.readouterr().out
     assert "Adam moments" in out and "budget 80.0 GiB: fits" in out
+
+
+def saved_by_block(model, layers, **inputs) -> dict[str, int]:
+    """Bytes saved for backward by each of ``layers`` (``layer0``, ...) and outside them (``other``)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, seen = ["other"], {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            seen.setdefault(t.untyped_storage().data_ptr(), (current[0], t.untyped_storage().nbytes()))
+        return t
+
+    for i, block in enumerate(layers):
+        block.register_forward_pre_hook(lambda m, args, name=f"layer{i}": current.__setitem__(0, name))
+        block.register_forward_hook(lambda m, args, out: current.__setitem__(0, "other"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs).loss  # noqa: B018  (the forward is what saves)
+    by_block: dict[str, int] = {}
+    for block, nbytes in seen.values():
+        by_block[block] = by_block.get(block, 0) + nbytes
+    return by_block
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_llama_style_layers_and_lm_head_match_what_a_real_forward_saves(attention):
+    """A real fp32 Llama forward (grouped-query attention: 4 heads, 2 kv heads; gated MLP; causal-LM loss)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation=attention,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 1000, (2, 32))
+    measured = saved_by_block(model, model.model.layers, input_ids=ids, labels=ids)
+    arch = arch_from_config("tiny-llama", config, attention=attention, task="causal-lm")
+    assert (arch.mlp, arch.kv_heads, arch.lm_head, arch.dropout) == ("gated", 2, True, False)
+    items = activations(arch, pt(2, 32, "fp32", zero=0), device="cpu")
+    # rotary cos/sin are computed once and saved by layer 0 only (2 x s x head_dim fp32): not itemised
+    rotary = 2 * 32 * 16 * 4
+    assert items["activations (layers)"] == measured["layer0"] + measured["layer1"] - rotary
+    # outside the layers: ids, final norm + lm_head input, fp32 log-softmax and labels (+ the scalar loss);
+    # the estimate also holds the live logits until the loss is taken (4 bytes x b x s x V in fp32)
+    head = items["activations (embeddings)"] + items["activations (final norm + head)"] + items["logits + loss"]
+    assert head - 2 * 32 * 1000 * 4 == measured["other"] - 4

@@ -1,6 +1,6 @@
 from ftprof.commands import train_command
 from ftprof.point import Point
-from ftprof.recommend import pareto_front, recommend
+from ftprof.recommend import lever_notes, pareto_front, recommend
 from ftprof.results import Record
 from ftprof.run_profile import Profile
 from ftprof.units import GIB
@@ -83,11 +83,11 @@ def test_commands_name_the_config_that_holds_the_setting(tmp_path):
     assert written["fastest"] == "out/recommended_fastest.json"
 
 
-def timed(batch, sps, p10_s, p90_s, world=1, seq=128):
-    """A measured point whose steps took p10_s..p90_s seconds for ``batch * world`` samples."""
+def timed(batch, sps, low_s, high_s, world=1, seq=128):
+    """A measured point whose median step took low_s..high_s seconds (95% interval) for ``batch * world``."""
     r = rec(batch, seq, 4, sps, world=world)
     r.profile.samples_per_step = batch * world
-    r.profile.step_time_p10_s, r.profile.step_time_p90_s = p10_s, p90_s
+    r.profile.step_time_median_low_s, r.profile.step_time_median_high_s = low_s, high_s
     return r
 
 
@@ -105,3 +105,31 @@ def test_fastest_is_marked_when_within_noise_of_another():
     c = timed(16, 60.0, 0.25, 0.28)  # 57..64: clearly slower
     fastest = recommend([a, b, c], None)[0]
     assert fastest.record is a and fastest.within_noise_of == [b.point.key]
+
+
+def with_levers(r, **levers):
+    return Record(
+        point=Point(**{**r.point.to_json(), **levers}),
+        status=r.status,
+        model=r.model,
+        peak_bytes=r.peak_bytes,
+        profile=r.profile,
+    )
+
+
+def test_lever_notes_say_what_checkpointing_and_offload_cost_and_buy():
+    plain = [rec(8, 512, 6, 100, zero=3), rec(16, 512, 12, 180, zero=3)]  # batch 16 needs 12 GiB
+    ckpt = [
+        with_levers(rec(8, 512, 3, 70, zero=3), gradient_checkpointing=True),
+        with_levers(rec(16, 512, 5, 126, zero=3), gradient_checkpointing=True),
+        with_levers(rec(32, 512, 9, 240, zero=3), gradient_checkpointing=True),
+    ]
+    offload = [with_levers(rec(16, 512, 4, 72, zero=3), offload="optimizer+param")]
+    notes = lever_notes(plain + ckpt + offload, budget=10 * GIB)
+    assert notes == [
+        "bf16 ZeRO-3 seq 512: gradient checkpointing buys batch 32 (vs 8) at 0.70x the speed",
+        "bf16 ZeRO-3 seq 512: offload optimizer+param buys batch 16 (vs 8) at 0.40x the speed",
+    ]
+    assert lever_notes(ckpt[:1] + offload, budget=10 * GIB) == []  # nothing to compare against
+    only = lever_notes([rec(16, 512, 12, 180, zero=3), ckpt[1]], budget=10 * GIB)
+    assert only == ["bf16 ZeRO-3 seq 512: fits only with gradient checkpointing (batch 16) at 0.70x the speed"]

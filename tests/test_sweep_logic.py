@@ -133,8 +133,8 @@ def test_close_calls_are_measured_again_longer_and_replace_the_first_figures(tmp
             sampler="rss",
             samples_per_s=sps,
             samples_per_step=p.batch_size,
-            step_time_p10_s=p.batch_size / sps / (1 + spread),
-            step_time_p90_s=p.batch_size / sps * (1 + spread),
+            step_time_median_low_s=p.batch_size / sps / (1 + spread),
+            step_time_median_high_s=p.batch_size / sps * (1 + spread),
         )
         return Record(point=p, status="ok", model="m", peak_bytes=p.batch_size, profile=prof)
 
@@ -146,3 +146,41 @@ def test_close_calls_are_measured_again_longer_and_replace_the_first_figures(tmp
     latest_records = {r.point.batch_size: r for r in latest(read_records(cfg.results_path))}
     assert latest_records[16].samples_per_s == 120.0 and len(latest_records) == 3
     assert close_calls(read_records(cfg.results_path), None) == []  # separated now
+
+
+def test_a_base_ds_config_travels_with_each_record_into_the_recommendation(tmp_path):
+    from ftprof.deepspeed_config import DeepSpeedConfig, ds_config_for
+    from ftprof.recommend import recommend
+
+    base = ds_config_for(3, offload_optimizer=True, offload_param=True)
+    base["zero_optimization"]["reduce_bucket_size"] = 12345  # the user's own bucket
+    points = plan_grid([4, 8], [1], ["fp32"], [128], [2, 3], [1], offload=DeepSpeedConfig(base).offload)
+    run, _ = fake_runner(limit_tokens=10**9)
+    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path, base_ds_config=DeepSpeedConfig(base))
+    list(iterate_sweep(cfg, {}, run))
+    records = read_records(cfg.results_path)
+    zero = {r.point.key: r.ds_config["zero_optimization"] for r in records}
+    assert zero["fp32-z3-w1-ga1-s128-b8-off_optimizer+param"]["offload_param"]["device"] == "cpu"
+    assert zero["fp32-z2-w1-ga1-s128-b8-off_optimizer"]["stage"] == 2
+    assert "offload_param" not in zero["fp32-z2-w1-ga1-s128-b8-off_optimizer"]
+    assert {z["reduce_bucket_size"] for z in zero.values()} == {12345}  # kept through the change of stage
+    fastest = recommend(records, None, config_dir=str(tmp_path))[0]
+    assert fastest.ds_config == fastest.record.ds_config  # what ran, not the shipped file
+    assert fastest.config_path == f"{tmp_path}/recommended_fastest.json"
+
+
+def test_a_point_is_re_measured_once():
+    def rec(batch, sps):
+        prof = Profile(
+            sampler="rss",
+            samples_per_s=sps,
+            samples_per_step=batch,
+            step_time_median_low_s=batch / sps / 1.2,
+            step_time_median_high_s=batch / sps * 1.2,
+        )
+        p = Point(precision="fp32", zero=2, seq_len=128, batch_size=batch)
+        return Record(point=p, status="ok", model="m", peak_bytes=batch, profile=prof)
+
+    first = [rec(8, 100.0), rec(16, 101.0)]
+    assert sorted(p.batch_size for p in close_calls(first, None)) == [8, 16]
+    assert close_calls([*first, rec(8, 99.0), rec(16, 100.0)], None) == []  # still tied: not again

@@ -105,3 +105,26 @@ def test_bisection_finds_the_largest_batch_that_fits(limit):
     found, tried = simulate_search(limit)
     assert found == min(limit, 1024)
     assert len(tried) == len(set(tried)) <= 2 * 11  # doubling then bisection: logarithmic
+
+
+def test_lever_axes_sweep_where_each_stage_supports_them():
+    points = plan_grid(
+        [8],
+        [1],
+        ["bf16"],
+        [128],
+        [0, 2, 3],
+        [1],
+        offloads=["none", "optimizer", "optimizer+param"],
+        checkpointing=[False, True],
+    )
+    combos = sorted({(p.zero, p.offload, p.gradient_checkpointing) for p in points})
+    assert combos == sorted(
+        (z, o, c)
+        for z, offs in ((0, ["none"]), (2, ["none", "optimizer"]), (3, ["none", "optimizer", "optimizer+param"]))
+        for o in offs
+        for c in (False, True)
+    )
+    assert len({p.key for p in points}) == len(points) == 12
+    with pytest.raises(ConfigError, match="--offload optimizer needs ZeRO stage 1, 2 or 3"):
+        plan_grid([8], [1], ["bf16"], [128], [0], [1], offloads=["optimizer"])

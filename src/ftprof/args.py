@@ -4,44 +4,63 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from transformers import TrainingArguments
 
 from ftprof.distributed import adopt_process_group
+
+Task = Literal["classification", "causal-lm"]
+CAUSAL_LM_METRICS = ("eval_loss", "loss", "eval_perplexity", "perplexity")  # what a causal-LM evaluation reports
 
 
 @dataclass
 class ScriptArguments:
     """What to train on; the field help is the ``--help`` text."""
 
+    task: Task = field(
+        default="classification",
+        metadata={
+            "help": "classification: a sequence classifier on labelled texts. causal-lm: next-token language "
+            "modelling on the texts alone (AutoModelForCausalLM; eval loss and perplexity)."
+        },
+    )
     model: str = field(
         default="bert-base-uncased",
         metadata={
             "help": "Hub id, local model directory, or a tiny preset (tiny-bert, tiny-distilbert, tiny-roberta, "
-            "tiny-gpt2)."
+            "tiny-gpt2, tiny-llama, tiny-qwen2)."
         },
     )
     dataset: str = field(
         default="imdb",
         metadata={
-            "help": "Hub dataset name, a local csv/tsv/json/jsonl/parquet file or folder (splits by file name), or "
-            "'synthetic'."
+            "help": "Hub dataset name, a local csv/tsv/json/jsonl/parquet/txt file or folder (splits by file name; "
+            ".txt: one document per line), or 'synthetic'."
         },
     )
     text_column: str | None = field(default=None, metadata={"help": "Column with the text (detected when omitted)."})
     label_column: str | None = field(
-        default=None, metadata={"help": "Column with integer labels (detected when omitted)."}
+        default=None, metadata={"help": "Column with integer labels (detected when omitted; classification only)."}
     )
     max_length: int | None = field(
         default=None,
         metadata={
-            "help": "Truncate inputs to this many tokens (default: the model's limit, at most 512). Batches are padded "
-            "only to their longest input."
+            "help": "classification: truncate inputs to this many tokens (default: the model's limit, at most 512; "
+            "batches are padded only to their longest input). causal-lm: the block size (default: the model's "
+            "limit, at most 1024)."
+        },
+    )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "causal-lm only: concatenate the documents, EOS between them, into blocks of exactly --max_length "
+            "tokens. --packing false: one document per row, truncated to --max_length and padded per batch (labels "
+            "-100 on the pads)."
         },
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Train on a seeded random subset of this size."}
+        default=None, metadata={"help": "Train on a seeded random subset of this size (documents, before packing)."}
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on a seeded random subset of this size."}
@@ -73,7 +92,7 @@ class ScriptArguments:
         metadata={
             "help": "Also compute this `evaluate` metric on the eval predictions: a Hub name (accuracy, f1, "
             "matthews_correlation; needs network once, then its cache) or a local metric script path. "
-            "Accuracy and F1 are always computed (numpy, no network)."
+            "Accuracy and F1 are always computed (numpy, no network). Classification only."
         },
     )
 
@@ -82,9 +101,10 @@ class ScriptArguments:
 class FtprofTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with defaults for classification fine-tuning and a CPU multi-rank fix.
 
-    Changed defaults: evaluate and save each epoch, keep the best checkpoint by accuracy. The best-model
-    defaults give way to the user's strategies: ``ftprof.train.parse`` turns them off (see
-    :func:`best_model_conflict`) unless ``--load_best_model_at_end`` / ``--metric_for_best_model`` were passed.
+    Changed defaults: evaluate and save each epoch, keep the best checkpoint by accuracy (by ``eval_loss`` for
+    ``--task causal-lm``, set by ``ftprof.train.parse``). The best-model defaults give way to the user's
+    strategies: ``ftprof.train.parse`` turns them off (see :func:`best_model_conflict`) unless
+    ``--load_best_model_at_end`` / ``--metric_for_best_model`` were passed.
     """
 
     output_dir: str = field(default="outputs/train", metadata={"help": "Where checkpoints, model and metrics go."})
@@ -92,7 +112,8 @@ class FtprofTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps, epoch or best."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Restore the best checkpoint after training."})
     metric_for_best_model: str | None = field(
-        default="accuracy", metadata={"help": "Metric that picks the best model."}
+        default="accuracy",
+        metadata={"help": "Metric that picks the best model (default: accuracy; eval_loss for --task causal-lm)."},
     )
     save_total_limit: int | None = field(
         default=2, metadata={"help": "Checkpoints kept (the best one is never deleted)."}

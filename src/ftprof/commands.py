@@ -9,7 +9,7 @@ from ftprof.point import Point
 PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}
 
 
-def train_command(model: str, point: Point, config_path: str) -> str:
+def train_command(model: str, point: Point, config_path: str, task: str = "classification") -> str:
     """The ``deepspeed launch/train.py`` command that trains ``model`` as ``point`` was measured, rank count
     pinned (a bare ``deepspeed`` would start one rank per visible GPU).
 
@@ -36,4 +36,6 @@ def train_command(model: str, point: Point, config_path: str) -> str:
     ]
     if point.gradient_checkpointing:
         args.append("--gradient_checkpointing")
+    if task != "classification":
+        args += ["--task", task]  # for a causal LM, --max_length is the packed block size
     return shlex.join(args)

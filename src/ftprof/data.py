@@ -1,7 +1,8 @@
 """Load a text-classification dataset (Hub name, local file or folder, or ``synthetic``) and tokenize it.
 
 Everything that can be wrong with the data (missing columns, non-integer labels, empty splits) is found
-here, before a model is built.
+here, before a model is built. Loading and split selection are shared with ``--task causal-lm``
+(:mod:`ftprof.lm_data`), which needs texts only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FORMATS: dict[str, tuple[str, dict]] = {
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
+    ".txt": ("text", {}),  # one document per line, in a column named "text"
 }
 SPLIT_NAMES = {
     "train": ("train",),
@@ -138,20 +140,9 @@ def prepare_task(
     Raises:
         DataError: a column is missing, labels aren't non-negative integers, or a split is empty.
     """
-    if "train" not in raw:
-        raise DataError(f"the dataset has no train split (splits: {list(raw)}); name a file train.csv or similar")
-    train = raw["train"]
+    train, evaluation = split_train_eval(raw, seed)
     text_column = text_column or detect_column(train, TEXT_COLUMNS, "--text_column", want_text=True)
     label_column = label_column or detect_column(train, LABEL_COLUMNS, "--label_column", want_text=False)
-    eval_name = next((s for s in EVAL_SPLITS if s in raw and len(raw[s]) > 0), None)
-    if eval_name is None:
-        logger.warning("no validation split; holding out 10% of train for evaluation")
-        if len(train) < 2:
-            raise DataError(f"the train split has {len(train)} rows; it needs at least 2 to hold out an eval split")
-        parts = train.train_test_split(test_size=0.1, seed=seed)
-        train, evaluation = parts["train"], parts["test"]
-    else:
-        evaluation = raw[eval_name]
     label_names = None
     for split_name, ds in (("train", train), ("eval", evaluation)):
         for column, flag in ((text_column, "--text_column"), (label_column, "--label_column")):
@@ -164,11 +155,37 @@ def prepare_task(
         names = _label_names(ds, label_column, split_name)
         label_names = names if label_names is None or len(names) > len(label_names) else label_names
     assert label_names is not None
-    if max_train_samples is not None:
-        train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
-    if max_eval_samples is not None:
-        evaluation = evaluation.shuffle(seed=seed).select(range(min(max_eval_samples, len(evaluation))))
+    train, evaluation = subsample(train, max_train_samples, seed), subsample(evaluation, max_eval_samples, seed)
     return TaskData(train, evaluation, text_column, label_column, label_names)
+
+
+def split_train_eval(raw: DatasetDict, seed: int = 42) -> tuple[Dataset, Dataset]:
+    """The train split, and the eval split: ``validation``, else ``test``, else 10% of train held out.
+
+    Raises:
+        DataError: there is no train split, or too few rows to hold one out.
+    """
+    if "train" not in raw:
+        raise DataError(f"the dataset has no train split (splits: {list(raw)}); name a file train.csv or similar")
+    train = raw["train"]
+    eval_name = next((s for s in EVAL_SPLITS if s in raw and len(raw[s]) > 0), None)
+    if eval_name is not None:
+        return train, raw[eval_name]
+    logger.warning("no validation split; holding out 10% of train for evaluation")
+    if len(train) < 2:
+        raise DataError(f"the train split has {len(train)} rows; it needs at least 2 to hold out an eval split")
+    parts = train.train_test_split(test_size=0.1, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def subsample(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """A seeded random subset of ``n`` rows (all of ``ds`` when ``n`` is None or larger).
+
+    Random, not the first rows: local files are often sorted (by label, by length).
+    """
+    if n is None:
+        return ds
+    return ds.shuffle(seed=seed).select(range(min(n, len(ds))))
 
 
 def _label_names(ds: Dataset, column: str, split_name: str) -> list[str]:

@@ -179,10 +179,19 @@ def shipped_config(point: Point) -> str | None:
 
 
 def for_point(base: DeepSpeedConfig, point: Point) -> dict[str, Any]:
-    """A copy of ``base`` for ``point``: the shipped block for its ZeRO stage, with its offload (``base``'s
-    offload settings where it has them, else to pinned CPU memory)."""
+    """A copy of ``base`` for ``point``: its ZeRO stage and offload, everything else of ``base`` kept.
+
+    At ``base``'s own stage its ``zero_optimization`` block is used as written; at another stage the shipped
+    block for that stage is the starting point, overridden by ``base``'s own keys (buckets, live
+    parameters, ...). Offload follows the point: ``base``'s offload settings where it has them, else pinned
+    CPU memory.
+    """
     config = json.loads(json.dumps(base.config))
-    zero = ds_config_for(point.zero)["zero_optimization"]
+    own = {
+        k: v for k, v in config.get("zero_optimization", {}).items() if k not in ("offload_optimizer", "offload_param")
+    }
+    shipped = {} if point.zero == base.zero_stage else ds_config_for(point.zero)["zero_optimization"]
+    zero = {**shipped, **own, "stage": point.zero}
     if point.offload_optimizer:
         zero["offload_optimizer"] = base.get("zero_optimization.offload_optimizer") or {
             "device": "cpu",

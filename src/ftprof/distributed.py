@@ -1,7 +1,10 @@
 """Make DeepSpeed + HF Trainer see the right world on any launcher, CPU-only machines included.
 
-Two gaps are closed here:
+Three gaps are closed here:
 
+* Under ``srun`` each task gets ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID``, which torch,
+  DeepSpeed and accelerate don't read: every task would train alone as rank 0 of 1 (so would
+  ``deepspeed --launcher slurm``, which starts ranks through srun). :func:`adopt_slurm_env` maps them.
 * Under plain ``python`` DeepSpeed looks for MPI when no launcher set ``RANK``/``WORLD_SIZE``; a single
   process only needs those variables set to "rank 0 of 1".
 * On a machine with no CUDA device, accelerate (which TrainingArguments uses to set up devices) leaves
@@ -13,7 +16,9 @@ Two gaps are closed here:
 from __future__ import annotations
 
 import os
+import re
 import socket
+import subprocess
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -25,9 +30,58 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm hostlist: ``scontrol`` expands it, else :func:`parse_first_host`."""
+    try:
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.split()
+        if hosts:
+            return hosts[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return parse_first_host(nodelist)
+
+
+def parse_first_host(nodelist: str) -> str:
+    """The first host of a hostlist, parsed (the first bracket only).
+
+    >>> parse_first_host("gpu[07-09,12],cpu1"), parse_first_host("node3,node4")
+    ('gpu07', 'node3')
+    """
+    head = nodelist.split(",")[0]
+    if "[" not in head:
+        return head
+    prefix, rest = nodelist.split("[", 1)
+    return prefix + re.split(r"[-,\]]", rest)[0]
+
+
+def adopt_slurm_env() -> bool:
+    """Under srun, set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` from Slurm's
+    variables; returns True when it did.
+
+    Only inside a job step (``SLURM_STEP_ID`` set): an sbatch script's own shell also has ``SLURM_PROCID=0``
+    and ``SLURM_NTASKS=N`` and must stay one process. Variables a launcher (or the user) set win.
+    """
+    env = os.environ
+    if any(v in env for v in LAUNCHER_VARIABLES) or "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return False
+    world = env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=world, LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    if env.get("SLURM_STEP_NUM_NODES", "1") == "1":
+        env.setdefault("LOCAL_WORLD_SIZE", world)
+        env.setdefault("LOCAL_SIZE", world)  # DeepSpeed's CPU shared-memory all-reduce needs all ranks local
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+    else:
+        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]))
+    # The same on every task of a step, different between concurrent steps of one job.
+    env.setdefault("MASTER_PORT", str(20000 + (int(env["SLURM_JOB_ID"]) * 16 + int(env["SLURM_STEP_ID"])) % 40000))
+    return True
+
+
 def ensure_single_process_env() -> bool:
-    """Set rank-0-of-1 variables when no launcher did; returns True when it set them."""
-    if any(v in os.environ for v in LAUNCHER_VARIABLES):
+    """Set rank-0-of-1 variables when no launcher (nor srun) did; returns True when it set them."""
+    if any(v in os.environ for v in LAUNCHER_VARIABLES) or adopt_slurm_env():
         return False
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -65,6 +65,13 @@ class Arch:
     attention: Literal["eager", "sdpa"] = "sdpa"
     lm_head: bool = False  # logits over the vocabulary (causal LM) rather than a few labels
     num_labels: int = 2
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as ``heads``
+    mlp: Literal["plain", "gated"] = "plain"  # gated: Llama-style SiLU(gate) * up, RMSNorm, no dropout
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (or value) projection: kv heads x head dim."""
+        return (self.kv_heads or self.heads) * (self.hidden // self.heads)
 
 
 @dataclass
@@ -131,19 +138,50 @@ def model_states(arch: Arch, s: Point, device: Device = "gpu") -> tuple[dict[str
 def layer_activations(arch: Arch, s: Point, device: Device = "gpu") -> int:
     """Bytes one transformer layer saves for backward at micro-batch ``b`` and length ``s``.
 
+    Dropout masks are one byte per element on GPUs (fused kernels) and a full element on CPUs, where dropout
+    saves its mask in the data type; each of the two LayerNorms keeps a mean and 1/std in fp32 per token.
+
     >>> arch = Arch("gpt", "decoder", 0, 1, 1024, 16, 4096, 50257, attention="eager")
     >>> p = Point(batch_size=1, seq_len=2048, precision="fp16", zero=0)
-    >>> layer_activations(arch, p) == 2048 * 1024 * (34 + 5 * 16 * 2048 / 1024)
+    >>> layer_activations(arch, p) == 2048 * 1024 * (34 + 5 * 16 * 2048 / 1024) + 16 * 2048
     True
     """
     b, sq, h, i, a = s.batch_size, s.seq_len, arch.hidden, arch.intermediate, arch.heads
     e, drop = bytes_per_element(s.precision), int(arch.dropout)
-    linear = sq * b * h * (8 * e + 2 * drop) + 2 * sq * b * i * e
+    mask = e if device == "cpu" else 1
+    if arch.mlp == "gated":
+        return gated_layer_activations(arch, s, device)
+    linear = sq * b * h * (8 * e + 2 * drop * mask) + 2 * sq * b * i * e + 16 * sq * b
     if materializes_scores(arch, device):
-        scores = a * sq * sq * b * (e + drop * (e + 1))
+        scores = a * sq * sq * b * (e + drop * (e + mask))
     else:
         scores = 4 * a * b * sq  # softmax statistics of fused kernels
     return linear + scores
+
+
+def gated_layer_activations(arch: Arch, s: Point, device: Device = "gpu") -> int:
+    """Bytes a Llama-style layer (RMSNorm, rotary, grouped-query attention, SiLU-gated MLP) saves for backward.
+
+    Per token: each RMSNorm keeps its input, its normalised output and 1/rms (fp32); the q/k/v projections
+    their (weighted) input; attention q, k and v (k, v at the kv width) and its output; the MLP its input,
+    gate and up outputs, SiLU(gate) and the product. Eager attention repeats k and v to every head and keeps
+    the softmax (in fp32 too under mixed precision); SDPA/flash keeps log-sum-exp statistics instead.
+
+    >>> arch = Arch("l", "decoder", 0, 1, 64, 4, 176, 1000, dropout=False, kv_heads=2, mlp="gated")
+    >>> gated_layer_activations(arch, Point(batch_size=2, seq_len=32, precision="fp32", zero=0), "cpu")
+    329216
+    """
+    b, sq, h, i, a = s.batch_size, s.seq_len, arch.hidden, arch.intermediate, arch.heads
+    e = bytes_per_element(s.precision)
+    tokens = sq * b
+    norms = 2 * tokens * (2 * h * e + 4)  # input and output of each RMSNorm, and 1/rms
+    mlp = tokens * (h + 4 * i) * e
+    if materializes_scores(arch, device):
+        # q/k/v input, q, k and v repeated to all heads, the output for o_proj; softmax (+ its fp32 copy)
+        attention = tokens * 5 * h * e + a * sq * sq * b * (e + (4 if e == 2 else 0))
+    else:
+        attention = tokens * (3 * h + 2 * arch.kv_dim) * e + 4 * a * tokens  # q/k/v input, q, out; k, v; lse
+    return norms + attention + mlp
 
 
 def materializes_scores(arch: Arch, device: Device) -> bool:
@@ -159,11 +197,22 @@ def activations(arch: Arch, s: Point, device: Device = "gpu") -> dict[str, int]:
         layers = arch.layers * sq * b * h * e + per_layer  # inputs kept, one layer recomputed at a time
     else:
         layers = arch.layers * per_layer
-    embeddings = sq * b * h * (2 * e + int(arch.dropout))
-    classes = arch.vocab if arch.lm_head else arch.num_labels
-    positions = sq if arch.lm_head else 1
-    logits = 2 * 4 * b * positions * classes  # fp32 logits and their softmax for the loss
-    return {"activations (layers)": layers, "activations (embeddings)": embeddings, "logits + loss": logits}
+    if arch.mlp == "gated":  # the lookup keeps its int64 ids; its output is layer 0's input
+        embeddings = 8 * sq * b
+    else:
+        # The embeddings' sum (LayerNorm input) and dropout mask; the LayerNorm output is layer 0's input,
+        # counted there. Per token: LayerNorm statistics and the int64 ids the lookups keep (measured: 26 B).
+        embeddings = sq * b * h * (e + int(arch.dropout) * (e if device == "cpu" else 1)) + 26 * sq * b
+    items = {"activations (layers)": layers, "activations (embeddings)": embeddings}
+    if arch.lm_head:
+        # The final norm (input, output, statistics) and lm_head's input; the loss keeps fp32 log-softmax over
+        # the vocabulary and the int64 labels, while the logits themselves (and, under mixed precision, their
+        # fp32 copy) are alive until the loss is computed.
+        items["activations (final norm + head)"] = sq * b * (3 * h * e + 4 if arch.mlp == "gated" else 3 * h * e + 8)
+        items["logits + loss"] = b * sq * (arch.vocab * (4 + e + (4 if e == 2 else 0)) + 8)
+    else:
+        items["logits + loss"] = 2 * 4 * b * arch.num_labels  # fp32 logits and their softmax for the loss
+    return items
 
 
 def estimate(arch: Arch, s: Point, cal: Calibration | None = None, device: Device = "gpu") -> Estimate:

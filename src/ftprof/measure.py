@@ -40,6 +40,7 @@ class MeasureSpec:
     dataset: str | None = None
     seed: int = 0
     min_seconds: float = 0.0  # the throughput window lasts at least ``steps`` steps and this long
+    task: str = "classification"  # or "causal-lm": blocks of exactly seq_len tokens, labels = input_ids
 
     @property
     def max_steps(self) -> int:
@@ -64,40 +65,54 @@ def _token_dataset(spec: MeasureSpec, vocab_size: int, n_rows: int):
     g = torch.Generator().manual_seed(spec.seed)
     seq_len = spec.point.seq_len
     ids = torch.randint(5, vocab_size, (n_rows, seq_len), generator=g)
+    if spec.task == "causal-lm":  # the collator makes labels from the ids
+        return Dataset.from_dict({"input_ids": ids.tolist()})
     labels = torch.randint(0, 2, (n_rows,), generator=g)
     return Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * n_rows, "labels": labels.tolist()}
     )
 
 
-def _load_task(dataset: str, seed: int):
+def _packed_rows(spec: MeasureSpec, task, tokenizer, n_rows: int):
+    """A causal LM's training text packed into blocks of exactly ``seq_len`` tokens, cycled to ``n_rows``."""
+    from ftprof.lm_data import pack, tokenize_documents
+
+    blocks = pack(tokenize_documents(task.train, task.text_column, tokenizer), spec.point.seq_len)
+    return blocks.select([i % len(blocks) for i in range(n_rows)])
+
+
+def _load_task(dataset: str, seed: int, task: str = "classification"):
+    """The data's train split: texts and labels, or (causal LM) documents."""
     from ftprof.data import load_raw, prepare_task
 
+    if task == "causal-lm":
+        from ftprof.lm_data import prepare_corpus
+
+        return prepare_corpus(load_raw(dataset, seed=seed), None, seed=seed)
     return prepare_task(load_raw(dataset, seed=seed), None, None, seed=seed)
 
 
 def _dataset_rows(spec: MeasureSpec, task, tokenizer, n_rows: int, global_batch: int):
-    """Real texts truncated to ``seq_len``, ordered so that the first global batch holds the longest
-    inputs (the worst-case batch is always measured) and the rest follow in random order."""
+    """Real texts truncated to ``seq_len``: the first global batch holds the longest inputs (the worst case
+    is always measured, once), then the other rows follow in random order, reshuffled on each pass, for as
+    many rows as the run can take (a long window must not meet the worst-case batch again each epoch)."""
     import random
 
     from datasets import Dataset
 
     texts, labels = list(task.train[task.text_column]), list(task.train[task.label_column])
     encoded = tokenizer(texts, truncation=True, max_length=spec.point.seq_len)
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
-    head, tail = order[:global_batch], order[global_batch:]
-    random.Random(spec.seed).shuffle(tail)
-    chosen = (head + tail)[:n_rows]
-    while len(chosen) < n_rows:  # small files: repeat
-        chosen += chosen[: n_rows - len(chosen)]
-    return Dataset.from_dict(
-        {
-            "input_ids": [encoded["input_ids"][i] for i in chosen],
-            "attention_mask": [encoded["attention_mask"][i] for i in chosen],
-            "labels": [labels[i] for i in chosen],
-        }
+    base = Dataset.from_dict(
+        {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
     )
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
+    head, tail = order[:global_batch], order[global_batch:] or order
+    rng = random.Random(spec.seed)
+    chosen = list(head)
+    while len(chosen) < n_rows:
+        rng.shuffle(tail)
+        chosen += tail[: n_rows - len(chosen)]
+    return base.select(chosen)  # an index mapping: no copy of the rows
 
 
 def measure(spec: MeasureSpec) -> Profile:
@@ -108,7 +123,8 @@ def measure(spec: MeasureSpec) -> Profile:
     from ftprof.args import FtprofTrainingArguments
     from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted
     from ftprof.distributed import ensure_single_process_env
-    from ftprof.models import build_model, resolve_model_spec, train_tokenizer_for
+    from ftprof.lm_data import CausalLMCollator
+    from ftprof.models import build_causal_lm, build_model, resolve_model_spec, train_tokenizer_for
     from ftprof.profiler import ProfilerCallback
 
     ensure_single_process_env()
@@ -137,23 +153,34 @@ def measure(spec: MeasureSpec) -> Profile:
             train_sampling_strategy="sequential" if spec.dataset else "random",
         )
         global_batch = p.batch_size * p.grad_accum * args.world_size
-        n_rows = global_batch * (spec.warmup + spec.steps + 1)
         # Token ids are synthetic unless --dataset: a tokenizer is only needed for real texts (and pad id 0).
-        task = _load_task(spec.dataset, spec.seed) if spec.dataset else None
+        task = _load_task(spec.dataset, spec.seed, spec.task) if spec.dataset else None
         texts = list(task.train[task.text_column]) if task else ["profiling"] * 4
-        tokenizer = train_tokenizer_for(model_spec, texts)
-        if task is not None:
+        # Synthetic rows all have the swept length, so Trainer may loop over a few of them; real rows are index
+        # mappings, enough for one pass of the longest window (the worst-case batch runs once).
+        n_rows = global_batch * ((spec.max_steps if task else spec.warmup + spec.steps) + 1)
+        causal = spec.task == "causal-lm"
+        tokenizer = train_tokenizer_for(model_spec, texts, causal_lm=causal)
+        if task is not None and causal:
+            train = _packed_rows(spec, task, tokenizer, n_rows)
+        elif task is not None:
             train = _dataset_rows(spec, task, tokenizer, n_rows, global_batch)
         else:
             train = _token_dataset(spec, model_spec.config.vocab_size, n_rows)
-        model = build_model(model_spec, tokenizer, ["0", "1"], shrink_vocab=False)  # the preset's real shape
-        model.accepts_loss_kwargs = False  # type: ignore[assignment]  # a plain attribute Trainer reads
+        if causal:
+            # Loss averaged per token over ranks and accumulation: Trainer's loss kwargs stay on.
+            model = build_causal_lm(model_spec, tokenizer, shrink_vocab=False)
+            collator: Any = CausalLMCollator(tokenizer.pad_token_id)
+        else:
+            model = build_model(model_spec, tokenizer, ["0", "1"], shrink_vocab=False)  # the preset's real shape
+            model.accepts_loss_kwargs = False  # type: ignore[assignment]  # a plain attribute Trainer reads
+            collator = DataCollatorWithPadding(tokenizer)
         profiler = ProfilerCallback(warmup_steps=spec.warmup, min_steps=spec.steps, min_seconds=spec.min_seconds)
         trainer = Trainer(
             model=model,
             args=args,
             train_dataset=train,
-            data_collator=DataCollatorWithPadding(tokenizer),
+            data_collator=collator,
             callbacks=[profiler],
         )
         trainer.train()

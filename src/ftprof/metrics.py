@@ -1,4 +1,5 @@
-"""Eval metrics: accuracy and F1 in numpy (always; no network), plus an optional ``evaluate`` metric.
+"""Eval metrics: accuracy and F1 in numpy (always; no network), plus an optional ``evaluate`` metric;
+perplexity for causal language models.
 
 Accuracy and F1 are what ``--metric_for_best_model`` needs and what every run reports, so they must work
 on an air-gapped machine and cost nothing: a named ``evaluate`` metric is a script fetched from the Hub.
@@ -9,6 +10,7 @@ metric script), checked by :func:`load_metric` before any model or data is loade
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -43,6 +45,22 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_labe
         fn = int(((predictions != c) & (labels == c)).sum())
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
     return {"accuracy": round(accuracy, 6), "f1": round(float(np.mean(f1s)), 6)}
+
+
+def add_perplexity(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Add ``<prefix>_perplexity = exp(<prefix>_loss)`` beside each loss in ``metrics`` (in place; returned too).
+
+    Perplexity is the exponential of the mean per-token cross-entropy: the number of equally likely tokens the
+    model is, on average, choosing among (the vocabulary size for a model that knows nothing).
+
+    >>> add_perplexity({"eval_loss": math.log(20.0), "eval_runtime": 1.5})["eval_perplexity"]
+    20.0
+    """
+    for key, value in list(metrics.items()):
+        if key.endswith("_loss") and isinstance(value, (int, float)):
+            # exp overflows a float past ~709 nats; no real loss gets there, a diverged one might.
+            metrics[key[: -len("loss")] + "perplexity"] = round(math.exp(value), 6) if value < 700 else math.inf
+    return metrics
 
 
 def argmax_logits(logits, labels):

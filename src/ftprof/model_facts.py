@@ -3,21 +3,36 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from transformers import AutoModelForSequenceClassification, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from ftprof.architectures import dims
 from ftprof.estimate import Arch
 from ftprof.models import resolve_model_spec
 
-DECODERS = ("gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "opt", "bloom", "falcon", "phi", "gemma")
+DECODERS = ("gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "qwen3", "opt", "bloom", "falcon", "phi", "gemma")
+# Llama-style blocks: RMSNorm, rotary, grouped-query attention, SiLU-gated MLP.
+GATED_MLP = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+Task = Literal["classification", "causal-lm"]
 
 
-def arch_from_config(name: str, config: PretrainedConfig, num_labels: int = 2, attention: str | None = None) -> Arch:
-    """Facts of a sequence classifier with ``num_labels`` outputs built from ``config``."""
+def arch_from_config(
+    name: str,
+    config: PretrainedConfig,
+    num_labels: int = 2,
+    attention: str | None = None,
+    task: Task = "classification",
+) -> Arch:
+    """Facts of the model ``task`` builds from ``config``: a sequence classifier with ``num_labels`` outputs,
+    or a causal LM (logits over the vocabulary; tied embeddings counted once)."""
     config.num_labels = num_labels
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_config(config)
+        else:
+            model = AutoModelForSequenceClassification.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     d = dims(config)
     dropout_names = ("hidden_dropout_prob", "dropout", "resid_pdrop", "attention_dropout")
@@ -33,15 +48,18 @@ def arch_from_config(name: str, config: PretrainedConfig, num_labels: int = 2, a
         vocab=int(config.vocab_size),
         dropout=dropout,
         attention="eager" if (attention or config._attn_implementation or "sdpa") == "eager" else "sdpa",
+        lm_head=task == "causal-lm",
         num_labels=num_labels,
+        kv_heads=int(getattr(config, "num_key_value_heads", None) or d.heads),
+        mlp="gated" if config.model_type in GATED_MLP else "plain",
     )
 
 
-def arch_for(model: str, attention: str | None = None) -> Arch:
+def arch_for(model: str, attention: str | None = None, task: Task = "classification") -> Arch:
     """Facts of ``model`` (a known architecture, local directory or reachable Hub id), weights never loaded.
 
     Raises:
         ModelError: the architecture can't be found offline.
     """
     spec = resolve_model_spec(model, random_init=True)
-    return arch_from_config(model, spec.config, attention=attention)
+    return arch_from_config(model, spec.config, attention=attention, task=task)

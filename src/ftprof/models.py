@@ -1,19 +1,22 @@
 """Resolve ``--model`` to a config, weights and tokenizer: a Hub id, a local directory or a tiny preset.
 
 Resolution reads only configs, so a wrong name or an unreachable Hub fails in seconds, before any data or
-weights are loaded.
+weights are loaded. :func:`build_model` makes a sequence classifier, :func:`build_causal_lm` a language model.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
@@ -21,9 +24,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ftprof.architectures import TINY_PRESETS, known_config_dict, known_names
 from ftprof.errors import ModelError
+from ftprof.lm_tokenizer import train_byte_bpe
 from ftprof.offline_tokenizer import train_wordpiece
 
 logger = logging.getLogger(__name__)
@@ -95,7 +100,8 @@ def resolve_model_spec(name: str, random_init: bool = False) -> ModelSpec:
     path = Path(name).expanduser()
     if path.is_dir():
         return _local_spec(name, path, random_init)
-    if name.startswith((".", "/", "~")) or path.suffix:
+    # A file-like suffix (model.bin, config.json) means a path; Hub ids have dots too (Qwen/Qwen2.5-0.5B).
+    if name.startswith((".", "/", "~")) or path.suffix[1:].isalpha():
         raise ModelError(
             f"--model {name!r}: no such directory; give a model directory, a Hub id or a preset "
             f"({', '.join(sorted(TINY_PRESETS))})"
@@ -155,15 +161,22 @@ def load_tokenizer(spec: ModelSpec, fallback: Callable[[], PreTrainedTokenizerBa
     return tokenizer
 
 
-def train_tokenizer_for(spec: ModelSpec, texts: Iterable[str]) -> PreTrainedTokenizerBase:
-    """A WordPiece tokenizer trained on ``texts`` that fits ``spec``'s embedding and length limit."""
+def train_tokenizer_for(spec: ModelSpec, texts: Iterable[str], causal_lm: bool = False) -> PreTrainedTokenizerBase:
+    """A tokenizer trained on ``texts`` that fits ``spec``'s embedding and length limit.
+
+    WordPiece (BERT-style ``[CLS] text [SEP]``) for classification; for a causal LM, byte-level BPE with an
+    end-of-text token and its own pad token (:func:`ftprof.lm_tokenizer.train_byte_bpe`).
+    """
     vocab_size = min(OFFLINE_VOCAB_SIZE, spec.config.vocab_size)
+    kind = "byte-level BPE" if causal_lm else "WordPiece"
     logger.warning(
-        "%s: no tokenizer available offline; training a %d-entry WordPiece tokenizer on the training texts",
+        "%s: no tokenizer available offline; training a %d-entry %s tokenizer on the training texts",
         spec.name,
         vocab_size,
+        kind,
     )
-    return train_wordpiece(texts, vocab_size, spec.max_positions() or 512)
+    train = train_byte_bpe if causal_lm else train_wordpiece
+    return train(texts, vocab_size, spec.max_positions() or 512)
 
 
 def build_model(
@@ -193,3 +206,64 @@ def build_model(
         return AutoModelForSequenceClassification.from_config(config)
     assert spec.weights is not None, "resolve_model_spec sets weights unless random_init"
     return AutoModelForSequenceClassification.from_pretrained(spec.weights, config=config)
+
+
+def check_causal_lm(spec: ModelSpec) -> None:
+    """Fail fast (before any data is loaded) when ``spec``'s architecture has no causal-LM head.
+
+    Raises:
+        ModelError: e.g. DistilBERT, which transformers can't build as a language model.
+    """
+    if spec.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(
+            f"--model {spec.name!r} ({spec.config.model_type}) has no causal language-model head; use a decoder "
+            "(tiny-gpt2, tiny-llama, tiny-qwen2, gpt2, Qwen/Qwen2.5-0.5B, ...) or --task classification"
+        )
+
+
+def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, shrink_vocab: bool = True) -> PreTrainedModel:
+    """A causal LM (``AutoModelForCausalLM``) covering ``tokenizer``'s vocabulary, pretrained when ``spec`` has weights.
+
+    The embedding matches the tokenizer: a tiny preset's shrinks to a tokenizer trained on the data (unless
+    ``shrink_vocab`` is off); any other model's grows when the tokenizer has more entries (random weights: built
+    that size; pretrained: ``resize_token_embeddings``, which keeps tied input and output embeddings tied).
+    Encoders that transformers can run as decoders (BERT, RoBERTa) get ``is_decoder``, i.e. a causal mask.
+
+    Raises:
+        ModelError: the architecture has no causal-LM head.
+    """
+    check_causal_lm(spec)
+    config = spec.config
+    if getattr(config, "is_decoder", None) is False:
+        config.is_decoder = True  # without it BERT's LM head attends to the tokens it must predict
+    pad = tokenizer.pad_token_id
+    # A pad id becomes the embedding's padding_idx (Llama, Qwen2: that row never trains): only a dedicated pad.
+    if pad is not None and pad not in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        config.pad_token_id = pad
+    if spec.random_init:
+        # Random weights learn whatever ids the tokenizer uses (one trained on the data has its own).
+        for key in ("bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, key) is not None:
+                setattr(config, key, getattr(tokenizer, key))
+        if (spec.origin == "preset" and shrink_vocab) or len(tokenizer) > config.vocab_size:
+            config.vocab_size = len(tokenizer)
+        logger.warning(
+            "%s: RANDOM weights (built from its config); loss will start near ln(%d) = %.2f",
+            spec.name,
+            config.vocab_size,
+            math.log(config.vocab_size),
+        )
+        return AutoModelForCausalLM.from_config(config)
+    assert spec.weights is not None, "resolve_model_spec sets weights unless random_init"
+    # fp32 weights: Trainer's --bf16/--fp16 (and DeepSpeed's) mixed precision keeps fp32 master weights; a
+    # bf16 checkpoint loaded as is would train in pure bf16.
+    model = AutoModelForCausalLM.from_pretrained(spec.weights, config=config, dtype=torch.float32)
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    rows = weight.shape[0]
+    if len(tokenizer) > rows:
+        logger.warning(
+            "%s: tokenizer has %d entries, embedding %d: resizing the embedding", spec.name, len(tokenizer), rows
+        )
+        model.resize_token_embeddings(len(tokenizer))
+    return model

@@ -13,7 +13,8 @@ range (p10-p90 step periods) overlaps the runner-up's is marked as within noise 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ftprof.commands import train_command
@@ -51,7 +52,7 @@ class Recommendation:
 
     @property
     def command(self) -> str:
-        return train_command(self.record.model, self.record.point, self.config_path)
+        return train_command(self.record.model, self.record.point, self.config_path, self.record.task)
 
     @property
     def title(self) -> str:
@@ -71,15 +72,16 @@ def per_rank_samples_per_s(record: Record) -> float:
 
 
 def throughput_range(record: Record) -> tuple[float, float]:
-    """Samples/s at the p90 (slow) and p10 (fast) step periods; the median figure twice when unknown."""
+    """Samples/s at the ends of the median step period's ~95% interval (narrower the longer the window);
+    the median figure twice when unknown."""
     prof = record.profile
-    if prof is None or not prof.samples_per_step or not prof.step_time_p90_s or not prof.step_time_p10_s:
+    if prof is None or not prof.samples_per_step or not prof.step_time_median_high_s or not prof.step_time_median_low_s:
         return record.samples_per_s, record.samples_per_s
-    return prof.samples_per_step / prof.step_time_p90_s, prof.samples_per_step / prof.step_time_p10_s
+    return prof.samples_per_step / prof.step_time_median_high_s, prof.samples_per_step / prof.step_time_median_low_s
 
 
 def within_noise(a: Record, b: Record) -> bool:
-    """Whether two points' throughput ranges overlap, so measured speed can't order them."""
+    """Whether two points' throughput intervals overlap, so the measurements can't order them."""
     (a_low, a_high), (b_low, b_high) = throughput_range(a), throughput_range(b)
     return a_low <= b_high and b_low <= a_high
 
@@ -144,7 +146,11 @@ def recommend(
     out = []
     for kind, record in picks.items():
         p = record.point
-        shipped = shipped_config(p)
+        ds_config = record.ds_config or ds_config_for(p.zero, p.offload_optimizer, p.offload_param)
+        # The shipped file only where it holds exactly what ran (a user's --ds_config travels with the record).
+        shipped = (
+            shipped_config(p) if ds_config == ds_config_for(p.zero, p.offload_optimizer, p.offload_param) else None
+        )
         path = f"ds_configs/{shipped}" if shipped and not write_configs else f"{config_dir}/recommended_{kind}.json"
         ties = (
             [r.point.key for r in candidates if r is not record and within_noise(record, r)]
@@ -153,12 +159,62 @@ def recommend(
         )
         out.append(
             Recommendation(
-                kind=kind,
-                record=record,
-                cohort=cohort,
-                config_path=path,
-                within_noise_of=ties,
-                ds_config=ds_config_for(p.zero, p.offload_optimizer, p.offload_param),
+                kind=kind, record=record, cohort=cohort, config_path=path, within_noise_of=ties, ds_config=ds_config
             )
         )
     return out
+
+
+# The memory levers the report prices: (name, the Point field, its value when the lever is not pulled).
+LEVERS: tuple[tuple[str, str, Any], ...] = (
+    ("gradient checkpointing", "gradient_checkpointing", False),
+    ("offload", "offload", "none"),
+)
+
+
+def lever_notes(records: list[Record], budget: int | None) -> list[str]:
+    """What each memory lever costs and buys, from points measured with and without it, all else equal:
+    "fits only with gradient checkpointing (batch 8), at 0.71x the speed", "offload optimizer buys batch 64
+    (vs 16) at 0.42x the speed". Speed ratios compare the same micro-batch; one line per lever setting,
+    from the setting where it changes the most."""
+    ok = [r for r in records if r.status == "ok"]
+    fit = {r.point.key for r in fitting(records, budget)}
+    notes = []
+    for name, attr, unpulled in LEVERS:
+        pulled_values = sorted({getattr(r.point, attr) for r in ok} - {unpulled}, key=str)
+        for value in pulled_values:
+            label = name if isinstance(value, bool) else f"{name} {value}"
+            best: tuple[int, str] | None = None
+            sides: dict[Any, dict[bool, dict[int, Record]]] = {}
+            for r in ok:
+                lever = getattr(r.point, attr)
+                if lever not in (value, unpulled):
+                    continue
+                base = replace(r.point, batch_size=1, **{attr: unpulled})
+                sides.setdefault(base, {True: {}, False: {}})[lever == value][r.point.batch_size] = r
+            for base, (on, off) in ((b, (s[True], s[False])) for b, s in sides.items()):
+                if not on or not off:
+                    continue
+                ratios = [
+                    on[b].samples_per_s / off[b].samples_per_s for b in on.keys() & off.keys() if off[b].samples_per_s
+                ]
+                speed = f" at {statistics.median(ratios):.2f}x the speed" if ratios else ""
+                max_on = max((b for b, r in on.items() if r.point.key in fit), default=0)
+                max_off = max((b for b, r in off.items() if r.point.key in fit), default=0)
+                where = f"{base.precision} ZeRO-{base.zero} seq {base.seq_len}" + (
+                    f" x{base.world_size}" if base.world_size > 1 else ""
+                )
+                if max_on and not max_off:
+                    text = f"{where}: fits only with {label} (batch {max_on}){speed}"
+                elif max_on > max_off:
+                    text = f"{where}: {label} buys batch {max_on} (vs {max_off}){speed}"
+                elif ratios:
+                    text = f"{where}: {label} fits no larger batch{speed}"
+                else:
+                    continue
+                gain = max_on - max_off
+                if best is None or gain > best[0]:
+                    best = (gain, text)
+            if best:
+                notes.append(best[1])
+    return notes

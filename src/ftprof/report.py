@@ -19,15 +19,18 @@ from rich.text import Text
 
 from ftprof.errors import ConfigError
 from ftprof.recommend import (
+    SAFETY_MARGIN,
     Cohort,
     Recommendation,
     choose_cohort,
     in_cohort,
+    lever_notes,
     pareto_front,
     per_rank_samples_per_s,
     recommend,
 )
 from ftprof.results import STATUSES, Record, latest, read_records
+from ftprof.run_profile import UNSTABLE_SPREAD
 from ftprof.units import gib
 
 STATUS_STYLE = {
@@ -37,6 +40,11 @@ STATUS_STYLE = {
     "over_budget": "yellow",
     "error": "magenta",
     "timeout": "magenta",
+}
+FIGURE_NAMES = {
+    "rss": "process RSS",
+    "process": "NVML process memory",
+    "device_delta": "GPU memory used since the point started (NVML device delta)",
 }
 SKIP_RULES = {
     "skipped": "a smaller batch or sequence of the same setting ran out of memory (proof)",
@@ -124,7 +132,7 @@ def results_table(records: list[Record], figure: str) -> Table:
         show_edge=False,
         collapse_padding=True,
     )
-    for name in ("setting", "seq", "batch", "accum", "status", "peak GiB", "pred.", "samples/s", "±%", "step ms"):
+    for name in ("setting", "seq", "batch", "accum", "status", "peak GiB", "pred.", "samples/s", "spread%", "step ms"):
         table.add_column(
             name, justify="left" if name in ("setting", "status") else "right", no_wrap=True, min_width=len(name)
         )
@@ -163,11 +171,12 @@ def pareto_table(records: list[Record], cohort: Cohort | None) -> Table:
     return table
 
 
-def recommendations_panel(recs: list[Recommendation], budget: int | None) -> Group:
-    """Recommendations as plain lines under a rule: no border, so a command copies as one piece."""
+def recommendations_panel(recs: list[Recommendation], budget: int | None, records: list[Record]) -> Group:
+    """Recommendations as plain lines under a rule: no border, so a command copies as one piece; then what
+    the memory levers cost and buy."""
     budget_text = f"{gib(budget)} GiB" if budget else "no budget"
     at = f", chosen among points at {recs[0].cohort}" if recs else ""
-    rule = Rule(f"Recommendations (budget {budget_text}, 5% kept free{at})")
+    rule = Rule(f"Recommendations (budget {budget_text}, {SAFETY_MARGIN:.0%} kept free{at})")
     if not recs:
         return Group(
             rule,
@@ -180,6 +189,9 @@ def recommendations_panel(recs: list[Recommendation], budget: int | None) -> Gro
         if rec.within_noise_of:
             parts.append(Text(f"  within measurement noise of {', '.join(rec.within_noise_of)}", style="yellow"))
         parts.append(Text(f"  {rec.command}", style="cyan"))
+    levers = lever_notes(records, budget)
+    if levers:
+        parts.append(Text("Memory levers: " + "; ".join(levers) + ".", style="italic"))
     return Group(rule, *parts)
 
 
@@ -187,7 +199,7 @@ def summary(rec: Recommendation) -> str:
     """Peak, throughput (total and per rank, with its spread) and effective batch of a recommendation."""
     r = rec.record
     spread = r.profile.step_time_spread if r.profile else None
-    spread_text = f" ±{100 * spread / 2:.0f}%" if spread else ""
+    spread_text = f" (step spread {100 * spread:.0f}%)" if spread else ""
     per_rank = f" ({per_rank_samples_per_s(r):.1f} per rank)" if r.point.world_size > 1 else ""
     return (
         f"peak {gib(r.peak_bytes)} GiB, {r.samples_per_s:.1f}{spread_text} samples/s{per_rank}, "
@@ -202,13 +214,27 @@ def notes(records: list[Record]) -> Text:
     random_init = any(p.random_init for p in profiles)
     lines = [f"{len(records)} points: {text}."]
     for status, rule in SKIP_RULES.items():
-        keys = [r.point.key for r in records if r.status == status]
-        if keys:
-            lines.append(f"{status.upper()} ({rule}): {', '.join(keys)}.")
+        skipped = [r for r in records if r.status == status]
+        if skipped:
+            example = f" E.g. {skipped[0].point.key}: {skipped[0].reason}." if status == "over_budget" else ""
+            lines.append(f"{status.upper()} ({rule}): {', '.join(r.point.key for r in skipped)}.{example}")
+    shared = sorted(
+        {
+            r.env["concurrent_points"]
+            for r in records
+            if r.env.get("concurrent_points", 1) > 1 and r.profile and r.profile.sampler == "rss"
+        }
+    )
+    if shared:
+        lines.append(
+            f"Throughput was measured with up to {shared[-1]} points sharing the CPU cores (--parallel "
+            f"{shared[-1]}): compare their memory, not their speed."
+        )
     unstable = [r.point.key for r in records if r.profile and r.profile.unstable]
     if unstable:
         lines.append(
-            f"Unstable throughput (p10-p90 step times spread over 25% of the median; ±% column): "
+            f"Unstable throughput (p10-p90 step times spread over {UNSTABLE_SPREAD:.0%} of the median; spread% "
+            "column): "
             f"{', '.join(unstable)}; measure longer with --min_seconds."
         )
     if random_init:
@@ -223,12 +249,13 @@ def notes(records: list[Record]) -> Text:
 
 def render(records: list[Record], recs: list[Recommendation], budget: int | None) -> Group:
     """The whole terminal report."""
-    figure = "NVML process memory" if any(r.profile and r.profile.sampler == "nvml" for r in records) else "process RSS"
+    figures = {r.profile.figure for r in records if r.profile}
+    figure = " / ".join(FIGURE_NAMES[f] for f in sorted(figures)) or "process RSS"
     cohort = recs[0].cohort if recs else choose_cohort(records, None)
     return Group(
         results_table(records, figure),
         pareto_table(records, cohort),
-        recommendations_panel(recs, budget),
+        recommendations_panel(recs, budget, records),
         notes(records),
     )
 
@@ -254,6 +281,7 @@ def to_markdown(records: list[Record], recs: list[Recommendation], budget: int |
             f"- **{rec.title}** (among {rec.cohort}): `{rec.record.point.key}`, {summary(rec)}",
             f"  `{rec.command}`",
         ]
+    lines += [f"- {note}" for note in lever_notes(records, budget)]
     if not recs:
         lines.append("- nothing measured fits the budget")
     return "\n".join(lines) + "\n"

@@ -40,10 +40,16 @@ class Record:
     peak_bytes: int | None = None  # max over ranks and phases: NVML process memory on GPUs, RSS on CPUs
     profile: Profile | None = None  # what the point's run measured (``ok`` points)
     predicted_bytes: int | None = None  # the estimator's device-used figure, when a predictor was used
+    ds_config: dict[str, Any] | None = None  # the DeepSpeed config the point ran (or would run) with
     reason: str | None = None  # why skipped / the error's last line
     stderr_tail: str | None = None
     wall_s: float | None = None
     env: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        """What the point trained: ``classification`` or ``causal-lm`` (kept in ``env`` by the sweep)."""
+        return str(self.env.get("task", "classification"))
 
     @property
     def samples_per_s(self) -> float:
@@ -59,6 +65,7 @@ class Record:
             "effective_batch": self.point.effective_batch(),
             "status": self.status,
             "peak_bytes": self.peak_bytes,
+            "ds_config": self.ds_config,
             "predicted_bytes": self.predicted_bytes,
             "profile": self.profile.to_json() if self.profile else None,
             "reason": self.reason,
@@ -82,6 +89,7 @@ class Record:
             peak_bytes=data.get("peak_bytes"),
             profile=Profile.from_json(profile) if profile else None,
             predicted_bytes=predicted,
+            ds_config=data.get("ds_config"),
             reason=data.get("reason"),
             stderr_tail=data.get("stderr_tail"),
             wall_s=data.get("wall_s"),

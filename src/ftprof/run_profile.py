@@ -39,7 +39,10 @@ class Profile:
     world_size: int = 1
     warmup_steps: int = 0
     steady_steps: int = 0
+    window_s: float | None = None  # the measured steps' total time
     step_time_median_s: float | None = None
+    step_time_median_low_s: float | None = None  # ~95% interval of the median (order statistics)
+    step_time_median_high_s: float | None = None
     step_time_p10_s: float | None = None
     step_time_p90_s: float | None = None
     step_time_spread: float | None = None  # (p90 - p10) / median of the window's step periods

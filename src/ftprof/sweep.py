@@ -3,10 +3,15 @@
 A point that runs out of memory is a result (``oom``); a crash is ``error`` and a hang ``timeout``, with
 the tail of its output; the sweep goes on either way. Every finished point is appended to
 ``results.jsonl`` at once (see :mod:`ftprof.results`), and ``resume`` skips points already there.
+
+:func:`iterate_sweep` decides what runs and when (must-OOM pruning, budgets, ``--find_max_batch``
+bisection); an executor (:mod:`ftprof.executors`: one at a time, side by side on one node's devices, or
+Slurm jobs) runs the points it is handed, each through :func:`run_point`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -24,6 +29,7 @@ from typing import Any
 from ftprof import measure
 from ftprof.deepspeed_config import DeepSpeedConfig, ds_config_for, for_point
 from ftprof.distributed import free_port
+from ftprof.executors import PointExecutor, SerialExecutor
 from ftprof.point import Point
 from ftprof.results import Record, Status, append_record, latest
 from ftprof.run_profile import Profile
@@ -54,6 +60,7 @@ class SweepConfig:
     steps: int = 3  # at least this many measured steps...
     warmup: int = 1
     min_seconds: float = 0.0  # ...and at least this long
+    task: str = "classification"  # or "causal-lm"
     dataset: str | None = None
     base_ds_config: DeepSpeedConfig | None = None
     timeout_s: float = 600.0
@@ -69,6 +76,10 @@ class SweepConfig:
     @property
     def results_path(self) -> Path:
         return self.out_dir / "results.jsonl"
+
+    def ds_config(self, p: Point) -> dict[str, Any]:
+        """The DeepSpeed config point ``p`` runs with: the base config (or the shipped one) at its stage."""
+        return for_point(self.base_ds_config or DeepSpeedConfig(ds_config_for(p.zero)), p)
 
 
 def classify(returncode: int, output: str, has_result: bool) -> tuple[Status, str | None]:
@@ -92,28 +103,55 @@ def classify(returncode: int, output: str, has_result: bool) -> tuple[Status, st
     return "error", last.strip()[-300:]
 
 
-def _command(spec_path: Path, world_size: int) -> list[str]:
+Launch = Callable[[Path, int], list[str]]  # (spec path, world size) -> the command that measures the point
+
+
+def local_command(spec_path: Path, world_size: int, devices: str | None = None) -> list[str]:
+    """The command that measures a point on this machine: ``python measure.py SPEC`` for one rank, the
+    ``deepspeed`` launcher for more: on the first ``world_size`` GPUs, or on ``devices`` (GPU ids as
+    ``CUDA_VISIBLE_DEVICES`` names them; the launcher would put ``--num_gpus N`` ranks on GPUs 0..N-1
+    whatever ``CUDA_VISIBLE_DEVICES`` says)."""
     script = measure.__file__
     if world_size == 1:
         return [sys.executable, script, str(spec_path)]
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    return [launcher, "--num_gpus", str(world_size), "--master_port", str(free_port()), script, str(spec_path)]
+    where = ["--include", f"localhost:{devices}"] if devices else ["--num_gpus", str(world_size)]
+    return [launcher, *where, "--master_port", str(free_port()), script, str(spec_path)]
 
 
-def run_point(cfg: SweepConfig, p: Point) -> Record:
-    """Measure ``p`` in a fresh process group; never raises for the point's own failures."""
-    base = cfg.base_ds_config or DeepSpeedConfig(ds_config_for(p.zero))
-    with tempfile.TemporaryDirectory(prefix="ftprof-point-") as tmp:
+def run_point(
+    cfg: SweepConfig,
+    p: Point,
+    *,
+    env: dict[str, str] | None = None,
+    started: Callable[[int], None] | None = None,
+    command: Launch = local_command,
+    workdir: Path | None = None,
+) -> Record:
+    """Measure ``p`` in a fresh process group; never raises for the point's own failures.
+
+    Args:
+        cfg: the sweep's settings.
+        p: the point.
+        env: variables set for the point's processes on top of this process's (``CUDA_VISIBLE_DEVICES``
+            of its device slots, ...).
+        started: called with the process group id once the point's processes start (to stop them from
+            another thread).
+        command: builds the command line from the spec's path and the world size (``srun`` in a Slurm job).
+        workdir: where the spec and result files go (a folder every node sees, for multi-node points).
+    """
+    with tempfile.TemporaryDirectory(prefix="ftprof-point-", dir=workdir) as tmp:
         result_path = Path(tmp) / "result.json"
         spec = measure.MeasureSpec(
             point=p,
             model=cfg.model,
             steps=cfg.steps,
             warmup=cfg.warmup,
-            ds_config=for_point(base, p),
+            ds_config=cfg.ds_config(p),
             result_path=str(result_path),
             dataset=cfg.dataset,
             min_seconds=cfg.min_seconds,
+            task=cfg.task,
         )
         spec_path = spec.write(Path(tmp) / "spec.json")
         limit = cfg.child_memory_limit
@@ -123,24 +161,30 @@ def run_point(cfg: SweepConfig, p: Point) -> Record:
             if limit:
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-        started = time.perf_counter()
+        started_at = time.perf_counter()
         proc = subprocess.Popen(
-            _command(spec_path, p.world_size),
+            command(spec_path, p.world_size),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
             preexec_fn=preexec,
-            env=_child_env(),
+            env={**_child_env(), **(env or {})},
         )
+        if started is not None:
+            started(proc.pid)
         try:
             output, _ = proc.communicate(timeout=cfg.timeout_s)
             status, reason = classify(proc.returncode, output, result_path.is_file())
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_process_group(proc.pid)
             output, _ = proc.communicate()
             status, reason = "timeout", f"no result after {cfg.timeout_s:.0f} s"
-        wall = time.perf_counter() - started
+        except BaseException:  # Ctrl-C, or a signal handler's exception: leave no rank behind
+            kill_process_group(proc.pid)
+            proc.wait()
+            raise
+        wall = time.perf_counter() - started_at
         profile = Profile.from_json(json.loads(result_path.read_text())) if status == "ok" else None
         return Record(
             point=p,
@@ -155,6 +199,12 @@ def run_point(cfg: SweepConfig, p: Point) -> Record:
         )
 
 
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL a point's process group (every rank), if it is still there."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
@@ -163,96 +213,190 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def iterate_sweep(
-    cfg: SweepConfig, done: dict[str, Record], run: Callable[[SweepConfig, Point], Record] = run_point
-) -> Iterator[Record]:
-    """Yield each new record (already appended to the results file), skipping points in ``done``."""
-    oomed = [r.point for r in done.values() if r.status == "oom"]
+class _Grid:
+    """Which grid point to start next: the sweep's order (smallest predicted peak first), except that a
+    point waits while a smaller point of its setting runs, whose OOM would prove it can't fit."""
 
-    def settle(p: Point, bisecting: bool = False) -> Record:
-        """Run ``p``, or record why not. A prediction never stands in for a measurement while bisecting."""
-        if p.key in done and not (bisecting and done[p.key].status == "over_budget"):
-            return done[p.key]
-        proof = must_oom(p, oomed) if cfg.prune else None
-        predicted = cfg.predict(p) if cfg.predict else None
-        if proof is not None:
-            record = Record(
-                point=p,
-                status="skipped",
-                model=cfg.model,
-                env=dict(cfg.env),
-                reason=f"must OOM: {proof.key} did with a batch and sequence no larger",
-            )
-        elif not bisecting and cfg.prune and predicted and cfg.budget and predicted > cfg.budget * (1 + cfg.margin):
-            record = Record(
-                point=p,
-                status="over_budget",
-                model=cfg.model,
-                env=dict(cfg.env),
-                reason=f"not run: predicted {predicted / GIB:.2f} GiB exceeds the {cfg.budget / GIB:.1f} GiB "
-                f"budget by more than {cfg.margin:.0%}",
-            )
-        else:
-            record = run(cfg, p)
-            if record.status == "oom":
-                oomed.append(p)
-        if predicted:
-            record.predicted_bytes = predicted
-        append_record(cfg.results_path, record)
-        done[p.key] = record
-        return record
-
-    if not cfg.find_max_batch:
-        # Smallest predicted peak first (the grid's own order without a predictor): smaller points run
-        # before the larger ones their OOM would rule out.
+    def __init__(self, cfg: SweepConfig, done: dict[str, Record], running: list[Point]) -> None:
         predict = cfg.predict
         order = sorted(cfg.points, key=lambda p: (predict(p), p)) if predict else cfg.points
-        for p in order:
-            if p.key not in done:
-                yield settle(p)
-        return
-    start = min(p.batch_size for p in cfg.points)
-    for setting in sorted({p.with_batch(1) for p in cfg.points}):  # one search per setting but the batch
-        fits: set[int] = set()
-        ooms: set[int] = set()
+        busy = {r.key for r in running}
+        self.pending = [p for p in order if p.key not in done and p.key not in busy]
+        self.hold = cfg.prune
+        self.bisecting = False
+
+    def next(self, running: list[Point]) -> Point | None:
+        return next((p for p in self.pending if not (self.hold and must_oom(p, running))), None)
+
+    def taken(self, p: Point) -> None:
+        self.pending.remove(p)
+
+    def finished(self, record: Record) -> None:
+        pass
+
+
+class _Bisection:
+    """``--find_max_batch``: one doubling-then-bisection search per setting; settings search side by side,
+    each one point at a time. A point already measured is read back instead of run."""
+
+    def __init__(self, cfg: SweepConfig, done: dict[str, Record], running: list[Point]) -> None:
+        self.cfg, self.done = cfg, done
+        self.start_batch = min(p.batch_size for p in cfg.points)
+        self.settings = sorted({p.with_batch(1) for p in cfg.points})  # one search per setting but the batch
+        self.fits: dict[Point, set[int]] = {s: set() for s in self.settings}
+        self.ooms: dict[Point, set[int]] = {s: set() for s in self.settings}
+        self.busy = {p.with_batch(1) for p in running}
+        self.over: set[Point] = set()  # settings whose search ended
+        self.bisecting = True
         for r in done.values():
-            if r.point.with_batch(1) == setting and r.status == "ok":
-                fits.add(r.point.batch_size)
-            elif r.point.with_batch(1) == setting and r.status in ("oom", "skipped"):
-                ooms.add(r.point.batch_size)
-        while (batch := next_batch_to_try(fits, ooms, start, cfg.max_batch)) is not None:
-            p = setting.with_batch(batch)
-            fresh = p.key not in done or done[p.key].status == "over_budget"
-            record = settle(p, bisecting=True)
-            if fresh:
-                yield record
-            if record.status == "ok":
-                fits.add(batch)
-            elif record.status in ("oom", "skipped"):
-                ooms.add(batch)
-            else:  # an error or timeout says nothing about memory: stop searching this setting
-                break
+            setting = r.point.with_batch(1)
+            if setting in self.fits and r.status == "ok":
+                self.fits[setting].add(r.point.batch_size)
+            elif setting in self.fits and r.status in ("oom", "skipped"):
+                self.ooms[setting].add(r.point.batch_size)
+
+    def next(self, running: list[Point]) -> Point | None:
+        for setting in self.settings:
+            while setting not in self.busy and setting not in self.over:
+                batch = next_batch_to_try(self.fits[setting], self.ooms[setting], self.start_batch, self.cfg.max_batch)
+                if batch is None:
+                    self.over.add(setting)
+                    break
+                p = setting.with_batch(batch)
+                if p.key in self.done and self.done[p.key].status != "over_budget":
+                    self._learn(self.done[p.key])  # measured before: read it back, don't run it again
+                    continue
+                return p
+        return None
+
+    def taken(self, p: Point) -> None:
+        self.busy.add(p.with_batch(1))
+
+    def finished(self, record: Record) -> None:
+        self.busy.discard(record.point.with_batch(1))
+        self._learn(record)
+
+    def _learn(self, record: Record) -> None:
+        setting, batch = record.point.with_batch(1), record.point.batch_size
+        if setting not in self.fits:  # a re-attached job of another grid
+            return
+        if record.status == "ok":
+            self.fits[setting].add(batch)
+        elif record.status in ("oom", "skipped"):
+            self.ooms[setting].add(batch)
+        else:  # an error or timeout says nothing about memory: stop searching this setting
+            self.over.add(setting)
+
+
+def iterate_sweep(
+    cfg: SweepConfig,
+    done: dict[str, Record],
+    run: Callable[[SweepConfig, Point], Record] = run_point,
+    executor: PointExecutor | None = None,
+) -> Iterator[Record]:
+    """Yield each new record (already appended to the results file), skipping points in ``done``.
+
+    Points run through ``executor`` (default: one at a time through ``run``). Whether a point must OOM is
+    decided when it is about to start, from every OOM known by then; points already running in
+    ``executor`` (Slurm jobs re-attached on ``--resume``) are waited for, not started again. Ctrl-C (or
+    closing the iterator) cancels the running points.
+    """
+    pool = executor or SerialExecutor(run)
+    plan: _Grid | _Bisection = (_Bisection if cfg.find_max_batch else _Grid)(cfg, done, pool.running())
+    oomed = [r.point for r in done.values() if r.status == "oom"]
+
+    def finish(record: Record) -> Record:
+        p = record.point
+        predicted = cfg.predict(p) if cfg.predict else None
+        if predicted:
+            record.predicted_bytes = predicted
+        record.ds_config = cfg.ds_config(p)
+        append_record(cfg.results_path, record)
+        done[p.key] = record
+        if record.status == "oom":
+            oomed.append(p)
+        plan.finished(record)
+        return record
+
+    try:
+        while True:
+            while (p := plan.next(pool.running())) is not None:
+                not_run = _not_run(cfg, p, oomed, plan.bisecting)
+                if not_run is None and not pool.can_start(p):
+                    break  # no overtaking: a wide point is never starved by narrow ones behind it
+                plan.taken(p)
+                if not_run is not None:
+                    yield finish(not_run)
+                else:
+                    pool.start(cfg, p)
+            if not pool.running():
+                return
+            for record in pool.wait():
+                yield finish(record)
+    except BaseException:
+        pool.cancel()
+        raise
+
+
+def _not_run(cfg: SweepConfig, p: Point, oomed: list[Point], bisecting: bool) -> Record | None:
+    """The record of a point that needn't run (it must OOM, or is predicted far over budget), else None.
+    A prediction never stands in for a measurement while bisecting."""
+    proof = must_oom(p, oomed) if cfg.prune else None
+    if proof is not None:
+        return Record(
+            point=p,
+            status="skipped",
+            model=cfg.model,
+            env=dict(cfg.env),
+            reason=f"must OOM: {proof.key} did with a batch and sequence no larger",
+        )
+    predicted = cfg.predict(p) if cfg.predict else None
+    if not bisecting and cfg.prune and predicted and cfg.budget and predicted > cfg.budget * (1 + cfg.margin):
+        return Record(
+            point=p,
+            status="over_budget",
+            model=cfg.model,
+            env=dict(cfg.env),
+            reason=f"not run: predicted {predicted / GIB:.2f} GiB exceeds the {cfg.budget / GIB:.1f} GiB "
+            f"budget by more than {cfg.margin:.0%}",
+        )
+    return None
 
 
 def close_calls(records: list[Record], budget: int | None) -> list[Point]:
     """The fastest recommendation and the points whose throughput is within noise of it: the ones to measure
-    again, longer, before the report picks between them."""
+    again, longer, before the report picks between them. A point is re-measured once: one measured twice
+    already (a resumed sweep) stays as it is."""
     from ftprof.recommend import recommend
 
     recs = recommend(latest(records), budget)
     if not recs or not recs[0].within_noise_of:
         return []
+    measured = [r.point.key for r in records if r.status == "ok"]
     by_key = {r.point.key: r.point for r in records}
-    return [recs[0].record.point, *(by_key[k] for k in recs[0].within_noise_of)]
+    close = [recs[0].record.point.key, *recs[0].within_noise_of]
+    return [by_key[k] for k in close if measured.count(k) < 2]
 
 
 def remeasure(
-    cfg: SweepConfig, points: list[Point], run: Callable[[SweepConfig, Point], Record] = run_point
+    cfg: SweepConfig,
+    points: list[Point],
+    run: Callable[[SweepConfig, Point], Record] = run_point,
+    executor: PointExecutor | None = None,
 ) -> Iterator[Record]:
     """Measure ``points`` again over a window three times as long; each new record is appended and, being
     the latest for its point, replaces the earlier measurement in reports."""
     longer = replace(cfg, steps=3 * cfg.steps, min_seconds=3 * cfg.min_seconds)
-    for p in points:
-        record = run(longer, p)
-        append_record(cfg.results_path, record)
-        yield record
+    pool = executor or SerialExecutor(run)
+    queue = list(points)
+    try:
+        while queue or pool.running():
+            while queue and pool.can_start(queue[0]):
+                pool.start(longer, queue.pop(0))
+            for record in pool.wait():
+                record.ds_config = cfg.ds_config(record.point)
+                append_record(cfg.results_path, record)
+                yield record
+    except BaseException:
+        pool.cancel()
+        raise

@@ -16,7 +16,7 @@ from typing import Any
 from ftprof.errors import ConfigError
 
 MANIFEST = "sweep.json"
-VERSIONED = ("torch", "transformers", "deepspeed")
+VERSIONED = ("torch", "transformers", "deepspeed")  # from environment(); accelerate and ftprof added
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,14 @@ class SweepSettings:
     warmup: int
     min_seconds: float
     dataset: str | None
+    task: str
     ds_config_sha256: str | None  # of the base --ds_config's contents; None for the shipped configs
     device: str
     torch: str
     transformers: str
     deepspeed: str
+    accelerate: str
+    ftprof: str
 
     @classmethod
     def of(
@@ -44,7 +47,13 @@ class SweepSettings:
         dataset: str | None,
         ds_config: dict[str, Any] | None,
         env: dict[str, Any],
+        task: str = "classification",
     ) -> SweepSettings:
+        import accelerate
+
+        from ftprof import __version__
+
+        versions = {name: str(env.get(name)) for name in VERSIONED} | {"accelerate": accelerate.__version__}
         digest = None
         if ds_config is not None:
             digest = hashlib.sha256(json.dumps(ds_config, sort_keys=True).encode()).hexdigest()
@@ -54,23 +63,26 @@ class SweepSettings:
             warmup=warmup,
             min_seconds=min_seconds,
             dataset=dataset,
+            task=task,
             ds_config_sha256=digest,
             device=str(env.get("device")),
-            **{name: str(env.get(name)) for name in VERSIONED},
+            ftprof=__version__,
+            **versions,
         )
 
-    def differences(self, other: SweepSettings) -> list[str]:
-        """``name: theirs -> ours`` for each setting that differs.
+    def differences(self, stored: SweepSettings) -> list[str]:
+        """``name: stored -> now`` for each setting that differs.
 
-        >>> a = SweepSettings("m", 3, 1, 2.0, None, None, "cpu", "2.13", "5.24", "0.19")
+        >>> a = SweepSettings("m", 3, 1, 2.0, None, "classification", None, "cpu", "2.13", "5.24", "0.19", "1.15",
+        ...                   "0.1.0")
         >>> from dataclasses import replace
         >>> a.differences(replace(a, model="n", steps=5))
-        ["model: 'n' -> 'm'", 'steps: 5 -> 3']
+        ["model: sweep has 'n', now 'm'", 'steps: sweep has 5, now 3']
         """
         return [
-            f"{f.name}: {getattr(other, f.name)!r} -> {getattr(self, f.name)!r}"
+            f"{f.name}: sweep has {getattr(stored, f.name)!r}, now {getattr(self, f.name)!r}"
             for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
+            if getattr(self, f.name) != getattr(stored, f.name)
         ]
 
 
@@ -82,13 +94,23 @@ def check_or_write(folder: Path, settings: SweepSettings) -> None:
     """
     path = folder / MANIFEST
     if path.is_file():
-        stored = SweepSettings(**json.loads(path.read_text()))
+        try:
+            stored = SweepSettings(**json.loads(path.read_text()))
+        except (TypeError, json.JSONDecodeError):
+            raise ConfigError(
+                f"{str(path)!r} is not a sweep settings file of this ftprof version; pass another --out"
+            ) from None
         diff = settings.differences(stored)
         if diff:
             raise ConfigError(
-                f"--resume into {str(folder)!r}, measured with other settings ({'; '.join(diff)}); "
+                f"{str(folder)!r} holds a sweep measured with other settings ({'; '.join(diff)}); "
                 "resume with the same flags, or pass another --out"
             )
         return
+    if (folder / "results.jsonl").is_file():
+        raise ConfigError(
+            f"{str(folder)!r} holds results without {MANIFEST} (an older ftprof, whose throughput figures counted "
+            "one step too few): start a new sweep with another --out"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(settings), indent=2) + "\n")

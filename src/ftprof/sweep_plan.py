@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import cast
 
 from ftprof.errors import ConfigError
-from ftprof.point import PRECISIONS, ZERO_STAGES, Offload, Point, Precision, offload_within
+from ftprof.point import OFFLOADS, PRECISIONS, ZERO_STAGES, Offload, Point, Precision, offload_within
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
@@ -50,6 +50,35 @@ def parse_zero(text: str) -> list[int]:
     return sorted(set(values))
 
 
+def parse_offloads(text: str) -> list[Offload]:
+    """``"none,optimizer"`` → ``["none", "optimizer"]``; only what DeepSpeed can offload.
+
+    >>> parse_offloads("optimizer+param, none")
+    ['none', 'optimizer+param']
+    """
+    values: list[Offload] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part not in OFFLOADS:
+            raise ConfigError(f"--offload {text!r}: unknown offload {part!r}; use none, optimizer or optimizer+param")
+        values.append(cast(Offload, part))
+    return sorted(set(values), key=OFFLOADS.index)
+
+
+def parse_switch(text: str, flag: str) -> list[bool]:
+    """``"off,on"`` → ``[False, True]``.
+
+    >>> parse_switch("on", "--gradient_checkpointing"), parse_switch("off, on", "--gradient_checkpointing")
+    ([True], [False, True])
+    """
+    words = {"off": False, "false": False, "no": False, "on": True, "true": True, "yes": True}
+    values = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part not in words:
+            raise ConfigError(f"{flag} {text!r}: {part!r} is not on or off; use e.g. {flag} off,on")
+        values.append(words[part])
+    return sorted(set(values))
+
+
 def plan_grid(
     batch_sizes: list[int],
     grad_accums: list[int],
@@ -59,15 +88,31 @@ def plan_grid(
     world_sizes: list[int],
     effective_batch: int | None = None,
     offload: Offload = "none",
+    offloads: list[Offload] | None = None,
+    checkpointing: list[bool] | None = None,
 ) -> list[Point]:
     """All points of the grid, smallest first.
 
     With ``effective_batch`` the accumulation is derived from each micro-batch (``grad_accums`` ignored),
     so every point trains with the same effective batch; micro-batches that don't divide it are dropped.
-    ``offload`` (a base ds_config's) applies to each stage as far as it supports it.
+    ``offload`` (a base ds_config's) applies to each stage as far as it supports it. ``offloads`` (the
+    ``--offload`` axis) is swept where each stage supports it; an offload no listed stage supports is an error.
+    ``checkpointing`` is the ``--gradient_checkpointing`` axis.
     """
+    if offloads is not None:
+        for o in offloads:
+            if not any(offload_within(o, z) == o for z in zeros):
+                need = "3" if o == "optimizer+param" else "1, 2 or 3"
+                raise ConfigError(
+                    f"--offload {o} needs ZeRO stage {need}, and --zero has {','.join(map(str, zeros))}; "
+                    "add a stage that supports it or drop that offload"
+                )
     points = []
-    for precision, zero, world, seq, batch in itertools.product(precisions, zeros, world_sizes, seq_lens, batch_sizes):
+    levers = itertools.product(offloads or [offload], checkpointing or [False])
+    axes = itertools.product(precisions, zeros, world_sizes, seq_lens, batch_sizes, levers)
+    for precision, zero, world, seq, batch, (off, ckpt) in axes:
+        if offloads is not None and offload_within(off, zero) != off:
+            continue  # this stage can't offload that much; another listed stage does
         if effective_batch is not None:
             if effective_batch % (batch * world):
                 continue
@@ -82,7 +127,8 @@ def plan_grid(
                 grad_accum=ga,
                 seq_len=seq,
                 batch_size=batch,
-                offload=offload_within(offload, zero),
+                offload=offload_within(off, zero),
+                gradient_checkpointing=ckpt,
             )
             for ga in accums
         ]

@@ -1,4 +1,5 @@
-"""Fine-tune a transformers model for text classification with HF Trainer and a DeepSpeed ZeRO config.
+"""Fine-tune a transformers model with HF Trainer and a DeepSpeed ZeRO config: a text classifier
+(``--task classification``, the default) or a causal language model (``--task causal-lm``).
 
 The recipe, top to bottom: :func:`parse` (flags, checked before anything heavy) → :func:`setup` (model
 config, data, tokenizer, model) → :func:`fit` (train, evaluate, save). ``launch/train.py`` and
@@ -14,26 +15,26 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
-from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer
+from transformers import HfArgumentParser, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from ftprof.args import FtprofTrainingArguments, ScriptArguments, best_model_conflict
-from ftprof.data import load_raw, prepare_task, tokenize
 from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_config
-from ftprof.distributed import ensure_single_process_env, shutdown
+from ftprof.distributed import adopt_slurm_env, ensure_single_process_env, shutdown
 from ftprof.errors import ConfigError
 from ftprof.footprint import FootprintCallback
-from ftprof.metrics import argmax_logits, load_metric, make_compute_metrics
-from ftprof.models import ModelSpec, build_model, load_tokenizer, resolve_model_spec, train_tokenizer_for
+from ftprof.metrics import load_metric
+from ftprof.models import ModelSpec, check_causal_lm, resolve_model_spec
 from ftprof.profiler import add_profiler
+from ftprof.tasks import check_task_flags, max_length_for, task_parts
 
 logger = logging.getLogger("ftprof.train")
-DEFAULT_MAX_LENGTH = 512  # longer inputs cost quadratic attention for little accuracy on classification
 TRUE_WORDS = ("true", "last", "yes", "1")
 _UNSET = object()  # marks a flag the user did not pass (argparse keeps values already in the namespace)
 
@@ -45,6 +46,7 @@ class Setup:
     spec: ModelSpec
     trainer: Trainer
     resume: str | None
+    facts: dict[str, Any] = field(default_factory=dict)  # saved with the train metrics (causal-lm: the blocks)
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -140,6 +142,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
     Raises:
         ConfigError: any invalid flag, DeepSpeed config or ``--metric``.
     """
+    adopt_slurm_env()  # under srun, one world of all tasks, with or without DeepSpeed
     if "--fp16" in argv and not torch.cuda.is_available():
         raise ConfigError(
             "--fp16 needs a CUDA GPU and this machine has none; drop it, or use --bf16 on a CPU that supports bfloat16"
@@ -148,6 +151,8 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
     if _flag_value(argv, "--deepspeed"):
         ensure_single_process_env()
     parser = HfArgumentParser((ScriptArguments, FtprofTrainingArguments))  # type: ignore[arg-type]  # NewType
+    if _flag_value(argv, "--task") == "causal-lm":
+        parser.set_defaults(metric_for_best_model="eval_loss")  # no accuracy without labels; lower is better
     _best_model_defaults_give_way(parser, argv)
     try:
         script, args = parser.parse_args_into_dataclasses(args=argv)
@@ -159,6 +164,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
         value = getattr(script, flag)
         if value is not None and value <= 0:
             raise ConfigError(f"--{flag} must be positive, got {value}")
+    check_task_flags(script, args, passed={a[2:].split("=")[0] for a in argv if a.startswith("--")})
     if script.group_by_length:
         args.train_sampling_strategy = "group_by_length"
     if script.metric:
@@ -208,81 +214,40 @@ def _resume_point(args: FtprofTrainingArguments, overwrite: bool) -> str | None:
     return wanted
 
 
-def _tokenizer_for(spec: ModelSpec, args: FtprofTrainingArguments, train_texts, resuming: bool):
-    """Load the model's tokenizer, or train one on rank 0 and share it through the output dir.
-
-    Rank 0 goes first; other ranks (and a resumed run) load its saved copy, so every rank and every
-    checkpoint sees the same vocabulary.
-    """
-    saved = Path(args.output_dir) / "tokenizer"
-
-    def offline():
-        if saved.is_dir() and (resuming or args.process_index > 0):
-            return AutoTokenizer.from_pretrained(saved)
-        tokenizer = train_tokenizer_for(spec, train_texts())
-        if args.process_index == 0:
-            tokenizer.save_pretrained(saved)
-        return tokenizer
-
-    with args.main_process_first(local=False, desc="tokenizer"):
-        return load_tokenizer(spec, offline)
-
-
 def setup(script: ScriptArguments, args: FtprofTrainingArguments) -> Setup:
     """Resolve the model, load and check data, tokenize, and build the Trainer."""
     resume = _resume_point(args, script.overwrite_output_dir)
     spec = resolve_model_spec(script.model, script.random_init)
-    limit = spec.max_positions()
-    max_length = script.max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
-    if limit is not None and max_length > limit:
-        raise ConfigError(
-            f"--max_length {max_length} is above {script.model!r}'s limit of {limit} tokens; "
-            f"use --max_length {limit} or less"
-        )
-    with args.main_process_first(local=False, desc="dataset"):
-        task = prepare_task(
-            load_raw(script.dataset, seed=args.seed),
-            script.text_column,
-            script.label_column,
-            seed=args.seed,
-            max_train_samples=script.max_train_samples,
-            max_eval_samples=script.max_eval_samples,
-        )
-    tokenizer = _tokenizer_for(spec, args, lambda: task.train[task.text_column], resuming=resume is not None)
-    with args.main_process_first(local=False, desc="tokenize"):
-        train_ds, eval_ds = tokenize(task, tokenizer, max_length, with_length=script.group_by_length)
-    model = build_model(spec, tokenizer, task.label_names)
-    # Classification heads return a per-batch mean loss; declaring no loss kwargs stops Trainer from also
-    # multiplying it by the number of ranks (it would report and back-propagate world_size x the mean).
-    model.accepts_loss_kwargs = False  # type: ignore[assignment]  # a plain attribute, not a Module
-    num_labels = len(task.label_names)
-    mixed = args.fp16 or args.bf16
-    # Pad each batch to its own longest input; multiples of 8 suit tensor cores in fp16/bf16.
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed else None)
-    trainer = Trainer(
-        model=model,
+    if script.task == "causal-lm":
+        check_causal_lm(spec)  # before any data is loaded
+    max_length = max_length_for(script, spec)
+    parts = task_parts(script, args, spec, max_length, resume is not None)
+    trainer = parts.trainer_class(
+        model=parts.model,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        data_collator=collator,
-        compute_metrics=make_compute_metrics(num_labels, script.metric),
-        preprocess_logits_for_metrics=argmax_logits,
+        train_dataset=parts.train,
+        eval_dataset=parts.eval,
+        processing_class=parts.tokenizer,
+        data_collator=parts.collator,
+        compute_metrics=parts.compute_metrics,
+        preprocess_logits_for_metrics=parts.preprocess_logits_for_metrics,
         callbacks=[FootprintCallback()],
     )
     if script.profile:
         add_profiler(trainer)
     logger.info(
-        "model %s (%s%s), %d train / %d eval rows, max_length %d, world size %d",
+        "%s: model %s (%s%s), %d train / %d eval %s, max_length %d, world size %d",
+        script.task,
         spec.name,
         spec.origin,
         ", RANDOM weights" if spec.random_init else "",
-        len(train_ds),
-        len(eval_ds),
+        len(parts.train),
+        len(parts.eval),
+        parts.rows,
         max_length,
         args.world_size,
     )
-    return Setup(spec, trainer, resume)
+    return Setup(spec, trainer, resume, parts.facts)
 
 
 def fit(s: Setup) -> dict[str, float]:
@@ -294,6 +259,10 @@ def fit(s: Setup) -> dict[str, float]:
     metrics = dict(result.metrics)
     metrics["train_samples"] = len(trainer.train_dataset)  # type: ignore[arg-type]  # set by setup()
     metrics["random_init"] = s.spec.random_init
+    if s.facts:
+        metrics.update(s.facts)
+        # What Trainer actually did with --gradient_checkpointing (transformers 5 names it activation_...).
+        metrics["activation_checkpointing"] = bool(getattr(trainer.model, "is_activation_checkpointing", False))
     trainer.save_model()
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

@@ -26,7 +26,7 @@ def test_nvml_sampler_sees_a_real_allocation():
 
 @pytest.mark.slow
 def test_gpu_sweep_point_records_nvml_and_torch_peaks(tmp_path):
-    from ftprof.results import read_records
+    from ftprof.results import latest, read_records
     from tests.integration.test_sweep_cli import sweep
 
     sweep(
@@ -46,7 +46,7 @@ def test_gpu_sweep_point_records_nvml_and_torch_peaks(tmp_path):
             "--no_report",
         ]
     )
-    records = read_records(tmp_path / "results.jsonl")
+    records = latest(read_records(tmp_path / "results.jsonl"))
     assert {r.status for r in records} == {"ok"}
     small, large = sorted(records, key=lambda r: r.point.batch_size)
     for r in records:

@@ -33,8 +33,9 @@ def train_command(args: list[str], ranks: int = 1) -> list[str]:
 
 def run_train(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run training to the end; fail the test with the output's tail when it exits non-zero."""
-    proc = subprocess.run(train_command(args, ranks), capture_output=True, text=True, timeout=timeout,
-                          env=train_env(), cwd=ROOT)
+    proc = subprocess.run(
+        train_command(args, ranks), capture_output=True, text=True, timeout=timeout, env=train_env(), cwd=ROOT
+    )
     if proc.returncode != 0:
         pytest.fail(f"training exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
     return proc
@@ -42,3 +43,6 @@ def run_train(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+from tests.slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a one-node Slurm cluster)

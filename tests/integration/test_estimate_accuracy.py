@@ -5,7 +5,7 @@ import pytest
 from ftprof.calibrate import calibrate, error_summary, errors, observations_from_records, split_holdout
 from ftprof.estimate import Calibration
 from ftprof.model_facts import arch_for
-from ftprof.results import read_records
+from ftprof.results import latest, read_records
 from tests.integration.test_sweep_cli import sweep
 
 
@@ -29,7 +29,7 @@ def test_cpu_peak_rss_prediction_on_unseen_points(tmp_path):
                 "--no_report",
             ]
         )
-        records += read_records(out / "results.jsonl")
+        records += latest(read_records(out / "results.jsonl"))
     observations = observations_from_records(records, lambda m: arch_for(m))
     assert len(observations) == 16
     fit, held_out = split_holdout(observations)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ftprof.results import read_records
+from ftprof.results import latest, read_records
 from tests.conftest import ROOT
 from tests.integration.conftest import train_env
 
@@ -33,7 +33,7 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
     last = sweep(
         ["--zero", "2,3", "--batch_sizes", "4", "--seq_lens", "512", "--world_size", "2", "--out", str(out), "--resume"]
     )
-    records = read_records(out / "results.jsonl")
+    records = latest(read_records(out / "results.jsonl"))
     by_key = {r.point.key: r for r in records}
     assert len(records) == len(by_key) == 9 and {r.status for r in records} == {"ok"}
     peak = {k: r.peak_bytes for k, r in by_key.items()}
@@ -43,7 +43,9 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
     for z in (2, 3):
         two = by_key[f"fp32-z{z}-w2-ga1-s512-b4"]
         assert [r.rank for r in two.profile.ranks] == [0, 1] and two.env["world_size"] == 2
-        assert two.samples_per_s > 0 and two.profile.padded_tokens_per_s == pytest.approx(two.samples_per_s * 512)
+        assert two.profile.samples_per_step == 4 * 1 * 2  # batch x accumulation x ranks, exactly
+        padded_per_step = two.profile.padded_tokens_per_s * two.profile.window_s / two.profile.steady_steps
+        assert two.samples_per_s > 0 and padded_per_step == pytest.approx(8 * 512)
     first_line = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert {"torch", "transformers", "deepspeed", "device"} <= set(first_line["env"])
     # The sweep ends with its report; every export format renders from the same file.
@@ -90,7 +92,19 @@ def test_forced_oom_is_a_result_and_larger_points_are_skipped(tmp_path):
 @pytest.mark.slow
 def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
     out = tmp_path / "killed"
-    args = ["--zero", "0,2", "--batch_sizes", "4,8", "--seq_lens", "32", "--out", str(out), "--no_report"]
+    # --no_remeasure: a re-measured close call is a second line by design; here every line must be unique.
+    args = [
+        "--zero",
+        "0,2",
+        "--batch_sizes",
+        "4,8",
+        "--seq_lens",
+        "32",
+        "--out",
+        str(out),
+        "--no_report",
+        "--no_remeasure",
+    ]
     proc = subprocess.Popen(
         SWEEP + ["--model", "tiny-bert", *args],
         env=train_env(),

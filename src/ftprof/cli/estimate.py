@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload_optimizer", action="store_true")
     p.add_argument("--offload_param", action="store_true")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument(
+        "--task",
+        default="classification",
+        choices=["classification", "causal-lm"],
+        help="causal-lm: logits over the vocabulary at every position",
+    )
     p.add_argument("--attention", choices=["eager", "sdpa"], help="default: the config's implementation")
     p.add_argument("--gpu", help=f"target GPU: {', '.join(GPUS)} (or --budget)")
     p.add_argument("--cpu", action="store_true", help="target this host's process memory (RSS)")
@@ -105,7 +111,7 @@ def run(argv: list[str], console: Console) -> None:
     device, budget = _target(a)
     from ftprof.model_facts import arch_for
 
-    arch = arch_for(a.model, a.attention)
+    arch = arch_for(a.model, a.attention, a.task)
     cal = load_calibration(device)
     target: Device = "cpu" if device == "cpu" else "gpu"
     source = f"calibrated on {cal.fitted_on} points" if cal.fitted_on else "default constants (uncalibrated)"
@@ -146,10 +152,10 @@ def run(argv: list[str], console: Console) -> None:
 def calibrate_command(profile: Path, console: Console) -> None:
     from ftprof.calibrate import calibrate, calibration_path, error_summary, errors, observations_from_records
     from ftprof.model_facts import arch_for
-    from ftprof.results import read_records
+    from ftprof.results import latest, read_records
 
     results = profile if profile.suffix == ".jsonl" else profile / "results.jsonl"
-    records = [r for r in read_records(results) if r.status == "ok" and r.peak_bytes]
+    records = [r for r in latest(read_records(results)) if r.status == "ok" and r.peak_bytes]
     if len(records) < 3:
         raise ConfigError(f"{results}: {len(records)} measured points; calibration needs at least 3")
     device = records[0].env.get("device", "unknown")

@@ -8,7 +8,9 @@ ftprof sweep --model gpt2 --find_max_batch --zero 2,3 --out profiles/gpt2-maxbat
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
 from ftprof.point import Offload, Point
 from ftprof.results import Record
-from ftprof.sweep_plan import parse_int_list, parse_precisions, parse_zero, plan_grid
+from ftprof.sweep_plan import parse_int_list, parse_offloads, parse_precisions, parse_switch, parse_zero, plan_grid
 from ftprof.units import GIB, parse_size
 
 # Defaults that fit the device: a CPU grid finishes in a few minutes; a GPU gets the full grid.
@@ -57,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", help="ZeRO stages, e.g. 0,2,3")
     p.add_argument("--world_size", default="1", help="ranks per point (comma list); >1 uses the deepspeed launcher")
     p.add_argument("--ds_config", help="base DeepSpeed config (offload etc.); its stage is replaced per point")
+    p.add_argument(
+        "--offload",
+        help="what ZeRO offloads to CPU memory, swept: none,optimizer,optimizer+param (param offload: ZeRO-3 only)",
+    )
+    p.add_argument("--gradient_checkpointing", help="off, on or off,on: recompute activations in backward")
+    p.add_argument(
+        "--task",
+        default="classification",
+        choices=["classification", "causal-lm"],
+        help="causal-lm: a decoder's LM head, blocks of --seq_lens tokens (packed with --dataset)",
+    )
     p.add_argument("--effective_batch", type=int, help="keep batch x accumulation x ranks fixed at this value")
     p.add_argument(
         "--find_max_batch", action="store_true", help="bisect the largest micro-batch that fits, per setting"
@@ -81,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run every grid point, even those a smaller OOM proves will OOM (to compare costs)",
     )
+    p.add_argument(
+        "--executor",
+        choices=("local", "slurm"),
+        default="local",
+        help="where points run: this node (one at a time, or --parallel on disjoint devices) or Slurm jobs",
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        help="local: points at once, each on its own GPUs (CPU: memory-only sweeps sharing the cores; default 1); "
+        "slurm: most jobs queued or running at once (default: no limit)",
+    )
+    p.add_argument("--slurm_partition", help="partition of the points' jobs (default: the cluster's)")
+    p.add_argument("--slurm_time", help="time limit per job: minutes or H:MM:SS (default: --timeout + 5 min)")
+    p.add_argument("--slurm_gpus_per_node", type=int, help="GPUs per node; a point with more ranks spans several nodes")
+    p.add_argument("--slurm_account", help="account the jobs are charged to")
+    p.add_argument("--slurm_cpus_per_task", type=int, help="CPUs per rank (default: the cluster's)")
     p.add_argument("--no_report", action="store_true", help="don't print the report at the end")
     p.add_argument(
         "--no_remeasure",
@@ -91,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_from_args(
-    a: argparse.Namespace, cuda: bool, bf16_ok: bool, offload: Offload = "none"
+    a: argparse.Namespace, cuda: bool, bf16_ok: bool, offload: Offload = "none", gpus_here: bool = True
 ) -> tuple[list[Point], dict[str, Any]]:
     """The grid the flags ask for (device-sized defaults), and the measurement window of each point
-    (``steps``, ``warmup``, ``min_seconds``: :class:`~ftprof.sweep.SweepConfig` fields)."""
+    (``steps``, ``warmup``, ``min_seconds``: :class:`~ftprof.sweep.SweepConfig` fields). ``gpus_here``:
+    the points run on this machine's GPUs (not on a cluster's nodes), so no point may need more."""
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
     precisions = parse_precisions(a.precision or defaults["precision"])
     if not a.precision and cuda and not bf16_ok:
@@ -109,7 +140,7 @@ def plan_from_args(
             kind = "non-negative" if flag in ("warmup", "min_seconds") else "positive"
             raise ConfigError(f"--{flag} must be {kind}, got {value}")
     world_sizes = parse_int_list(a.world_size, "--world_size")
-    if cuda:
+    if cuda and gpus_here:
         import torch
 
         if max(world_sizes) > torch.cuda.device_count():
@@ -123,6 +154,10 @@ def plan_from_args(
         world_sizes,
         a.effective_batch,
         offload,
+        offloads=parse_offloads(a.offload) if a.offload else None,
+        checkpointing=parse_switch(a.gradient_checkpointing, "--gradient_checkpointing")
+        if a.gradient_checkpointing
+        else None,
     )
     window = {
         flag: getattr(a, flag) if getattr(a, flag) is not None else defaults[flag]
@@ -133,6 +168,7 @@ def plan_from_args(
 
 def run(argv: list[str], console: Console) -> None:
     a = build_parser().parse_args(argv)
+    _check_executor_flags(a)
     budget = parse_size(a.budget) if a.budget else None
     child_limit = parse_size(a.child_memory_limit, "--child_memory_limit") if a.child_memory_limit else None
     from ftprof.environment import device_kind
@@ -141,10 +177,19 @@ def run(argv: list[str], console: Console) -> None:
     from ftprof.deepspeed_config import load_ds_config
 
     base = load_ds_config(a.ds_config) if a.ds_config else None
-    points, window = plan_from_args(a, cuda, bf16_ok, base.offload if base else "none")
+    if a.offload and base and base.offload != "none":
+        raise ConfigError(
+            f"--ds_config {a.ds_config!r} offloads already; sweep --offload with a config without "
+            "offload_* blocks, or drop --offload"
+        )
+    slurm_gpus = a.executor == "slurm" and bool(a.slurm_gpus_per_node)
+    if slurm_gpus:  # plan for the nodes' GPUs, not this machine's devices
+        cuda, bf16_ok = True, True
+    points, window = plan_from_args(a, cuda, bf16_ok, base.offload if base else "none", gpus_here=not slurm_gpus)
 
     from ftprof.calibrate import predictor
     from ftprof.environment import environment
+    from ftprof.executors.slurm_jobs import JOBS, JobLog
     from ftprof.model_facts import arch_from_config
     from ftprof.models import resolve_model_spec
     from ftprof.results import FAILED, latest, read_records
@@ -160,16 +205,28 @@ def run(argv: list[str], console: Console) -> None:
     results = out / "results.jsonl"
     if results.exists() and not a.resume:
         raise ConfigError(f"{results} already exists; pass --resume to continue that sweep, or another --out")
-    env = environment()
+    env = {**environment(), "task": a.task}  # the task travels with every record (its command needs it)
     check_or_write(
-        out, SweepSettings.of(a.model, dataset=a.dataset, ds_config=base.config if base else None, env=env, **window)
+        out,
+        SweepSettings.of(
+            a.model, dataset=a.dataset, ds_config=base.config if base else None, env=env, task=a.task, **window
+        ),
     )
-    done = {r.point.key: r for r in latest(read_records(results))} if results.exists() else {}
+    records = read_records(results) if results.exists() else []
+    # A prediction is no result: over_budget points are planned again (the budget or calibration may differ).
+    done = {r.point.key: r for r in latest(records) if r.status != "over_budget"}
     if a.retry_failed:
         done = {k: r for k, r in done.items() if r.status not in FAILED}
-    predict, calibrated = predictor(arch_from_config(spec.name, spec.config), env["device"], cuda)
+    open_jobs = JobLog(out / JOBS).open_jobs(records, set(done))
+    if open_jobs and a.executor != "slurm":
+        raise ConfigError(
+            f"{len(open_jobs)} Slurm jobs of {str(out)!r} ({', '.join(e.job_id for e in open_jobs)}) were never "
+            "collected; resume with --executor slurm, which waits for them"
+        )
+    predict, calibrated = predictor(arch_from_config(spec.name, spec.config, task=a.task), env["device"], cuda)
     cfg = SweepConfig(
         model=a.model,
+        task=a.task,
         points=points,
         out_dir=out,
         **window,
@@ -185,6 +242,9 @@ def run(argv: list[str], console: Console) -> None:
         budget=budget or env.get("device_memory_bytes"),
         margin=0.10 if calibrated else 0.50,
     )
+    executor = _executor(a, out, cuda, lambda line: console.print(f"  [dim]{line}[/]"))
+    if open_jobs:
+        executor.reattach(open_jobs, cfg)
     pending = [p for p in points if p.key not in done]
     console.print(
         f"[bold]ftprof sweep[/] {spec.name} ({spec.config.model_type}, shapes from its config) on "
@@ -202,22 +262,79 @@ def run(argv: list[str], console: Console) -> None:
         transient=False,
     )
     started = time.time()
-    with progress:
-        task = progress.add_task("starting", total=None if a.find_max_batch else len(pending))
-        for record in iterate_sweep(cfg, done):
-            line, peak = _progress_line(record)
-            progress.console.print(line)
-            progress.update(task, advance=1, description=f"last {record.point.key}: {peak}")
-        close = [] if a.no_remeasure else close_calls(read_records(results), budget or env.get("device_memory_bytes"))
-        if close:
-            progress.console.print(f"  fastest points within noise of each other: measuring {len(close)} again, longer")
-            for record in remeasure(cfg, close):
-                progress.console.print(_progress_line(record)[0] + "  (re-measured)")
+    try:
+        with progress:
+            task = progress.add_task("starting", total=None if a.find_max_batch else len(pending))
+            for record in iterate_sweep(cfg, done, executor=executor):
+                line, peak = _progress_line(record)
+                progress.console.print(line)
+                progress.update(task, advance=1, description=f"last {record.point.key}: {peak}")
+            budget_now = budget or env.get("device_memory_bytes")
+            close = [] if a.no_remeasure else close_calls(read_records(results), budget_now)
+            if close:
+                progress.console.print(
+                    f"  fastest points within noise of each other: measuring {len(close)} again, longer"
+                )
+                # Throughput again, so one point at a time on this node; Slurm jobs have their own nodes.
+                again = executor if a.executor == "slurm" else None
+                for record in remeasure(cfg, close, executor=again):
+                    progress.console.print(_progress_line(record)[0] + "  (re-measured)")
+    except KeyboardInterrupt:
+        console.print("interrupted: the running points were stopped; --resume continues the sweep")
+        raise SystemExit(130) from None
     console.print(f"sweep finished in {time.time() - started:.0f} s")
     if not a.no_report:
         from ftprof.report import print_report
 
         print_report(out, console, budget)
+
+
+SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_gpus_per_node", "slurm_account", "slurm_cpus_per_task")
+
+
+def _check_executor_flags(a: argparse.Namespace) -> None:
+    if a.parallel is not None and a.parallel < 1:
+        raise ConfigError(f"--parallel must be at least 1, got {a.parallel}")
+    if a.executor != "slurm":
+        given = [f"--{n}" for n in SLURM_FLAGS if getattr(a, n) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --executor slurm")
+    for flag in ("slurm_gpus_per_node", "slurm_cpus_per_task"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 0:
+            raise ConfigError(f"--{flag} must not be negative, got {getattr(a, flag)}")
+
+
+def _executor(a: argparse.Namespace, out: Path, cuda: bool, on_event: Callable[[str], None]) -> Any:
+    """The executor the flags ask for: one point at a time (the default), ``--parallel`` points on this
+    node's device slots, or Slurm jobs."""
+    if a.executor == "slurm":
+        from ftprof.executors.slurm import SlurmExecutor, SlurmOptions, parse_slurm_time
+
+        options = SlurmOptions(
+            time_min=parse_slurm_time(a.slurm_time) if a.slurm_time else math.ceil(a.timeout / 60) + 5,
+            partition=a.slurm_partition,
+            account=a.slurm_account,
+            gpus_per_node=a.slurm_gpus_per_node,
+            cpus_per_task=a.slurm_cpus_per_task,
+            max_jobs=a.parallel,
+        )
+        return SlurmExecutor(out, options, on_event)
+    from ftprof.executors import SerialExecutor
+    from ftprof.sweep import run_point
+
+    if not a.parallel or a.parallel == 1:
+        return SerialExecutor(run_point)
+    import os
+
+    from ftprof.executors.local import LocalExecutor, device_slots
+
+    device_count = 0
+    if cuda:
+        import torch
+
+        device_count = torch.cuda.device_count()
+    slots = device_slots(a.parallel, cuda, os.environ.get("CUDA_VISIBLE_DEVICES"), device_count)
+    return LocalExecutor(slots, max_points=min(a.parallel, len(slots)))
 
 
 def _progress_line(record: Record) -> tuple[str, str]:

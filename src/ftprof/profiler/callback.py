@@ -56,8 +56,8 @@ class ProfilerCallback(TrainerCallback):
         self.counter = BatchCounter()
         self.clock = StepClock(self.cuda)
         self.optimizer_timer = IntervalTimer(self.cuda)
+        self._target_steps = 0
         self._window_counts: tuple[int, int, int] | None = None
-        self._target_steps: int | None = None
         self._evaluating = False
         self.profile: Profile | None = None
         self._model: Any = None
@@ -153,14 +153,13 @@ class ProfilerCallback(TrainerCallback):
 
     def _window_long_enough(self, steps: int) -> bool:
         """Whether the window reached ``min_steps`` and ``min_seconds``. Ranks must stop at the same step, so
-        the number of steps is fixed once, from the first ``min_steps`` steps, as the maximum over ranks."""
-        if not (self.min_steps or self.min_seconds):
+        at ``min_steps`` they agree (one all-reduce) on the steps ``min_seconds`` needs at the pace so far, and
+        check again there: a few collectives per window, not one per step (that would synchronise the GPU)."""
+        if not (self.min_steps or self.min_seconds) or steps < max(1, self.min_steps, self._target_steps):
             return False
-        if self._target_steps is None:
-            if steps < max(1, self.min_steps):
-                return False
-            needed = math.ceil(self.min_seconds / (self.clock.elapsed() / steps)) if self.min_seconds else 0
-            self._target_steps = int(_reduce_over_ranks([float(max(self.min_steps, needed))], "max")[0])
+        pace = self.clock.elapsed() / steps
+        needed = max(self.min_steps, math.ceil(self.min_seconds / pace) if self.min_seconds and pace > 0 else 0)
+        self._target_steps = int(_reduce_over_ranks([float(needed)], "max")[0])
         return steps >= self._target_steps
 
     def on_prediction_step(self, args, state, control, **kwargs):
@@ -201,18 +200,19 @@ class ProfilerCallback(TrainerCallback):
         counts = [float(a - b) for a, b in zip(now, self._window_counts, strict=True)]
         if not local_only:
             counts = _reduce_over_ranks(counts, "sum")
-        samples, real, padded = (c / len(periods) for c in counts)  # per optimizer step
+        samples, real, padded = counts
         timing = summarize_periods(periods)
-        median = timing["step_time_median_s"]
+        median, total = timing["step_time_median_s"], timing["window_s"]
         optimizer_steps = self.optimizer_timer.durations()
         return {
             "steady_steps": len(periods),
             **timing,
             "optimizer_step_median_s": statistics.median(optimizer_steps) if optimizer_steps else None,
-            "samples_per_step": samples,
-            "samples_per_s": samples / median,
-            "real_tokens_per_s": real / median if padded else None,
-            "padded_tokens_per_s": padded / median if padded else None,
+            "samples_per_step": samples / len(periods),
+            "samples_per_s": samples / len(periods) / median,
+            # Token counts differ from step to step with real data: totals over the window's time.
+            "real_tokens_per_s": real / total if padded else None,
+            "padded_tokens_per_s": padded / total if padded else None,
         }
 
     def _summarize(self, args, model) -> Profile:
@@ -250,13 +250,14 @@ def _distributed() -> bool:
 
 
 def _reduce_over_ranks(values: list[float], op: str) -> list[float]:
-    """``values`` summed (``op="sum"``) or maximised (``"max"``) over ranks; unchanged on one process."""
+    """``values`` summed (``op="sum"``), maximised (``"max"``) or minimised (``"min"``) over ranks; unchanged on
+    one process."""
     if not _distributed():
         return values
     import torch.distributed as dist
 
     tensor = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return [float(v) for v in tensor.tolist()]
 
 

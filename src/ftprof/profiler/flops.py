@@ -54,10 +54,17 @@ def training_flops_per_token(non_embedding_params: int, layers: int, heads: int,
 
 
 def model_shape(model) -> tuple[int, int, int, int]:
-    """(non-embedding parameters, layers, heads, head dim) of a transformers model, from its config."""
+    """(non-embedding parameters, layers, heads, head dim) of a transformers model, from its config.
+
+    Embedding lookups cost no FLOPs, but an LM head tied to the input embedding is a real vocabulary-wide
+    matmul: it counts (PaLM's N includes the output projection).
+    """
     d = dims(model.config)
     embedding = sum(
         getattr(m, "ds_numel", m.weight.numel()) for m in model.modules() if type(m).__name__ == "Embedding"
     )
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    return total - embedding, d.layers, d.heads, d.head_dim
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and getattr(model.config, "tie_word_embeddings", False)
+    tied_head = getattr(head.weight, "ds_numel", head.weight.numel()) if tied and head is not None else 0
+    return total - embedding + tied_head, d.layers, d.heads, d.head_dim

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any
@@ -95,12 +96,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def median_interval(values: list[float]) -> tuple[float, float]:
+    """A distribution-free ~95% confidence interval of the median, by order statistics (ranks
+    n/2 ∓ 0.98·√n): it narrows as the window grows, unlike the p10-p90 spread of the steps themselves.
+
+    >>> median_interval([float(v) for v in range(1, 101)])
+    (40.0, 60.0)
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 0.98 * math.sqrt(n)
+    low = max(0, math.floor(n / 2 - half) - 1)
+    high = min(n - 1, math.ceil(n / 2 + half) - 1)
+    return ordered[low], ordered[high]
+
+
 def summarize_periods(periods: list[float]) -> dict[str, float]:
-    """Median, p10 and p90 step time and the relative spread ``(p90 - p10) / median``."""
+    """Median step time with its ~95% interval, p10 and p90, the relative spread ``(p90 - p10) / median``,
+    and the window's length."""
     median = statistics.median(periods)
     p10, p90 = percentile(periods, 0.1), percentile(periods, 0.9)
+    low, high = median_interval(periods)
     return {
+        "window_s": sum(periods),
         "step_time_median_s": median,
+        "step_time_median_low_s": low,
+        "step_time_median_high_s": high,
         "step_time_p10_s": p10,
         "step_time_p90_s": p90,
         "step_time_spread": (p90 - p10) / median if median > 0 else 0.0,

@@ -1,0 +1,53 @@
+"""Rank variables under every launcher: srun tasks join one world; an sbatch shell stays one process."""
+
+import os
+
+import pytest
+
+from ftprof.distributed import LAUNCHER_VARIABLES, adopt_slurm_env, ensure_single_process_env
+
+STEP = {
+    "SLURM_PROCID": "1",
+    "SLURM_NTASKS": "2",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_ID": "0",
+    "SLURM_JOB_ID": "42",
+    "SLURM_STEP_NUM_NODES": "1",
+    "SLURM_JOB_NODELIST": "vm",
+}
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No rank or Slurm variables; afterwards the environment is restored whole (the code under test writes
+    os.environ directly, which monkeypatch would not undo, and a leaked RANK=1 hangs later tests)."""
+    saved = dict(os.environ)
+    for var in (*LAUNCHER_VARIABLES, "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", *STEP):
+        monkeypatch.delenv(var, raising=False)
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_srun_task_becomes_its_rank_of_the_step(clean_env):
+    for k, v in STEP.items():
+        clean_env.setenv(k, v)
+    assert adopt_slurm_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["MASTER_PORT"] == str(20000 + 42 * 16)
+    assert not ensure_single_process_env()  # rank variables are set: not "rank 0 of 1"
+
+
+def test_sbatch_shell_without_a_step_stays_one_process(clean_env):
+    for k, v in STEP.items():
+        if k != "SLURM_STEP_ID":
+            clean_env.setenv(k, v)
+    assert not adopt_slurm_env()
+    assert ensure_single_process_env() and os.environ["WORLD_SIZE"] == "1"
+
+
+def test_a_launchers_variables_win(clean_env):
+    for k, v in STEP.items():
+        clean_env.setenv(k, v)
+    clean_env.setenv("RANK", "0"), clean_env.setenv("WORLD_SIZE", "4"), clean_env.setenv("LOCAL_RANK", "0")
+    assert not adopt_slurm_env() and os.environ["WORLD_SIZE"] == "4"
