@@ -83,28 +83,9 @@ def test_model_state_bytes_match_real_tensors_bf16_zero2_four_ranks():
 
 
 def saved_for_backward(model: BertForSequenceClassification, **inputs) -> dict[str, int]:
-    """Bytes of the tensors a forward pass saves for backward, by the block that saved them (``layer0``, ...,
-    ``embeddings``, ``other``). Each storage counts once, parameters (saved by every linear) not at all."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    current, seen = ["other"], {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen.setdefault(storage.data_ptr(), (current[0], storage.nbytes()))
-        return t
-
+    """Bytes a BERT forward saves for backward, by block (``embeddings``, ``layer0``, ..., ``other``)."""
     blocks = {"embeddings": model.bert.embeddings} | {f"layer{i}": m for i, m in enumerate(model.bert.encoder.layer)}
-    for name, block in blocks.items():
-        block.register_forward_pre_hook(lambda m, args, name=name: current.__setitem__(0, name))
-        block.register_forward_hook(lambda m, args, out: current.__setitem__(0, "other"))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**inputs).loss
-    assert loss.requires_grad
-    by_block: dict[str, int] = {}
-    for block, nbytes in seen.values():
-        by_block[block] = by_block.get(block, 0) + nbytes
-    return by_block
+    return saved_by_block(model, blocks, **inputs)
 
 
 # Exact on CPU since the estimator counts dropout masks in the data type (torch's CPU dropout saves them so)
@@ -289,8 +270,9 @@ def test_cli_breakdown_says_whether_it_fits(capsys):
     assert "Adam moments" in out and "budget 80.0 GiB: fits" in out
 
 
-def saved_by_block(model, layers, **inputs) -> dict[str, int]:
-    """Bytes saved for backward by each of ``layers`` (``layer0``, ...) and outside them (``other``)."""
+def saved_by_block(model, blocks: dict[str, torch.nn.Module], **inputs) -> dict[str, int]:
+    """Bytes of the tensors a forward pass saves for backward, by the named block that saved them (``other``
+    outside every block). Each storage counts once, parameters (saved by every linear) not at all."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     current, seen = ["other"], {}
 
@@ -299,8 +281,8 @@ def saved_by_block(model, layers, **inputs) -> dict[str, int]:
             seen.setdefault(t.untyped_storage().data_ptr(), (current[0], t.untyped_storage().nbytes()))
         return t
 
-    for i, block in enumerate(layers):
-        block.register_forward_pre_hook(lambda m, args, name=f"layer{i}": current.__setitem__(0, name))
+    for name, block in blocks.items():
+        block.register_forward_pre_hook(lambda m, args, name=name: current.__setitem__(0, name))
         block.register_forward_hook(lambda m, args, out: current.__setitem__(0, "other"))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(**inputs).loss  # noqa: B018  (the forward is what saves)
@@ -328,7 +310,8 @@ def test_llama_style_layers_and_lm_head_match_what_a_real_forward_saves(attentio
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).train()
     ids = torch.randint(0, 1000, (2, 32))
-    measured = saved_by_block(model, model.model.layers, input_ids=ids, labels=ids)
+    layers = {f"layer{i}": m for i, m in enumerate(model.model.layers)}
+    measured = saved_by_block(model, layers, input_ids=ids, labels=ids)
     arch = arch_from_config("tiny-llama", config, attention=attention, task="causal-lm")
     assert (arch.mlp, arch.kv_heads, arch.lm_head, arch.dropout) == ("gated", 2, True, False)
     items = activations(arch, pt(2, 32, "fp32", zero=0), device="cpu")
