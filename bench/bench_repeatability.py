@@ -4,8 +4,9 @@
     .venv/bin/python bench/bench_repeatability.py --min_seconds 0 --steps 3   # the old 3-step window
 
 Runs the quickstart's sweep (tiny-bert, its CPU defaults: batch 4/8, sequence 64/128, ZeRO 0/2, fp32) twice
-into fresh folders, one right after the other (no re-measuring: each point once per sweep), and prints each ok point's samples/s in both, their ratio,
-and the worst disagreement (goal: every point within 10%). Extra flags go to both sweeps.
+into fresh folders, one right after the other (no re-measuring: each point once per sweep), and prints each
+ok point's samples/s in both, their ratio, and the worst disagreement (goal: every point within 10%). Extra
+flags go to both sweeps.
 """
 
 from __future__ import annotations
