@@ -40,7 +40,7 @@ def throughput_spread(record: Record) -> tuple[float, float] | None:
     prof = record.profile
     if prof is None or not prof.step_time_p90_s or not prof.step_time_p10_s:
         return None
-    samples_per_step = record.point.effective_batch()
+    samples_per_step = prof.samples_per_step or record.point.effective_batch()  # measured, else planned
     return samples_per_step / prof.step_time_p90_s, samples_per_step / prof.step_time_p10_s
 
 
