@@ -82,6 +82,16 @@ live_pid() {
     echo "$pid"
 }
 
+# A daemon this start spawned is alive while its process is: right after `&` its command line is still the
+# forked shell's (exec has not happened yet), so live_pid would call a healthy daemon dead. Zombies are dead.
+spawned_pid() {
+    local pid state
+    pid=$(cat "$PIDS/$1.pid" 2>/dev/null) || return 1
+    state=$(sed -E 's/^.*\) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [[ -n $state && $state != Z && $state != X ]] || return 1
+    echo "$pid"
+}
+
 answers() { timeout 20 srun -N1 -n1 --immediate=15 -t 1 hostname >/dev/null 2>&1; }
 
 running() {
@@ -102,10 +112,10 @@ logs() {
     done
 }
 
-# A start that failed: show why, and leave no daemon of it behind.
+# A start that failed: show why, and leave no daemon of it behind (spawned ones included).
 fail() {
     logs
-    stop_daemons slurmd slurmctld munged 2>/dev/null
+    SPAWNED=1 stop_daemons slurmd slurmctld munged 2>/dev/null
     die "$*"
 }
 
@@ -184,7 +194,7 @@ start_munged() {
     for i in $(seq 50); do
         [[ -S $SOCKET ]] && munge -n --socket="$SOCKET" 2>/dev/null | unmunge --socket="$SOCKET" >/dev/null 2>&1 &&
             return 0
-        live_pid munged >/dev/null || break
+        spawned_pid munged >/dev/null || break
         sleep 0.2
     done
     fail "munged did not start (log: $DIR/log/munged.out)"
@@ -217,7 +227,7 @@ start() {
     local deadline=$((SECONDS + TIMEOUT)) state=""
     while ((SECONDS < deadline)); do
         for d in slurmctld slurmd; do
-            if ! live_pid $d >/dev/null; then
+            if ! spawned_pid $d >/dev/null; then
                 fail "$d exited during start-up (config: $CONF; logs: $DIR/log)"
             fi
         done
@@ -250,7 +260,7 @@ stop() {
 stop_daemons() {
     local d pid i alive stopping=()
     for d in "$@"; do
-        if pid=$(live_pid "$d"); then
+        if pid=$(live_pid "$d") || { [[ -n ${SPAWNED:-} ]] && pid=$(spawned_pid "$d"); }; then
             kill -TERM "$pid" 2>/dev/null || true
             stopping+=("$d:$pid")
         fi
