@@ -52,3 +52,45 @@ def test_json_and_markdown_exports():
         "- **Largest effective batch** (among seq 128, 1 rank): `bf16-z3-w1-ga1-s128-b32`, peak 9.0 GiB, "
         "150.0 samples/s, effective batch 32"
     ) in md
+
+
+def test_breakdown_of_the_highest_rank_and_the_rest_of_its_peak():
+    from dataclasses import replace
+
+    from ftprof.run_profile import Profile, RankProfile
+
+    mib = 2**20
+    ranks = [
+        RankProfile(
+            rank=0, figure="rss", phases={"steady": {"rss_bytes": 900 * mib}}, breakdown={"saved_activations": 1}
+        ),
+        RankProfile(
+            rank=1,
+            figure="rss",
+            phases={"steady": {"rss_bytes": 1000 * mib}},
+            breakdown={
+                "parameters_bf16": 100 * mib,
+                "parameters_fp32": 10 * mib,
+                "master_weights": 200 * mib,
+                "optimizer_states": 400 * mib,
+                "gradients": 100 * mib,
+                "saved_activations": 50 * mib,
+            },
+        ),
+    ]
+    fastest = RECORDS[1]
+    measured = replace(fastest, peak_bytes=1000 * mib, profile=Profile(sampler="rss", samples_per_s=180, ranks=ranks))
+    records = [measured if r is fastest else r for r in RECORDS]
+    assert views.breakdown(measured) == {
+        "params": 110 * mib,
+        "master": 200 * mib,
+        "optimizer": 400 * mib,
+        "grads+buffers": 100 * mib,
+        "saved act.": 50 * mib,
+        "rest": 140 * mib,  # 1000 - 860: runtime, temporaries, allocator
+    }
+    assert views.breakdown(RECORDS[0]) is None  # no breakdown measured (older records)
+    text = render_text(records, 10 * GIB)
+    assert "Where the peak goes" in text and "fastest" in text and "140.0" in text
+    md = views.to_markdown(records, recommend(records, 10 * GIB), 10 * GIB)
+    assert "| fastest | 110.0 | 200.0 | 400.0 | 100.0 | 50.0 | 140.0 |" in md

@@ -171,6 +171,51 @@ def pareto_table(records: list[Record], cohort: Cohort | None) -> Table:
     return table
 
 
+BREAKDOWN_ITEMS = {  # measured item -> column (parameters_<dtype> are summed under "parameters")
+    "master_weights": "master",
+    "optimizer_states": "optimizer",
+    "gradients": "grads+buffers",
+    "saved_activations": "saved act.",
+}
+
+
+def breakdown(record: Record) -> dict[str, int] | None:
+    """The measured breakdown of the point's highest-peak rank, in bytes: params, master, optimizer,
+    grads+buffers, saved act. (one micro-batch) and ``rest`` = the peak minus those (interpreter and CUDA
+    runtime, temporaries, allocator slack); None for records without one."""
+    profile = record.profile
+    if profile is None or not profile.ranks or not record.peak_bytes:
+        return None
+    figure = profile.primary_figure
+    rank = max(profile.ranks, key=lambda r: r.peak(figure))
+    if not rank.breakdown:
+        return None
+    parts = {"params": sum(v for k, v in rank.breakdown.items() if k.startswith("parameters_"))}
+    parts |= {label: rank.breakdown.get(item, 0) for item, label in BREAKDOWN_ITEMS.items()}
+    parts["rest"] = rank.peak(figure) - sum(parts.values())
+    return parts
+
+
+def breakdown_table(recs: list[Recommendation]) -> Table | None:
+    """Where each recommended point's peak goes (MiB, the highest rank), measured item by item."""
+    rows = [(rec, parts) for rec in recs if (parts := breakdown(rec.record))]
+    if not rows:
+        return None
+    columns = list(rows[0][1])
+    table = Table(
+        title="Where the peak goes, measured (MiB, highest rank; saved activations of one micro-batch)",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("pick")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for rec, parts in rows:
+        table.add_row(rec.kind, *(f"{parts[c] / 2**20:.1f}" for c in columns))
+    return table
+
+
 def recommendations_panel(recs: list[Recommendation], budget: int | None, records: list[Record]) -> Group:
     """Recommendations as plain lines under a rule: no border, so a command copies as one piece; then what
     the memory levers cost and buy."""
@@ -252,12 +297,12 @@ def render(records: list[Record], recs: list[Recommendation], budget: int | None
     figures = {r.profile.figure for r in records if r.profile}
     figure = " / ".join(FIGURE_NAMES[f] for f in sorted(figures)) or "process RSS"
     cohort = recs[0].cohort if recs else choose_cohort(records, None)
-    return Group(
-        results_table(records, figure),
-        pareto_table(records, cohort),
-        recommendations_panel(recs, budget, records),
-        notes(records),
-    )
+    parts: list[Any] = [results_table(records, figure), pareto_table(records, cohort)]
+    parts.append(recommendations_panel(recs, budget, records))
+    table = breakdown_table(recs)
+    if table is not None:
+        parts.append(table)
+    return Group(*parts, notes(records))
 
 
 def to_csv(records: list[Record]) -> str:
@@ -284,6 +329,12 @@ def to_markdown(records: list[Record], recs: list[Recommendation], budget: int |
     lines += [f"- {note}" for note in lever_notes(records, budget)]
     if not recs:
         lines.append("- nothing measured fits the budget")
+    measured = [(rec, parts) for rec in recs if (parts := breakdown(rec.record))]
+    if measured:
+        columns = list(measured[0][1])
+        lines += ["", "## Where the peak goes (MiB, highest rank)", ""]
+        lines += ["| pick | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        lines += [f"| {rec.kind} | " + " | ".join(f"{p[c] / 2**20:.1f}" for c in columns) + " |" for rec, p in measured]
     return "\n".join(lines) + "\n"
 
 
@@ -305,6 +356,7 @@ def to_json(records: list[Record], recs: list[Recommendation], budget: int | Non
                         "within_noise_of": x.within_noise_of,
                         "command": x.command,
                         "ds_config": x.ds_config,
+                        "breakdown_bytes": breakdown(x.record),
                     }
                     for x in recs
                 ],

@@ -25,6 +25,11 @@ class RankProfile:
     rank: int
     figure: str = ""  # "rss", "process" (NVML lists this PID) or "device_delta" (it doesn't); "" in old records
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Measured bytes by item (:mod:`ftprof.profiler.breakdown`): parameters_<dtype>, master_weights,
+    # optimizer_states, gradients, saved_activations (one micro-batch); empty in old records.
+    breakdown: dict[str, int] = field(default_factory=dict)
+    # What the run really did: gradient_checkpointing, offload_optimizer, offload_param, optimizer (class name).
+    levers: dict[str, Any] = field(default_factory=dict)
 
     def peak(self, figure: str) -> int:
         """The highest ``figure`` over this rank's phases (0 when never recorded)."""
@@ -91,7 +96,13 @@ class Profile:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known and k != "ranks"}
         ranks = [
-            RankProfile(rank=r["rank"], figure=r.get("figure", ""), phases=r.get("phases", {}))
+            RankProfile(
+                rank=r["rank"],
+                figure=r.get("figure", ""),
+                phases=r.get("phases", {}),
+                breakdown=r.get("breakdown", {}),
+                levers=r.get("levers", {}),
+            )
             for r in data.get("ranks", [])
         ]
         return cls(**values, ranks=ranks)

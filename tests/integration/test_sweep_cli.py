@@ -163,3 +163,52 @@ def test_dataset_lengths_are_measured_worst_batch_included(tmp_path):
     longest = max(len(ids) for ids in tokenizer(texts, truncation=True, max_length=64)["input_ids"])
     assert m.longest_input_tokens == longest
     assert m.padded_tokens_per_s / m.samples_per_s < longest  # most batches are shorter than the worst
+
+
+@pytest.mark.slow
+def test_lever_axes_on_two_ranks_are_what_each_point_really_ran(tmp_path):
+    """Both lever axes on 2 ranks of ZeRO-3, a causal LM: each point's ranks report (from the model and the
+    optimizer that stepped) the levers its key names, and the measured breakdown shows what they change."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftprof.models import resolve_model_spec
+
+    out = tmp_path / "levers"
+    sweep(
+        ["--model", "tiny-llama", "--task", "causal-lm", "--zero", "3", "--world_size", "2"]
+        + ["--offload", "none,optimizer+param", "--gradient_checkpointing", "off,on"]
+        + ["--batch_sizes", "4", "--seq_lens", "64", "--out", str(out), "--no_report", "--no_remeasure"]
+    )
+    records = latest(read_records(out / "results.jsonl"))
+    assert len(records) == 4 and {r.status for r in records} == {"ok"}
+    with torch.device("meta"):
+        numels = [
+            p.numel() for p in AutoModelForCausalLM.from_config(resolve_model_spec("tiny-llama").config).parameters()
+        ]
+    partition = sum(math.ceil(n / 2) for n in numels)  # ZeRO-3: each parameter split in two (padded)
+    saved = {}
+    for r in records:
+        p, offloaded = r.point, r.point.offload != "none"
+        zero = r.ds_config["zero_optimization"]
+        assert (zero.get("offload_param", {}).get("device") == "cpu") == offloaded
+        assert [rank.rank for rank in r.profile.ranks] == [0, 1]
+        for rank in r.profile.ranks:
+            assert rank.levers == {
+                "gradient_checkpointing": p.gradient_checkpointing,
+                "offload_optimizer": offloaded,
+                "offload_param": offloaded,
+                "optimizer": "DeepSpeedCPUAdam" if offloaded else "FusedAdam",
+            }
+            b = rank.breakdown
+            assert b["parameters_fp32"] == 4 * partition  # this rank's half, not the model
+            assert b["optimizer_states"] == 2 * 4 * partition  # Adam's two moments of that half
+            assert b["master_weights"] == 0  # fp32 training: the partition is the master copy
+        saved[(p.offload, p.gradient_checkpointing)] = {rank.breakdown["saved_activations"] for rank in r.profile.ranks}
+    # Same batch on both ranks: same activations; offload doesn't change them; checkpointing lowers them.
+    assert all(len(v) == 1 for v in saved.values())
+    assert saved[("none", False)] == saved[("optimizer+param", False)]
+    assert saved[("none", True)] == saved[("optimizer+param", True)]
+    assert max(saved[("none", True)]) < max(saved[("none", False)])

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ftprof.profiler.breakdown import SavedActivationMeter, levers_in_use, model_state_bytes
 from ftprof.profiler.flops import model_shape, peak_tflops, training_flops_per_token
 from ftprof.profiler.samplers import MemorySampler, make_sampler
 from ftprof.profiler.timing import IntervalTimer, StepClock, summarize_periods
@@ -61,6 +62,9 @@ class ProfilerCallback(TrainerCallback):
         self._evaluating = False
         self.profile: Profile | None = None
         self._model: Any = None
+        self.activations = SavedActivationMeter()
+        self.breakdown: dict[str, int] = {}
+        self.levers: dict[str, Any] = {}
 
     @property
     def sampler(self) -> MemorySampler:
@@ -99,6 +103,9 @@ class ProfilerCallback(TrainerCallback):
         original = inner.step
 
         def step(*args: Any, **kwargs: Any) -> Any:
+            first = not self.breakdown and self._model is not None
+            if first:  # gradients exist now (ZeRO-1/2 free them in the step); states after it
+                gradients = model_state_bytes(self._model, optimizer)["gradients"]
             self.sampler.start("optimizer")
             self.optimizer_timer.begin()
             try:
@@ -106,6 +113,9 @@ class ProfilerCallback(TrainerCallback):
             finally:
                 self.optimizer_timer.end()
                 self._merge("optimizer", self.sampler.stop("optimizer"))
+                if first:
+                    self.breakdown = {**model_state_bytes(self._model, optimizer), "gradients": gradients}
+                    self.levers = levers_in_use(self._model, optimizer)
 
         step._ftprof_wrapped = True  # type: ignore[attr-defined]
         inner.step = step
@@ -128,6 +138,7 @@ class ProfilerCallback(TrainerCallback):
         self._model = model
         if model is not None:
             self.counter.attach(model)
+            self.activations.attach(model)
         if optimizer is not None:
             self._wrap_optimizer_step(optimizer)
         self._end("setup")
@@ -186,6 +197,7 @@ class ProfilerCallback(TrainerCallback):
         if self._window_counts is not None:
             self._end("steady")
         self.counter.detach()
+        self.activations.detach()
         self.profile = self._summarize(args, model or self._model)
         state.log_history.append({"profile": self.profile.to_json(), "step": state.global_step})
         self.sampler.close()
@@ -236,10 +248,17 @@ class ProfilerCallback(TrainerCallback):
         profile.longest_input_tokens = int(_reduce_over_ranks([float(self.counter.longest)], "max")[0]) or None
         # The sampler's figure (process list or device delta on GPUs) is decided once the process has a CUDA
         # context, so it is read here, at the end, and kept per rank.
-        mine = {"rank": args.process_index, "figure": self.sampler.figure, "phases": self.phases}
-        profile.ranks = [
-            RankProfile(rank=r["rank"], figure=r["figure"], phases=r["phases"]) for r in _gather_over_ranks(mine)
-        ]
+        breakdown = dict(self.breakdown)
+        if self.activations.saved_bytes is not None:
+            breakdown["saved_activations"] = self.activations.saved_bytes
+        mine = {
+            "rank": args.process_index,
+            "figure": self.sampler.figure,
+            "phases": self.phases,
+            "breakdown": breakdown,
+            "levers": self.levers,
+        }
+        profile.ranks = [RankProfile(**r) for r in _gather_over_ranks(mine)]
         return profile
 
 
