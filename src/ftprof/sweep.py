@@ -11,6 +11,7 @@ Slurm jobs) runs the points it is handed, each through :func:`run_point`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -35,6 +37,7 @@ from ftprof.results import Record, Status, append_record, latest
 from ftprof.run_profile import Profile
 from ftprof.sweep_plan import must_oom, next_batch_to_try
 from ftprof.units import GIB
+from ftprof.worker import ForkWorker, WorkerError
 
 # What an out-of-memory looks like in a child's output, on GPUs and CPUs.
 OOM_MARKERS = (
@@ -72,6 +75,7 @@ class SweepConfig:
     budget: int | None = None  # memory per rank; with ``predict``, grid points sure to exceed it aren't run
     margin: float = 0.5  # "sure": predicted above budget x (1 + margin); 0.1 once calibrated on this device
     env: dict[str, Any] = field(default_factory=dict)
+    worker: str = "fresh"  # "fork": one-rank local points fork from a pre-imported worker (ftprof.worker)
 
     @property
     def results_path(self) -> Path:
@@ -154,36 +158,23 @@ def run_point(
             task=cfg.task,
         )
         spec_path = spec.write(Path(tmp) / "spec.json")
-        limit = cfg.child_memory_limit
-
-        def preexec() -> None:
-            os.setsid()  # own process group: a timeout kills every rank
-            if limit:
-                resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
+        child_env = {**_child_env(), **(env or {})}
+        worker = fork_worker() if cfg.worker == "fork" and p.world_size == 1 and _is_local(command) else None
         started_at = time.perf_counter()
-        proc = subprocess.Popen(
-            command(spec_path, p.world_size),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            preexec_fn=preexec,
-            env={**_child_env(), **(env or {})},
-        )
-        if started is not None:
-            started(proc.pid)
-        try:
-            output, _ = proc.communicate(timeout=cfg.timeout_s)
-            status, reason = classify(proc.returncode, output, result_path.is_file())
-        except subprocess.TimeoutExpired:
-            kill_process_group(proc.pid)
-            output, _ = proc.communicate()
+        if worker is not None:
+            try:
+                returncode, output = _run_forked(worker, cfg, spec_path, child_env, started)
+            except WorkerError as err:  # the worker died: this point and the rest run in fresh processes
+                _worker_lost(str(err))
+                worker = None
+        if worker is None:
+            returncode, output = _run_fresh(cfg, command(spec_path, p.world_size), child_env, started)
+        status: Status
+        reason: str | None
+        if returncode is None:
             status, reason = "timeout", f"no result after {cfg.timeout_s:.0f} s"
-        except BaseException:  # Ctrl-C, or a signal handler's exception: leave no rank behind
-            kill_process_group(proc.pid)
-            proc.wait()
-            raise
+        else:
+            status, reason = classify(returncode, output, result_path.is_file())
         wall = time.perf_counter() - started_at
         profile = Profile.from_json(json.loads(result_path.read_text())) if status == "ok" else None
         return Record(
@@ -195,8 +186,109 @@ def run_point(
             reason=reason,
             stderr_tail=None if status == "ok" else output[-TAIL_CHARS:],
             wall_s=round(wall, 3),
-            env={**cfg.env, "world_size": p.world_size},
+            env={**cfg.env, "world_size": p.world_size, "worker": "fork" if worker else "fresh"},
         )
+
+
+def _run_fresh(
+    cfg: SweepConfig, argv: list[str], env: dict[str, str], started: Callable[[int], None] | None
+) -> tuple[int | None, str]:
+    """Run the point's command in a fresh process group: (return code, or None on timeout; its output)."""
+    limit = cfg.child_memory_limit
+
+    def preexec() -> None:
+        os.setsid()  # own process group: a timeout kills every rank
+        if limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        preexec_fn=preexec,
+        env=env,
+    )
+    if started is not None:
+        started(proc.pid)
+    try:
+        output, _ = proc.communicate(timeout=cfg.timeout_s)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        kill_process_group(proc.pid)
+        output, _ = proc.communicate()
+        return None, output
+    except BaseException:  # Ctrl-C, or a signal handler's exception: leave no rank behind
+        kill_process_group(proc.pid)
+        proc.wait()
+        raise
+
+
+def _run_forked(
+    worker: ForkWorker,
+    cfg: SweepConfig,
+    spec_path: Path,
+    env: dict[str, str],
+    started: Callable[[int], None] | None,
+) -> tuple[int | None, str]:
+    """:func:`_run_fresh` for a one-rank point, forked from the pre-imported worker."""
+    output_path = spec_path.with_name("output.txt")
+    pid = worker.start(spec_path, env, output_path, cfg.child_memory_limit)
+    if started is not None:
+        started(pid)
+    try:
+        returncode: int | None = worker.wait(pid, cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_process_group(pid)
+        worker.wait(pid)
+        returncode = None
+    except BaseException:  # Ctrl-C, or the worker died under the point: leave nothing running
+        kill_process_group(pid)
+        raise
+    return returncode, output_path.read_text(errors="replace") if output_path.exists() else ""
+
+
+def _is_local(command: Launch) -> bool:
+    """Whether ``command`` is :func:`local_command` (possibly with its devices bound), not srun."""
+    return getattr(command, "func", command) is local_command
+
+
+_WORKER: ForkWorker | None = None
+_WORKER_FAILED = False
+_WORKER_LOCK = threading.Lock()
+
+
+def fork_worker() -> ForkWorker | None:
+    """This process's pre-imported worker, started on first use; None (fresh processes from then on, with
+    one line on stderr saying why) if it cannot start."""
+    global _WORKER, _WORKER_FAILED
+    with _WORKER_LOCK:
+        if _WORKER is None and not _WORKER_FAILED:
+            try:
+                _WORKER = ForkWorker(env=_child_env())
+                atexit.register(close_fork_worker)
+            except WorkerError as err:
+                _WORKER_FAILED = True
+                print(f"ftprof: no pre-imported worker ({err}); points run in fresh processes", file=sys.stderr)
+        return _WORKER
+
+
+def _worker_lost(why: str) -> None:
+    global _WORKER, _WORKER_FAILED
+    with _WORKER_LOCK:
+        if _WORKER is not None:
+            _WORKER.close()
+            _WORKER, _WORKER_FAILED = None, True
+            print(f"ftprof: the pre-imported worker died ({why}); points run in fresh processes", file=sys.stderr)
+
+
+def close_fork_worker() -> None:
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is not None:
+            _WORKER.close()
+            _WORKER = None
 
 
 def kill_process_group(pgid: int) -> None:

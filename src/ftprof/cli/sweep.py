@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm_gpus_per_node", type=int, help="GPUs per node; a point with more ranks spans several nodes")
     p.add_argument("--slurm_account", help="account the jobs are charged to")
     p.add_argument("--slurm_cpus_per_task", type=int, help="CPUs per rank (default: the cluster's)")
+    p.add_argument(
+        "--worker",
+        choices=("auto", "fork", "fresh"),
+        default="auto",
+        help="one-rank local points: fork from a pre-imported worker, or start a fresh process each "
+        "(auto: fork on CPU-only machines, fresh with CUDA)",
+    )
     p.add_argument("--no_report", action="store_true", help="don't print the report at the end")
     p.add_argument(
         "--no_remeasure",
@@ -193,7 +200,7 @@ def run(argv: list[str], console: Console) -> None:
     from ftprof.model_facts import arch_from_config
     from ftprof.models import resolve_model_spec
     from ftprof.results import FAILED, latest, read_records
-    from ftprof.sweep import SweepConfig, close_calls, iterate_sweep, remeasure
+    from ftprof.sweep import SweepConfig, close_calls, close_fork_worker, iterate_sweep, remeasure
     from ftprof.sweep_manifest import SweepSettings, check_or_write
 
     spec = resolve_model_spec(a.model, random_init=True)  # shapes only: fails fast on an unknown model
@@ -241,6 +248,7 @@ def run(argv: list[str], console: Console) -> None:
         predict=predict,
         budget=budget or env.get("device_memory_bytes"),
         margin=0.10 if calibrated else 0.50,
+        worker="fresh" if a.worker == "fresh" or (a.worker == "auto" and cuda) else "fork",
     )
     executor = _executor(a, out, cuda, lambda line: console.print(f"  [dim]{line}[/]"))
     if open_jobs:
@@ -282,6 +290,8 @@ def run(argv: list[str], console: Console) -> None:
     except KeyboardInterrupt:
         console.print("interrupted: the running points were stopped; --resume continues the sweep")
         raise SystemExit(130) from None
+    finally:
+        close_fork_worker()
     console.print(f"sweep finished in {time.time() - started:.0f} s")
     if not a.no_report:
         from ftprof.report import print_report

@@ -1,0 +1,86 @@
+"""Pre-imported worker vs a fresh process per point: overhead and peaks on the same points, in one run.
+
+    .venv/bin/python bench/bench_worker.py               # ~6 min on a 2-core CPU
+    .venv/bin/python bench/bench_worker.py --rounds 3
+
+Runs the same small grid (tiny-bert classification and tiny-llama causal-LM, ZeRO 0/2, batch 4/16, seq
+128, fp32) as `ftprof sweep --worker fresh` and `--worker fork`, alternating which goes first each round,
+each into a fresh folder. Per point: the overhead (wall time minus the measured window: process start or
+fork, imports, DeepSpeed set-up, warm-up step) and the peak (RSS). Prints the median overhead of each and
+their ratio (goal: fork <= 0.5x fresh), and the worst peak difference between the two on the same point
+(goal: within 1%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from ftprof.results import Record, latest, read_records  # noqa: E402
+
+GRID = ["--zero", "0,2", "--batch_sizes", "4,16", "--seq_lens", "128", "--precision", "fp32"]
+MODELS = {"tiny-bert": "classification", "tiny-llama": "causal-lm"}
+
+
+def sweep(model: str, task: str, worker: str, out: Path) -> list[Record]:
+    command = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--model", model, "--task", task, *GRID]
+    command += ["--worker", worker, "--out", str(out), "--no_report", "--no_remeasure", "--no_skip"]
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    records = [r for r in latest(read_records(out / "results.jsonl")) if r.status == "ok"]
+    assert all(r.env.get("worker") == worker for r in records), "the sweep did not use the worker asked for"
+    return records
+
+
+def overhead(r: Record) -> float:
+    assert r.wall_s is not None and r.profile is not None and r.profile.window_s is not None
+    return r.wall_s - r.profile.window_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=2)
+    rounds = parser.parse_args().rounds
+    overheads: dict[str, list[float]] = {"fresh": [], "fork": []}
+    peaks: dict[str, dict[str, list[int]]] = {"fresh": {}, "fork": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            order = ["fresh", "fork"] if i % 2 == 0 else ["fork", "fresh"]
+            for worker in order:
+                for model, task in MODELS.items():
+                    for r in sweep(model, task, worker, Path(tmp) / f"{worker}-{model}-{i}"):
+                        overheads[worker].append(overhead(r))
+                        assert r.peak_bytes
+                        peaks[worker].setdefault(f"{model} {r.point.key}", []).append(r.peak_bytes)
+    print(f"{'point':<40}{'fresh GiB':>11}{'fork GiB':>10}{'fork/fresh':>12}")
+    diffs = {}
+    for key in sorted(peaks["fresh"]):
+        fresh, fork = statistics.median(peaks["fresh"][key]), statistics.median(peaks["fork"][key])
+        diffs[key] = fork / fresh
+        print(f"{key:<40}{fresh / 2**30:>11.3f}{fork / 2**30:>10.3f}{diffs[key]:>12.4f}")
+    worst = max(diffs, key=lambda k: abs(diffs[k] - 1))
+    median = {w: statistics.median(v) for w, v in overheads.items()}
+    print(
+        json.dumps(
+            {
+                "points_per_worker": len(overheads["fresh"]),
+                "median_overhead_s": {w: round(v, 2) for w, v in median.items()},
+                "overhead_range_s": {w: [round(min(v), 2), round(max(v), 2)] for w, v in overheads.items()},
+                "fork_over_fresh_overhead": round(median["fork"] / median["fresh"], 3),
+                "worst_peak_point": worst,
+                "worst_peak_ratio": round(diffs[worst], 4),
+                "peaks_within_1pct": all(abs(d - 1) <= 0.01 for d in diffs.values()),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

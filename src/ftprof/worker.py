@@ -1,0 +1,296 @@
+"""A pre-imported worker for sweep points: import once, fork a fresh child per point.
+
+A fresh process per point costs seconds before its first step (imports of torch, transformers, datasets
+and deepspeed, DeepSpeed's op loading). The worker pays that once: it imports everything a point needs,
+loads DeepSpeed's CPU optimizer ops, and then waits; each point is a ``fork()`` of it, so the child starts
+with the imports done and nothing else: no model, no tensor, no thread (the worker runs no torch op and
+starts no thread, so nothing is copied into a child but the imported code). The child is its own process
+group and session, writes its output to a file, and exits; the worker reports its exit status.
+
+Isolation is what a fresh process gives: the child's memory is its own (copy-on-write pages of the
+imports, which a fresh process holds too), and its peak is measured in the child. ``bench/bench_worker.py``
+measures both on the same points side by side. CUDA must not be initialised before ``fork()``: the worker
+never touches a GPU (``PYTORCH_NVML_BASED_CUDA_CHECK=1``), but it is only the default on CPU-only machines.
+
+Protocol (JSON lines): the driver writes ``{"id", "spec", "env", "memory_limit", "output"}`` to the worker's
+stdin; the worker answers ``{"id", "pid"}`` once the child runs and ``{"pid", "returncode"}`` when it ends
+(negative: killed by that signal, as :mod:`subprocess` reports it).
+
+    python -m ftprof.worker          # started by ``ftprof sweep``; not for direct use
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+READY_TIMEOUT_S = 600.0  # the first start may JIT-compile DeepSpeed's CPU ops (~40 s here)
+
+
+def _preload() -> None:
+    """Import what :func:`ftprof.measure.measure` imports, and load DeepSpeed's CPU optimizer ops."""
+    import datasets  # noqa: F401
+    import deepspeed  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import DataCollatorWithPadding, Trainer  # noqa: F401
+
+    import ftprof.args  # noqa: F401
+    import ftprof.deepspeed_config  # noqa: F401
+    import ftprof.lm_data  # noqa: F401
+    import ftprof.measure  # noqa: F401
+    import ftprof.models  # noqa: F401
+    import ftprof.profiler  # noqa: F401
+
+    if not torch.cuda.is_available():  # GPU ops load in the child, after CUDA exists there
+        from deepspeed.accelerator import get_accelerator
+
+        for name in ("FusedAdamBuilder", "CPUAdamBuilder"):
+            with contextlib.suppress(Exception):  # an op this build lacks is loaded (or not) by the child
+                builder = get_accelerator().create_op_builder(name)
+                if builder is not None:
+                    builder.load(verbose=False)
+
+
+def resident_file_pages() -> list[tuple[int, int]]:
+    """(address, length) runs of this process's resident pages in readable file-backed mappings.
+
+    ``fork()`` copies the page tables of anonymous memory but leaves file-backed mappings (the shared
+    libraries' code and data) to page faults, so a child starts without the library pages the imports
+    touched, and its RSS would be lower than a fresh process's by those (~120 MB here). The worker lists
+    them once (``/proc/self/pagemap``'s present bit), and each child maps them again
+    (:func:`touch_pages`): the child's RSS then starts where a fresh process's does after the same imports.
+    """
+    runs: list[tuple[int, int]] = []
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pagemap:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or not fields[5].startswith("/") or not fields[1].startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            pagemap.seek(start // page * 8)
+            entries = pagemap.read((end - start) // page * 8)
+            for i, (entry,) in enumerate(struct.iter_unpack("<Q", entries)):
+                if entry >> 63:  # present in RAM and mapped by this process
+                    address = start + i * page
+                    if runs and runs[-1][0] + runs[-1][1] == address:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + page)
+                    else:
+                        runs.append((address, page))
+    return runs
+
+
+def touch_pages(runs: list[tuple[int, int]]) -> None:
+    """Read one byte of every page of ``runs``, which maps each one into this process again."""
+    import ctypes
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    for start, length in runs:
+        for address in range(start, start + length, page):
+            ctypes.string_at(address, 1)
+
+
+def _child(request: dict[str, Any], pages: list[tuple[int, int]]) -> int:
+    """In the forked child: become a fresh point process and measure the point."""
+    import resource
+
+    touch_pages(pages)
+    os.setsid()  # own process group: the driver kills the point with killpg, as a fresh process
+    out = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    if request.get("memory_limit"):
+        limit = int(request["memory_limit"])
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    os.environ.clear()
+    os.environ.update(request["env"])
+    if "OMP_NUM_THREADS" in request["env"]:  # read by torch when its thread pool starts: set it explicitly
+        import torch
+
+        torch.set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
+    from ftprof import measure
+
+    sys.argv = [measure.__file__, request["spec"]]
+    return measure.main([request["spec"]])
+
+
+def _fork(request: dict[str, Any], protocol: int, pages: list[tuple[int, int]]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.close(protocol)
+        code = _child(request, pages)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def serve() -> int:
+    """The worker's loop: fork a child per request, report each child's end; exit when stdin closes."""
+    protocol = os.dup(1)
+    os.dup2(2, 1)  # what imports print (DeepSpeed logs on stdout) must not reach the protocol
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    started = time.perf_counter()
+    _preload()
+    pages = resident_file_pages()
+
+    def say(message: dict[str, Any]) -> None:
+        os.write(protocol, (json.dumps(message) + "\n").encode())
+
+    say({"ready": True, "preload_s": round(time.perf_counter() - started, 3), "pid": os.getpid()})
+    children: set[int] = set()
+    pending = b""
+    open_ = True
+    while open_ or children:
+        readable, _, _ = select.select([0] if open_ else [], [], [], 0.05)
+        if readable:
+            data = os.read(0, 1 << 16)
+            if not data:  # the driver is gone (or done): stop its points, then leave
+                open_ = False
+                for pid in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                request = json.loads(line)
+                pid = _fork(request, protocol, pages)
+                children.add(pid)
+                say({"id": request["id"], "pid": pid})
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if pid == 0:
+                break
+            children.discard(pid)
+            say({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+    return 0
+
+
+class WorkerError(RuntimeError):
+    """The worker could not start or has died."""
+
+
+class ForkWorker:
+    """The driver's side: start the worker, run points in it, wait for them (thread-safe)."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self._log = tempfile.NamedTemporaryFile(prefix="ftprof-worker-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ftprof.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches the driver, which stops the points itself
+        )
+        self._lock = threading.Condition()
+        self._next_id = 0
+        self._pids: dict[int, int] = {}  # request id -> child pid
+        self._exits: dict[int, int] = {}  # child pid -> returncode
+        self.ready: dict[str, Any] | None = None
+        self._reader = threading.Thread(target=self._read, name="ftprof-worker-reader", daemon=True)
+        self._reader.start()
+        with self._lock:
+            if not self._lock.wait_for(lambda: self.ready is not None or not self.alive, READY_TIMEOUT_S):
+                self.close()
+                raise WorkerError(f"the worker did not start within {READY_TIMEOUT_S:.0f} s")
+        if self.ready is None:
+            raise WorkerError(f"the worker exited during start-up: {self.log_tail()}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 1500) -> str:
+        return Path(self._log.name).read_text(errors="replace")[-chars:].strip()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            with self._lock:
+                if message.get("ready"):
+                    self.ready = message
+                elif "id" in message:
+                    self._pids[message["id"]] = message["pid"]
+                else:
+                    self._exits[message["pid"]] = message["returncode"]
+                self._lock.notify_all()
+        with self._lock:
+            self._lock.notify_all()  # the worker is gone: wake every waiter
+
+    def start(self, spec: Path, env: dict[str, str], output: Path, memory_limit: int | None = None) -> int:
+        """Fork a child measuring ``spec`` with exactly ``env`` as its environment; its pid (= process group)."""
+        with self._lock:
+            self._next_id += 1
+            request_id = self._next_id
+            message = {"id": request_id, "spec": str(spec), "env": env, "memory_limit": memory_limit}
+            message["output"] = str(output)
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write((json.dumps(message) + "\n").encode())
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError) as err:
+                raise WorkerError(f"the worker is gone: {self.log_tail()}") from err
+            if not self._lock.wait_for(lambda: request_id in self._pids or not self.alive, 60):
+                raise WorkerError("the worker did not fork a child within 60 s")
+            if request_id not in self._pids:
+                raise WorkerError(f"the worker died: {self.log_tail()}")
+            return self._pids.pop(request_id)
+
+    def wait(self, pid: int, timeout: float | None = None) -> int:
+        """The child's return code; raises :class:`subprocess.TimeoutExpired` after ``timeout`` seconds."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: pid in self._exits or not self.alive, timeout):
+                raise subprocess.TimeoutExpired(f"worker child {pid}", timeout or 0)
+            if pid not in self._exits:
+                raise WorkerError(f"the worker died while point {pid} ran: {self.log_tail()}")
+            return self._exits.pop(pid)
+
+    def close(self) -> None:
+        """Stop the worker (closing its stdin stops its children too)."""
+        with contextlib.suppress(Exception):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._log.name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(serve())

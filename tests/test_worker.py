@@ -1,0 +1,95 @@
+"""The pre-imported worker: a forked point measures what a fresh process measures, and fails the same ways."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ftprof.point import Point
+from ftprof.sweep import SweepConfig, close_fork_worker, fork_worker, run_point
+from ftprof.worker import resident_file_pages, touch_pages
+
+
+def vm_rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
+def test_a_forked_child_maps_the_library_pages_back_and_starts_at_the_parents_rss():
+    import torch  # noqa: F401  (its libraries are most of this process's file-backed pages)
+
+    pages = resident_file_pages()
+    parent = vm_rss()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: RSS before and after mapping the pages again
+        before = vm_rss()
+        touch_pages(pages)
+        os.write(write, json.dumps([before, vm_rss()]).encode())
+        os._exit(0)
+    os.close(write)
+    before, after = json.loads(os.read(read, 1000))
+    os.waitpid(pid, 0)
+    mapped = sum(length for _, length in pages)
+    assert mapped > 50 * 2**20  # torch's code and data the imports touched
+    assert before < parent - 0.5 * mapped  # fork() left them out of the child's page tables
+    assert after == pytest.approx(parent, rel=0.02)
+
+
+def config(tmp_path: Path, worker: str, **kwargs) -> SweepConfig:
+    point = Point(precision="fp32", zero=2, seq_len=128, batch_size=16)
+    kwargs = {"model": "tiny-bert", "steps": 2, "warmup": 1, **kwargs}
+    return SweepConfig(points=[point], out_dir=tmp_path, worker=worker, **kwargs)
+
+
+@pytest.mark.slow
+def test_forked_and_fresh_points_measure_the_same_peaks(tmp_path):
+    """Alternated fresh / fork / fresh / fork: each fork peak within the fresh ones' own spread + 1%."""
+    records = {"fresh": [], "fork": []}
+    try:
+        for worker in ("fresh", "fork", "fresh", "fork"):
+            cfg = config(tmp_path, worker)
+            r = run_point(cfg, cfg.points[0])
+            assert r.status == "ok", r.stderr_tail
+            assert r.env["worker"] == worker
+            records[worker].append(r)
+    finally:
+        close_fork_worker()
+    fresh = [r.peak_bytes for r in records["fresh"]]
+    low, high = min(fresh) * 0.99, max(fresh) * 1.01
+    for r in records["fork"]:
+        assert low <= r.peak_bytes <= high, (fresh, [r.peak_bytes for r in records["fork"]])
+        load = r.profile.ranks[0].phases["model_load"]["rss_bytes"]
+        assert load == pytest.approx(records["fresh"][0].profile.ranks[0].phases["model_load"]["rss_bytes"], rel=0.02)
+        assert r.profile.samples_per_step == 16  # the same training, counted the same way
+
+
+@pytest.mark.slow
+def test_a_forked_point_times_out_fails_and_is_killed_like_a_fresh_one(tmp_path):
+    try:
+        # A hang: the point is stopped at the timeout, its process group with it.
+        groups: list[int] = []
+        cfg = config(tmp_path, "fork", timeout_s=3.0, min_seconds=600.0)
+        r = run_point(cfg, cfg.points[0], started=groups.append)
+        assert r.status == "timeout" and r.reason == "no result after 3 s"
+        with pytest.raises(ProcessLookupError):
+            os.killpg(groups[0], 0)
+        # A crash in the point: an error with its output's last line.
+        cfg = config(tmp_path, "fork", model="no-such-model-anywhere")
+        r = run_point(cfg, cfg.points[0])
+        assert r.status == "error" and "no-such-model-anywhere" in r.stderr_tail
+        # SIGKILL from outside (the kernel's OOM killer): an oom, as for a fresh process.
+        cfg = config(tmp_path, "fork", min_seconds=600.0)
+        groups.clear()
+        killer = threading.Thread(target=lambda: (time.sleep(8), os.killpg(groups[0], signal.SIGKILL)))
+        killer.start()
+        r = run_point(cfg, cfg.points[0], started=groups.append)
+        killer.join()
+        assert r.status == "oom" and "SIGKILL" in r.reason and r.env["worker"] == "fork"
+        assert fork_worker() is not None  # the worker itself lives on
+    finally:
+        close_fork_worker()
