@@ -1,14 +1,15 @@
 """Pre-imported worker vs a fresh process per point: overhead and peaks on the same points, in one run.
 
-    .venv/bin/python bench/bench_worker.py               # ~6 min on a 2-core CPU
-    .venv/bin/python bench/bench_worker.py --rounds 3
+    .venv/bin/python bench/bench_worker.py               # 3 rounds, ~8 min on a 2-core CPU
+    .venv/bin/python bench/bench_worker.py --rounds 2
 
 Runs the same small grid (tiny-bert classification and tiny-llama causal-LM, ZeRO 0/2, batch 4/16, seq
 128, fp32) as `ftprof sweep --worker fresh` and `--worker fork`, alternating which goes first each round,
 each into a fresh folder. Per point: the overhead (wall time minus the measured window: process start or
 fork, imports, DeepSpeed set-up, warm-up step) and the peak (RSS). Prints the median overhead of each and
-their ratio (goal: fork <= 0.5x fresh), and the worst peak difference between the two on the same point
-(goal: within 1%).
+their ratio (goal: fork <= 0.5x fresh), the sweeps' end-to-end wall times (the worker's own start
+included), and per point the median peak of each, their ratio (goal: within 1%) beside a fresh process's
+own spread over the rounds (the noise floor of that comparison).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +31,12 @@ GRID = ["--zero", "0,2", "--batch_sizes", "4,16", "--seq_lens", "128", "--precis
 MODELS = {"tiny-bert": "classification", "tiny-llama": "causal-lm"}
 
 
-def sweep(model: str, task: str, worker: str, out: Path) -> list[Record]:
+def sweep(model: str, task: str, worker: str, out: Path, walls: dict[str, list[float]]) -> list[Record]:
     command = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--model", model, "--task", task, *GRID]
     command += ["--worker", worker, "--out", str(out), "--no_report", "--no_remeasure", "--no_skip"]
+    started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    walls[worker].append(time.perf_counter() - started)  # end to end: the worker's own start included
     records = [r for r in latest(read_records(out / "results.jsonl")) if r.status == "ok"]
     assert all(r.env.get("worker") == worker for r in records), "the sweep did not use the worker asked for"
     return records
@@ -45,25 +49,30 @@ def overhead(r: Record) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     rounds = parser.parse_args().rounds
     overheads: dict[str, list[float]] = {"fresh": [], "fork": []}
     peaks: dict[str, dict[str, list[int]]] = {"fresh": {}, "fork": {}}
+    walls: dict[str, list[float]] = {"fresh": [], "fork": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(rounds):
             order = ["fresh", "fork"] if i % 2 == 0 else ["fork", "fresh"]
             for worker in order:
                 for model, task in MODELS.items():
-                    for r in sweep(model, task, worker, Path(tmp) / f"{worker}-{model}-{i}"):
+                    for r in sweep(model, task, worker, Path(tmp) / f"{worker}-{model}-{i}", walls):
                         overheads[worker].append(overhead(r))
                         assert r.peak_bytes
                         peaks[worker].setdefault(f"{model} {r.point.key}", []).append(r.peak_bytes)
-    print(f"{'point':<40}{'fresh GiB':>11}{'fork GiB':>10}{'fork/fresh':>12}")
-    diffs = {}
+    print(f"{'point':<40}{'fresh GiB (min-max)':>22}{'fork GiB (min-max)':>22}{'fork/fresh':>12}{'fresh spread':>14}")
+    diffs, spreads = {}, {}
     for key in sorted(peaks["fresh"]):
-        fresh, fork = statistics.median(peaks["fresh"][key]), statistics.median(peaks["fork"][key])
-        diffs[key] = fork / fresh
-        print(f"{key:<40}{fresh / 2**30:>11.3f}{fork / 2**30:>10.3f}{diffs[key]:>12.4f}")
+        fresh, fork = peaks["fresh"][key], peaks["fork"][key]
+        diffs[key] = statistics.median(fork) / statistics.median(fresh)
+        spreads[key] = max(fresh) / min(fresh) - 1  # a fresh process against itself: the noise floor
+        print(
+            f"{key:<40}{min(fresh) / 2**30:>11.3f}-{max(fresh) / 2**30:.3f}{min(fork) / 2**30:>12.3f}-"
+            f"{max(fork) / 2**30:.3f}{diffs[key]:>12.4f}{spreads[key]:>13.2%}"
+        )
     worst = max(diffs, key=lambda k: abs(diffs[k] - 1))
     median = {w: statistics.median(v) for w, v in overheads.items()}
     print(
@@ -73,6 +82,9 @@ def main() -> None:
                 "median_overhead_s": {w: round(v, 2) for w, v in median.items()},
                 "overhead_range_s": {w: [round(min(v), 2), round(max(v), 2)] for w, v in overheads.items()},
                 "fork_over_fresh_overhead": round(median["fork"] / median["fresh"], 3),
+                "sweep_wall_s": {w: [round(x, 1) for x in v] for w, v in walls.items()},
+                "fork_over_fresh_sweep_wall": round(sum(walls["fork"]) / sum(walls["fresh"]), 3),
+                "worst_fresh_vs_fresh_spread": round(max(spreads.values()), 4),
                 "worst_peak_point": worst,
                 "worst_peak_ratio": round(diffs[worst], 4),
                 "peaks_within_1pct": all(abs(d - 1) <= 0.01 for d in diffs.values()),

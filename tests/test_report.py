@@ -94,3 +94,20 @@ def test_breakdown_of_the_highest_rank_and_the_rest_of_its_peak():
     assert "Where the peak goes" in text and "fastest" in text and "140.0" in text
     md = views.to_markdown(records, recommend(records, 10 * GIB), 10 * GIB)
     assert "| fastest | 110.0 | 200.0 | 400.0 | 100.0 | 50.0 | 140.0 |" in md
+
+
+def test_offloaded_items_are_host_memory_not_part_of_the_device_peak():
+    from dataclasses import replace
+
+    from ftprof.run_profile import Profile, RankProfile
+
+    mib = 2**20
+    rank = RankProfile(
+        rank=0,
+        figure="process",
+        phases={"steady": {"nvml_process_bytes": 1000 * mib}},
+        breakdown={"parameters_bf16": 100 * mib, "master_weights_host": 200 * mib, "optimizer_states_host": 400 * mib},
+    )
+    r = replace(RECORDS[1], peak_bytes=1000 * mib, profile=Profile(sampler="nvml", samples_per_s=1, ranks=[rank]))
+    parts = views.breakdown(r)
+    assert parts["rest"] == 900 * mib and parts["host"] == 600 * mib and parts["optimizer"] == 0

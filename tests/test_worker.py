@@ -26,14 +26,17 @@ def test_a_forked_child_maps_the_library_pages_back_and_starts_at_the_parents_rs
     parent = vm_rss()
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: RSS before and after mapping the pages again
-        before = vm_rss()
-        touch_pages(pages)
-        os.write(write, json.dumps([before, vm_rss()]).encode())
-        os._exit(0)
+    if pid == 0:  # the child: RSS before and after mapping the pages again; never returns into pytest
+        try:
+            before = vm_rss()
+            touch_pages(pages)
+            os.write(write, json.dumps([before, vm_rss()]).encode())
+        finally:
+            os._exit(0)
     os.close(write)
-    before, after = json.loads(os.read(read, 1000))
+    message = os.read(read, 1000)
     os.waitpid(pid, 0)
+    before, after = json.loads(message)
     mapped = sum(length for _, length in pages)
     assert mapped > 50 * 2**20  # torch's code and data the imports touched
     assert before < parent - 0.5 * mapped  # fork() left them out of the child's page tables
@@ -48,7 +51,8 @@ def config(tmp_path: Path, worker: str, **kwargs) -> SweepConfig:
 
 @pytest.mark.slow
 def test_forked_and_fresh_points_measure_the_same_peaks(tmp_path):
-    """Alternated fresh / fork / fresh / fork: each fork peak within the fresh ones' own spread + 1%."""
+    """Alternated fresh / fork / fresh / fork: each fork peak within the fresh ones' own spread + 2% (RSS is
+    sampled every 50 ms; bench/bench_worker.py measures the agreement on more points and rounds)."""
     records = {"fresh": [], "fork": []}
     try:
         for worker in ("fresh", "fork", "fresh", "fork"):
@@ -60,7 +64,7 @@ def test_forked_and_fresh_points_measure_the_same_peaks(tmp_path):
     finally:
         close_fork_worker()
     fresh = [r.peak_bytes for r in records["fresh"]]
-    low, high = min(fresh) * 0.99, max(fresh) * 1.01
+    low, high = min(fresh) * 0.98, max(fresh) * 1.02
     for r in records["fork"]:
         assert low <= r.peak_bytes <= high, (fresh, [r.peak_bytes for r in records["fork"]])
         load = r.profile.ranks[0].phases["model_load"]["rss_bytes"]
@@ -85,7 +89,14 @@ def test_a_forked_point_times_out_fails_and_is_killed_like_a_fresh_one(tmp_path)
         # SIGKILL from outside (the kernel's OOM killer): an oom, as for a fresh process.
         cfg = config(tmp_path, "fork", min_seconds=600.0)
         groups.clear()
-        killer = threading.Thread(target=lambda: (time.sleep(8), os.killpg(groups[0], signal.SIGKILL)))
+
+        def kill_when_training() -> None:
+            while not groups:
+                time.sleep(0.1)
+            time.sleep(8)  # inside the point's training window (min_seconds 600)
+            os.killpg(groups[0], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_training)
         killer.start()
         r = run_point(cfg, cfg.points[0], started=groups.append)
         killer.join()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftprof.estimate import Arch, Calibration, Device, estimate
+from ftprof.estimate import Arch, Calibration, Device, estimate, gpu_key
 from ftprof.point import Point
 from ftprof.results import Record
 
@@ -44,7 +44,12 @@ def device_slug(name: str) -> str:
 
 
 def calibration_path(device: str) -> Path:
-    return calibration_dir() / f"{device_slug(device)}.json"
+    """One file per device, a known GPU under its :data:`~ftprof.estimate.GPUS` key whatever it was called.
+
+    >>> calibration_path("NVIDIA H100 80GB HBM3") == calibration_path("h100-80gb")
+    True
+    """
+    return calibration_dir() / f"{gpu_key(device) or device_slug(device)}.json"
 
 
 def load_calibration(device: str) -> Calibration:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,37 @@ GPUS: dict[str, int] = {
     "v100-16gb": 16 * GIB,
     "t4-16gb": 16 * GIB,
 }
+
+_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "sxm", "sxm2", "sxm4", "sxm5", "pcie", "hbm3", "hbm3e"}
+
+
+def gpu_key(name: str, memory_bytes: int | None = None) -> str | None:
+    """The :data:`GPUS` key of a device as NVML, torch or a user name it; None if unknown or ambiguous.
+
+    One naming for every place a device is looked up: a calibration saved by a sweep on "NVIDIA H100 80GB
+    HBM3" is the one ``ftprof estimate --gpu h100-80gb`` loads. A name without its memory size is decided
+    by ``memory_bytes`` (the nearest size) or, with one size known for the model, that one.
+
+    >>> gpu_key("NVIDIA H100 80GB HBM3"), gpu_key("h100-80gb"), gpu_key("NVIDIA A100-SXM4-40GB")
+    ('h100-80gb', 'h100-80gb', 'a100-40gb')
+    >>> gpu_key("NVIDIA H200"), gpu_key("NVIDIA GeForce RTX 4090"), gpu_key("Tesla T4")
+    ('h200-141gb', 'rtx4090-24gb', 't4-16gb')
+    >>> gpu_key("NVIDIA H100 PCIe") is None, gpu_key("NVIDIA H100 PCIe", memory_bytes=85_520_809_984)
+    (True, 'h100-80gb')
+    >>> gpu_key("cpu (x86_64)") is None
+    True
+    """
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w and w not in _VENDOR_WORDS]
+    joined = {a + b for a, b in zip(words, words[1:], strict=False)}  # "rtx 4090" -> "rtx4090"
+    sizes = {w for w in words if re.fullmatch(r"\d+gb", w)}
+    candidates = []
+    for key in GPUS:
+        model, size = key.rsplit("-", 1)
+        if (model in words or model in joined) and (not sizes or size in sizes):
+            candidates.append(key)
+    if len(candidates) > 1 and memory_bytes:
+        return min(candidates, key=lambda k: abs(GPUS[k] - memory_bytes))
+    return candidates[0] if len(candidates) == 1 else None
 
 
 @dataclass(frozen=True)

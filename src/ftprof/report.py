@@ -171,28 +171,33 @@ def pareto_table(records: list[Record], cohort: Cohort | None) -> Table:
     return table
 
 
-BREAKDOWN_ITEMS = {  # measured item -> column (parameters_<dtype> are summed under "parameters")
-    "master_weights": "master",
-    "optimizer_states": "optimizer",
-    "gradients": "grads+buffers",
-    "saved_activations": "saved act.",
+BREAKDOWN_COLUMNS = {  # column -> the measured items it sums (parameters_<dtype> all go under "params")
+    "master": ("master_weights",),
+    "optimizer": ("optimizer_states",),
+    "grads+buffers": ("gradients", "gradient_buckets", "other_buffers"),
+    "saved act.": ("saved_activations",),
 }
 
 
 def breakdown(record: Record) -> dict[str, int] | None:
     """The measured breakdown of the point's highest-peak rank, in bytes: params, master, optimizer,
-    grads+buffers, saved act. (one micro-batch) and ``rest`` = the peak minus those (interpreter and CUDA
-    runtime, temporaries, allocator slack); None for records without one."""
+    grads+buffers, saved act. (one micro-batch), ``rest`` = the peak minus those (interpreter and CUDA
+    runtime, temporaries, allocator slack) and, where something was offloaded from a GPU, ``host`` (items in
+    host memory: not part of the device peak). None for records without one."""
     profile = record.profile
     if profile is None or not profile.ranks or not record.peak_bytes:
         return None
-    figure = profile.primary_figure
+    figure = record.env.get("peak_figure") or profile.primary_figure
     rank = max(profile.ranks, key=lambda r: r.peak(figure))
     if not rank.breakdown:
         return None
-    parts = {"params": sum(v for k, v in rank.breakdown.items() if k.startswith("parameters_"))}
-    parts |= {label: rank.breakdown.get(item, 0) for item, label in BREAKDOWN_ITEMS.items()}
+    on_device = {k: v for k, v in rank.breakdown.items() if not k.endswith("_host")}
+    parts = {"params": sum(v for k, v in on_device.items() if k.startswith("parameters_"))}
+    parts |= {column: sum(on_device.get(item, 0) for item in items) for column, items in BREAKDOWN_COLUMNS.items()}
     parts["rest"] = rank.peak(figure) - sum(parts.values())
+    host = sum(v for k, v in rank.breakdown.items() if k.endswith("_host"))
+    if host:
+        parts["host"] = host
     return parts
 
 
@@ -201,7 +206,7 @@ def breakdown_table(recs: list[Recommendation]) -> Table | None:
     rows = [(rec, parts) for rec in recs if (parts := breakdown(rec.record))]
     if not rows:
         return None
-    columns = list(rows[0][1])
+    columns = list(dict.fromkeys(k for _, parts in rows for k in parts))
     table = Table(
         title="Where the peak goes, measured (MiB, highest rank; saved activations of one micro-batch)",
         header_style="bold",
@@ -212,7 +217,7 @@ def breakdown_table(recs: list[Recommendation]) -> Table | None:
     for name in columns:
         table.add_column(name, justify="right")
     for rec, parts in rows:
-        table.add_row(rec.kind, *(f"{parts[c] / 2**20:.1f}" for c in columns))
+        table.add_row(rec.kind, *(f"{parts.get(c, 0) / 2**20:.1f}" for c in columns))
     return table
 
 
@@ -331,10 +336,12 @@ def to_markdown(records: list[Record], recs: list[Recommendation], budget: int |
         lines.append("- nothing measured fits the budget")
     measured = [(rec, parts) for rec in recs if (parts := breakdown(rec.record))]
     if measured:
-        columns = list(measured[0][1])
+        columns = list(dict.fromkeys(k for _, parts in measured for k in parts))
         lines += ["", "## Where the peak goes (MiB, highest rank)", ""]
         lines += ["| pick | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-        lines += [f"| {rec.kind} | " + " | ".join(f"{p[c] / 2**20:.1f}" for c in columns) + " |" for rec, p in measured]
+        lines += [
+            f"| {rec.kind} | " + " | ".join(f"{p.get(c, 0) / 2**20:.1f}" for c in columns) + " |" for rec, p in measured
+        ]
     return "\n".join(lines) + "\n"
 
 

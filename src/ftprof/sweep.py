@@ -159,7 +159,8 @@ def run_point(
         )
         spec_path = spec.write(Path(tmp) / "spec.json")
         child_env = {**_child_env(), **(env or {})}
-        worker = fork_worker() if cfg.worker == "fork" and p.world_size == 1 and _is_local(command) else None
+        forkable = p.world_size == 1 and _is_local(command) and set(env or {}) <= WORKER_ENV
+        worker = fork_worker() if cfg.worker == "fork" and forkable else None
         started_at = time.perf_counter()
         if worker is not None:
             try:
@@ -254,8 +255,11 @@ def _is_local(command: Launch) -> bool:
     return getattr(command, "func", command) is local_command
 
 
+# Variables a forked point may set for itself: the rest were read by the worker's imports at start-up.
+WORKER_ENV = {"OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES"}
 _WORKER: ForkWorker | None = None
 _WORKER_FAILED = False
+_RETIRED: list[ForkWorker] = []  # a worker given up on keeps its running points until the sweep ends
 _WORKER_LOCK = threading.Lock()
 
 
@@ -278,17 +282,19 @@ def _worker_lost(why: str) -> None:
     global _WORKER, _WORKER_FAILED
     with _WORKER_LOCK:
         if _WORKER is not None:
-            _WORKER.close()
+            _RETIRED.append(_WORKER)  # not closed: closing would stop the points other threads run in it
             _WORKER, _WORKER_FAILED = None, True
-            print(f"ftprof: the pre-imported worker died ({why}); points run in fresh processes", file=sys.stderr)
+            print(f"ftprof: the pre-imported worker failed ({why}); points run in fresh processes", file=sys.stderr)
 
 
 def close_fork_worker() -> None:
-    global _WORKER
+    """Stop this process's worker (and any retired one); the next sweep starts a new one."""
+    global _WORKER, _WORKER_FAILED
     with _WORKER_LOCK:
-        if _WORKER is not None:
-            _WORKER.close()
-            _WORKER = None
+        for worker in [*_RETIRED, *([_WORKER] if _WORKER else [])]:
+            worker.close()
+        _RETIRED.clear()
+        _WORKER, _WORKER_FAILED = None, False
 
 
 def kill_process_group(pgid: int) -> None:

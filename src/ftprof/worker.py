@@ -3,9 +3,13 @@
 A fresh process per point costs seconds before its first step (imports of torch, transformers, datasets
 and deepspeed, DeepSpeed's op loading). The worker pays that once: it imports everything a point needs,
 loads DeepSpeed's CPU optimizer ops, and then waits; each point is a ``fork()`` of it, so the child starts
-with the imports done and nothing else: no model, no tensor, no thread (the worker runs no torch op and
-starts no thread, so nothing is copied into a child but the imported code). The child is its own process
-group and session, writes its output to a file, and exits; the worker reports its exit status.
+with the imports done and nothing else: no model, no tensor (the worker runs no torch op and starts no
+thread of its own; ``fork()`` copies only the calling thread, so the idle helper threads some libraries
+start at import, such as pyarrow's jemalloc one, are not copied). The child is its own process group and
+session before the driver learns its pid, writes its output to a file, and exits; the worker reports its
+exit status. Only ``OMP_NUM_THREADS`` and ``CUDA_VISIBLE_DEVICES`` may differ from the worker's environment
+(:data:`ftprof.sweep.WORKER_ENV`): other variables were read by the imports already, so a point that sets
+them runs in a fresh process.
 
 Isolation is what a fresh process gives: the child's memory is its own (copy-on-write pages of the
 imports, which a fresh process holds too), and its peak is measured in the child. ``bench/bench_worker.py``
@@ -104,11 +108,10 @@ def touch_pages(runs: list[tuple[int, int]]) -> None:
 
 
 def _child(request: dict[str, Any], pages: list[tuple[int, int]]) -> int:
-    """In the forked child: become a fresh point process and measure the point."""
+    """In the forked child (already its own session): become a fresh point process and measure the point."""
     import resource
 
     touch_pages(pages)
-    os.setsid()  # own process group: the driver kills the point with killpg, as a fresh process
     out = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)
     os.dup2(out, 2)
@@ -132,22 +135,44 @@ def _child(request: dict[str, Any], pages: list[tuple[int, int]]) -> int:
 
 
 def _fork(request: dict[str, Any], protocol: int, pages: list[tuple[int, int]]) -> int:
+    """Fork a child for ``request``; return once it leads its own process group (so a ``killpg`` of the pid
+    the driver is told reaches it, as for a fresh process)."""
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(ready_w)
+        os.read(ready_r, 1)  # b"" if the child died before: the worker then reports its exit as usual
+        os.close(ready_r)
         return pid
     code = 1
     try:
+        os.setsid()
+        os.close(ready_r)
+        os.write(ready_w, b"1")
+        os.close(ready_w)
         os.close(protocol)
         code = _child(request, pages)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
+    except SystemExit as exit_:  # as the interpreter exits: None is 0, a message goes to stderr with 1
+        if exit_.code is None or isinstance(exit_.code, int):
+            code = exit_.code or 0
+        else:
+            print(exit_.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
     finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
+        _flush_all()
         os._exit(code)
+
+
+def _flush_all() -> None:
+    """Flush Python's and C's output buffers (``os._exit`` skips both; C++ ops print through stdio)."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
 
 
 def serve() -> int:
@@ -158,6 +183,11 @@ def serve() -> int:
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     started = time.perf_counter()
     _preload()
+    import torch
+
+    if torch.cuda.is_initialized():  # a forked child could not use CUDA
+        raise RuntimeError("CUDA was initialised while preloading: the worker cannot fork points")
+    _flush_all()  # nothing buffered may be copied into the children's output
     pages = resident_file_pages()
 
     def say(message: dict[str, Any]) -> None:
@@ -176,6 +206,8 @@ def serve() -> int:
                 for pid in children:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             pending += data
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
@@ -218,21 +250,28 @@ class ForkWorker:
         self._pids: dict[int, int] = {}  # request id -> child pid
         self._exits: dict[int, int] = {}  # child pid -> returncode
         self.ready: dict[str, Any] | None = None
+        self._eof = False  # the worker's output ended: it is gone
         self._reader = threading.Thread(target=self._read, name="ftprof-worker-reader", daemon=True)
         self._reader.start()
-        with self._lock:
-            if not self._lock.wait_for(lambda: self.ready is not None or not self.alive, READY_TIMEOUT_S):
-                self.close()
-                raise WorkerError(f"the worker did not start within {READY_TIMEOUT_S:.0f} s")
-        if self.ready is None:
-            raise WorkerError(f"the worker exited during start-up: {self.log_tail()}")
+        try:
+            with self._lock:
+                if not self._lock.wait_for(lambda: self.ready is not None or not self.alive, READY_TIMEOUT_S):
+                    raise WorkerError(f"the worker did not start within {READY_TIMEOUT_S:.0f} s")
+            if self.ready is None:
+                raise WorkerError(f"the worker exited during start-up: {self.log_tail()}")
+        except BaseException:  # a failed start or Ctrl-C: leave no worker behind
+            self.proc.kill()
+            self.close()
+            raise
 
     @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self._eof and self.proc.poll() is None
 
     def log_tail(self, chars: int = 1500) -> str:
-        return Path(self._log.name).read_text(errors="replace")[-chars:].strip()
+        with contextlib.suppress(OSError):
+            return Path(self._log.name).read_text(errors="replace")[-chars:].strip()
+        return ""
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -247,6 +286,7 @@ class ForkWorker:
                     self._exits[message["pid"]] = message["returncode"]
                 self._lock.notify_all()
         with self._lock:
+            self._eof = True
             self._lock.notify_all()  # the worker is gone: wake every waiter
 
     def start(self, spec: Path, env: dict[str, str], output: Path, memory_limit: int | None = None) -> int:
@@ -260,7 +300,7 @@ class ForkWorker:
             try:
                 self.proc.stdin.write((json.dumps(message) + "\n").encode())
                 self.proc.stdin.flush()
-            except (BrokenPipeError, OSError) as err:
+            except (OSError, ValueError) as err:  # a broken pipe, or stdin already closed
                 raise WorkerError(f"the worker is gone: {self.log_tail()}") from err
             if not self._lock.wait_for(lambda: request_id in self._pids or not self.alive, 60):
                 raise WorkerError("the worker did not fork a child within 60 s")

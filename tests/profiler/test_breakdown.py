@@ -1,5 +1,7 @@
 """The measured breakdown against values known by construction (no DeepSpeed here: see the integration tests)."""
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -43,7 +45,7 @@ def bert(checkpointing: bool) -> BertForSequenceClassification:
     )
     model = BertForSequenceClassification(config).train()
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 
@@ -97,4 +99,49 @@ def test_model_state_bytes_counts_a_shared_storage_once():
     flat = torch.zeros(20)  # DeepSpeed-style: parameters are views into one flat buffer
     model.weight.data = flat[:16].view(4, 4)
     model.bias.data = flat[16:]
-    assert model_state_bytes(model, None) == {"parameters_fp32": 20 * F32, "gradients": 0}
+    assert model_state_bytes(model, None) == {
+        "parameters_fp32": 20 * F32,
+        "master_weights": 0,
+        "gradients": 0,
+        "gradient_buckets": 0,
+        "other_buffers": 0,
+    }
+
+
+@dataclass
+class Bucket:  # as DeepSpeed's IPGBucket: a dataclass holding its buffers in a list
+    buffer: list = field(default_factory=list)
+    params: list = field(default_factory=list)
+
+
+class ZeroLike:
+    """DeepSpeed's ZeRO-1/2 optimizer's layout, by attribute name, around a real torch optimizer."""
+
+    def __init__(self, model):
+        flat = torch.zeros(20, dtype=torch.bfloat16)
+        model.weight.data, model.bias.data = flat[:16].view(4, 4), flat[16:]
+        self.bit16_groups_flat = [flat]  # the parameters' own buffer: counted once, as parameters
+        self.single_partition_of_fp32_groups = [torch.zeros(20, requires_grad=True)]
+        self.optimizer = torch.optim.AdamW(self.single_partition_of_fp32_groups)
+        self.averaged_gradients = {0: [torch.zeros(20, dtype=torch.bfloat16)]}
+        self.ipg_buckets = {
+            torch.bfloat16: Bucket(buffer=[torch.zeros(7, dtype=torch.bfloat16)], params=[model.weight])
+        }
+        self.staging = torch.zeros(5)  # anything else it holds
+        self.fp16_groups = [[model.weight, model.bias]]  # parameters again: not buffers
+
+
+def test_deepspeed_style_optimizer_items_by_attribute():
+    model = torch.nn.Linear(4, 4)
+    zero = ZeroLike(model)
+    zero.single_partition_of_fp32_groups[0].grad = torch.zeros(20)
+    zero.optimizer.step()  # creates the Adam moments
+    items = model_state_bytes(model, zero)
+    assert items == {
+        "parameters_bf16": 20 * 2,
+        "master_weights": 20 * F32,
+        "optimizer_states": 2 * 20 * F32,
+        "gradients": 20 * 2 + 20 * F32,  # averaged bf16 partition + the fp32 master's .grad
+        "gradient_buckets": 7 * 2,
+        "other_buffers": 5 * F32,
+    }

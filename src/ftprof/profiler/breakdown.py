@@ -13,7 +13,8 @@ Two meters, both device-independent (they count tensor bytes, not what a sampler
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ class SavedActivationMeter:
             return
         self._handles = [
             model.register_forward_pre_hook(self._open),
-            model.register_forward_hook(self._close),
+            model.register_forward_hook(self._close, always_call=True),  # closes even if the forward raises
         ]
         for module in model.modules():
             if module is not model and hasattr(module, "gradient_checkpointing"):  # transformers' layers
@@ -65,11 +66,14 @@ class SavedActivationMeter:
         if not module.training or not torch.is_grad_enabled() or self._context is not None:
             return
         self._params = {s[0] for p in module.parameters() if (s := _storage(p.data)) is not None}
+        self._seen.clear()
         self._context = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._context.__enter__()
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if not (t.is_leaf and t.requires_grad):  # a parameter (ZeRO-3 swaps its storage in and out)
+        # A parameter, or a view of one (F.linear saves weight.t()); ZeRO-3 swaps their storages in and out.
+        parameter = isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+        if not parameter and not (t.is_leaf and t.requires_grad):
             s = _storage(t)
             if s is not None and s[0] not in self._params:
                 self._seen.setdefault(*s)
@@ -100,8 +104,22 @@ def optimizer_chain(optimizer: Any) -> list[Any]:
     return chain
 
 
+# Where DeepSpeed's optimizers keep each item (ZeRO-1/2, ZeRO-3, the BF16 optimizer), by attribute name.
+MASTER_ATTRIBUTES = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+GRADIENT_ATTRIBUTES = (
+    "averaged_gradients",
+    "grad_partitions_flat_buffer",
+    "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
+    "fp32_groups_gradients_flat",
+)
+BUCKET_ATTRIBUTES = ("ipg_buckets", "ipg_buffer")
+
+
 def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
-    """Tensors in ``value`` and the lists, tuples and dicts it holds (not inside other objects)."""
+    """Tensors in ``value`` and the lists, tuples, dicts and dataclasses it holds (parameters excluded:
+    they are the model's, or ZeRO-3 placeholders)."""
+    if isinstance(value, torch.nn.Parameter):
+        return
     if isinstance(value, torch.Tensor):
         yield value
     elif depth < 3 and isinstance(value, (list, tuple)):
@@ -110,50 +128,63 @@ def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     elif depth < 3 and isinstance(value, dict):
         for v in value.values():
             yield from _tensors(v, depth + 1)
+    elif depth < 3 and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name, None), depth + 1)
 
 
 class _Ledger:
-    """Bytes by item, each storage counted once (under the first item that claims it)."""
+    """Bytes by item, each storage counted once (under the first item that claims it). On a GPU machine,
+    host-resident tensors (offload) go to ``<item>_host``, apart from the device's."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
+        self.device = device
         self.items: dict[str, int] = {}
         self._claimed: set[int] = set()
 
-    def claim(self, item: str, tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> None:
+    def claim(self, item: str, tensors: Iterable[torch.Tensor]) -> None:
+        self.items.setdefault(item, 0)
         for t in tensors:
             s = _storage(t)
             if s is not None and s[0] not in self._claimed:
                 self._claimed.add(s[0])
-                self.items[item] = self.items.get(item, 0) + s[1]
-        self.items.setdefault(item, 0)
+                key = item if t.device.type == self.device else f"{item}_host"
+                self.items[key] = self.items.get(key, 0) + s[1]
 
 
 def model_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
-    """This rank's model-state bytes by item, read after an optimizer step (states exist, gradients may not).
+    """This rank's model-state bytes by item.
 
-    Items: ``parameters_<dtype>`` (the model's parameters as this rank stores them), ``master_weights``
-    (parameters the optimizer steps that are not the model's: DeepSpeed's fp32 partitions),
-    ``optimizer_states`` (the stepping optimizer's state tensors: Adam's moments) and ``gradients`` (every
-    ``.grad`` and the tensors DeepSpeed's optimizer keeps beside its parameters: partitioned gradients and
-    reduction buckets).
+    Items: ``parameters_<dtype>`` (the model's parameters as this rank stores them: ZeRO-3 its partition),
+    ``master_weights`` (the fp32 copies DeepSpeed's optimizer steps, where they are a copy),
+    ``optimizer_states`` (the stepping optimizer's state tensors: Adam's moments), ``gradients`` (every
+    ``.grad`` and DeepSpeed's gradient partitions), ``gradient_buckets`` (its reduction buckets) and
+    ``other_buffers`` (any other tensor DeepSpeed's optimizer holds, e.g. offload staging buffers). Read
+    just before an optimizer step for the gradients, just after it for the rest.
     """
-    ledger = _Ledger()
-    for p in model.parameters():
+    ledger = _Ledger("cuda" if torch.cuda.is_available() else "cpu")
+    params = list(model.parameters())
+    for p in params:
         local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
         ledger.claim(f"parameters_{DTYPE_NAMES.get(local.dtype, str(local.dtype).removeprefix('torch.'))}", [local])
     chain = optimizer_chain(optimizer)
     inner = chain[-1] if chain and isinstance(chain[-1], torch.optim.Optimizer) else None
+    wrappers = [vars(w) for w in chain if w is not inner]
+    masters = [p for g in inner.param_groups for p in g["params"]] if inner is not None else []
+    ledger.claim(
+        "master_weights", [*masters, *(t for w in wrappers for a in MASTER_ATTRIBUTES for t in _tensors(w.get(a)))]
+    )
     if inner is not None:
-        ledger.claim("master_weights", [p for g in inner.param_groups for p in g["params"]])
         # Scalars (Adam's step counts) are bookkeeping, not state that grows with the model.
-        states = [t for state in inner.state.values() for t in _tensors(state) if t.dim() > 0]
-        ledger.claim("optimizer_states", states)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if inner is not None:
-        grads += [p.grad for g in inner.param_groups for p in g["params"] if p.grad is not None]
+        ledger.claim("optimizer_states", [t for st in inner.state.values() for t in _tensors(st) if t.dim() > 0])
+    grads = [p.grad for p in [*params, *masters] if p.grad is not None]
+    for w in wrappers:
+        grads += [t for a in GRADIENT_ATTRIBUTES for t in _tensors(w.get(a))]
+        grads += [g.grad for g in _tensors(w.get(MASTER_ATTRIBUTES[0])) if g.grad is not None]
+        grads += [g.grad for g in _tensors(w.get(MASTER_ATTRIBUTES[1])) if g.grad is not None]
     ledger.claim("gradients", grads)
-    for wrapper in chain[:-1]:  # DeepSpeed's ZeRO optimizer: flat gradient partitions, buckets, ...
-        ledger.claim("gradients", [t for v in vars(wrapper).values() for t in _tensors(v)])
+    ledger.claim("gradient_buckets", [t for w in wrappers for a in BUCKET_ATTRIBUTES for t in _tensors(w.get(a))])
+    ledger.claim("other_buffers", [t for w in wrappers for v in w.values() for t in _tensors(v)])
     return ledger.items
 
 
@@ -162,7 +193,11 @@ def levers_in_use(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     chain = optimizer_chain(optimizer)
     zero = next((o for o in chain if hasattr(o, "cpu_offload") or hasattr(o, "offload_optimizer")), None)
     return {
-        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": bool(
+            model.is_activation_checkpointing
+            if hasattr(model, "is_activation_checkpointing")  # transformers 5; the old name warns
+            else getattr(model, "is_gradient_checkpointing", False)
+        ),
         "offload_optimizer": bool(
             zero and (getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False))
         ),

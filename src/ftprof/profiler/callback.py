@@ -105,7 +105,8 @@ class ProfilerCallback(TrainerCallback):
         def step(*args: Any, **kwargs: Any) -> Any:
             first = not self.breakdown and self._model is not None
             if first:  # gradients exist now (ZeRO-1/2 free them in the step); states after it
-                gradients = model_state_bytes(self._model, optimizer)["gradients"]
+                before = model_state_bytes(self._model, optimizer)
+                gradients = {k: v for k, v in before.items() if k.startswith("gradients")}
             self.sampler.start("optimizer")
             self.optimizer_timer.begin()
             try:
@@ -114,7 +115,8 @@ class ProfilerCallback(TrainerCallback):
                 self.optimizer_timer.end()
                 self._merge("optimizer", self.sampler.stop("optimizer"))
                 if first:
-                    self.breakdown = {**model_state_bytes(self._model, optimizer), "gradients": gradients}
+                    after = model_state_bytes(self._model, optimizer)
+                    self.breakdown = {**{k: v for k, v in after.items() if not k.startswith("gradients")}, **gradients}
                     self.levers = levers_in_use(self._model, optimizer)
 
         step._ftprof_wrapped = True  # type: ignore[attr-defined]
