@@ -54,6 +54,7 @@ def main() -> None:
     overheads: dict[str, list[float]] = {"fresh": [], "fork": []}
     peaks: dict[str, dict[str, list[int]]] = {"fresh": {}, "fork": {}}
     walls: dict[str, list[float]] = {"fresh": [], "fork": []}
+    speeds: dict[str, dict[str, list[float]]] = {"fresh": {}, "fork": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(rounds):
             order = ["fresh", "fork"] if i % 2 == 0 else ["fork", "fresh"]
@@ -63,6 +64,7 @@ def main() -> None:
                         overheads[worker].append(overhead(r))
                         assert r.peak_bytes
                         peaks[worker].setdefault(f"{model} {r.point.key}", []).append(r.peak_bytes)
+                        speeds[worker].setdefault(f"{model} {r.point.key}", []).append(r.samples_per_s or 0.0)
     print(f"{'point':<40}{'fresh GiB (min-max)':>22}{'fork GiB (min-max)':>22}{'fork/fresh':>12}{'fresh spread':>14}")
     diffs, spreads = {}, {}
     for key in sorted(peaks["fresh"]):
@@ -74,6 +76,7 @@ def main() -> None:
             f"{max(fork) / 2**30:.3f}{diffs[key]:>12.4f}{spreads[key]:>13.2%}"
         )
     worst = max(diffs, key=lambda k: abs(diffs[k] - 1))
+    speed = {k: statistics.median(speeds["fork"][k]) / statistics.median(speeds["fresh"][k]) for k in diffs}
     median = {w: statistics.median(v) for w, v in overheads.items()}
     print(
         json.dumps(
@@ -88,6 +91,8 @@ def main() -> None:
                 "worst_peak_point": worst,
                 "worst_peak_ratio": round(diffs[worst], 4),
                 "peaks_within_1pct": all(abs(d - 1) <= 0.01 for d in diffs.values()),
+                # Throughput is not what the worker should change: median samples/s, fork over fresh.
+                "samples_per_s_fork_over_fresh": {k: round(v, 3) for k, v in speed.items()},
             },
             indent=2,
         )
