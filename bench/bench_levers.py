@@ -47,6 +47,18 @@ def saved(r: Record) -> int:
     return max(rank.breakdown.get("saved_activations", 0) for rank in r.profile.ranks)
 
 
+def largest_batch_interpolated(peaks: dict[int, int], budget: int) -> float | None:
+    """The batch at which the measured peaks, joined linearly between neighbouring batches, reach the budget
+    (the grid's step is coarse: batch 32 and 64 may both miss a lever's real answer)."""
+    batches = sorted(peaks)
+    if not batches or peaks[batches[0]] > budget:
+        return None
+    for lo, hi in zip(batches, batches[1:], strict=False):
+        if peaks[hi] > budget:
+            return lo + (budget - peaks[lo]) / (peaks[hi] - peaks[lo]) * (hi - lo) if peaks[hi] > peaks[lo] else lo
+    return float(batches[-1])
+
+
 def analyse(model: str, records: list[Record]) -> dict:
     at = {(r.point.offload, r.point.gradient_checkpointing, r.point.batch_size): r for r in records}
     middle = BATCHES[len(BATCHES) // 2]
@@ -63,8 +75,11 @@ def analyse(model: str, records: list[Record]) -> dict:
             ratios["peak"].append(lever.peak_bytes / base.peak_bytes)
             ratios["saved_activations"].append(saved(lever) / saved(base))
             ratios["samples_per_s"].append(lever.samples_per_s / base.samples_per_s)
+        peaks = {b: r.peak_bytes for b in BATCHES if (r := at.get((offload, ckpt, b))) and r.peak_bytes}
+        interpolated = largest_batch_interpolated(peaks, budget)
         rows[lever_name(offload, ckpt)] = {
             "largest_batch_under_budget": max(fits, default=None),
+            "largest_batch_interpolated": round(interpolated, 1) if interpolated else None,
             **{f"{k}_ratio_b{BATCHES[-1]}": round(v[-1], 3) for k, v in ratios.items() if v},
             **{f"{k}_ratio_range": [round(min(v), 3), round(max(v), 3)] for k, v in ratios.items() if v},
         }
