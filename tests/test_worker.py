@@ -1,5 +1,6 @@
 """The pre-imported worker: a forked point measures what a fresh process measures, and fails the same ways."""
 
+import contextlib
 import json
 import os
 import signal
@@ -87,16 +88,17 @@ def test_a_forked_point_times_out_fails_and_is_killed_like_a_fresh_one(tmp_path)
         r = run_point(cfg, cfg.points[0])
         assert r.status == "error" and "no-such-model-anywhere" in r.stderr_tail
         # SIGKILL from outside (the kernel's OOM killer): an oom, as for a fresh process.
-        cfg = config(tmp_path, "fork", min_seconds=600.0)
+        cfg = config(tmp_path, "fork", min_seconds=600.0, timeout_s=120.0)
         groups.clear()
 
         def kill_when_training() -> None:
             while not groups:
                 time.sleep(0.1)
             time.sleep(8)  # inside the point's training window (min_seconds 600)
-            os.killpg(groups[0], signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(groups[-1], signal.SIGKILL)
 
-        killer = threading.Thread(target=kill_when_training)
+        killer = threading.Thread(target=kill_when_training, daemon=True)
         killer.start()
         r = run_point(cfg, cfg.points[0], started=groups.append)
         killer.join()

@@ -169,6 +169,7 @@ def run_point(
                 _worker_lost(str(err))
                 worker = None
         if worker is None:
+            started_at = time.perf_counter()  # a failed fork attempt is not this point's time
             returncode, output = _run_fresh(cfg, command(spec_path, p.world_size), child_env, started)
         status: Status
         reason: str | None
@@ -242,7 +243,8 @@ def _run_forked(
         returncode: int | None = worker.wait(pid, cfg.timeout_s)
     except subprocess.TimeoutExpired:
         kill_process_group(pid)
-        worker.wait(pid)
+        with contextlib.suppress(WorkerError, subprocess.TimeoutExpired):  # it timed out: that is the result
+            worker.wait(pid, 60)
         returncode = None
     except BaseException:  # Ctrl-C, or the worker died under the point: leave nothing running
         kill_process_group(pid)

@@ -196,6 +196,7 @@ def serve() -> int:
     say({"ready": True, "preload_s": round(time.perf_counter() - started, 3), "pid": os.getpid()})
     children: set[int] = set()
     pending = b""
+    request: Any = None
     open_ = True
     while open_ or children:
         readable, _, _ = select.select([0] if open_ else [], [], [], 0.05)
@@ -211,8 +212,12 @@ def serve() -> int:
             pending += data
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
-                request = json.loads(line)
-                pid = _fork(request, protocol, pages)
+                try:
+                    request = json.loads(line)
+                    pid = _fork(request, protocol, pages)
+                except Exception as err:  # this request fails (fork: EAGAIN, ENOMEM...), the others go on
+                    say({"id": request.get("id") if isinstance(request, dict) else None, "error": repr(err)})
+                    continue
                 children.add(pid)
                 say({"id": request["id"], "pid": pid})
         while children:
@@ -249,6 +254,8 @@ class ForkWorker:
         self._next_id = 0
         self._pids: dict[int, int] = {}  # request id -> child pid
         self._exits: dict[int, int] = {}  # child pid -> returncode
+        self._errors: dict[int, str] = {}  # request id -> why the worker could not fork it
+        self._abandoned: set[int] = set()  # request ids whose start() timed out
         self.ready: dict[str, Any] | None = None
         self._eof = False  # the worker's output ended: it is gone
         self._reader = threading.Thread(target=self._read, name="ftprof-worker-reader", daemon=True)
@@ -266,28 +273,38 @@ class ForkWorker:
 
     @property
     def alive(self) -> bool:
-        return not self._eof and self.proc.poll() is None
+        """Until the worker's output ends (after its last message has been read, so no exit is lost)."""
+        return not self._eof
 
-    def log_tail(self, chars: int = 1500) -> str:
+    def log_tail(self) -> str:
+        """The last line the worker wrote to its log (the exception, when it failed)."""
         with contextlib.suppress(OSError):
-            return Path(self._log.name).read_text(errors="replace")[-chars:].strip()
-        return ""
+            lines = Path(self._log.name).read_text(errors="replace").strip().splitlines()
+            return lines[-1][-300:] if lines else "no output"
+        return "no log"
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            message = json.loads(line)
+        try:
+            for line in self.proc.stdout:
+                message = json.loads(line)
+                with self._lock:
+                    if message.get("ready"):
+                        self.ready = message
+                    elif "error" in message:
+                        self._errors[message["id"]] = message["error"]
+                    elif "id" in message and message["id"] in self._abandoned:  # its start() gave up: stop it
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(message["pid"], signal.SIGKILL)
+                    elif "id" in message:
+                        self._pids[message["id"]] = message["pid"]
+                    else:
+                        self._exits[message["pid"]] = message["returncode"]
+                    self._lock.notify_all()
+        finally:
             with self._lock:
-                if message.get("ready"):
-                    self.ready = message
-                elif "id" in message:
-                    self._pids[message["id"]] = message["pid"]
-                else:
-                    self._exits[message["pid"]] = message["returncode"]
-                self._lock.notify_all()
-        with self._lock:
-            self._eof = True
-            self._lock.notify_all()  # the worker is gone: wake every waiter
+                self._eof = True
+                self._lock.notify_all()  # the worker is gone: wake every waiter
 
     def start(self, spec: Path, env: dict[str, str], output: Path, memory_limit: int | None = None) -> int:
         """Fork a child measuring ``spec`` with exactly ``env`` as its environment; its pid (= process group)."""
@@ -302,8 +319,12 @@ class ForkWorker:
                 self.proc.stdin.flush()
             except (OSError, ValueError) as err:  # a broken pipe, or stdin already closed
                 raise WorkerError(f"the worker is gone: {self.log_tail()}") from err
-            if not self._lock.wait_for(lambda: request_id in self._pids or not self.alive, 60):
+            known = (self._pids, self._errors)
+            if not self._lock.wait_for(lambda: any(request_id in d for d in known) or not self.alive, 60):
+                self._abandoned.add(request_id)  # a child forked later is killed as its pid arrives
                 raise WorkerError("the worker did not fork a child within 60 s")
+            if request_id in self._errors:
+                raise WorkerError(f"the worker could not fork the point: {self._errors.pop(request_id)}")
             if request_id not in self._pids:
                 raise WorkerError(f"the worker died: {self.log_tail()}")
             return self._pids.pop(request_id)

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -45,7 +46,8 @@ def bert(checkpointing: bool) -> BertForSequenceClassification:
     )
     model = BertForSequenceClassification(config).train()
     if checkpointing:
-        model.activation_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()  # transformers 5's name, or 4's
     return model
 
 
@@ -145,3 +147,26 @@ def test_deepspeed_style_optimizer_items_by_attribute():
         "gradient_buckets": 7 * 2,
         "other_buffers": 5 * F32,
     }
+
+
+def test_a_forward_that_raises_is_not_measured_and_leaves_no_hooks_pushed():
+    class FailsOnce(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.failed = torch.nn.Linear(8, 16), False
+
+        def forward(self, x):
+            y = torch.relu(self.linear(x))
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("out of memory")  # as an OOM retry would see it
+            return y
+
+    model = FailsOnce().train()
+    meter = SavedActivationMeter()
+    meter.attach(model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(9, 8))
+    assert meter.saved_bytes is None and meter._context is None
+    model(torch.randn(3, 8))  # measured: input (3 x 8) and the ReLU output (3 x 16), not the failed batch
+    assert meter.saved_bytes == 3 * 8 * F32 + 3 * 16 * F32

@@ -90,6 +90,9 @@ class SavedActivationMeter:
             return
         self._context.__exit__(None, None, None)
         self._context = None
+        if output is None:  # the forward raised (torch calls this hook anyway): measure the next one
+            self._seen.clear()
+            return
         self.saved_bytes = sum(self._seen.values())
         self._seen.clear()
         self.detach()
