@@ -111,3 +111,13 @@ def test_offloaded_items_are_host_memory_not_part_of_the_device_peak():
     r = replace(RECORDS[1], peak_bytes=1000 * mib, profile=Profile(sampler="nvml", samples_per_s=1, ranks=[rank]))
     parts = views.breakdown(r)
     assert parts["rest"] == 900 * mib and parts["host"] == 600 * mib and parts["optimizer"] == 0
+
+
+def test_breakdown_plot_is_written_for_rows_and_skipped_without(tmp_path):
+    from ftprof.plots import save_breakdown
+
+    mib = 2**20
+    rows = [("fastest", {"params": 10 * mib, "rest": 90 * mib}), ("memory_optimal", {"params": 5 * mib, "host": mib})]
+    path = save_breakdown(rows, tmp_path)
+    assert path == tmp_path / "breakdown.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert save_breakdown([], tmp_path / "none") is None

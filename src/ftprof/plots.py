@@ -104,3 +104,32 @@ def _mark_failures(ax, records: list[Record], budget: int | None) -> None:
             ax.scatter(
                 batches, [top] * len(batches), marker=marker, color=color, label=status.upper(), zorder=3, clip_on=False
             )
+
+
+def save_breakdown(rows: list[tuple[str, dict[str, int]]], out_dir: Path) -> Path | None:
+    """Write ``breakdown.png``: a stacked bar per recommended point of where its peak goes (MiB; items as
+    :func:`ftprof.report.breakdown` gives them, ``host`` beside the device's stack). None without rows."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = list(dict.fromkeys(k for _, parts in rows for k in parts))
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.6 * len(rows)))
+    names = [name for name, _ in rows]
+    left = [0.0] * len(rows)
+    for item in items:
+        widths = [max(0, parts.get(item, 0)) / 2**20 for _, parts in rows]
+        ax.barh(names, widths, left=left, label=item, hatch="//" if item == "host" else None)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.set_xlabel("MiB on the highest rank (saved activations: one micro-batch)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, ncol=len(items), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "breakdown.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

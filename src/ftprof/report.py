@@ -439,10 +439,13 @@ def print_report(
     plots: bool = True,
 ) -> None:
     """Print a sweep's report and write its plots and the ds_configs its commands name."""
-    from ftprof.plots import save_plots  # matplotlib: only when plotting
+    from ftprof.plots import save_breakdown, save_plots  # matplotlib: only when plotting
 
     report = SweepReport.load(sweep, budget, seq_len, world_size, write_config)
     written = save_plots(report.records, report.folder, report.budget) if plots else []
+    rows = [(rec.kind, parts) for rec in report.recommendations if (parts := breakdown(rec.record))]
+    if plots and (path := save_breakdown(rows, report.folder)) is not None:
+        written.append(path)
     written += report.write_configs()
     if fmt != "rich":
         sys.stdout.write(report.export(fmt))

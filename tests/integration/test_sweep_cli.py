@@ -59,7 +59,7 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
             cwd=ROOT,
         )
         assert proc.returncode == 0 and check in proc.stdout
-    for png in ("memory.png", "throughput.png"):
+    for png in ("memory.png", "throughput.png", "breakdown.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "recommended_fastest.json").read_text())["zero_optimization"]["stage"] in (0, 2, 3)
 
