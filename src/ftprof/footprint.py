@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ftprof.profiler.breakdown import optimizer_chain
+
 
 def innermost_optimizer(optimizer) -> torch.optim.Optimizer | None:
     """Unwrap accelerate's and DeepSpeed's optimizer wrappers down to the torch optimizer doing the step."""
-    seen = 0
-    while optimizer is not None and hasattr(optimizer, "optimizer") and seen < 8:
-        optimizer, seen = optimizer.optimizer, seen + 1
-    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+    chain = optimizer_chain(optimizer)
+    return chain[-1] if chain and isinstance(chain[-1], torch.optim.Optimizer) else None
 
 
 def optimizer_state_bytes(optimizer) -> int:

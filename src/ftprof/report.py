@@ -201,12 +201,18 @@ def breakdown(record: Record) -> dict[str, int] | None:
     return parts
 
 
+def breakdown_rows(recs: list[Recommendation]) -> tuple[list[tuple[str, dict[str, int]]], list[str]]:
+    """(recommendation kind, its :func:`breakdown`) for each recommendation measured with one, and every
+    column any of them has, in order."""
+    rows = [(rec.kind, parts) for rec in recs if (parts := breakdown(rec.record))]
+    return rows, list(dict.fromkeys(k for _, parts in rows for k in parts))
+
+
 def breakdown_table(recs: list[Recommendation]) -> Table | None:
     """Where each recommended point's peak goes (MiB, the highest rank), measured item by item."""
-    rows = [(rec, parts) for rec in recs if (parts := breakdown(rec.record))]
+    rows, columns = breakdown_rows(recs)
     if not rows:
         return None
-    columns = list(dict.fromkeys(k for _, parts in rows for k in parts))
     table = Table(
         title="Where the peak goes, measured (MiB, highest rank; saved activations of one micro-batch)",
         header_style="bold",
@@ -216,8 +222,8 @@ def breakdown_table(recs: list[Recommendation]) -> Table | None:
     table.add_column("pick")
     for name in columns:
         table.add_column(name, justify="right")
-    for rec, parts in rows:
-        table.add_row(rec.kind, *(f"{parts.get(c, 0) / 2**20:.1f}" for c in columns))
+    for kind, parts in rows:
+        table.add_row(kind, *(f"{parts.get(c, 0) / 2**20:.1f}" for c in columns))
     return table
 
 
@@ -334,13 +340,12 @@ def to_markdown(records: list[Record], recs: list[Recommendation], budget: int |
     lines += [f"- {note}" for note in lever_notes(records, budget)]
     if not recs:
         lines.append("- nothing measured fits the budget")
-    measured = [(rec, parts) for rec in recs if (parts := breakdown(rec.record))]
+    measured, columns = breakdown_rows(recs)
     if measured:
-        columns = list(dict.fromkeys(k for _, parts in measured for k in parts))
         lines += ["", "## Where the peak goes (MiB, highest rank)", ""]
         lines += ["| pick | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
         lines += [
-            f"| {rec.kind} | " + " | ".join(f"{p.get(c, 0) / 2**20:.1f}" for c in columns) + " |" for rec, p in measured
+            f"| {kind} | " + " | ".join(f"{p.get(c, 0) / 2**20:.1f}" for c in columns) + " |" for kind, p in measured
         ]
     return "\n".join(lines) + "\n"
 
@@ -443,7 +448,7 @@ def print_report(
 
     report = SweepReport.load(sweep, budget, seq_len, world_size, write_config)
     written = save_plots(report.records, report.folder, report.budget) if plots else []
-    rows = [(rec.kind, parts) for rec in report.recommendations if (parts := breakdown(rec.record))]
+    rows, _ = breakdown_rows(report.recommendations)
     if plots and (path := save_breakdown(rows, report.folder)) is not None:
         written.append(path)
     written += report.write_configs()

@@ -95,14 +95,6 @@ class Profile:
         """Built by keyword from :meth:`to_json`'s output; keys of other versions are ignored."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known and k != "ranks"}
-        ranks = [
-            RankProfile(
-                rank=r["rank"],
-                figure=r.get("figure", ""),
-                phases=r.get("phases", {}),
-                breakdown=r.get("breakdown", {}),
-                levers=r.get("levers", {}),
-            )
-            for r in data.get("ranks", [])
-        ]
+        rank_fields = {f.name for f in fields(RankProfile)}
+        ranks = [RankProfile(**{k: v for k, v in r.items() if k in rank_fields}) for r in data.get("ranks", [])]
         return cls(**values, ranks=ranks)

@@ -273,7 +273,6 @@ def fork_worker() -> ForkWorker | None:
         if _WORKER is None and not _WORKER_FAILED:
             try:
                 _WORKER = ForkWorker(env=_child_env())
-                atexit.register(close_fork_worker)
             except WorkerError as err:
                 _WORKER_FAILED = True
                 print(f"ftprof: no pre-imported worker ({err}); points run in fresh processes", file=sys.stderr)
@@ -297,6 +296,9 @@ def close_fork_worker() -> None:
             worker.close()
         _RETIRED.clear()
         _WORKER, _WORKER_FAILED = None, False
+
+
+atexit.register(close_fork_worker)  # a sweep that ends without calling it (an exception) leaves no worker
 
 
 def kill_process_group(pgid: int) -> None:

@@ -183,8 +183,7 @@ def model_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     grads = [p.grad for p in [*params, *masters] if p.grad is not None]
     for w in wrappers:
         grads += [t for a in GRADIENT_ATTRIBUTES for t in _tensors(w.get(a))]
-        grads += [g.grad for g in _tensors(w.get(MASTER_ATTRIBUTES[0])) if g.grad is not None]
-        grads += [g.grad for g in _tensors(w.get(MASTER_ATTRIBUTES[1])) if g.grad is not None]
+        grads += [g.grad for a in MASTER_ATTRIBUTES for g in _tensors(w.get(a)) if g.grad is not None]
     ledger.claim("gradients", grads)
     ledger.claim("gradient_buckets", [t for w in wrappers for a in BUCKET_ATTRIBUTES for t in _tensors(w.get(a))])
     ledger.claim("other_buffers", [t for w in wrappers for v in w.values() for t in _tensors(v)])
