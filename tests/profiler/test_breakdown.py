@@ -130,6 +130,7 @@ class ZeroLike:
             torch.bfloat16: Bucket(buffer=[torch.zeros(7, dtype=torch.bfloat16)], params=[model.weight])
         }
         self.staging = torch.zeros(5)  # anything else it holds
+        self.placeholder = torch.empty(1000, device="meta")  # holds no memory (ZeRO-2 keeps one): not counted
         self.fp16_groups = [[model.weight, model.bias]]  # parameters again: not buffers
 
 

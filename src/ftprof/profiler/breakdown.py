@@ -24,6 +24,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:
     """(data pointer, bytes) of the storage behind ``t``; None for tensors without one (meta, empty)."""
+    if t.device.type == "meta":  # a meta storage reports bytes it does not hold (DeepSpeed keeps such buffers)
+        return None
     try:
         storage = t.untyped_storage()
     except (RuntimeError, NotImplementedError):
