@@ -7,7 +7,15 @@ from transformers import BertConfig, BertForSequenceClassification
 import ftprof.estimate
 from ftprof.calibrate import Observation, calibrate, error_summary, errors, observations_from_records
 from ftprof.errors import ConfigError
-from ftprof.estimate import Arch, Calibration, activations, estimate, max_batch
+from ftprof.estimate import (
+    Arch,
+    Calibration,
+    estimate,
+    live_logits,
+    max_batch,
+    saved_activations,
+    zero12_gradient_elements,
+)
 from ftprof.model_facts import arch_for, arch_from_config
 from ftprof.point import Point
 from ftprof.results import read_records
@@ -50,8 +58,8 @@ def tensor_bytes(tensors) -> int:
 def test_model_state_bytes_match_real_tensors_bf16_zero2_four_ranks():
     """The truth is measured on the real model: its weights in bf16, the gradients a backward pass leaves,
     and the fp32 weights and Adam moments of a real ``torch.optim.AdamW`` after one step. ZeRO-2 over four
-    ranks keeps the weights whole and splits the rest evenly (DeepSpeed's alignment padding, a few elements,
-    is checked against real ranks in tests/integration/test_two_ranks.py)."""
+    ranks keeps the weights whole and splits master weights and moments evenly (DeepSpeed's alignment padding,
+    a few elements, is checked against real ranks in tests/integration/test_two_ranks.py)."""
     torch.manual_seed(0)
     model = real_model()
     ids, labels = torch.randint(0, CONFIG["vocab_size"], (4, 32)), torch.tensor([0, 1, 1, 0])
@@ -70,14 +78,17 @@ def test_model_state_bytes_match_real_tensors_bf16_zero2_four_ranks():
     cal = Calibration(runtime_bytes=1000, activation_factor=1.0, zero_runtime_bytes=300, reserved_factor=1.0)
     est = estimate(arch, pt(4, 32, "bf16", zero=2, world_size=4), cal)
     ranks = 4
-    assert {k: est.items[k] for k in ("parameters", "gradients", "fp32 master weights", "Adam moments")} == {
+    assert max(zero12_gradient_elements(arch, ranks)) * 2 >= -(-grads // ranks)
+    assert {k: est.items[k] for k in ("parameters", "gradients", "master_weights", "optimizer_states")} == {
         "parameters": weights,
-        "gradients": -(-grads // ranks),
-        "fp32 master weights": -(-master // ranks),
-        "Adam moments": -(-moments // ranks),
+        # the whole gradient of every parameter overlapping the fullest rank's partition (see
+        # test_model_states_match_each_ranks_measured_breakdown_item_by_item for real ranks)
+        "gradients": 2 * max(zero12_gradient_elements(arch, ranks)),
+        "master_weights": -(-master // ranks),
+        "optimizer_states": -(-moments // ranks),
     }
-    assert est.items["DeepSpeed buckets"] == 2 * 64 * 64 * 2  # HF's "auto" reduce bucket: hidden² bf16 elements
-    assert est.items["DeepSpeed runtime"] == 300
+    assert est.items["gradient_buckets"] == 2 * 64 * 64 * 2  # HF's "auto" reduce bucket: hidden² bf16 elements
+    assert est.items["zero_runtime"] == 300
     assert est.allocated == sum(est.items.values())
     assert est.device_used == est.allocated + 1000
 
@@ -111,7 +122,7 @@ def test_layer_activations_match_what_a_real_forward_saves(dropout, batch, seq):
     )
     arch = arch_from_config("small", config, attention="eager")
     assert arch.dropout is dropout
-    predicted = activations(arch, pt(batch, seq, "fp32", zero=0), device="cpu")["activations (layers)"]
+    predicted = saved_activations(arch, pt(batch, seq, "fp32", zero=0), device="cpu")["layers"]
     layers = sum(v for k, v in measured.items() if k.startswith("layer"))
     error = predicted / layers - 1
     print(f"b={batch} s={seq} dropout={dropout}: saved by layers {layers} B, predicted {predicted} B ({error:+.2%})")
@@ -119,22 +130,24 @@ def test_layer_activations_match_what_a_real_forward_saves(dropout, batch, seq):
 
 
 @pytest.mark.parametrize(
-    "zero, params_div, grads_div, optim_div", [(0, 1, 1, 1), (1, 1, 1, 8), (2, 1, 8, 8), (3, 8, 8, 8)]
+    "zero, params_div, grads_div, optim_div", [(0, 1, 1, 1), (1, 1, 8, 8), (2, 1, 8, 8), (3, 8, 8, 8)]
 )
 def test_zero_partition_factors(zero, params_div, grads_div, optim_div):
+    """Without the parameter list, even shares. ZeRO-1 frees the gradients outside a rank's partition after
+    reducing them, as ZeRO-2 does (DeepSpeed 0.19: measured alike on two ranks)."""
     arch = Arch("x", "encoder", 8_000_000, 2, 64, 4, 256, 1000)
     items = estimate(arch, pt(1, 16, "fp16", zero=zero, world_size=8)).items
     assert items["parameters"] == 2 * 8_000_000 // params_div
     assert items["gradients"] == 2 * 8_000_000 // grads_div
-    assert items["Adam moments"] == 8 * 8_000_000 // optim_div
+    assert items["optimizer_states"] == 8 * 8_000_000 // optim_div
 
 
 def test_offload_moves_states_to_host_on_gpus_only():
     arch = Arch("x", "encoder", 1_000_000, 2, 64, 4, 256, 1000)
     gpu = estimate(arch, pt(1, 16, "bf16", zero=3, world_size=2, offload="optimizer+param"))
-    assert set(gpu.host_items) == {"parameters", "fp32 master weights", "Adam moments"}
+    assert set(gpu.host_items) == {"parameters", "gradients", "master_weights", "optimizer_states"}
     cpu = estimate(arch, pt(1, 16, "bf16", zero=3, world_size=2, offload="optimizer"), device="cpu")
-    assert cpu.host_items == {} and "Adam moments" in cpu.items
+    assert cpu.host_items == {} and "optimizer_states" in cpu.items
 
 
 def test_grows_with_batch_and_sequence_and_attention_choice_matters():
@@ -147,8 +160,8 @@ def test_grows_with_batch_and_sequence_and_attention_choice_matters():
         assert by_seq == sorted(by_seq) and len(set(by_seq)) == 3
     eager = replace(arch, attention="eager")
     assert estimate(eager, pt(32, 512)).allocated > estimate(arch, pt(32, 512)).allocated * 1.5
-    ckpt = estimate(arch, pt(32, 512, gradient_checkpointing=True)).items["activations (layers)"]
-    full = estimate(arch, pt(32, 512)).items["activations (layers)"]
+    ckpt = estimate(arch, pt(32, 512, gradient_checkpointing=True)).activation_parts["layers"]
+    full = estimate(arch, pt(32, 512)).activation_parts["layers"]
     assert ckpt < full / 5  # 12 layers: inputs only, plus one layer recomputed
 
 
@@ -208,8 +221,8 @@ def test_held_out_check_fails_an_estimator_with_model_states_100x(monkeypatch):
     tests/integration/test_two_ranks.py."""
     real = ftprof.estimate.model_states
 
-    def hundredfold(arch, s, device="gpu"):
-        held, host = real(arch, s, device)
+    def hundredfold(arch, s, device="gpu", rank=None):
+        held, host = real(arch, s, device, rank)
         return {k: 100 * v for k, v in held.items()}, host
 
     monkeypatch.setattr(ftprof.estimate, "model_states", hundredfold)
@@ -267,7 +280,7 @@ def test_cli_breakdown_says_whether_it_fits(capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "Adam moments" in out and "budget 80.0 GiB: fits" in out
+    assert "Adam moments" in out and "fits (predicted" in out and "GiB of 79.6 GiB, 5% margin kept)" in out
 
 
 def saved_by_block(model, blocks: dict[str, torch.nn.Module], **inputs) -> dict[str, int]:
@@ -314,11 +327,86 @@ def test_llama_style_layers_and_lm_head_match_what_a_real_forward_saves(attentio
     measured = saved_by_block(model, layers, input_ids=ids, labels=ids)
     arch = arch_from_config("tiny-llama", config, attention=attention, task="causal-lm")
     assert (arch.mlp, arch.kv_heads, arch.lm_head, arch.dropout) == ("gated", 2, True, False)
-    items = activations(arch, pt(2, 32, "fp32", zero=0), device="cpu")
+    items = saved_activations(arch, pt(2, 32, "fp32", zero=0), device="cpu")
     # rotary cos/sin are computed once and saved by layer 0 only (2 x s x head_dim fp32): not itemised
     rotary = 2 * 32 * 16 * 4
-    assert items["activations (layers)"] == measured["layer0"] + measured["layer1"] - rotary
+    assert items["layers"] == measured["layer0"] + measured["layer1"] - rotary
     # outside the layers: ids, final norm + lm_head input, fp32 log-softmax and labels (+ the scalar loss);
-    # the estimate also holds the live logits until the loss is taken (4 bytes x b x s x V in fp32)
-    head = items["activations (embeddings)"] + items["activations (final norm + head)"] + items["logits + loss"]
-    assert head - 2 * 32 * 1000 * 4 == measured["other"] - 4
+    assert items["embeddings"] + items["head"] + items["loss"] == measured["other"] - 4
+    # the live logits (not saved) are alive until the loss is taken: 4 bytes x b x s x V in fp32
+    assert live_logits(arch, pt(2, 32, "fp32", zero=0)) == 2 * 32 * 1000 * 4
+
+
+# distilbert is the family kept out of every test and formula change: bench/bench_breakdown.py reports it apart.
+ACTIVATION_CASES = [
+    (model, task, attention, dropout, ckpt, precision)
+    for model, task in [
+        ("tiny-bert", "classification"),
+        ("tiny-roberta", "classification"),
+        ("tiny-gpt2", "classification"),
+        ("tiny-gpt2", "causal-lm"),
+        ("tiny-llama", "causal-lm"),
+    ]
+    for attention in ("eager", "sdpa")
+    for dropout in (True, False)
+    for ckpt in (False, True)
+    for precision in ("fp32", "bf16")
+]
+
+
+def test_saved_activations_match_real_forwards_across_families():
+    """The estimator's saved activations against :class:`SavedActivationMeter` on real forwards: 4 families,
+    eager and SDPA attention, dropout on and off, gradient checkpointing on and off, fp32 and bf16 (the goal:
+    median within 5%). Before counting checkpointed layers as their inputs only, GPT-2's gelu_new and the
+    encoder heads' view of the last layer, the median was over 10%."""
+    from ftprof.calibrate import saved_activations_case
+
+    errs = []
+    for model, task, attention, dropout, ckpt, precision in ACTIVATION_CASES:
+        point = pt(2, 32, precision, zero=0, gradient_checkpointing=ckpt)
+        predicted, measured = saved_activations_case(model, point, attention, dropout, task)
+        errs.append(abs(predicted - measured) / measured)
+    errs.sort()
+    median, within = errs[len(errs) // 2], sum(e <= 0.05 for e in errs) / len(errs)
+    print(f"saved activations: median {100 * median:.2f}%, {100 * within:.0f}% of cases within 5%")
+    assert median <= 0.05 and within >= 0.75
+
+
+def test_zero2_peak_on_a_cpu_grows_with_batch_and_sequence():
+    """gpt2 under ZeRO-2: the optimizer step's fp32 gradients once hid every activation (3.336 GiB predicted at
+    b1/s64 and at b4/s128 while the measured RSS grew from 3.48 to 4.50 GiB): on a CPU the heap keeps what the
+    forward grew, so both moments add up; on a GPU the allocator reuses the blocks, so the larger one counts."""
+    gpt2 = arch_for("gpt2")
+    small, large = pt(1, 64, "fp32", zero=2), pt(4, 128, "fp32", zero=2)
+    cpu_small, cpu_large = estimate(gpt2, small, device="cpu"), estimate(gpt2, large, device="cpu")
+    grown = cpu_large.items["saved_activations"] - cpu_small.items["saved_activations"]
+    assert cpu_large.allocated - cpu_small.allocated >= grown > 0
+    assert cpu_small.items["optimizer_step"] == 4 * gpt2.params  # fp32 gradients of the (one-rank) partition
+    gpu_small = estimate(gpt2, small, device="gpu")
+    assert gpu_small.allocated == sum(gpu_small.items.values())
+    assert (
+        gpu_small.items["optimizer_step"] + sum(gpu_small.items[k] for k in ("saved_activations", "temporaries"))
+        == 4 * gpt2.params
+    )
+
+
+def test_zero3_keeps_the_gathered_16bit_weights_of_models_under_max_live_parameters():
+    arch = arch_for("bert-base-uncased")
+    est = estimate(arch, pt(8, 128, "bf16", zero=3, world_size=8))
+    assert est.items["parameters"] == -(-2 * arch.params // 8)  # this rank's partition
+    assert est.items["gathered_parameters"] == 2 * arch.params  # the whole model, resident during forward/backward
+    assert "gathered_parameters" not in estimate(arch, pt(8, 128, "bf16", zero=2, world_size=8)).items
+
+
+def test_offload_buffers_match_what_deepspeed_allocates():
+    """DeepSpeed 0.19 (stage_1_and_2.py) allocates, with the optimizer offloaded: temp_grad_buffer_for_gpu_offload
+    and temp_grad_buffer_for_cpu_offload (the largest parameter each, in the model's dtype), the bf16 partition
+    buffer it copies updated weights through, and the fp32 gradient partition for the CPU optimizer."""
+    arch = arch_for("tiny-bert")
+    largest = arch.largest_param
+    assert largest == 4096 * 64  # the word embeddings
+    est = estimate(arch, pt(2, 32, "bf16", zero=2, world_size=2, offload="optimizer"))
+    assert est.items["offload_buffers"] == 2 * largest
+    assert est.host_items["offload_buffers"] == 2 * largest + -(-2 * arch.params // 2)
+    assert est.host_items["gradients"] == -(-4 * arch.params // 2)
+    assert "gradients" not in est.items  # the 16-bit gradients leave the device as they are reduced

@@ -121,3 +121,31 @@ def test_breakdown_plot_is_written_for_rows_and_skipped_without(tmp_path):
     path = save_breakdown(rows, tmp_path)
     assert path == tmp_path / "breakdown.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert save_breakdown([], tmp_path / "none") is None
+
+
+def test_memory_records_of_the_recommended_points_one_line_each(tmp_path):
+    from dataclasses import replace
+
+    from ftprof.run_profile import Profile, RankProfile
+
+    def rank(r, peak):
+        files = [f"snapshots/k-rank{r}.pickle", f"snapshots/k-rank{r}-timeline.html"]
+        return RankProfile(rank=r, figure="rss", phases={"steady": {"rss_bytes": peak}}, memory_files=files)
+
+    fastest = RECORDS[1]
+    profile = Profile(sampler="rss", samples_per_s=180, ranks=[rank(0, 5), rank(1, 9), rank(2, 7)])
+    records = [replace(r, profile=profile) if r is fastest else r for r in RECORDS]
+    recs = recommend(records, 10 * GIB)
+    lines = views.memory_records(recs, tmp_path)
+    assert lines == [  # the highest-peak rank's files; the other picks measured none
+        f"fastest: rank 1: {tmp_path}/snapshots/k-rank1.pickle, {tmp_path}/snapshots/k-rank1-timeline.html "
+        "(ranks 0, 2 beside it)"
+    ]
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    console.print(views.render(records, recs, 10 * GIB, tmp_path))
+    assert "Memory records (sweep --memory_snapshot" in console.file.getvalue() and lines[0] in console.file.getvalue()
+    md = views.to_markdown(records, recs, 10 * GIB, tmp_path)
+    assert md.rstrip().endswith(f"- {lines[0]}")
+    data = json.loads(views.to_json(records, recs, 10 * GIB))
+    assert data["recommendations"][0]["memory_files"] == [f for r in profile.ranks for f in r.memory_files]
+    assert "Memory records" not in render_text(RECORDS, 10 * GIB)  # none measured: no section

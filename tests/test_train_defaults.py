@@ -7,6 +7,7 @@ import pytest
 from ftprof.args import best_model_conflict
 from ftprof.errors import ConfigError
 from ftprof.train import parse
+from tests.conftest import ROOT
 
 
 def parse_with(tmp_path, *extra):
@@ -110,3 +111,10 @@ def test_conflict_rules_match_trainer():
     )
     assert best_model_conflict("steps", "steps", 0.1, 0.3, 10) is None  # ratios
     assert best_model_conflict("steps", "steps", 0.1, 5, 10) is not None  # ratio and absolute: Trainer refuses
+
+
+def test_bf16_with_deepspeed_parses_on_a_cpu(tmp_path):
+    """transformers accepts --bf16 only on a GPU or with use_cpu (which turns DeepSpeed off); DeepSpeed trains
+    in bf16 on CPUs, so `--bf16 --ds_config ...` must parse here (it raised "Your setup doesn't support bf16/gpu")."""
+    _, args = parse_with(tmp_path, "--bf16", "--ds_config", str(ROOT / "ds_configs" / "zero2.json"))
+    assert args.bf16 and args.hf_deepspeed_config.config["bf16"]["enabled"] is True

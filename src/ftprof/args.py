@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal, NamedTuple
 
+import torch
 from transformers import TrainingArguments
 
 from ftprof.distributed import adopt_process_group
@@ -119,6 +120,17 @@ class FtprofTrainingArguments(TrainingArguments):
         default=2, metadata={"help": "Checkpoints kept (the best one is never deleted)."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N optimizer steps."})
+
+    def _validate_args(self) -> None:
+        # transformers accepts bf16 only on a GPU or with use_cpu, which turns DeepSpeed off; DeepSpeed itself
+        # trains in bf16 on CPUs, so its runs skip that one check.
+        if not (self.bf16 and self.deepspeed and not torch.cuda.is_available()):
+            return super()._validate_args()
+        self.bf16 = False
+        try:
+            super()._validate_args()
+        finally:
+            self.bf16 = True
 
     @cached_property
     def _setup_devices(self):

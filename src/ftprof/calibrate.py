@@ -8,10 +8,11 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from ftprof.estimate import Arch, Calibration, Device, estimate, gpu_key
+from ftprof.estimate import Arch, Calibration, Device, estimate, gpu_key, saved_activations
 from ftprof.point import Point
 from ftprof.results import Record
 
@@ -68,41 +69,40 @@ def predictor(arch: Arch, device_name: str, cuda: bool) -> tuple[Callable[[Point
     return (lambda p: estimate(arch, p, cal, device).device_used), cal.fitted_on > 0
 
 
+def _terms(ob: Observation, cal: Calibration) -> tuple[float, float, float]:
+    """The prediction of ``ob`` as ``fixed + factor·saved + zero_runtime·zero`` (allocator factor aside): bytes
+    no fitted constant changes, the saved activations the activation factor multiplies (0 where the optimizer
+    step is the peak), and whether ZeRO's runtime counts."""
+    est = estimate(ob.arch, ob.point, replace(cal, runtime_bytes=0, zero_runtime_bytes=0.0), ob.device)
+    saved = est.items["saved_activations"]
+    step_peak = ob.device == "gpu" and "optimizer_step" in est.items  # activations are gone by then
+    if step_peak:
+        return float(est.allocated), 0.0, float(ob.point.zero >= 1)
+    return est.allocated - saved * cal.activation_factor, float(saved), float(ob.point.zero >= 1)
+
+
 def calibrate(observations: list[Observation], device: str, base: Calibration | None = None) -> Calibration:
     """Fit runtime bytes, the activation factor and ZeRO's runtime bytes so that predicted device-used peaks
     match ``observations`` in the least-squares sense.
 
     The prediction is linear in the three constants once it is known which moment (forward activations or
-    the optimizer step) is the peak, so the fit alternates: decide each point's regime, solve, repeat.
+    the optimizer step) is the peak, so the fit alternates: decide each point's regime, solve, repeat. The
+    activation factor stays at 1 or above: saved activations are measured exactly, and the peak holds them.
     """
     cal = replace(base or Calibration(), device=device, fitted_on=len(observations))
     for _ in range(4):
         rows, targets = [], []
         for ob in observations:
-            # Which moment peaks depends on the current activation factor; the columns use unit factors.
-            current = estimate(ob.arch, ob.point, replace(cal, runtime_bytes=0, zero_runtime_bytes=0.0), ob.device)
-            step_peak = "optimizer step (fp32 grads)" in current.items
-            est = estimate(
-                ob.arch,
-                ob.point,
-                replace(cal, runtime_bytes=0, activation_factor=1.0, zero_runtime_bytes=0.0),
-                ob.device,
-            )
-            acts = sum(v for k, v in est.items.items() if k.startswith(("activations", "logits")))
-            states = sum(
-                v for k, v in est.items.items() if not k.startswith(("activations", "logits", "optimizer step"))
-            )
-            if step_peak:  # the peak is states + the step's fp32 gradients, whatever the activations
-                states = current.allocated
+            fixed, saved, zero = _terms(ob, cal)
             r = cal.reserved_factor
-            rows.append([1.0, 0.0 if step_peak else acts * r, r if ob.point.zero >= 1 else 0.0])
-            targets.append(ob.measured - states * r)
+            rows.append([1.0, saved * r, zero * r])
+            targets.append(ob.measured - fixed * r)
         solution, *_ = np.linalg.lstsq(np.array(rows, dtype=float), np.array(targets, dtype=float), rcond=None)
         runtime, act_factor, zero_runtime = (float(x) for x in solution)
         cal = replace(
             cal,
             runtime_bytes=max(0.0, runtime),
-            activation_factor=max(0.1, act_factor),
+            activation_factor=max(1.0, act_factor),
             zero_runtime_bytes=max(0.0, zero_runtime),
         )
     return cal
@@ -138,3 +138,69 @@ def split_holdout(observations: list[Observation]) -> tuple[list[Observation], l
     """Every other point (in a stable order) to fit, the rest to judge: errors are on unseen points."""
     ordered = sorted(observations, key=lambda o: (o.arch.name, o.point.zero, o.point.seq_len, o.point.batch_size))
     return ordered[::2], ordered[1::2]
+
+
+def reserved_ratios(records: Iterable[Record]) -> list[float]:
+    """``max_memory_reserved / max_memory_allocated`` of every rank that measured both (CUDA runs; each rank's
+    highest of each figure over its phases, as :class:`~ftprof.profiler.ProfilerCallback` records them)."""
+    ratios = []
+    for r in records:
+        for rank in r.profile.ranks if r.profile else []:
+            reserved, allocated = rank.peak("torch_reserved_bytes"), rank.peak("torch_allocated_bytes")
+            if reserved > 0 and allocated > 0:
+                ratios.append(reserved / allocated)
+    return ratios
+
+
+def fit_reserved_factor(records: Iterable[Record]) -> float | None:
+    """The caching allocator's overhead measured by a sweep: the median reserved / allocated ratio over the
+    records' ranks (:func:`reserved_ratios`); None when no rank has both figures (CPU sweeps)."""
+    ratios = reserved_ratios(records)
+    return statistics.median(ratios) if ratios else None
+
+
+def saved_activations_case(
+    model: str,
+    point: Point,
+    attention: str = "sdpa",
+    dropout: bool = True,
+    task: Literal["classification", "causal-lm"] = "classification",
+) -> tuple[int, int]:
+    """(predicted, measured) bytes saved for backward by one real training forward on this CPU.
+
+    ``model`` is built from its offline config with random weights, ``attention`` implementation, every
+    dropout probability zeroed unless ``dropout``, gradient checkpointing as ``point`` says, cast to
+    ``point``'s precision as DeepSpeed does; measured by :class:`~ftprof.profiler.breakdown.SavedActivationMeter`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ftprof.model_facts import arch_from_config
+    from ftprof.models import resolve_model_spec
+    from ftprof.profiler.breakdown import SavedActivationMeter
+
+    config = resolve_model_spec(model, random_init=True).config
+    if not dropout:
+        for name, value in vars(config).items():
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(config, name, 0.0)
+    config._attn_implementation = attention
+    config.num_labels = 2
+    if config.pad_token_id is None:  # decoders' classification heads find each row's last token by it
+        config.pad_token_id = config.eos_token_id
+    arch = arch_from_config(model, config, attention=attention, task=task)
+    torch.manual_seed(0)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    net = auto.from_config(config).train()
+    if point.precision != "fp32":
+        net = net.to(torch.bfloat16 if point.precision == "bf16" else torch.float16)
+    if point.gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, int(config.vocab_size), (point.batch_size, point.seq_len))
+    labels = ids if task == "causal-lm" else torch.randint(0, 2, (point.batch_size,))
+    meter = SavedActivationMeter()
+    meter.attach(net)
+    net(input_ids=ids, labels=labels).loss.backward()
+    predicted = sum(saved_activations(arch, point, "cpu").values())
+    assert meter.saved_bytes is not None
+    return predicted, meter.saved_bytes

@@ -32,21 +32,28 @@ from ftprof.units import GIB
 
 Device = Literal["gpu", "cpu"]  # on a CPU, "offloaded" state still counts in the process
 
-# Memory of common GPUs (bytes), for --gpu. Names are lower-case, as typed on the command line.
+_MIB = 2**20
+
+# Memory of common GPUs, for --gpu. Names are lower-case, as typed on the command line; the "gb" in a name is
+# the marketing size. Values are bytes, in one unit for every card: the total NVML reports, i.e. nvidia-smi's
+# "memory.total" in MiB (`nvidia-smi --query-gpu=name,memory.total --format=csv`) x 2^20. Recent drivers count
+# their own reserved memory (some hundreds of MiB) in that total, so not all of it is allocatable; older ones
+# print less (V100 32GB: 32510 MiB, V100 16GB: 16160 MiB, T4: 15109 MiB). Sources: nvidia-smi output of each
+# card in public logs and issues; Modal's table of NVML totals (thundergolfer.com/blog/nvidia-gpu-memory-capacity).
 GPUS: dict[str, int] = {
-    "h200-141gb": 141 * 10**9,
-    "h100-80gb": 80 * GIB,
-    "h100-94gb": 94 * GIB,
-    "a100-80gb": 80 * GIB,
-    "a100-40gb": 40 * GIB,
-    "l40s-48gb": 48 * GIB,
-    "a10g-24gb": 24 * GIB,
-    "l4-24gb": 24 * GIB,
-    "rtx4090-24gb": 24 * GIB,
-    "rtx3090-24gb": 24 * GIB,
-    "v100-32gb": 32 * GIB,
-    "v100-16gb": 16 * GIB,
-    "t4-16gb": 16 * GIB,
+    "h200-141gb": 143771 * _MIB,  # NVIDIA H200 (SXM)
+    "h100-80gb": 81559 * _MIB,  # NVIDIA H100 80GB HBM3 (SXM) and NVIDIA H100 PCIe alike
+    "h100-94gb": 95830 * _MIB,  # NVIDIA H100 NVL (the 94 GB PCIe card prints 94514 MiB)
+    "a100-80gb": 81920 * _MIB,  # NVIDIA A100-SXM4-80GB / A100 80GB PCIe
+    "a100-40gb": 40960 * _MIB,  # NVIDIA A100-SXM4-40GB / A100-PCIE-40GB
+    "l40s-48gb": 46068 * _MIB,  # NVIDIA L40S
+    "a10g-24gb": 23028 * _MIB,  # NVIDIA A10G (AWS g5), the same as the A10
+    "l4-24gb": 23034 * _MIB,  # NVIDIA L4
+    "rtx4090-24gb": 24564 * _MIB,  # NVIDIA GeForce RTX 4090
+    "rtx3090-24gb": 24576 * _MIB,  # NVIDIA GeForce RTX 3090
+    "v100-32gb": 32768 * _MIB,  # Tesla V100-SXM2-32GB / V100-PCIE-32GB, recent drivers
+    "v100-16gb": 16384 * _MIB,  # Tesla V100-SXM2-16GB / V100-PCIE-16GB, recent drivers (older: 16160)
+    "t4-16gb": 15360 * _MIB,  # Tesla T4, recent drivers
 }
 
 _VENDOR_WORDS = {"nvidia", "tesla", "geforce", "sxm", "sxm2", "sxm4", "sxm5", "pcie", "hbm3", "hbm3e"}
@@ -99,6 +106,16 @@ class Arch:
     num_labels: int = 2
     kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as ``heads``
     mlp: Literal["plain", "gated"] = "plain"  # gated: Llama-style SiLU(gate) * up, RMSNorm, no dropout
+    largest_tensor: int = 0  # elements of the largest parameter; 0: vocab x hidden (the embedding)
+    mlp_saves: int = 2  # MLP-width tensors a plain MLP saves: 2 with a fused GELU; 5 with GPT-2's gelu_new
+    head_keeps_output: bool = True  # an encoder's head slices the last layer's output (a view keeps all of it)
+    # Elements of each parameter in model order: the one group DeepSpeed builds from a config with an
+    # "optimizer" block (all of ftprof's). Empty: partitions are taken as even shares.
+    param_sizes: tuple[int, ...] = ()
+
+    @property
+    def largest_param(self) -> int:
+        return self.largest_tensor or self.vocab * self.hidden
 
     @property
     def kv_dim(self) -> int:
@@ -116,6 +133,7 @@ class Calibration:
     zero_runtime_bytes: float = 0.0  # what DeepSpeed's ZeRO optimizer adds beyond its buckets (ops, comm state)
     reserved_factor: float = 1.08  # caching allocator: reserved / allocated
     fitted_on: int = 0  # number of measured points behind these values
+    reserved_fitted_on: int = 0  # points whose torch allocator figures gave reserved_factor (0: assumed)
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,44 +145,131 @@ class Calibration:
         return cls(**json.loads(path.read_text()))
 
 
+# Items, named as the measured breakdown names them (:mod:`ftprof.profiler.breakdown`), so that a prediction
+# and a measurement compare item by item, and labels for people.
+ITEM_LABELS: dict[str, str] = {
+    "parameters": "parameters",
+    "gradients": "gradients",
+    "master_weights": "fp32 master weights",
+    "optimizer_states": "Adam moments",
+    "gradient_buckets": "DeepSpeed gradient buckets",
+    "offload_buffers": "offload staging buffers",
+    "zero_runtime": "DeepSpeed runtime",
+    "gathered_parameters": "ZeRO-3 gathered parameters",
+    "saved_activations": "saved activations",
+    "recomputed_layer": "recomputed layer (gradient checkpointing)",
+    "temporaries": "temporaries (live logits; activation factor)",
+    "optimizer_step": "optimizer step (fp32 gradients)",
+}
+MODEL_STATES = ("parameters", "gradients", "master_weights", "optimizer_states")
+# A prediction item and the measured breakdown items it is judged against (their sum).
+MEASURED_AS: dict[str, tuple[str, ...]] = {
+    "parameters": ("parameters_fp32", "parameters_bf16", "parameters_fp16"),
+    "gradients": ("gradients",),
+    "master_weights": ("master_weights",),
+    "optimizer_states": ("optimizer_states",),
+    "offload_buffers": ("other_buffers",),
+    "gathered_parameters": ("gathered_parameters",),
+    "saved_activations": ("saved_activations",),
+}
+
+
 @dataclass
 class Estimate:
-    """Bytes per rank: itemised, then the three predicted peaks."""
+    """Bytes per rank: items (keys of :data:`ITEM_LABELS`), then the three predicted peaks.
+
+    ``activation_parts`` splits ``saved_activations`` (layers, embeddings, head, loss) for display.
+    """
 
     items: dict[str, int]
     host_items: dict[str, int] = field(default_factory=dict)  # offloaded to CPU memory
     allocated: int = 0
     reserved: int = 0
     device_used: int = 0
+    activation_parts: dict[str, int] = field(default_factory=dict)
 
 
 def bytes_per_element(precision: Precision) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def model_states(arch: Arch, s: Point, device: Device = "gpu") -> tuple[dict[str, int], dict[str, int]]:
-    """(on device, offloaded to host) bytes of parameters, gradients, master weights and Adam moments.
+def model_states(
+    arch: Arch, s: Point, device: Device = "gpu", rank: int | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(on device, in host memory) bytes of parameters, gradients, master weights and Adam moments, and of
+    the buffers optimizer offload adds, as DeepSpeed (0.19) holds them on each rank after a backward.
+
+    Partitioning divides by the world size: ZeRO 1 the optimizer states and master weights, 2 also the
+    gradients, 3 also the parameters. Offloading the optimizer moves master weights and moments to host
+    memory and adds an fp32 gradient partition there for the CPU optimizer, plus (ZeRO-1/2) staging buffers.
+    On a CPU everything is one process's memory: "host" items count with the others.
+
+    Under ZeRO-1/2 on several ranks the gradients are those of every parameter that overlaps the rank's
+    partition, whole (:func:`zero12_gradient_elements`); the figure is ``rank``'s, by default the largest.
 
     >>> arch = Arch("x", "encoder", 1000, 1, 8, 2, 32, 10)
     >>> model_states(arch, Point(batch_size=1, seq_len=8, precision="bf16", zero=2, world_size=4))[0]
-    {'parameters': 2000, 'gradients': 500, 'fp32 master weights': 1000, 'Adam moments': 2000}
+    {'parameters': 2000, 'gradients': 500, 'master_weights': 1000, 'optimizer_states': 2000}
     """
     p, n, e = arch.params, s.world_size, bytes_per_element(s.precision)
     optimizer_split = n if s.zero >= 1 else 1
+    if s.zero in (1, 2) and n > 1:
+        per_rank = zero12_gradient_elements(arch, n)
+        gradients = e * (max(per_rank) if rank is None else per_rank[rank])
+    else:
+        gradients = math.ceil(e * p / (n if s.zero >= 2 else 1))
     held = {
         "parameters": math.ceil(e * p / (n if s.zero == 3 else 1)),
-        "gradients": math.ceil(e * p / (n if s.zero >= 2 else 1)),
+        "gradients": gradients,
         # ZeRO 1-3 keep an fp32 copy of their partition even in fp32 training; mixed precision always does.
-        "fp32 master weights": math.ceil(4 * p / optimizer_split) if (s.zero >= 1 or e == 2) else 0,
-        "Adam moments": math.ceil(8 * p / optimizer_split),
+        "master_weights": math.ceil(4 * p / optimizer_split) if (s.zero >= 1 or e == 2) else 0,
+        "optimizer_states": math.ceil(8 * p / optimizer_split),
     }
     host: dict[str, int] = {}
-    if device == "gpu":
-        moved = (["fp32 master weights", "Adam moments"] if s.offload_optimizer else []) + (
-            ["parameters"] if s.offload_param else []
-        )
-        host = {k: held.pop(k) for k in moved}
+    if s.offload_optimizer:
+        host["master_weights"] = held.pop("master_weights")
+        host["optimizer_states"] = held.pop("optimizer_states")
+        host["gradients"] = math.ceil(4 * p / optimizer_split)  # the CPU optimizer's fp32 gradient partition
+        if s.zero in (1, 2):
+            # 16-bit gradients leave the device as they are reduced, through two staging buffers of the largest
+            # parameter (temp_grad_buffer_for_{gpu,cpu}_offload); the updated 16-bit partition comes back
+            # through param_buffer_of_bit16_for_cpu_offload_groups.
+            held.pop("gradients")
+            held["offload_buffers"] = e * arch.largest_param
+            host["offload_buffers"] = e * arch.largest_param + math.ceil(e * p / optimizer_split)
+    if s.offload_param:
+        host["parameters"] = held.pop("parameters")
+    if device == "cpu":  # one memory: what is "host" on a GPU machine is this process too
+        for k, v in host.items():
+            held[k] = held.get(k, 0) + v
+        host = {}
     return held, host
+
+
+def zero12_gradient_elements(arch: Arch, world_size: int) -> list[int]:
+    """Gradient elements each rank holds after a backward under ZeRO-1/2 (DeepSpeed 0.19, no offload).
+
+    The parameters are flattened in model order (one group: DeepSpeed builds it from the config's "optimizer"
+    block, which all of ftprof's configs have; without one, Trainer's two weight-decay groups are partitioned
+    apart, not modelled here), padded to a multiple of 2 x ranks and cut into equal partitions. A rank copies
+    the gradients of the parameters that overlap its partition, whole, into one buffer
+    (``grads_in_partition``), so a parameter across a boundary counts on both sides. Without the parameter
+    list (``arch.param_sizes`` empty), an even share.
+
+    >>> arch = Arch("x", "encoder", 100, 1, 8, 2, 32, 10, param_sizes=(60, 30, 10))
+    >>> zero12_gradient_elements(arch, 2)  # partitions [0, 52) and [52, 104): the 60 is on both sides
+    [60, 100]
+    """
+    if not arch.param_sizes:
+        return [math.ceil(arch.params / world_size)] * world_size
+    align = 2 * world_size
+    share = -(-sum(arch.param_sizes) // align) * align // world_size
+    held, start = [0] * world_size, 0
+    for numel in arch.param_sizes:
+        for rank in range(start // share, min((start + numel - 1) // share, world_size - 1) + 1):
+            held[rank] += numel
+        start += numel
+    return held
 
 
 def layer_activations(arch: Arch, s: Point, device: Device = "gpu") -> int:
@@ -183,9 +288,11 @@ def layer_activations(arch: Arch, s: Point, device: Device = "gpu") -> int:
     mask = e if device == "cpu" else 1
     if arch.mlp == "gated":
         return gated_layer_activations(arch, s, device)
-    linear = sq * b * h * (8 * e + 2 * drop * mask) + 2 * sq * b * i * e + 16 * sq * b
+    linear = sq * b * h * (8 * e + 2 * drop * mask) + arch.mlp_saves * sq * b * i * e + 16 * sq * b
     if materializes_scores(arch, device):
         scores = a * sq * sq * b * (e + drop * (e + mask))
+        if device == "cpu" and arch.attention == "sdpa" and e == 2:
+            scores += a * sq * sq * b * 9  # torch's CPU math path in 16 bits: fp32 softmax copies (measured)
     else:
         scores = 4 * a * b * sq  # softmax statistics of fused kernels
     return linear + scores
@@ -222,54 +329,88 @@ def materializes_scores(arch: Arch, device: Device) -> bool:
     return arch.attention == "eager" or (device == "cpu" and arch.dropout)
 
 
-def activations(arch: Arch, s: Point, device: Device = "gpu") -> dict[str, int]:
+def saved_activations(arch: Arch, s: Point, device: Device = "gpu") -> dict[str, int]:
+    """Bytes autograd saves for backward in one micro-batch's forward, by part: ``layers``, ``embeddings``,
+    ``head`` (final norm and LM head input) and ``loss``. What :class:`~ftprof.profiler.breakdown.SavedActivationMeter`
+    measures as ``saved_activations``."""
     b, sq, h, e = s.batch_size, s.seq_len, arch.hidden, bytes_per_element(s.precision)
-    per_layer = layer_activations(arch, s, device)
     if s.gradient_checkpointing:
-        layers = arch.layers * sq * b * h * e + per_layer  # inputs kept, one layer recomputed at a time
+        layers = arch.layers * sq * b * h * e  # only each layer's input; backward recomputes one layer at a time
     else:
-        layers = arch.layers * per_layer
-    if arch.mlp == "gated":  # the lookup keeps its int64 ids; its output is layer 0's input
-        embeddings = 8 * sq * b
+        layers = arch.layers * layer_activations(arch, s, device)
+    drop_mask = int(arch.dropout) * (e if device == "cpu" else 1)
+    if arch.family == "decoder":
+        # The lookups keep their int64 ids (and dropout its mask); their sum is layer 0's (norm) input.
+        embeddings = 8 * sq * b + sq * b * h * drop_mask
+        # The final norm (input, statistics; RMSNorm also its normalised output) and the head's input.
+        head = sq * b * (3 * h * e + 4 if arch.mlp == "gated" else 2 * h * e + 8)
     else:
         # The embeddings' sum (LayerNorm input) and dropout mask; the LayerNorm output is layer 0's input,
         # counted there. Per token: LayerNorm statistics and the int64 ids the lookups keep (measured: 26 B).
-        embeddings = sq * b * h * (e + int(arch.dropout) * (e if device == "cpu" else 1)) + 26 * sq * b
-    items = {"activations (layers)": layers, "activations (embeddings)": embeddings}
+        embeddings = sq * b * h * (e + drop_mask) + 26 * sq * b
+        # A first-token pooler or classifier saves a slice of the last layer's output: a view that keeps all of
+        # it (RoBERTa's head drops out the slice first, which saves only a mask).
+        head = sq * b * h * e if arch.head_keeps_output else 0
+    parts = {"layers": layers, "embeddings": embeddings, "head": head}
     if arch.lm_head:
-        # The final norm (input, output, statistics) and lm_head's input; the loss keeps fp32 log-softmax over
-        # the vocabulary and the int64 labels, while the logits themselves (and, under mixed precision, their
-        # fp32 copy) are alive until the loss is computed.
-        items["activations (final norm + head)"] = sq * b * (3 * h * e + 4 if arch.mlp == "gated" else 3 * h * e + 8)
-        items["logits + loss"] = b * sq * (arch.vocab * (4 + e + (4 if e == 2 else 0)) + 8)
+        parts["loss"] = b * sq * (4 * arch.vocab + 8)  # fp32 log-softmax over the vocabulary, int64 labels
     else:
-        items["logits + loss"] = 2 * 4 * b * arch.num_labels  # fp32 logits and their softmax for the loss
-    return items
+        parts["loss"] = 2 * 4 * b * arch.num_labels  # fp32 logits and their softmax for the loss
+    return parts
 
 
-def estimate(arch: Arch, s: Point, cal: Calibration | None = None, device: Device = "gpu") -> Estimate:
-    """Predict the per-rank peaks of training ``arch`` at point ``s`` on a GPU or a CPU."""
+def live_logits(arch: Arch, s: Point) -> int:
+    """Bytes of an LM head's logits, alive until the loss is taken but not saved: the logits in the data type
+    and, under mixed precision, their fp32 copy. Classification heads' few logits are in ``loss``."""
+    if not arch.lm_head:
+        return 0
+    e = bytes_per_element(s.precision)
+    return s.batch_size * s.seq_len * arch.vocab * (e + (4 if e == 2 else 0))
+
+
+def estimate(
+    arch: Arch, s: Point, cal: Calibration | None = None, device: Device = "gpu", rank: int | None = None
+) -> Estimate:
+    """Predict the per-rank peaks of training ``arch`` at point ``s`` on a GPU or a CPU: those of ``rank``, by
+    default of the rank that holds the most.
+
+    Two moments compete for the peak: the forward/backward (saved activations and temporaries, and under
+    ZeRO-3 the gathered 16-bit weights, which the shipped configs' ``stage3_max_live_parameters`` and
+    ``stage3_max_reuse_distance`` of 1e9 keep resident for models below that size) and the optimizer step
+    (the fp32 gradients of this rank's partition). On a GPU the caching allocator reuses the first moment's
+    blocks for the second, so the peak is the larger; on a CPU the heap keeps what the first moment grew, so
+    the peak is their sum. Everything else (model states, buckets) is held throughout.
+    """
     cal = cal or Calibration()
-    items, host = model_states(arch, s, device)
-    acts = activations(arch, s, device)
-    items.update({k: math.ceil(v * cal.activation_factor) for k, v in acts.items()})
+    items, host = model_states(arch, s, device, rank)
     e = bytes_per_element(s.precision)
     if s.zero >= 1:
-        # HF's "auto" reduce bucket is hidden² elements; overlap_comm keeps two (GPU configs).
-        items["DeepSpeed buckets"] = 2 * arch.hidden**2 * e
-        items["DeepSpeed runtime"] = math.ceil(cal.zero_runtime_bytes)
-    # The optimizer step materialises fp32 gradients of this rank's partition; activations are gone by then,
-    # so the peak is the larger of the two moments.
-    step_extra = math.ceil(4 * arch.params / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
+        # HF's "auto" reduce bucket is hidden² elements; overlap_comm (GPU configs) keeps two, CPU runs one.
+        items["gradient_buckets"] = (2 if device == "gpu" else 1) * arch.hidden**2 * e
+        items["zero_runtime"] = math.ceil(cal.zero_runtime_bytes)
+    parts = saved_activations(arch, s, device)
+    saved = sum(parts.values())
+    items["saved_activations"] = saved
+    if s.gradient_checkpointing:
+        items["recomputed_layer"] = layer_activations(arch, s, device)  # in backward, one layer at a time
+    items["temporaries"] = math.ceil(saved * (cal.activation_factor - 1)) + live_logits(arch, s)
+    if s.zero == 3:
+        items["gathered_parameters"] = e * min(arch.params, STAGE3_MAX_LIVE_PARAMETERS)
+    forward = sum(items[k] for k in FORWARD_ITEMS if k in items)
+    step = math.ceil(4 * arch.params / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
     if s.offload_optimizer and device == "gpu":
-        step_extra = 0
-    activation_total = sum(items[k] for k in items if k.startswith(("activations", "logits")))
-    states = sum(v for k, v in items.items() if k not in acts)
-    allocated = states + max(activation_total, step_extra)
-    if step_extra > activation_total:
-        items["optimizer step (fp32 grads)"] = step_extra - activation_total
+        step = 0  # the CPU optimizer steps in host memory
+    if device == "cpu":
+        items["optimizer_step"] = step
+    elif step > forward:
+        items["optimizer_step"] = step - forward
+    allocated = sum(items.values())
     reserved = math.ceil(allocated * cal.reserved_factor)
-    return Estimate(items, host, allocated, reserved, reserved + math.ceil(cal.runtime_bytes))
+    return Estimate(items, host, allocated, reserved, reserved + math.ceil(cal.runtime_bytes), parts)
+
+
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # the shipped ZeRO-3 configs' stage3_max_live_parameters
+FORWARD_ITEMS = ("saved_activations", "recomputed_layer", "temporaries", "gathered_parameters")
 
 
 def max_batch(

@@ -6,7 +6,8 @@ Run by ``ftprof sweep`` in a fresh process per point, so no peak is polluted by 
     deepspeed --num_gpus 2 .../ftprof/measure.py SPEC.json   # world size 2
 
 SPEC holds a :class:`MeasureSpec`; rank 0 writes the measured :class:`~ftprof.run_profile.Profile` to
-``spec.result_path`` as JSON.
+``spec.result_path`` as JSON. With ``spec.memory_snapshot_dir`` every rank also writes its memory records
+there (:mod:`ftprof.profiler.memory_records`), profiling one step after the measured window.
 The model is built from its config with random weights: memory and speed don't depend on weight values,
 and this works with no network for known architectures.
 """
@@ -41,11 +42,16 @@ class MeasureSpec:
     seed: int = 0
     min_seconds: float = 0.0  # the throughput window lasts at least ``steps`` steps and this long
     task: str = "classification"  # or "causal-lm": blocks of exactly seq_len tokens, labels = input_ids
+    # ``sweep --memory_snapshot``: each rank writes <point key>-rank<r>.pickle / -timeline.* here (the sweep
+    # folder's snapshots/), named in its profile relative to this folder's parent
+    memory_snapshot_dir: str | None = None
 
     @property
     def max_steps(self) -> int:
-        """Trainer's step budget: ``warmup + steps``, or room for ``min_seconds`` (the profiler stops early)."""
-        return self.warmup + (max(self.steps, MAX_WINDOW_STEPS) if self.min_seconds else self.steps)
+        """Trainer's step budget: ``warmup + steps``, or room for ``min_seconds`` (the profiler stops early),
+        and one more for the profiled step of ``memory_snapshot_dir``."""
+        window = max(self.steps, MAX_WINDOW_STEPS) if self.min_seconds else self.steps
+        return self.warmup + window + (1 if self.memory_snapshot_dir else 0)
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps({**asdict(self), "point": self.point.to_json()}))
@@ -153,6 +159,12 @@ def measure(spec: MeasureSpec) -> Profile:
             train_sampling_strategy="sequential" if spec.dataset else "random",
         )
         global_batch = p.batch_size * p.grad_accum * args.world_size
+        recorder = None
+        if spec.memory_snapshot_dir:  # before the model exists: the allocator's history sees it arrive
+            from ftprof.profiler.memory_records import MemoryRecorder
+
+            recorder = MemoryRecorder(Path(spec.memory_snapshot_dir), f"{p.key}-rank{args.process_index}")
+            recorder.start()
         # Token ids are synthetic unless --dataset: a tokenizer is only needed for real texts (and pad id 0).
         task = _load_task(spec.dataset, spec.seed, spec.task) if spec.dataset else None
         texts = list(task.train[task.text_column]) if task else ["profiling"] * 4
@@ -175,7 +187,9 @@ def measure(spec: MeasureSpec) -> Profile:
             model = build_model(model_spec, tokenizer, ["0", "1"], shrink_vocab=False)  # the preset's real shape
             model.accepts_loss_kwargs = False  # type: ignore[assignment]  # a plain attribute Trainer reads
             collator = DataCollatorWithPadding(tokenizer)
-        profiler = ProfilerCallback(warmup_steps=spec.warmup, min_steps=spec.steps, min_seconds=spec.min_seconds)
+        profiler = ProfilerCallback(
+            warmup_steps=spec.warmup, min_steps=spec.steps, min_seconds=spec.min_seconds, memory_recorder=recorder
+        )
         trainer = Trainer(
             model=model,
             args=args,
@@ -186,6 +200,10 @@ def measure(spec: MeasureSpec) -> Profile:
         trainer.train()
         assert profiler.profile is not None  # set by on_train_end
         profiler.profile.random_init = True
+        if spec.memory_snapshot_dir:  # paths relative to the sweep folder, which may move
+            root = Path(spec.memory_snapshot_dir).parent
+            for rank in profiler.profile.ranks:
+                rank.memory_files = [os.path.relpath(f, root) for f in rank.memory_files]
         return profiler.profile
 
 

@@ -34,6 +34,8 @@ def arch_from_config(
         else:
             model = AutoModelForSequenceClassification.from_config(config)
     params = sum(p.numel() for p in model.parameters())
+    largest = max(p.numel() for p in model.parameters())
+    sizes = tuple(p.numel() for p in model.parameters() if p.requires_grad)
     d = dims(config)
     dropout_names = ("hidden_dropout_prob", "dropout", "resid_pdrop", "attention_dropout")
     dropout = float(next((getattr(config, n) for n in dropout_names if getattr(config, n, None) is not None), 0)) > 0
@@ -52,6 +54,11 @@ def arch_from_config(
         num_labels=num_labels,
         kv_heads=int(getattr(config, "num_key_value_heads", None) or d.heads),
         mlp="gated" if config.model_type in GATED_MLP else "plain",
+        largest_tensor=largest,
+        param_sizes=sizes,
+        head_keeps_output=not (dropout and config.model_type in ("roberta", "xlm-roberta", "camembert")),
+        # transformers' gelu_new is tanh-approximated GELU in Python ops, each saving an MLP-width tensor
+        mlp_saves=5 if getattr(config, "activation_function", getattr(config, "hidden_act", "")) == "gelu_new" else 2,
     )
 
 

@@ -227,6 +227,30 @@ def breakdown_table(recs: list[Recommendation]) -> Table | None:
     return table
 
 
+MEMORY_RECORDS_TITLE = (
+    "Memory records (sweep --memory_snapshot; .pickle: https://pytorch.org/memory_viz, .html: a browser)"
+)
+
+
+def memory_records(recs: list[Recommendation], folder: Path | None = None) -> list[str]:
+    """One line per recommended point measured with ``--memory_snapshot`` (the picks it is, then the files its
+    highest-peak rank wrote, under ``folder``, the sweep folder), saying which other ranks wrote theirs."""
+    picks: dict[str, list[str]] = {}
+    lines: dict[str, str] = {}
+    for rec in recs:
+        record, profile = rec.record, rec.record.profile
+        ranks = [r for r in (profile.ranks if profile else []) if r.memory_files]
+        if profile is None or not ranks:
+            continue
+        picks.setdefault(record.point.key, []).append(rec.kind)
+        top = max(ranks, key=lambda r: r.peak(record.env.get("peak_figure") or profile.primary_figure))
+        files = ", ".join(str(folder / f) if folder else f for f in top.memory_files)
+        others = [str(r.rank) for r in ranks if r is not top]
+        beside = f" (rank{'s' if len(others) > 1 else ''} {', '.join(others)} beside it)" if others else ""
+        lines[record.point.key] = f"rank {top.rank}: {files}{beside}"
+    return [f"{', '.join(picks[key])}: {line}" for key, line in lines.items()]
+
+
 def recommendations_panel(recs: list[Recommendation], budget: int | None, records: list[Record]) -> Group:
     """Recommendations as plain lines under a rule: no border, so a command copies as one piece; then what
     the memory levers cost and buy."""
@@ -303,8 +327,8 @@ def notes(records: list[Record]) -> Text:
     return Text("\n".join(lines))
 
 
-def render(records: list[Record], recs: list[Recommendation], budget: int | None) -> Group:
-    """The whole terminal report."""
+def render(records: list[Record], recs: list[Recommendation], budget: int | None, folder: Path | None = None) -> Group:
+    """The whole terminal report (``folder``: the sweep's, where its memory records are)."""
     figures = {r.profile.figure for r in records if r.profile}
     figure = " / ".join(FIGURE_NAMES[f] for f in sorted(figures)) or "process RSS"
     cohort = recs[0].cohort if recs else choose_cohort(records, None)
@@ -313,6 +337,8 @@ def render(records: list[Record], recs: list[Recommendation], budget: int | None
     table = breakdown_table(recs)
     if table is not None:
         parts.append(table)
+    if lines := memory_records(recs, folder):
+        parts.append(Text("\n".join([MEMORY_RECORDS_TITLE + ":", *(f"  {line}" for line in lines)])))
     return Group(*parts, notes(records))
 
 
@@ -325,7 +351,9 @@ def to_csv(records: list[Record]) -> str:
     return buf.getvalue()
 
 
-def to_markdown(records: list[Record], recs: list[Recommendation], budget: int | None) -> str:
+def to_markdown(
+    records: list[Record], recs: list[Recommendation], budget: int | None, folder: Path | None = None
+) -> str:
     cols = COLUMNS[:-1]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(records, key=lambda r: r.point):
@@ -347,6 +375,8 @@ def to_markdown(records: list[Record], recs: list[Recommendation], budget: int |
         lines += [
             f"| {kind} | " + " | ".join(f"{p.get(c, 0) / 2**20:.1f}" for c in columns) + " |" for kind, p in measured
         ]
+    if files := memory_records(recs, folder):
+        lines += ["", f"## {MEMORY_RECORDS_TITLE}", "", *(f"- {line}" for line in files)]
     return "\n".join(lines) + "\n"
 
 
@@ -369,6 +399,9 @@ def to_json(records: list[Record], recs: list[Recommendation], budget: int | Non
                         "command": x.command,
                         "ds_config": x.ds_config,
                         "breakdown_bytes": breakdown(x.record),
+                        "memory_files": [f for r in x.record.profile.ranks for f in r.memory_files]
+                        if x.record.profile
+                        else [],
                     }
                     for x in recs
                 ],
@@ -422,12 +455,12 @@ class SweepReport:
         return written
 
     def render(self) -> Group:
-        return render(self.records, self.recommendations, self.budget)
+        return render(self.records, self.recommendations, self.budget, self.folder)
 
     def export(self, fmt: str) -> str:
         """The report as ``md``, ``json`` or ``csv`` text."""
         if fmt == "md":
-            return to_markdown(self.records, self.recommendations, self.budget)
+            return to_markdown(self.records, self.recommendations, self.budget, self.folder)
         if fmt == "json":
             return to_json(self.records, self.recommendations, self.budget)
         return to_csv(self.records)

@@ -30,6 +30,13 @@ class RankProfile:
     breakdown: dict[str, int] = field(default_factory=dict)
     # What the run really did: gradient_checkpointing, offload_optimizer, offload_param, optimizer (class name).
     levers: dict[str, Any] = field(default_factory=dict)
+    # CUDA: the caching allocator's figures the phases don't carry (ftprof.profiler.breakdown.ALLOCATOR_STATS):
+    # active_peak_bytes, requested_peak_bytes, inactive_split_peak_bytes, alloc_retries; empty elsewhere.
+    allocator: dict[str, int] = field(default_factory=dict)
+    # ``sweep --memory_snapshot``: the memory records this rank wrote (paths relative to the sweep folder), and
+    # one line for each record it could not write.
+    memory_files: list[str] = field(default_factory=list)
+    memory_notes: list[str] = field(default_factory=list)
 
     def peak(self, figure: str) -> int:
         """The highest ``figure`` over this rank's phases (0 when never recorded)."""

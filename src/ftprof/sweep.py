@@ -51,6 +51,7 @@ OOM_MARKERS = (
     "CUBLAS_STATUS_ALLOC_FAILED",
 )
 TAIL_CHARS = 2000
+SNAPSHOTS = "snapshots"  # --memory_snapshot's folder in the sweep folder
 
 
 @dataclass
@@ -76,6 +77,11 @@ class SweepConfig:
     margin: float = 0.5  # "sure": predicted above budget x (1 + margin); 0.1 once calibrated on this device
     env: dict[str, Any] = field(default_factory=dict)
     worker: str = "fresh"  # "fork": one-rank local points fork from a pre-imported worker (ftprof.worker)
+    memory_snapshot: bool = False  # each point's ranks write memory records under out_dir/snapshots
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.out_dir / SNAPSHOTS
 
     @property
     def results_path(self) -> Path:
@@ -156,6 +162,7 @@ def run_point(
             dataset=cfg.dataset,
             min_seconds=cfg.min_seconds,
             task=cfg.task,
+            memory_snapshot_dir=str(cfg.snapshots_dir.absolute()) if cfg.memory_snapshot else None,
         )
         spec_path = spec.write(Path(tmp) / "spec.json")
         child_env = {**_child_env(), **(env or {})}

@@ -218,3 +218,47 @@ def test_lever_axes_on_two_ranks_are_what_each_point_really_ran(tmp_path):
     assert saved[("none", False)] == saved[("optimizer+param", False)]
     assert saved[("none", True)] == saved[("optimizer+param", True)]
     assert max(saved[("none", True)]) < max(saved[("none", False)])
+
+
+@pytest.mark.slow
+def test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it(tmp_path):
+    """One rank (forked from the worker) and two ranks (the deepspeed launcher): every rank writes its profiled
+    step's memory timeline (or, where torch's memory profiler fails on the op graph, the step's trace, and says
+    so); no allocator snapshot without CUDA, and the sweep says why, once; the report lists the files."""
+    out = tmp_path / "snap"
+    proc = sweep(
+        ["--zero", "2", "--world_size", "1,2", "--batch_sizes", "4", "--seq_lens", "32", "--memory_snapshot"]
+        + ["--out", str(out), "--no_remeasure", "--no_report"]
+    )
+    assert " ".join(proc.stdout.split()).count("no allocator snapshot (.pickle) here") == 1  # rich wraps lines
+    records = latest(read_records(out / "results.jsonl"))
+    assert {r.status for r in records} == {"ok"} and {r.env["worker"] for r in records} == {"fork", "fresh"}
+    named = set()
+    for r in records:
+        assert [rank.rank for rank in r.profile.ranks] == list(range(r.point.world_size))
+        assert r.profile.steady_steps == 2  # the profiled step is not in the window
+        for rank in r.profile.ranks:
+            stem = f"snapshots/{r.point.key}-rank{rank.rank}"
+            timeline = [f"{stem}-timeline.html", f"{stem}-timeline.json"]
+            if rank.memory_files == timeline:
+                assert rank.memory_notes == []
+                assert "data:image/png;base64," in (out / timeline[0]).read_text()
+                times, sizes = json.loads((out / timeline[1]).read_text())
+                assert len(times) == len(sizes) > 0 and max(sum(row) for row in sizes) > 0
+            else:  # torch's memory profiler failed on this rank's step (seen now and then on a second gloo rank)
+                assert rank.memory_files == [f"{stem}-trace.json"] and "instead" in rank.memory_notes[0]
+                assert json.loads((out / rank.memory_files[0]).read_text())["traceEvents"]
+            named |= set(rank.memory_files)
+            assert rank.allocator == {}  # CUDA only
+    assert {f"snapshots/{p.name}" for p in (out / "snapshots").iterdir()} == named  # nothing unnamed, no .pickle
+    assert all((out / f).stat().st_size > 0 for f in named)
+    report = subprocess.run(
+        [sys.executable, "-m", "ftprof.cli.main", "report", str(out), "--format", "md"],
+        capture_output=True,
+        text=True,
+        env=train_env(),
+        cwd=ROOT,
+    )
+    assert report.returncode == 0 and "## Memory records" in report.stdout
+    lines = [ln for ln in report.stdout.split("## Memory records", 1)[1].splitlines() if ln.startswith("- ")]
+    assert lines and all(f"{out}/snapshots/" in ln for ln in lines)  # one line per recommended point

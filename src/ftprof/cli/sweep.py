@@ -3,6 +3,7 @@
 ftprof sweep --model bert-base-uncased --batch_sizes 8,16,32 --precision bf16 --seq_lens 128,512 --zero 0,2,3
 ftprof sweep --model tiny-bert                      # device-sized defaults (a few minutes on a CPU)
 ftprof sweep --model gpt2 --find_max_batch --zero 2,3 --out profiles/gpt2-maxbatch
+ftprof sweep --model tiny-bert --memory_snapshot     # + where each peak comes from, in <out>/snapshots/
 """
 
 from __future__ import annotations
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="one-rank local points: fork from a pre-imported worker, or start a fresh process each "
         "(auto: fork on CPU-only machines, fresh with CUDA)",
+    )
+    p.add_argument(
+        "--memory_snapshot",
+        action="store_true",
+        help="write PyTorch memory records per point and rank to <out>/snapshots: the CUDA allocator's snapshot "
+        "(.pickle, for pytorch.org/memory_viz) and one extra, unmeasured step's memory timeline (.html/.json)",
     )
     p.add_argument("--no_report", action="store_true", help="don't print the report at the end")
     p.add_argument(
@@ -249,6 +256,7 @@ def run(argv: list[str], console: Console) -> None:
         budget=budget or env.get("device_memory_bytes"),
         margin=0.10 if calibrated else 0.50,
         worker="fresh" if a.worker == "fresh" or (a.worker == "auto" and cuda) else "fork",
+        memory_snapshot=a.memory_snapshot,
     )
     executor = _executor(a, out, cuda, lambda line: console.print(f"  [dim]{line}[/]"))
     if open_jobs:
@@ -259,6 +267,9 @@ def run(argv: list[str], console: Console) -> None:
         f"{cfg.env['device']}: {len(pending)} of {len(points)} points to run"
         f"{' (bisecting max batch)' if a.find_max_batch else ''} → {results}"
     )
+    if a.memory_snapshot:
+        console.print(f"  [dim]{memory_snapshot_line(cfg.snapshots_dir, cuda)}[/]")
+    said: set[str] = set()  # each memory-record note once per sweep
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -276,6 +287,8 @@ def run(argv: list[str], console: Console) -> None:
             for record in iterate_sweep(cfg, done, executor=executor):
                 line, peak = _progress_line(record)
                 progress.console.print(line)
+                for note in _new_memory_notes(record, said):
+                    progress.console.print(f"  [yellow]memory records: {note}[/]")
                 progress.update(task, advance=1, description=f"last {record.point.key}: {peak}")
             budget_now = budget or env.get("device_memory_bytes")
             close = [] if a.no_remeasure else close_calls(read_records(results), budget_now)
@@ -345,6 +358,28 @@ def _executor(a: argparse.Namespace, out: Path, cuda: bool, on_event: Callable[[
         device_count = torch.cuda.device_count()
     slots = device_slots(a.parallel, cuda, os.environ.get("CUDA_VISIBLE_DEVICES"), device_count)
     return LocalExecutor(slots, max_points=min(a.parallel, len(slots)))
+
+
+def memory_snapshot_line(folder: Path, cuda: bool) -> str:
+    """What ``--memory_snapshot`` writes on this device, said once at the start of the sweep."""
+    timeline = "the memory timeline of one extra, unmeasured step after the window (-timeline.html plot, .json)"
+    if cuda:
+        return (
+            f"--memory_snapshot, per point and rank in {folder}/: the CUDA allocator's snapshot (.pickle, open it "
+            f"in https://pytorch.org/memory_viz) and {timeline}"
+        )
+    return (
+        "--memory_snapshot: no allocator snapshot (.pickle) here, it records the CUDA caching allocator and the "
+        f"points run without a GPU; per point and rank in {folder}/: {timeline}"
+    )
+
+
+def _new_memory_notes(record: Record, said: set[str]) -> list[str]:
+    """The record's memory-record notes (what was not written, and why) not said yet in this sweep."""
+    notes = [n for r in (record.profile.ranks if record.profile else []) for n in r.memory_notes]
+    new = [n for n in dict.fromkeys(notes) if n not in said]
+    said.update(new)
+    return new
 
 
 def _progress_line(record: Record) -> tuple[str, str]:

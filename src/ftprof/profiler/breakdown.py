@@ -9,6 +9,9 @@ Two meters, both device-independent (they count tensor bytes, not what a sampler
   model and the optimizer that really steps: parameters by dtype (ZeRO-3: this rank's partition),
   fp32 master weights, optimizer states, gradients and DeepSpeed's gradient buffers. Storages shared by
   several tensors (DeepSpeed's flat buffers and their views) count once, under the first item that holds them.
+
+On CUDA the callback keeps, beside the breakdown, the caching allocator's figures the phases don't carry
+(:func:`allocator_figures`: active and requested peaks, fragmentation, retries).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class SavedActivationMeter:
 
     def __init__(self) -> None:
         self.saved_bytes: int | None = None
+        self.gathered_bytes: int | None = None  # ZeRO-3: parameter bytes gathered at the end of the forward
         self._seen: dict[int, int] = {}
         self._params: set[int] = set()
         self._context: Any = None
@@ -96,6 +100,9 @@ class SavedActivationMeter:
             self._seen.clear()
             return
         self.saved_bytes = sum(self._seen.values())
+        if any(hasattr(p, "ds_tensor") for p in module.parameters()):
+            gathered = {s for p in module.parameters() if (s := _storage(p.data)) is not None}
+            self.gathered_bytes = sum(nbytes for _, nbytes in gathered)
         self._seen.clear()
         self.detach()
 
@@ -190,6 +197,25 @@ def model_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     ledger.claim("gradient_buckets", [t for w in wrappers for a in BUCKET_ATTRIBUTES for t in _tensors(w.get(a))])
     ledger.claim("other_buffers", [t for w in wrappers for v in w.values() for t in _tensors(v)])
     return ledger.items
+
+
+# torch.cuda.memory_stats() figures kept beside the breakdown, by short name. The allocated and reserved peaks
+# are the phases' torch_allocated_bytes / torch_reserved_bytes already; these say what those don't.
+ALLOCATOR_STATS = {
+    "active_peak_bytes": "active_bytes.all.peak",  # allocated, or freed but still in use by another stream
+    "requested_peak_bytes": "requested_bytes.all.peak",  # what tensors asked for, before the allocator's rounding
+    "inactive_split_peak_bytes": "inactive_split_bytes.all.peak",  # cached but unusable pieces: fragmentation
+    "alloc_retries": "num_alloc_retries",  # cudaMalloc failures that freed the cache and tried again
+}
+
+
+def allocator_figures(stats: dict[str, Any]) -> dict[str, int]:
+    """The :data:`ALLOCATOR_STATS` figures of a ``torch.cuda.memory_stats()`` reading (those it has).
+
+    >>> allocator_figures({"active_bytes.all.peak": 5, "num_alloc_retries": 0, "allocated_bytes.all.peak": 4})
+    {'active_peak_bytes': 5, 'alloc_retries': 0}
+    """
+    return {name: int(stats[key]) for name, key in ALLOCATOR_STATS.items() if key in stats}
 
 
 def levers_in_use(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:

@@ -14,6 +14,14 @@ consumes them (:class:`~ftprof.profiler.tokens.BatchCounter`), step periods are 
 synchronising each step (:class:`~ftprof.profiler.timing.StepClock`), and rates are per-step counts over
 the *median* step period, so one slow step doesn't rule the figure; the p10–p90 spread is kept beside it.
 With ``min_steps`` / ``min_seconds`` the callback ends training once the window is long enough.
+
+With a :class:`~ftprof.profiler.memory_records.MemoryRecorder` (``ftprof sweep --memory_snapshot``), one more
+step runs after the window, under the profiler, and then training stops. That step is neither measured nor
+timed: the window's phases (``steady``) are closed and its samples counted before it starts, and no phase is
+open while it runs. The step after the window was chosen over a warm-up step because it is representative
+(gradients, optimizer states and activations all exist, as in every steady step; the first step also
+allocates the optimizer states), and because the profiler's own bookkeeping (host memory, time) lands outside
+every measured figure: profiling a warm-up step would add it to ``first_step``'s peak on a CPU.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ftprof.profiler.breakdown import SavedActivationMeter, levers_in_use, model_state_bytes
+from ftprof.profiler.breakdown import SavedActivationMeter, allocator_figures, levers_in_use, model_state_bytes
 from ftprof.profiler.flops import model_shape, peak_tflops, training_flops_per_token
+from ftprof.profiler.memory_records import MemoryRecorder
 from ftprof.profiler.samplers import MemorySampler, make_sampler
 from ftprof.profiler.timing import IntervalTimer, StepClock, summarize_periods
 from ftprof.profiler.tokens import BatchCounter
@@ -43,10 +52,18 @@ class ProfilerCallback(TrainerCallback):
         sampler: a :class:`MemorySampler`; by default NVML on CUDA (this rank's GPU), RSS otherwise.
         min_steps: with ``min_seconds``, stop training once the window has at least this many steps...
         min_seconds: ...and lasted at least this long (0 and 0: train to ``max_steps``, the default).
+        memory_recorder: profile one step after the window into these memory records, then stop training
+            (Trainer's ``max_steps`` must leave room for that step). Its :meth:`~MemoryRecorder.start` is the
+            caller's, before the model is built; :meth:`~MemoryRecorder.finish` is called at the end of training.
     """
 
     def __init__(
-        self, warmup_steps: int = 2, sampler: MemorySampler | None = None, min_steps: int = 0, min_seconds: float = 0.0
+        self,
+        warmup_steps: int = 2,
+        sampler: MemorySampler | None = None,
+        min_steps: int = 0,
+        min_seconds: float = 0.0,
+        memory_recorder: MemoryRecorder | None = None,
     ) -> None:
         self.warmup_steps = warmup_steps
         self.min_steps = min_steps
@@ -65,6 +82,11 @@ class ProfilerCallback(TrainerCallback):
         self.activations = SavedActivationMeter()
         self.breakdown: dict[str, int] = {}
         self.levers: dict[str, Any] = {}
+        self.allocator: dict[str, int] = {}  # CUDA: allocator figures not in the phases (max over phases)
+        self.recorder = memory_recorder
+        self._window_end: tuple[int, int, int] | None = None  # the counts when the window closed early
+        self._profile_next = False  # the step after the window is profiled
+        self._profiling = False
 
     @property
     def sampler(self) -> MemorySampler:
@@ -83,6 +105,8 @@ class ProfilerCallback(TrainerCallback):
         if self.cuda:
             peaks["torch_allocated_bytes"] = torch.cuda.max_memory_allocated()
             peaks["torch_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            for k, v in allocator_figures(torch.cuda.memory_stats()).items():
+                self.allocator[k] = max(v, self.allocator.get(k, 0))
         self._merge(name, peaks)
 
     def _merge(self, name: str, peaks: dict[str, int]) -> None:
@@ -103,6 +127,8 @@ class ProfilerCallback(TrainerCallback):
         original = inner.step
 
         def step(*args: Any, **kwargs: Any) -> Any:
+            if self._profiling:  # the profiled step after the window is not measured
+                return original(*args, **kwargs)
             first = not self.breakdown and self._model is not None
             if first:  # gradients exist now (ZeRO-1/2 free them in the step); states after it
                 before = model_state_bytes(self._model, optimizer)
@@ -153,7 +179,18 @@ class ProfilerCallback(TrainerCallback):
         self._window_counts = self.counter.snapshot()
         self.clock.start()
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._profile_next and self.recorder is not None:
+            self._profile_next, self._profiling = False, True
+            self.recorder.begin_step()
+
     def on_step_end(self, args, state, control, **kwargs):
+        if self._profiling:
+            self._profiling = False
+            assert self.recorder is not None
+            self.recorder.end_step()
+            control.should_training_stop = True
+            return
         if state.global_step == 1:
             self._end("first_step")
         if self._window_counts is None:
@@ -162,7 +199,15 @@ class ProfilerCallback(TrainerCallback):
             return
         self.clock.mark()
         if self._window_long_enough(len(self.clock) - 1):
-            control.should_training_stop = True
+            if self.recorder is None:
+                control.should_training_stop = True
+            else:  # close the window now; the next step is profiled (every rank agreed on this step)
+                self._close_window()
+                self._profile_next = True
+
+    def _close_window(self) -> None:
+        self._end("steady")
+        self._window_end = self.counter.snapshot()
 
     def _window_long_enough(self, steps: int) -> bool:
         """Whether the window reached ``min_steps`` and ``min_seconds``. Ranks must stop at the same step, so
@@ -196,10 +241,12 @@ class ProfilerCallback(TrainerCallback):
             )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self._window_counts is not None:
+        if self._window_counts is not None and self._window_end is None:
             self._end("steady")
         self.counter.detach()
         self.activations.detach()
+        if self.recorder is not None:
+            self.recorder.finish()
         self.profile = self._summarize(args, model or self._model)
         state.log_history.append({"profile": self.profile.to_json(), "step": state.global_step})
         self.sampler.close()
@@ -210,7 +257,7 @@ class ProfilerCallback(TrainerCallback):
         periods = self.clock.periods()
         if not periods or self._window_counts is None:
             return {}
-        now = self.counter.snapshot()
+        now = self._window_end or self.counter.snapshot()
         counts = [float(a - b) for a, b in zip(now, self._window_counts, strict=True)]
         if not local_only:
             counts = _reduce_over_ranks(counts, "sum")
@@ -253,12 +300,17 @@ class ProfilerCallback(TrainerCallback):
         breakdown = dict(self.breakdown)
         if self.activations.saved_bytes is not None:
             breakdown["saved_activations"] = self.activations.saved_bytes
+        if self.activations.gathered_bytes is not None:
+            breakdown["gathered_parameters"] = self.activations.gathered_bytes
         mine = {
             "rank": args.process_index,
             "figure": self.sampler.figure,
             "phases": self.phases,
             "breakdown": breakdown,
             "levers": self.levers,
+            "allocator": self.allocator,
+            "memory_files": [str(f) for f in self.recorder.files] if self.recorder else [],
+            "memory_notes": list(self.recorder.notes) if self.recorder else [],
         }
         profile.ranks = [RankProfile(**r) for r in _gather_over_ranks(mine)]
         return profile

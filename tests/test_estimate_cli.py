@@ -1,0 +1,186 @@
+"""``ftprof estimate``'s GPU figures: card sizes in one unit, a fits verdict with a stated margin, and the
+constants it assumes named as such."""
+
+import json
+import re
+from dataclasses import replace
+
+import pytest
+
+from ftprof.calibrate import calibration_path, fit_reserved_factor, reserved_ratios
+from ftprof.cli.estimate import main, verdict
+from ftprof.estimate import GPUS, Calibration, estimate, gpu_key, max_batch
+from ftprof.model_facts import arch_for
+from ftprof.point import Point
+from ftprof.results import Record, read_records
+from ftprof.run_profile import Profile, RankProfile
+from tests.conftest import ROOT
+
+MIB = 2**20
+# bert-base at batch 32 x 512, bf16, ZeRO-2 over 8 ranks: the README's example (about 6 GiB per rank)
+POINT_FLAGS = ["--model", "bert-base-uncased", "--batch_size", "32", "--seq_len", "512", "--zero", "2"]
+POINT_FLAGS += ["--world_size", "8"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """No saved calibration but the test's own, and a console wide enough that no table cell wraps."""
+    monkeypatch.setenv("FTPROF_HOME", str(tmp_path / "ftprof"))
+    monkeypatch.setenv("COLUMNS", "300")
+
+
+def test_gpu_sizes_are_nvml_totals_in_one_unit():
+    """Every size is what NVML reports: a whole number of MiB (141 * 10**9, the old H200 figure, is not), and
+    the cards order as their memory does (the H200's old decimal figure sat under its NVML total)."""
+    assert {k: v % MIB for k, v in GPUS.items()} == dict.fromkeys(GPUS, 0)
+    assert GPUS["h200-141gb"] > GPUS["h100-94gb"] > GPUS["h100-80gb"]
+    assert GPUS["a100-80gb"] > GPUS["h100-80gb"]  # 81920 MiB against 81559 MiB
+    assert GPUS["l40s-48gb"] > GPUS["a100-40gb"] > GPUS["v100-32gb"] > GPUS["l4-24gb"] > GPUS["a10g-24gb"]
+    assert GPUS["h100-80gb"] == 81559 * MIB  # nvidia-smi's memory.total on an H100 80GB HBM3
+    # a device named without its size is told apart by the total NVML reports for it
+    assert gpu_key("NVIDIA H100 NVL", memory_bytes=95830 * MIB) == "h100-94gb"
+    assert gpu_key("NVIDIA H100 PCIe", memory_bytes=81559 * MIB) == "h100-80gb"
+
+
+def predicted_used() -> int:
+    """The device-used bytes the CLI predicts for POINT_FLAGS on an uncalibrated GPU (no --gpu: "gpu")."""
+    point = Point(batch_size=32, seq_len=512, precision="bf16", zero=2, world_size=8)
+    return estimate(arch_for("bert-base-uncased"), point, Calibration(device="gpu"), "gpu").device_used
+
+
+def test_the_margin_decides_a_case_that_fits_only_without_it(capsys):
+    """A budget 3% above the prediction fits with no margin and not with the default 5% kept free."""
+    used = predicted_used()
+    budget = str(int(used / 0.97))
+    assert main([*POINT_FLAGS, "--budget", budget, "--margin", "0"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"fits \(predicted [\d.]+ GiB of [\d.]+ GiB, 0% margin kept\)", out), out
+    assert "does NOT fit" not in out
+    for margin in ([], ["--margin", "0.05"]):
+        assert main([*POINT_FLAGS, "--budget", budget, *margin]) == 0
+        out = capsys.readouterr().out
+        assert "does NOT fit (predicted" in out and "with 5% kept free" in out, out
+    # the boundary: 95 of 100 fits with 5% kept free, 96 does not
+    assert verdict(95 * MIB, 100 * MIB, 0.05)[0] and not verdict(96 * MIB, 100 * MIB, 0.05)[0]
+
+
+def grid_cell(out: str, seq: int) -> int:
+    row = next(line for line in out.splitlines() if re.match(rf"\W*{seq}\W", line))
+    return int(re.findall(r"\d+", row)[1])
+
+
+def test_grid_solves_for_the_budget_less_the_margin(capsys):
+    """--grid's largest batch is the estimator's for budget x (1 - margin), and a margin makes it smaller."""
+    arch, point = arch_for("bert-base-uncased"), Point(batch_size=1, seq_len=512, precision="bf16", zero=0)
+    cells = []
+    for margin in (0.0, 0.25):
+        flags = ["--model", "bert-base-uncased", "--grid", "--seq_lens", "512", "--zeros", "0", "--budget", "24GiB"]
+        assert main([*flags, "--margin", str(margin)]) == 0
+        out = capsys.readouterr().out
+        title = f"fits 24.0 GiB with a {margin:.0%} margin kept free ({24 * (1 - margin):.1f} GiB)"
+        assert title in " ".join(out.split())  # the title wraps to the table's width
+        cells.append(grid_cell(out, 512))
+        assert cells[-1] == max_batch(arch, point, int(24 * 2**30 * (1 - margin)), Calibration(device="gpu"), "gpu")
+    assert cells[1] < cells[0]
+
+
+@pytest.mark.parametrize("margin", ["1.5", "1", "-0.1"])
+def test_a_margin_outside_0_to_1_is_a_one_line_error(capsys, margin):
+    assert main([*POINT_FLAGS, "--gpu", "h100-80gb", "--margin", margin]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert errors == [f"ftprof: error: --margin {margin}: must be >= 0 and < 1 (the fraction of the budget kept free)"]
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_an_uncalibrated_gpu_estimate_says_which_constants_are_assumed(capsys):
+    assert main([*POINT_FLAGS, "--gpu", "h100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "runtime 0.55 GiB — assumed (the CPU interpreter's RSS; no GPU has measured it)" in out
+    assert "allocator reserved/allocated factor 1.08 — assumed" in out
+    assert "of 79.6 GiB, 5% margin kept" in out  # 81559 MiB, in GiB
+
+    fitted = Calibration(device="h100-80gb", runtime_bytes=0.8 * 2**30, reserved_factor=1.03, fitted_on=12)
+    replace(fitted, reserved_fitted_on=9).save(calibration_path("NVIDIA H100 80GB HBM3"))
+    assert main([*POINT_FLAGS, "--gpu", "h100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "runtime 0.80 GiB — fitted on 12 points" in out
+    assert "allocator reserved/allocated factor 1.03 — fitted on 9 points" in out
+    assert "assumed" not in out
+
+
+def test_calibrations_saved_before_the_allocator_was_fitted_still_load(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"device": "h100-80gb", "runtime_bytes": 1e9, "fitted_on": 5}))
+    assert Calibration.load(path).reserved_fitted_on == 0
+
+
+def gpu_rank(rank: int, phases: dict[str, tuple[int, int]]) -> RankProfile:
+    """A rank of a CUDA run: per phase, torch's (max_memory_allocated, max_memory_reserved) and NVML."""
+    return RankProfile(
+        rank=rank,
+        figure="process",
+        phases={
+            name: {
+                "torch_allocated_bytes": allocated,
+                "torch_reserved_bytes": reserved,
+                "nvml_process_bytes": reserved + 600 * MIB,
+            }
+            for name, (allocated, reserved) in phases.items()
+        },
+    )
+
+
+def record(ranks: list[RankProfile], sampler: str = "nvml", batch: int = 8) -> Record:
+    point = Point(batch_size=batch, seq_len=128, precision="bf16", zero=2, world_size=len(ranks))
+    profile = Profile(sampler=sampler, world_size=len(ranks), ranks=ranks)
+    return Record(point=point, status="ok", model="tiny-bert", peak_bytes=2**30, profile=profile)
+
+
+def test_fit_reserved_factor_is_the_median_ratio_of_the_ranks_peaks():
+    """Each rank's ratio is of its peaks over phases (here the optimizer phase's reserved over the steady
+    phase's allocated); ranks and records without torch's figures (CPU runs) are left out."""
+    records = [
+        record(
+            [
+                gpu_rank(0, {"steady": (4_000 * MIB, 4_300 * MIB), "optimizer": (3_900 * MIB, 4_400 * MIB)}),  # 1.1
+                gpu_rank(1, {"steady": (4_000 * MIB, 4_200 * MIB)}),  # 1.05
+            ]
+        ),
+        record([gpu_rank(0, {"steady": (10_000 * MIB, 13_000 * MIB)})], batch=16),  # 1.3
+        record([RankProfile(rank=0, figure="rss", phases={"steady": {"rss_bytes": 2**30}})], sampler="rss"),
+        Record(point=Point(batch_size=64, seq_len=128, precision="bf16", zero=2), status="oom", model="tiny-bert"),
+    ]
+    assert reserved_ratios(records) == pytest.approx([1.1, 1.05, 1.3])
+    assert fit_reserved_factor(records) == pytest.approx(1.1)
+    assert fit_reserved_factor(records[1:]) == pytest.approx(1.3)
+
+
+def test_fit_reserved_factor_is_none_for_a_cpu_sweep():
+    cpu = read_records(ROOT / "profiles" / "cpu-2core-tiny-bert" / "results.jsonl")
+    assert cpu and fit_reserved_factor(cpu) is None
+
+
+def test_calibrating_on_a_gpu_sweep_fits_and_records_the_allocator_factor(tmp_path, capsys):
+    """A GPU sweep's records (the CPU profile's points, as an H100 would report them, with torch's allocator
+    figures) calibrate the allocator factor to their median ratio and say on how many points."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    lines = []
+    for i, r in enumerate(read_records(ROOT / "profiles" / "cpu-2core-tiny-bert" / "results.jsonl")):
+        ratio = 1.02 + 0.01 * i  # 1.02 ... 1.13 over 12 points: median 1.075
+        allocated = r.peak_bytes // 2
+        gpu = replace(r, env={**r.env, "device": "NVIDIA H100 80GB HBM3"}, profile=replace(r.profile, sampler="nvml"))
+        gpu.profile.ranks = [gpu_rank(0, {"steady": (allocated, int(allocated * ratio))})]
+        lines.append(json.dumps(gpu.to_json()))
+    (sweep / "results.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["--calibrate", str(sweep)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    cal = Calibration.load(calibration_path("h100-80gb"))
+    assert cal.reserved_factor == pytest.approx(1.075, abs=1e-6) and cal.reserved_fitted_on == 12
+    assert "allocator reserved/allocated factor 1.075 (fitted on 12 points)" in out
+
+    assert main(["--calibrate", str(ROOT / "profiles" / "cpu-2core-tiny-bert")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(assumed: no torch allocator figures in this sweep)" in out
+    assert Calibration.load(calibration_path("cpu")).reserved_fitted_on == 0
