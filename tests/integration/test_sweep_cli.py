@@ -212,6 +212,9 @@ def test_lever_axes_on_two_ranks_are_what_each_point_really_ran(tmp_path):
             # its optimizer steps from beside the reduce-side one.
             assert b["gradients"] == 4 * partition * (2 if offloaded else 1)
             assert b["gradient_buckets"] == 4 * 64 * 64  # reduce_bucket_size "auto" = hidden^2 elements
+            # Once the first step has traced the module order, the whole model stays gathered through the
+            # backward: the shipped configs' stage3_max_live_parameters (1e9) is above its size.
+            assert b["gathered_parameters"] == 4 * sum(numels)
         saved[(p.offload, p.gradient_checkpointing)] = {rank.breakdown["saved_activations"] for rank in r.profile.ranks}
     # Same batch on both ranks: same activations; offload doesn't change them; checkpointing lowers them.
     assert all(len(v) == 1 for v in saved.values())

@@ -43,7 +43,6 @@ class SavedActivationMeter:
 
     def __init__(self) -> None:
         self.saved_bytes: int | None = None
-        self.gathered_bytes: int | None = None  # ZeRO-3: parameter bytes gathered at the end of the forward
         self._seen: dict[int, int] = {}
         self._params: set[int] = set()
         self._context: Any = None
@@ -100,11 +99,32 @@ class SavedActivationMeter:
             self._seen.clear()
             return
         self.saved_bytes = sum(self._seen.values())
-        if any(hasattr(p, "ds_tensor") for p in module.parameters()):
-            gathered = {s for p in module.parameters() if (s := _storage(p.data)) is not None}
-            self.gathered_bytes = sum(nbytes for _, nbytes in gathered)
         self._seen.clear()
         self.detach()
+
+
+class GatheredParameterMeter:
+    """ZeRO-3: the most parameter bytes gathered (whole, beside the partitions) at the end of any training
+    forward, i.e. what the gathered-parameter cache keeps resident into the backward. None without ZeRO-3."""
+
+    def __init__(self) -> None:
+        self.gathered_bytes: int | None = None
+        self._handle: Any = None
+
+    def attach(self, model: torch.nn.Module) -> None:
+        if self._handle is None and any(hasattr(p, "ds_tensor") for p in model.parameters()):
+            self._handle = model.register_forward_hook(self._measure)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _measure(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not module.training:
+            return
+        storages = {s for p in module.parameters() if (s := _storage(p.data)) is not None}
+        self.gathered_bytes = max(self.gathered_bytes or 0, sum(nbytes for _, nbytes in storages))
 
 
 def optimizer_chain(optimizer: Any) -> list[Any]:

@@ -33,7 +33,13 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ftprof.profiler.breakdown import SavedActivationMeter, allocator_figures, levers_in_use, model_state_bytes
+from ftprof.profiler.breakdown import (
+    GatheredParameterMeter,
+    SavedActivationMeter,
+    allocator_figures,
+    levers_in_use,
+    model_state_bytes,
+)
 from ftprof.profiler.flops import model_shape, peak_tflops, training_flops_per_token
 from ftprof.profiler.memory_records import MemoryRecorder
 from ftprof.profiler.samplers import MemorySampler, make_sampler
@@ -80,6 +86,7 @@ class ProfilerCallback(TrainerCallback):
         self.profile: Profile | None = None
         self._model: Any = None
         self.activations = SavedActivationMeter()
+        self.gathered = GatheredParameterMeter()
         self.breakdown: dict[str, int] = {}
         self.levers: dict[str, Any] = {}
         self.allocator: dict[str, int] = {}  # CUDA: allocator figures not in the phases (max over phases)
@@ -167,6 +174,7 @@ class ProfilerCallback(TrainerCallback):
         if model is not None:
             self.counter.attach(model)
             self.activations.attach(model)
+            self.gathered.attach(model)
         if optimizer is not None:
             self._wrap_optimizer_step(optimizer)
         self._end("setup")
@@ -245,6 +253,7 @@ class ProfilerCallback(TrainerCallback):
             self._end("steady")
         self.counter.detach()
         self.activations.detach()
+        self.gathered.detach()
         if self.recorder is not None:
             self.recorder.finish()
         self.profile = self._summarize(args, model or self._model)
@@ -300,8 +309,8 @@ class ProfilerCallback(TrainerCallback):
         breakdown = dict(self.breakdown)
         if self.activations.saved_bytes is not None:
             breakdown["saved_activations"] = self.activations.saved_bytes
-        if self.activations.gathered_bytes is not None:
-            breakdown["gathered_parameters"] = self.activations.gathered_bytes
+        if self.gathered.gathered_bytes is not None:
+            breakdown["gathered_parameters"] = self.gathered.gathered_bytes
         mine = {
             "rank": args.process_index,
             "figure": self.sampler.figure,
