@@ -194,7 +194,7 @@ def real_observations(model: str) -> list[Observation]:
     return observations_from_records(read_records(ROOT / "profiles" / f"cpu-2core-{model}" / "results.jsonl"), arch_for)
 
 
-# Why 5%: fitted on tiny-bert, the held-out tiny-gpt2 points come out at a median of 2.9% (worst 9.8%, at the
+# Why 5%: fitted on tiny-bert, the held-out tiny-gpt2 points come out at a median of 1.0% (worst 3.8%, at the
 # largest batch, where RSS also moves most between neighbouring points); 5% leaves room for that noise.
 HELD_OUT_MEDIAN_PCT = 5.0
 
@@ -357,8 +357,9 @@ ACTIVATION_CASES = [
 def test_saved_activations_match_real_forwards_across_families():
     """The estimator's saved activations against :class:`SavedActivationMeter` on real forwards: 4 families,
     eager and SDPA attention, dropout on and off, gradient checkpointing on and off, fp32 and bf16 (the goal:
-    median within 5%). Before counting checkpointed layers as their inputs only, GPT-2's gelu_new and the
-    encoder heads' view of the last layer, the median was over 10%."""
+    median within 5%). The activation items before this check (they counted the recomputed layer and the
+    live logits as saved, and missed gelu_new's tensors and the heads' view of the last layer) were off by a
+    median of 117%, 18% of the cases within 5%."""
     from ftprof.calibrate import saved_activations_case
 
     errs = []
@@ -369,7 +370,7 @@ def test_saved_activations_match_real_forwards_across_families():
     errs.sort()
     median, within = errs[len(errs) // 2], sum(e <= 0.05 for e in errs) / len(errs)
     print(f"saved activations: median {100 * median:.2f}%, {100 * within:.0f}% of cases within 5%")
-    assert median <= 0.05 and within >= 0.75
+    assert median <= 0.05 and within >= 0.85
 
 
 def test_zero2_peak_on_a_cpu_grows_with_batch_and_sequence():

@@ -109,6 +109,7 @@ class Arch:
     largest_tensor: int = 0  # elements of the largest parameter; 0: vocab x hidden (the embedding)
     mlp_saves: int = 2  # MLP-width tensors a plain MLP saves: 2 with a fused GELU; 5 with GPT-2's gelu_new
     head_keeps_output: bool = True  # an encoder's head slices the last layer's output (a view keeps all of it)
+    mask_per_layer: bool = False  # a b x s x s attention mask passed to every layer (GPT-2 with eager attention)
     # Elements of each parameter in model order: the one group DeepSpeed builds from a config with an
     # "optimizer" block (all of ftprof's). Empty: partitions are taken as even shares.
     param_sizes: tuple[int, ...] = ()
@@ -292,7 +293,9 @@ def layer_activations(arch: Arch, s: Point, device: Device = "gpu") -> int:
     if materializes_scores(arch, device):
         scores = a * sq * sq * b * (e + drop * (e + mask))
         if device == "cpu" and arch.attention == "sdpa" and e == 2:
-            scores += a * sq * sq * b * 9  # torch's CPU math path in 16 bits: fp32 softmax copies (measured)
+            # torch's CPU math path in 16 bits also keeps the scores in fp32 and 16 bits, and copies of q, k, v
+            # (measured on BERT at two lengths: 6 bytes per score and 6 per token and hidden unit)
+            scores += 6 * a * sq * sq * b + 3 * sq * b * h * e
     else:
         scores = 4 * a * b * sq  # softmax statistics of fused kernels
     return linear + scores
@@ -336,6 +339,8 @@ def saved_activations(arch: Arch, s: Point, device: Device = "gpu") -> dict[str,
     b, sq, h, e = s.batch_size, s.seq_len, arch.hidden, bytes_per_element(s.precision)
     if s.gradient_checkpointing:
         layers = arch.layers * sq * b * h * e  # only each layer's input; backward recomputes one layer at a time
+        if arch.mask_per_layer and arch.attention == "eager":
+            layers += b * sq * sq * e  # ... and the attention mask it is called with
     else:
         layers = arch.layers * layer_activations(arch, s, device)
     drop_mask = int(arch.dropout) * (e if device == "cpu" else 1)

@@ -56,6 +56,7 @@ def arch_from_config(
         mlp="gated" if config.model_type in GATED_MLP else "plain",
         largest_tensor=largest,
         param_sizes=sizes,
+        mask_per_layer=config.model_type == "gpt2",
         head_keeps_output=not (dropout and config.model_type in ("roberta", "xlm-roberta", "camembert")),
         # transformers' gelu_new is tanh-approximated GELU in Python ops, each saving an MLP-width tensor
         mlp_saves=5 if getattr(config, "activation_function", getattr(config, "hidden_act", "")) == "gelu_new" else 2,
