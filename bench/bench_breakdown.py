@@ -1,7 +1,7 @@
 """The estimator judged item by item against the measured breakdown, and its peak on models nobody fitted it to.
 
     .venv/bin/python bench/bench_breakdown.py activations   # saved activations, 5 families (~30 s)
-    .venv/bin/python bench/bench_breakdown.py states        # model states, ZeRO 0-3 x 1-2 ranks (~8 min)
+    .venv/bin/python bench/bench_breakdown.py states        # model states, ZeRO 0-3 x 1-2 ranks (~5 min)
     .venv/bin/python bench/bench_breakdown.py peaks         # base-size models' peak RSS (~10 min)
 
 * activations: predicted vs :class:`SavedActivationMeter` on real forwards of bert, roberta, gpt2 (classification
@@ -12,9 +12,10 @@
   buffers against the prediction for that rank.
 * peaks: gpt2, roberta-base and distilbert-base-uncased (full size, random weights), ZeRO 0 and 2, micro-batch
   1 and 4, sequence 128, fp32 on this CPU; calibrated only on the committed tiny profiles (profiles/), so none
-  of these points was fitted. Baselines on the same points, judged on what they estimate: DeepSpeed's
-  ``estimate_zero2_model_states_mem_needs`` and accelerate's ``estimate-memory`` (Adam) against the measured
-  model-state bytes; ftprof's full estimate against the full peak.
+  of these points was fitted. Baselines judged on what they estimate, model states against the measured
+  model-state bytes, each on the points it models: DeepSpeed's ``estimate_zero2_model_states_mem_needs`` on the
+  ZeRO-2 points, accelerate's ``estimate-memory`` ("Training using Adam") on the ZeRO-0 points (the states part
+  adds bf16, two ranks and DeepSpeed's ZeRO-3 estimator); ftprof's full estimate against the full peak.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def activations() -> None:
     by_family: dict[str, list[float]] = {}
     for model, task in families:
         for attention in ("eager", "sdpa"):
-            for dropout in (True, False):
+            for dropout in (False,) if model == "tiny-llama" else (True, False):  # Llama-style: no dropout
                 for ckpt in (False, True):
                     for precision in ("fp32", "bf16"):
                         p = Point(batch_size=4, seq_len=128, precision=precision, zero=0, gradient_checkpointing=ckpt)
@@ -83,7 +84,11 @@ def sweep(args: list[str], out: Path) -> Path:
 
 
 def states(out: Path, model: str) -> None:
-    from ftprof.estimate import MEASURED_AS, MODEL_STATES, estimate
+    from accelerate.commands.estimate import estimate_training_usage
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from ftprof.estimate import MODEL_STATES, estimate, measured_bytes
     from ftprof.model_facts import arch_for
     from ftprof.results import latest, read_records
 
@@ -93,25 +98,47 @@ def states(out: Path, model: str) -> None:
     if not results.is_file():
         sweep(["--model", model, *grid], out)
     arch = arch_for(model)
+    p_all = arch.params
     errs: dict[str, list[float]] = {}
+    baselines: dict[str, list[float]] = {"ftprof": [], "DeepSpeed": [], "accelerate": []}
     for r in latest(read_records(results)):
         if r.status != "ok":
             print(f"{r.point.key}: {r.status}")
             continue
+        pt, n = r.point, r.point.world_size
         for rank in r.profile.ranks if r.profile else []:
-            est = estimate(arch, r.point, device="cpu", rank=rank.rank)
+            est = estimate(arch, pt, device="cpu", rank=rank.rank)
             cells = []
             for item in (*MODEL_STATES, "offload_buffers"):
-                m = sum(rank.breakdown.get(n, 0) for n in MEASURED_AS[item])
-                p = est.items.get(item, 0)
+                m, p = measured_bytes(rank.breakdown, item), est.items.get(item, 0)
                 if max(m, p) > 1024:  # DeepSpeed's scalars (norms, flags) are not model state
                     err = (p - m) / m if m else float("inf")
                     errs.setdefault(item, []).append(err)
                     cells.append(f"{item} {100 * err:+.2f}%")
-            print(f"{r.point.key:<40}rank {rank.rank}: " + ", ".join(cells))
+            print(f"{pt.key:<40}rank {rank.rank}: " + ", ".join(cells))
+            if pt.offload != "none":
+                continue
+            # Baselines on the points each one estimates (no offload), against the rank's model-state bytes.
+            states_measured = sum(measured_bytes(rank.breakdown, item) for item in MODEL_STATES)
+            baselines["ftprof"].append(sum(est.items[i] for i in MODEL_STATES) / states_measured - 1)
+            if pt.zero == 2:
+                ds = estimate_zero2_model_states_mem_needs(p_all, n, 1, cpu_offload=False)[1]
+                baselines["DeepSpeed"].append(ds / states_measured - 1)
+            elif pt.zero == 3:
+                ds = estimate_zero3_model_states_mem_needs(p_all, arch.largest_param, n, 1, cpu_offload=False)[1]
+                baselines["DeepSpeed"].append(ds / states_measured - 1)
+            elif pt.zero == 0:
+                dtype = "float32" if pt.precision == "fp32" else "bfloat16"
+                acc = max(estimate_training_usage(4 * p_all, dtype).values())  # its "Training using Adam"
+                baselines["accelerate"].append(acc / states_measured - 1)
     for item, e in errs.items():
         exact = sum(abs(x) <= 0.01 for x in e)
         print(f"{item:<20}{pct(e)}; within 1%: {exact} of {len(e)}")
+    print("model states per rank, no offload (DeepSpeed: its ZeRO-2/3 estimators on ZeRO-2/3 points; accelerate on")
+    print("ZeRO-0 points, what it models), signed median and worst:")
+    for name, e in baselines.items():
+        if e:
+            print(f"  {name:<12}{pct(e)}; signed median {100 * statistics.median(e):+.1f}%")
 
 
 def peaks(out: Path) -> None:
@@ -163,15 +190,19 @@ def peaks(out: Path) -> None:
             measured = r.profile.ranks[0].breakdown if r.profile else {}
             m_states = sum(measured.get(n, 0) for item in MODEL_STATES for n in MEASURED_AS[item])
             p_states = sum(est.items.get(item, 0) for item in MODEL_STATES)
+            # Each baseline on the points it models: DeepSpeed's ZeRO-2 estimator at ZeRO-2, accelerate at ZeRO-0.
             ds = estimate_zero2_model_states_mem_needs(arch.params, 1, 1, cpu_offload=False)[1]
             acc = max(estimate_training_usage(4 * arch.params, "float32").values())
-            for name, value in (("ftprof", p_states), ("DeepSpeed", ds), ("accelerate", acc)):
-                states_errs[name].append((value - m_states) / m_states)
+            states_errs["ftprof"].append((p_states - m_states) / m_states)
+            if r.point.zero == 2:
+                states_errs["DeepSpeed"].append((ds - m_states) / m_states)
+            if r.point.zero == 0:
+                states_errs["accelerate"].append((acc - m_states) / m_states)
+            baseline = "DeepSpeed" if r.point.zero == 2 else "accelerate"
             print(
                 f"{model:<26}{r.point.key:<24} peak {ob.measured / GIB:6.3f} GiB, ftprof {100 * err:+6.1f}% | "
                 f"model states {m_states / GIB:6.3f} GiB: ftprof {100 * states_errs['ftprof'][-1]:+6.1f}%, "
-                f"DeepSpeed {100 * states_errs['DeepSpeed'][-1]:+6.1f}%, "
-                f"accelerate {100 * states_errs['accelerate'][-1]:+6.1f}%"
+                f"{baseline} {100 * states_errs[baseline][-1]:+6.1f}%"
             )
     for model, e in ours.items():
         print(f"peak, {model:<24}{pct(e)}{'  (held-out family)' if HELD_OUT in model else ''}")

@@ -109,10 +109,20 @@ def test_an_uncalibrated_gpu_estimate_says_which_constants_are_assumed(capsys):
     assert "assumed" not in out
 
 
-def test_calibrations_saved_before_the_allocator_was_fitted_still_load(tmp_path):
-    path = tmp_path / "old.json"
-    path.write_text(json.dumps({"device": "h100-80gb", "runtime_bytes": 1e9, "fitted_on": 5}))
-    assert Calibration.load(path).reserved_fitted_on == 0
+def test_calibrations_fitted_to_the_older_estimator_are_set_aside(tmp_path, monkeypatch, caplog):
+    """Version-1 files were fitted with an activation factor that also scaled the live logits and the
+    recomputed layer and could fall below 1: their constants mean something else now."""
+    from ftprof.calibrate import calibration_path, load_calibration
+
+    monkeypatch.setenv("FTPROF_HOME", str(tmp_path))
+    path = calibration_path("h100-80gb")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"device": "h100-80gb", "runtime_bytes": 1e9, "activation_factor": 0.6, "fitted_on": 5}))
+    assert Calibration.load(path) is None
+    cal = load_calibration("NVIDIA H100 80GB HBM3")
+    assert (cal.fitted_on, cal.activation_factor) == (0, 1.0) and "older estimator" in caplog.text
+    Calibration(device="h100-80gb", activation_factor=1.3, fitted_on=5).save(path)
+    assert load_calibration("NVIDIA H100 80GB HBM3").activation_factor == 1.3
 
 
 def gpu_rank(rank: int, phases: dict[str, tuple[int, int]]) -> RankProfile:

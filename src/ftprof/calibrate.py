@@ -3,6 +3,7 @@ keep fitted calibrations per device."""
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 from collections.abc import Callable, Iterable
@@ -44,27 +45,39 @@ def device_slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def calibration_path(device: str) -> Path:
-    """One file per device, a known GPU under its :data:`~ftprof.estimate.GPUS` key whatever it was called.
+def calibration_path(device: str, memory_bytes: int | None = None) -> Path:
+    """One file per device, a known GPU under its :data:`~ftprof.estimate.GPUS` key whatever it was called
+    (a name without its size, e.g. "NVIDIA H100 PCIe", is told apart by ``memory_bytes``).
 
     >>> calibration_path("NVIDIA H100 80GB HBM3") == calibration_path("h100-80gb")
     True
+    >>> calibration_path("NVIDIA H100 PCIe", 85_520_809_984) == calibration_path("h100-80gb")
+    True
     """
-    return calibration_dir() / f"{gpu_key(device) or device_slug(device)}.json"
+    return calibration_dir() / f"{gpu_key(device, memory_bytes) or device_slug(device)}.json"
 
 
-def load_calibration(device: str) -> Calibration:
-    """The saved calibration of ``device``, else defaults (CPU defaults count host memory as RSS)."""
-    path = calibration_path(device)
+def load_calibration(device: str, memory_bytes: int | None = None) -> Calibration:
+    """The saved calibration of ``device``, else defaults (CPU defaults count host memory as RSS). A file
+    fitted to an older version of the estimator is set aside with a warning."""
+    path = calibration_path(device, memory_bytes)
     if path.is_file():
-        return Calibration.load(path)
+        cal = Calibration.load(path)
+        if cal is not None:
+            return cal
+        logging.getLogger(__name__).warning(
+            "%s was fitted to an older estimator: using default constants (run ftprof estimate --calibrate again)",
+            path,
+        )
     return Calibration(device=device, reserved_factor=1.0) if device.startswith("cpu") else Calibration(device=device)
 
 
-def predictor(arch: Arch, device_name: str, cuda: bool) -> tuple[Callable[[Point], int], bool]:
+def predictor(
+    arch: Arch, device_name: str, cuda: bool, memory_bytes: int | None = None
+) -> tuple[Callable[[Point], int], bool]:
     """The estimator's device-used bytes per rank for points on this device (with its saved calibration),
     and whether that calibration was fitted to measurements of this device."""
-    cal = load_calibration(device_name if cuda else "cpu")
+    cal = load_calibration(device_name if cuda else "cpu", memory_bytes)
     device: Device = "gpu" if cuda else "cpu"
     return (lambda p: estimate(arch, p, cal, device).device_used), cal.fitted_on > 0
 
@@ -99,6 +112,11 @@ def calibrate(observations: list[Observation], device: str, base: Calibration | 
             targets.append(ob.measured - fixed * r)
         solution, *_ = np.linalg.lstsq(np.array(rows, dtype=float), np.array(targets, dtype=float), rcond=None)
         runtime, act_factor, zero_runtime = (float(x) for x in solution)
+        if act_factor < 1.0:  # pinned at 1: the other two are fitted again with it
+            act_factor = 1.0
+            pinned = [t - row[1] for t, row in zip(targets, rows, strict=True)]
+            two = np.array([[row[0], row[2]] for row in rows], dtype=float)
+            (runtime, zero_runtime), *_ = np.linalg.lstsq(two, np.array(pinned, dtype=float), rcond=None)
         cal = replace(
             cal,
             runtime_bytes=max(0.0, runtime),

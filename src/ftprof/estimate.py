@@ -135,6 +135,9 @@ class Calibration:
     reserved_factor: float = 1.08  # caching allocator: reserved / allocated
     fitted_on: int = 0  # number of measured points behind these values
     reserved_fitted_on: int = 0  # points whose torch allocator figures gave reserved_factor (0: assumed)
+    # 2: the activation factor scales saved activations only (at least 1) and the CPU peak adds the optimizer
+    # step to the forward; files of version 1 were fitted to another model and are not loaded.
+    version: int = 2
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,8 +145,12 @@ class Calibration:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> Calibration:
-        return cls(**json.loads(path.read_text()))
+    def load(cls, path: Path) -> Calibration | None:
+        """The calibration saved at ``path``; None if it was fitted to an older version of the estimator."""
+        values = json.loads(path.read_text())
+        if values.get("version", 1) != cls.version:
+            return None
+        return cls(**values)
 
 
 # Items, named as the measured breakdown names them (:mod:`ftprof.profiler.breakdown`), so that a prediction
@@ -163,7 +170,9 @@ ITEM_LABELS: dict[str, str] = {
     "optimizer_step": "optimizer step (fp32 gradients)",
 }
 MODEL_STATES = ("parameters", "gradients", "master_weights", "optimizer_states")
-# A prediction item and the measured breakdown items it is judged against (their sum).
+# A prediction item and the measured breakdown items it is judged against (their sum; on a GPU machine the
+# host-resident part is measured apart, as ``<name>_host``: see :func:`measured_bytes`). Gradient buckets are
+# not compared: DeepSpeed frees ZeRO-1/2's after the backward, before the breakdown is read.
 MEASURED_AS: dict[str, tuple[str, ...]] = {
     "parameters": ("parameters_fp32", "parameters_bf16", "parameters_fp16"),
     "gradients": ("gradients",),
@@ -173,6 +182,18 @@ MEASURED_AS: dict[str, tuple[str, ...]] = {
     "gathered_parameters": ("gathered_parameters",),
     "saved_activations": ("saved_activations",),
 }
+
+
+def measured_bytes(breakdown: dict[str, int], item: str, host: bool = False) -> int:
+    """What a rank's measured breakdown holds of prediction ``item``: on the device, or in host memory.
+
+    >>> measured_bytes({"parameters_bf16": 10, "parameters_fp32_host": 4, "other_buffers": 3}, "parameters")
+    10
+    >>> measured_bytes({"parameters_bf16": 10, "parameters_fp32_host": 4}, "parameters", host=True)
+    4
+    """
+    suffix = "_host" if host else ""
+    return sum(breakdown.get(name + suffix, 0) for name in MEASURED_AS[item])
 
 
 @dataclass
@@ -231,6 +252,8 @@ def model_states(
         host["master_weights"] = held.pop("master_weights")
         host["optimizer_states"] = held.pop("optimizer_states")
         host["gradients"] = math.ceil(4 * p / optimizer_split)  # the CPU optimizer's fp32 gradient partition
+        if s.zero == 3:  # stage3.py puts its 16-bit gradient partition on the offload device too
+            host["gradients"] += held.pop("gradients")
         if s.zero in (1, 2):
             # 16-bit gradients leave the device as they are reduced, through two staging buffers of the largest
             # parameter (temp_grad_buffer_for_{gpu,cpu}_offload); the updated 16-bit partition comes back

@@ -175,13 +175,15 @@ BREAKDOWN_COLUMNS = {  # column -> the measured items it sums (parameters_<dtype
     "master": ("master_weights",),
     "optimizer": ("optimizer_states",),
     "grads+buffers": ("gradients", "gradient_buckets", "other_buffers"),
+    "gathered": ("gathered_parameters",),  # ZeRO-3: whole 16-bit weights kept through the backward
     "saved act.": ("saved_activations",),
 }
 
 
 def breakdown(record: Record) -> dict[str, int] | None:
     """The measured breakdown of the point's highest-peak rank, in bytes: params, master, optimizer,
-    grads+buffers, saved act. (one micro-batch), ``rest`` = the peak minus those (interpreter and CUDA
+    grads+buffers, gathered (ZeRO-3's whole 16-bit weights through the backward), saved act. (one
+    micro-batch), ``rest`` = the peak minus those (interpreter and CUDA
     runtime, temporaries, allocator slack) and, where something was offloaded from a GPU, ``host`` (items in
     host memory: not part of the device peak). None for records without one."""
     profile = record.profile
@@ -194,6 +196,8 @@ def breakdown(record: Record) -> dict[str, int] | None:
     on_device = {k: v for k, v in rank.breakdown.items() if not k.endswith("_host")}
     parts = {"params": sum(v for k, v in on_device.items() if k.startswith("parameters_"))}
     parts |= {column: sum(on_device.get(item, 0) for item in items) for column, items in BREAKDOWN_COLUMNS.items()}
+    if not parts["gathered"]:  # ZeRO-3 only
+        del parts["gathered"]
     parts["rest"] = rank.peak(figure) - sum(parts.values())
     host = sum(v for k, v in rank.breakdown.items() if k.endswith("_host"))
     if host:

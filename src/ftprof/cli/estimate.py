@@ -134,6 +134,8 @@ def constants_in_use(cal: Calibration, target: Device, zero: int) -> list[tuple[
                 fitted if cal.fitted_on else "assumed (nothing beyond the buckets)",
             )
         )
+    if target == "cpu":  # RSS has no caching allocator in between: the factor is 1 by definition
+        return rows
     rows.append(
         (
             "allocator reserved/allocated factor",
@@ -251,10 +253,11 @@ def calibrate_command(profile: Path, console: Console) -> None:
     if len(records) < 3:
         raise ConfigError(f"{results}: {len(records)} measured points; calibration needs at least 3")
     device = records[0].env.get("device", "unknown")
+    memory = records[0].env.get("device_memory_bytes")
     on_cpu = device.startswith("cpu")
-    archs = {m: arch_for(m) for m in {r.model for r in records}}
+    archs = {r.model: arch_for(r.model, task=r.env.get("task", "classification")) for r in records}
     observations = observations_from_records(records, archs.__getitem__)
-    base = load_calibration("cpu" if on_cpu else device)
+    base = load_calibration("cpu" if on_cpu else device, memory)
     reserved_factor = fit_reserved_factor(records)  # None on CPUs: no torch allocator figures
     if reserved_factor is not None:
         measured = sum(1 for r in records if reserved_ratios([r]))
@@ -265,7 +268,7 @@ def calibrate_command(profile: Path, console: Console) -> None:
     else:
         allocator = "assumed: no torch allocator figures in this sweep"
     cal = calibrate(observations, device, base)
-    path = cal.save(calibration_path("cpu" if on_cpu else device))
+    path = cal.save(calibration_path("cpu" if on_cpu else device, memory))
     errs = errors(observations, cal)
     table = Table(title=f"Calibration on {device}: {len(records)} points", header_style="bold")
     for col in ("point", "measured GiB", "predicted GiB", "error %"):

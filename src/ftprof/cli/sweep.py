@@ -237,7 +237,9 @@ def run(argv: list[str], console: Console) -> None:
             f"{len(open_jobs)} Slurm jobs of {str(out)!r} ({', '.join(e.job_id for e in open_jobs)}) were never "
             "collected; resume with --executor slurm, which waits for them"
         )
-    predict, calibrated = predictor(arch_from_config(spec.name, spec.config, task=a.task), env["device"], cuda)
+    predict, calibrated = predictor(
+        arch_from_config(spec.name, spec.config, task=a.task), env["device"], cuda, env.get("device_memory_bytes")
+    )
     cfg = SweepConfig(
         model=a.model,
         task=a.task,
