@@ -7,7 +7,7 @@ tests/integration/test_sweep_cli.py; here a deterministic stand-in lets us check
 from ftprof.point import Point
 from ftprof.results import Record, latest, read_records
 from ftprof.run_profile import Profile
-from ftprof.sweep import SweepConfig, classify, close_calls, iterate_sweep, remeasure
+from ftprof.sweep import SweepConfig, classify, close_calls, contended_points, iterate_sweep, remeasure
 from ftprof.sweep_plan import plan_grid
 
 
@@ -184,3 +184,24 @@ def test_a_point_is_re_measured_once():
     first = [rec(8, 100.0), rec(16, 101.0)]
     assert sorted(p.batch_size for p in close_calls(first, None)) == [8, 16]
     assert close_calls([*first, rec(8, 99.0), rec(16, 100.0)], None) == []  # still tied: not again
+
+
+def test_points_measured_while_others_used_the_cpus_are_measured_again_once(tmp_path):
+    points = plan_grid([4, 8, 16], [1], ["fp32"], [128], [2], [1])
+    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path, steps=3, min_seconds=1.0)
+    runs: list[tuple[int, int]] = []
+
+    def run(c, p):  # batch 8 shares the machine on its first run, and batch 16 on every run
+        runs.append((p.batch_size, c.steps))
+        busy = p.batch_size == 16 or (p.batch_size == 8 and runs.count((8, 3)) == 1)
+        prof = Profile(sampler="rss", samples_per_s=10.0, cpu_foreign_share=0.5 if busy else 0.01)
+        return Record(point=p, status="ok", model="m", peak_bytes=p.batch_size, profile=prof)
+
+    list(iterate_sweep(cfg, {}, run))
+    again = contended_points(read_records(cfg.results_path))
+    assert sorted(p.batch_size for p in again) == [8, 16]
+    list(remeasure(cfg, again, run, window=1))  # the same window: the machine, not the length, was the problem
+    assert sorted(runs) == [(4, 3), (8, 3), (8, 3), (16, 3), (16, 3)]
+    latest_by_key = {r.point.batch_size: r for r in latest(read_records(cfg.results_path))}
+    assert not latest_by_key[8].profile.contended and latest_by_key[16].profile.contended
+    assert contended_points(read_records(cfg.results_path)) == []  # measured twice: reported as it is

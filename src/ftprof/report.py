@@ -30,7 +30,7 @@ from ftprof.recommend import (
     recommend,
 )
 from ftprof.results import STATUSES, Record, latest, read_records
-from ftprof.run_profile import UNSTABLE_SPREAD
+from ftprof.run_profile import CONTENDED_FOREIGN, CONTENDED_STEAL, UNSTABLE_SPREAD
 from ftprof.units import gib
 
 STATUS_STYLE = {
@@ -66,6 +66,7 @@ COLUMNS = [
     "samples_per_s_per_rank",
     "throughput_spread_pct",
     "unstable",
+    "cpu_foreign_pct",
     "real_tokens_per_s",
     "padded_tokens_per_s",
     "step_time_median_ms",
@@ -106,6 +107,9 @@ def row(record: Record) -> dict[str, Any]:
         "samples_per_s_per_rank": round(per_rank_samples_per_s(record), 1) if prof else None,
         "throughput_spread_pct": round(100 * prof.step_time_spread, 1) if prof and prof.step_time_spread else None,
         "unstable": prof.unstable if prof else None,
+        "cpu_foreign_pct": round(100 * prof.cpu_foreign_share, 1)
+        if prof and prof.cpu_foreign_share is not None
+        else None,
         "real_tokens_per_s": num("real_tokens_per_s", 0),
         "padded_tokens_per_s": num("padded_tokens_per_s", 0),
         "predicted_gib": gib(record.predicted_bytes),
@@ -320,6 +324,16 @@ def notes(records: list[Record]) -> Text:
             f"Unstable throughput (p10-p90 step times spread over {UNSTABLE_SPREAD:.0%} of the median; spread% "
             "column): "
             f"{', '.join(unstable)}; measure longer with --min_seconds."
+        )
+    contended = [r for r in records if r.profile and r.profile.contended]
+    if contended:
+        lines.append(
+            f"Measured while other processes used over {CONTENDED_FOREIGN:.0%} of the CPUs (or the hypervisor over "
+            f"{CONTENDED_STEAL:.0%}), even when measured again: "
+            + ", ".join(
+                f"{r.point.key} ({100 * (r.profile.cpu_foreign_share or 0):.0f}%)" for r in contended if r.profile
+            )
+            + "; their throughput is the machine's, not the setting's: run the sweep again on a quiet machine."
         )
     if random_init:
         lines.append(

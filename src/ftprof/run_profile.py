@@ -16,6 +16,10 @@ FIGURE_KEYS = {"rss": "rss_bytes", "process": "nvml_process_bytes", "device_delt
 PRIMARY_FIGURE = {"nvml": "nvml_process_bytes", "rss": "rss_bytes"}
 # A throughput whose p10-p90 step periods differ by more than this fraction of the median is "unstable".
 UNSTABLE_SPREAD = 0.25
+# A window during which other processes used more than this share of the machine's CPU time, or the
+# hypervisor took more than CONTENDED_STEAL, measured the machine as much as the setting: "contended".
+CONTENDED_FOREIGN = 0.10
+CONTENDED_STEAL = 0.05
 
 
 @dataclass
@@ -67,6 +71,10 @@ class Profile:
     model_tflops_per_s: float | None = None
     mfu: float | None = None
     flop_formula: str | None = None
+    # Shares of the machine's CPU time during the window used by other processes, and taken by the hypervisor
+    # (ftprof.profiler.cpu_share; Linux); None where unknown.
+    cpu_foreign_share: float | None = None
+    cpu_steal_share: float | None = None
     random_init: bool = False
     ranks: list[RankProfile] = field(default_factory=list)
 
@@ -74,6 +82,11 @@ class Profile:
     def unstable(self) -> bool:
         """Whether the window's step periods spread too widely for its rates to be trusted."""
         return self.step_time_spread is not None and self.step_time_spread > UNSTABLE_SPREAD
+
+    @property
+    def contended(self) -> bool:
+        """Whether something else used the machine during the window enough to count in its rates."""
+        return (self.cpu_foreign_share or 0.0) > CONTENDED_FOREIGN or (self.cpu_steal_share or 0.0) > CONTENDED_STEAL
 
     @property
     def figure(self) -> str:

@@ -487,15 +487,27 @@ def close_calls(records: list[Record], budget: int | None) -> list[Point]:
     return [by_key[k] for k in close if measured.count(k) < 2]
 
 
+def contended_points(records: list[Record]) -> list[Point]:
+    """Points whose window shared the machine with other processes (or the hypervisor): the ones to measure
+    again. A point is re-measured once: one measured twice already stays as it is."""
+    measured = [r.point.key for r in records if r.status == "ok"]
+    return [
+        r.point
+        for r in latest(records)
+        if r.status == "ok" and r.profile and r.profile.contended and measured.count(r.point.key) < 2
+    ]
+
+
 def remeasure(
     cfg: SweepConfig,
     points: list[Point],
     run: Callable[[SweepConfig, Point], Record] = run_point,
     executor: PointExecutor | None = None,
+    window: int = 3,
 ) -> Iterator[Record]:
-    """Measure ``points`` again over a window three times as long; each new record is appended and, being
-    the latest for its point, replaces the earlier measurement in reports."""
-    longer = replace(cfg, steps=3 * cfg.steps, min_seconds=3 * cfg.min_seconds)
+    """Measure ``points`` again over a window ``window`` times as long; each new record is appended and,
+    being the latest for its point, replaces the earlier measurement in reports."""
+    longer = replace(cfg, steps=window * cfg.steps, min_seconds=window * cfg.min_seconds)
     pool = executor or SerialExecutor(run)
     queue = list(points)
     try:

@@ -1,5 +1,10 @@
 """ProfilerCallback inside a plain HF Trainer (no DeepSpeed, no ftprof launcher)."""
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from datasets import Dataset
@@ -133,3 +138,38 @@ def test_a_tied_lm_head_counts_in_model_flops():
     n, *_ = model_shape(model)
     total = sum(p.numel() for p in model.parameters())  # tied: the embedding is counted once
     assert n == total  # minus the lookup table, plus the same matrix as the output projection
+
+
+def hog(seconds: float) -> subprocess.Popen:
+    """A busy loop on one core, in its own session (another user's job, as far as the profiler can tell)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"],
+        start_new_session=True,
+    )
+
+
+def test_the_window_records_who_else_used_the_cpus(tmp_path):
+    """A process outside the run's session spinning on one of the machine's cores through the window shows as
+    that share of the machine's CPU time, and marks the throughput as contended; this process's own threads
+    (the training, the sampler) do not count."""
+    cores = os.cpu_count() or 1
+    busy = hog(30)
+    try:
+        time.sleep(0.5)
+        trainer = make_trainer(tmp_path)
+        trainer.args.max_steps = 10_000
+        profiler = ProfilerCallback(warmup_steps=1, min_steps=3, min_seconds=1.0)
+        trainer.add_callback(profiler)
+        trainer.train()
+    finally:
+        busy.kill()
+        busy.wait()
+    contended = profiler.profile
+    assert contended.cpu_foreign_share == pytest.approx(1 / cores, abs=0.15) and contended.contended
+
+    trainer = make_trainer(tmp_path)
+    trainer.args.max_steps = 10_000
+    quiet = ProfilerCallback(warmup_steps=1, min_steps=3, min_seconds=1.0)
+    trainer.add_callback(quiet)
+    trainer.train()
+    assert quiet.profile.cpu_foreign_share < contended.cpu_foreign_share - 0.2

@@ -207,7 +207,14 @@ def run(argv: list[str], console: Console) -> None:
     from ftprof.model_facts import arch_from_config
     from ftprof.models import resolve_model_spec
     from ftprof.results import FAILED, latest, read_records
-    from ftprof.sweep import SweepConfig, close_calls, close_fork_worker, iterate_sweep, remeasure
+    from ftprof.sweep import (
+        SweepConfig,
+        close_calls,
+        close_fork_worker,
+        contended_points,
+        iterate_sweep,
+        remeasure,
+    )
     from ftprof.sweep_manifest import SweepSettings, check_or_write
 
     spec = resolve_model_spec(a.model, random_init=True)  # shapes only: fails fast on an unknown model
@@ -292,6 +299,13 @@ def run(argv: list[str], console: Console) -> None:
                 for note in _new_memory_notes(record, said):
                     progress.console.print(f"  [yellow]memory records: {note}[/]")
                 progress.update(task, advance=1, description=f"last {record.point.key}: {peak}")
+            busy = [] if a.no_remeasure else contended_points(read_records(results))
+            if busy:
+                progress.console.print(
+                    f"  other processes shared the CPUs during {len(busy)} point(s): measuring them again"
+                )
+                for record in remeasure(cfg, busy, executor=executor if a.executor == "slurm" else None, window=1):
+                    progress.console.print(_progress_line(record)[0] + "  (re-measured)")
             budget_now = budget or env.get("device_memory_bytes")
             close = [] if a.no_remeasure else close_calls(read_records(results), budget_now)
             if close:
@@ -389,6 +403,11 @@ def _progress_line(record: Record) -> tuple[str, str]:
     peak = f"{record.peak_bytes / GIB:.2f} GiB" if record.peak_bytes else record.status.upper()
     speed = f", {record.samples_per_s:.1f} samples/s" if record.samples_per_s else ""
     reason = f"  [dim]{record.reason}[/]" if record.reason and record.status != "ok" else ""
+    prof = record.profile
+    if prof and prof.contended:
+        reason = f"  [yellow]other processes used {100 * (prof.cpu_foreign_share or 0):.0f}% of the CPUs[/]"
+        if (prof.cpu_steal_share or 0) > 0:
+            reason += f"[yellow], the hypervisor {100 * (prof.cpu_steal_share or 0):.0f}%[/]"
     return f"  {record.point.key:<28} {record.status:<8} {peak}{speed}{reason}", peak
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ftprof.profiler import cpu_share
 from ftprof.profiler.breakdown import (
     GatheredParameterMeter,
     SavedActivationMeter,
@@ -40,6 +41,7 @@ from ftprof.profiler.breakdown import (
     levers_in_use,
     model_state_bytes,
 )
+from ftprof.profiler.cpu_share import CpuSnapshot
 from ftprof.profiler.flops import model_shape, peak_tflops, training_flops_per_token
 from ftprof.profiler.memory_records import MemoryRecorder
 from ftprof.profiler.samplers import MemorySampler, make_sampler
@@ -92,6 +94,7 @@ class ProfilerCallback(TrainerCallback):
         self.allocator: dict[str, int] = {}  # CUDA: allocator figures not in the phases (max over phases)
         self.recorder = memory_recorder
         self._window_end: tuple[int, int, int] | None = None  # the counts when the window closed early
+        self._cpu: list[CpuSnapshot | None] = []  # the machine's CPU time at the window's start and end
         self._profile_next = False  # the step after the window is profiled
         self._profiling = False
 
@@ -185,6 +188,7 @@ class ProfilerCallback(TrainerCallback):
     def _open_window(self) -> None:
         self._begin("steady")
         self._window_counts = self.counter.snapshot()
+        self._cpu = [cpu_share.snapshot()]
         self.clock.start()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -207,6 +211,7 @@ class ProfilerCallback(TrainerCallback):
             return
         self.clock.mark()
         if self._window_long_enough(len(self.clock) - 1):
+            self._cpu.append(cpu_share.snapshot())
             if self.recorder is None:
                 control.should_training_stop = True
             else:  # close the window now; the next step is profiled (every rank agreed on this step)
@@ -304,6 +309,17 @@ class ProfilerCallback(TrainerCallback):
                 if peak:
                     profile.mfu = flops_per_s / 1e12 / (peak * args.world_size)
         profile.longest_input_tokens = int(_reduce_over_ranks([float(self.counter.longest)], "max")[0]) or None
+        if len(self._cpu) < 2 and self._cpu:
+            self._cpu.append(cpu_share.snapshot())  # the run ended before the window reached its length
+        shares = (
+            self._cpu[1].share_since(self._cpu[0]) if len(self._cpu) == 2 and self._cpu[0] and self._cpu[1] else None
+        )
+        measured = _reduce_over_ranks([float(shares is not None)], "min")[0]
+        if measured:  # every rank could tell: the busiest node's figures
+            assert shares is not None
+            profile.cpu_foreign_share, profile.cpu_steal_share = _reduce_over_ranks(
+                [shares["foreign"], shares["steal"]], "max"
+            )
         # The sampler's figure (process list or device delta on GPUs) is decided once the process has a CUDA
         # context, so it is read here, at the end, and kept per rank.
         breakdown = dict(self.breakdown)
