@@ -4,9 +4,10 @@
     .venv/bin/python bench/bench_repeatability.py --min_seconds 0 --steps 3   # the old 3-step window
 
 Runs the quickstart's sweep (tiny-bert, its CPU defaults: batch 4/8, sequence 64/128, ZeRO 0/2, fp32) twice
-into fresh folders, one right after the other (no re-measuring: each point once per sweep), and prints each
-ok point's samples/s in both, their ratio, and the worst disagreement (goal: every point within 10%). Extra
-flags go to both sweeps.
+into fresh folders, one right after the other, exactly as the quickstart does (contended points and close
+calls re-measured; ``--no_remeasure`` among the extra flags turns that off), and prints each ok point's
+samples/s in both, their ratio, the share of the CPUs other processes used during each window, and the
+worst disagreement (goal: every point within 10%). Extra flags go to both sweeps.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from ftprof.results import latest, read_records  # noqa: E402
 
 
-def sweep(out: Path, extra: list[str]) -> dict[str, float]:
+def sweep(out: Path, extra: list[str]) -> dict[str, tuple[float, float | None, float | None]]:
     command = [
         sys.executable,
         "-m",
@@ -33,11 +34,15 @@ def sweep(out: Path, extra: list[str]) -> dict[str, float]:
         "--out",
         str(out),
         "--no_report",
-        "--no_remeasure",
         *extra,
     ]
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return {r.point.key: r.samples_per_s for r in latest(read_records(out / "results.jsonl")) if r.status == "ok"}
+    records = latest(read_records(out / "results.jsonl"))
+    return {
+        r.point.key: (r.samples_per_s, r.profile.cpu_foreign_share, r.profile.reference_s)
+        for r in records
+        if r.status == "ok"
+    }
 
 
 def main() -> None:
@@ -45,17 +50,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         first = sweep(Path(tmp) / "first", extra)
         second = sweep(Path(tmp) / "second", extra)
-    print(f"{'point':<28}{'first':>10}{'second':>10}{'ratio':>8}")
-    ratios = {}
+    print(
+        f"{'point':<28}{'first':>10}{'second':>10}{'ratio':>8}{'others% 1st':>13}{'2nd':>6}"
+        f"{'reference ms 1st':>18}{'2nd':>7}{'ratio at reference speed':>26}"
+    )
+    ratios, normalised = {}, {}
     for key in sorted(first.keys() & second.keys()):
-        ratios[key] = second[key] / first[key]
-        print(f"{key:<28}{first[key]:>10.1f}{second[key]:>10.1f}{ratios[key]:>8.3f}")
+        (a, busy_a, ref_a), (b, busy_b, ref_b) = first[key], second[key]
+        ratios[key] = b / a
+        shares = "".join(f"{100 * x:>6.1f}" if x is not None else f"{'-':>6}" for x in (busy_a, busy_b))
+        line = f"{key:<28}{a:>10.1f}{b:>10.1f}{ratios[key]:>8.3f}{'':>7}{shares}"
+        if ref_a and ref_b:  # samples per reference workload: the machine's speed divided out
+            normalised[key] = (b * ref_b) / (a * ref_a)
+            line += f"{1000 * ref_a:>18.2f}{1000 * ref_b:>7.2f}{normalised[key]:>26.3f}"
+        print(line)
     worst = max(ratios, key=lambda k: abs(ratios[k] - 1))
     summary = {
         "points": len(ratios),
         "worst_point": worst,
         "worst_ratio": round(ratios[worst], 3),
         "within_10pct": all(abs(r - 1) <= 0.10 for r in ratios.values()),
+        "worst_ratio_at_reference_speed": round(max(normalised.values(), key=lambda r: abs(r - 1)), 3)
+        if normalised
+        else None,
         "flags": extra,
     }
     print(json.dumps(summary, indent=2))

@@ -75,6 +75,9 @@ class Profile:
     # (ftprof.profiler.cpu_share; Linux); None where unknown.
     cpu_foreign_share: float | None = None
     cpu_steal_share: float | None = None
+    # CPU runs: seconds a fixed workload took at the window's start and end (mean; the slowest rank's), the
+    # machine's speed at the time (ftprof.profiler.cpu_share.reference_seconds); None on GPUs.
+    reference_s: float | None = None
     random_init: bool = False
     ranks: list[RankProfile] = field(default_factory=list)
 

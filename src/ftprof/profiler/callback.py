@@ -95,6 +95,7 @@ class ProfilerCallback(TrainerCallback):
         self.recorder = memory_recorder
         self._window_end: tuple[int, int, int] | None = None  # the counts when the window closed early
         self._cpu: list[CpuSnapshot | None] = []  # the machine's CPU time at the window's start and end
+        self._reference: list[float] = []  # CPU runs: the reference workload's time at the window's start and end
         self._profile_next = False  # the step after the window is profiled
         self._profiling = False
 
@@ -189,6 +190,7 @@ class ProfilerCallback(TrainerCallback):
         self._begin("steady")
         self._window_counts = self.counter.snapshot()
         self._cpu = [cpu_share.snapshot()]
+        self._reference = [] if self.cuda else [cpu_share.reference_seconds()]
         self.clock.start()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -212,6 +214,8 @@ class ProfilerCallback(TrainerCallback):
         self.clock.mark()
         if self._window_long_enough(len(self.clock) - 1):
             self._cpu.append(cpu_share.snapshot())
+            if self._reference:
+                self._reference.append(cpu_share.reference_seconds())
             if self.recorder is None:
                 control.should_training_stop = True
             else:  # close the window now; the next step is profiled (every rank agreed on this step)
@@ -314,6 +318,8 @@ class ProfilerCallback(TrainerCallback):
         shares = (
             self._cpu[1].share_since(self._cpu[0]) if len(self._cpu) == 2 and self._cpu[0] and self._cpu[1] else None
         )
+        if self._reference:
+            profile.reference_s = _reduce_over_ranks([statistics.fmean(self._reference)], "max")[0]
         measured = _reduce_over_ranks([float(shares is not None)], "min")[0]
         if measured:  # every rank could tell: the busiest node's figures
             assert shares is not None

@@ -74,3 +74,24 @@ def snapshot(root: Path = Path("/proc")) -> CpuSnapshot | None:
         return None
     busy, steal, total = machine
     return CpuSnapshot(busy, steal, total, _session_ticks(root, os.getsid(0)))
+
+
+def reference_seconds(repeats: int = 9) -> float:
+    """Seconds this machine takes now for a fixed CPU workload (a 256 x 256 fp32 matmul and GELU, 20 times,
+    on torch's threads): the median of ``repeats``. Timed beside a window, it tells a machine that got slower
+    (a busy VM host, a throttled CPU) from a setting that is slower: the workload never changes."""
+    import statistics
+    import time
+
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 256, generator=generator)
+    b = torch.randn(256, 256, generator=generator)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for _ in range(20):
+            torch.nn.functional.gelu(a @ b)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])  # the first warms the kernels up
