@@ -123,6 +123,7 @@ def test_a_prediction_never_stands_in_for_an_oom_when_bisecting(tmp_path):
 def test_close_calls_are_measured_again_longer_and_replace_the_first_figures(tmp_path):
     points = plan_grid([4, 8, 16], [1], ["fp32"], [128], [2], [1])
     cfg = SweepConfig(model="m", points=points, out_dir=tmp_path, steps=3, min_seconds=1.0)
+    cfg.predict = lambda p: 1000 * p.batch_size
     windows = []
 
     def run(c, p):  # first pass: batches 8 and 16 tie within noise; longer windows separate them
@@ -145,6 +146,7 @@ def test_close_calls_are_measured_again_longer_and_replace_the_first_figures(tmp
     assert sorted(w for w in windows if w[1] == 9) == [(8, 9, 3.0), (16, 9, 3.0)]
     latest_records = {r.point.batch_size: r for r in latest(read_records(cfg.results_path))}
     assert latest_records[16].samples_per_s == 120.0 and len(latest_records) == 3
+    assert latest_records[16].predicted_bytes == 16_000  # the prediction stays beside the new figures
     assert close_calls(read_records(cfg.results_path), None) == []  # separated now
 
 

@@ -516,6 +516,9 @@ def remeasure(
                 pool.start(longer, queue.pop(0))
             for record in pool.wait():
                 record.ds_config = cfg.ds_config(record.point)
+                predicted = cfg.predict(record.point) if cfg.predict else None
+                if predicted:  # as the first measurement had it: the report shows it beside the peak
+                    record.predicted_bytes = predicted
                 append_record(cfg.results_path, record)
                 yield record
     except BaseException:
