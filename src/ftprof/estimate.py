@@ -413,8 +413,9 @@ def estimate(
     items, host = model_states(arch, s, device, rank)
     e = bytes_per_element(s.precision)
     if s.zero >= 1:
-        # HF's "auto" reduce bucket is hidden² elements; overlap_comm (GPU configs) keeps two, CPU runs one.
-        items["gradient_buckets"] = (2 if device == "gpu" else 1) * arch.hidden**2 * e
+        # HF's "auto" reduce bucket is hidden² elements; overlap_comm (the shipped ZeRO-2/3 configs, on GPUs)
+        # keeps two, CPU runs and ZeRO-1 one.
+        items["gradient_buckets"] = (2 if device == "gpu" and s.zero >= 2 else 1) * arch.hidden**2 * e
         items["zero_runtime"] = math.ceil(cal.zero_runtime_bytes)
     parts = saved_activations(arch, s, device)
     saved = sum(parts.values())
