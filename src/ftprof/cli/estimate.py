@@ -157,7 +157,7 @@ def breakdown_table(
 ) -> Table:
     table = Table(title=title, header_style="bold")
     table.add_column("item")
-    table.add_column("GiB per rank (the fullest)", justify="right")
+    table.add_column("GiB, fullest rank", justify="right")
     for name, value in est.items.items():
         if value or name != "zero_runtime":
             table.add_row(ITEM_LABELS[name], f"{value / GIB:.3f}")
