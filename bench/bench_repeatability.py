@@ -6,7 +6,7 @@
 Runs the quickstart's sweep (tiny-bert, its CPU defaults: batch 4/8, sequence 64/128, ZeRO 0/2, fp32) twice
 into fresh folders, one right after the other, exactly as the quickstart does (contended points and close
 calls re-measured; ``--no_remeasure`` among the extra flags turns that off), and prints each ok point's
-samples/s in both, their ratio, the share of the CPUs other processes used during each window, and the
+samples/s in both, their ratio, how long its threads waited for a CPU (s per s) in each window, and the
 worst disagreement (goal: every point within 10%). Extra flags go to both sweeps.
 """
 
@@ -39,7 +39,7 @@ def sweep(out: Path, extra: list[str]) -> dict[str, tuple[float, float | None, f
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     records = latest(read_records(out / "results.jsonl"))
     return {
-        r.point.key: (r.samples_per_s, r.profile.cpu_foreign_share, r.profile.reference_s)
+        r.point.key: (r.samples_per_s, r.profile.cpu_wait_share, r.profile.reference_s)
         for r in records
         if r.status == "ok"
     }
@@ -51,14 +51,14 @@ def main() -> None:
         first = sweep(Path(tmp) / "first", extra)
         second = sweep(Path(tmp) / "second", extra)
     print(
-        f"{'point':<28}{'first':>10}{'second':>10}{'ratio':>8}{'others% 1st':>13}{'2nd':>6}"
+        f"{'point':<28}{'first':>10}{'second':>10}{'ratio':>8}{'wait s/s 1st':>14}{'2nd':>6}"
         f"{'reference ms 1st':>18}{'2nd':>7}{'ratio at reference speed':>26}"
     )
     ratios, normalised = {}, {}
     for key in sorted(first.keys() & second.keys()):
         (a, busy_a, ref_a), (b, busy_b, ref_b) = first[key], second[key]
         ratios[key] = b / a
-        shares = "".join(f"{100 * x:>6.1f}" if x is not None else f"{'-':>6}" for x in (busy_a, busy_b))
+        shares = "".join(f"{x:>6.3f}" if x is not None else f"{'-':>6}" for x in (busy_a, busy_b))
         line = f"{key:<28}{a:>10.1f}{b:>10.1f}{ratios[key]:>8.3f}{'':>7}{shares}"
         if ref_a and ref_b:  # samples per reference workload: the machine's speed divided out
             normalised[key] = (b * ref_b) / (a * ref_a)

@@ -196,7 +196,7 @@ def test_points_measured_while_others_used_the_cpus_are_measured_again_once(tmp_
     def run(c, p):  # batch 8 shares the machine on its first run, and batch 16 on every run
         runs.append((p.batch_size, c.steps))
         busy = p.batch_size == 16 or (p.batch_size == 8 and runs.count((8, 3)) == 1)
-        prof = Profile(sampler="rss", samples_per_s=10.0, cpu_foreign_share=0.5 if busy else 0.01)
+        prof = Profile(sampler="rss", samples_per_s=10.0, cpu_wait_share=0.5 if busy else 0.01)
         return Record(point=p, status="ok", model="m", peak_bytes=p.batch_size, profile=prof)
 
     list(iterate_sweep(cfg, {}, run))
@@ -207,3 +207,13 @@ def test_points_measured_while_others_used_the_cpus_are_measured_again_once(tmp_
     latest_by_key = {r.point.batch_size: r for r in latest(read_records(cfg.results_path))}
     assert not latest_by_key[8].profile.contended and latest_by_key[16].profile.contended
     assert contended_points(read_records(cfg.results_path)) == []  # measured twice: reported as it is
+
+
+def test_waiting_that_the_settings_own_threads_explain_is_not_contention():
+    """Two ranks of two threads on two cores wait for each other by construction (measured: 0.57 s per s);
+    one busy outside process on two cores makes a lone rank wait about 1 s per s."""
+    own = Profile(sampler="rss", cpu_wait_share=0.57, cpu_oversubscribed=True)
+    outside = Profile(sampler="rss", cpu_wait_share=0.9)
+    alone = Profile(sampler="rss", cpu_wait_share=0.08, cpu_steal_share=0.0)
+    stolen = Profile(sampler="rss", cpu_wait_share=0.08, cpu_steal_share=0.2, cpu_oversubscribed=True)
+    assert [p.contended for p in (own, outside, alone, stolen)] == [False, True, False, True]

@@ -30,7 +30,7 @@ from ftprof.recommend import (
     recommend,
 )
 from ftprof.results import STATUSES, Record, latest, read_records
-from ftprof.run_profile import CONTENDED_FOREIGN, CONTENDED_STEAL, UNSTABLE_SPREAD
+from ftprof.run_profile import CONTENDED_STEAL, CONTENDED_WAIT, UNSTABLE_SPREAD, contention
 from ftprof.units import gib
 
 STATUS_STYLE = {
@@ -66,7 +66,6 @@ COLUMNS = [
     "samples_per_s_per_rank",
     "throughput_spread_pct",
     "unstable",
-    "cpu_foreign_pct",
     "real_tokens_per_s",
     "padded_tokens_per_s",
     "step_time_median_ms",
@@ -74,6 +73,9 @@ COLUMNS = [
     "model_tflops_per_s",
     "mfu",
     "reason",
+    "cpu_wait_s_per_s",
+    "cpu_steal_pct",
+    "reference_ms",
 ]
 
 
@@ -107,9 +109,9 @@ def row(record: Record) -> dict[str, Any]:
         "samples_per_s_per_rank": round(per_rank_samples_per_s(record), 1) if prof else None,
         "throughput_spread_pct": round(100 * prof.step_time_spread, 1) if prof and prof.step_time_spread else None,
         "unstable": prof.unstable if prof else None,
-        "cpu_foreign_pct": round(100 * prof.cpu_foreign_share, 1)
-        if prof and prof.cpu_foreign_share is not None
-        else None,
+        "cpu_wait_s_per_s": round(prof.cpu_wait_share, 3) if prof and prof.cpu_wait_share is not None else None,
+        "cpu_steal_pct": round(100 * prof.cpu_steal_share, 1) if prof and prof.cpu_steal_share is not None else None,
+        "reference_ms": round(1000 * prof.reference_s, 3) if prof and prof.reference_s else None,
         "real_tokens_per_s": num("real_tokens_per_s", 0),
         "padded_tokens_per_s": num("padded_tokens_per_s", 0),
         "predicted_gib": gib(record.predicted_bytes),
@@ -328,12 +330,11 @@ def notes(records: list[Record]) -> Text:
     contended = [r for r in records if r.profile and r.profile.contended]
     if contended:
         lines.append(
-            f"Measured while other processes used over {CONTENDED_FOREIGN:.0%} of the CPUs (or the hypervisor over "
-            f"{CONTENDED_STEAL:.0%}), even when measured again: "
-            + ", ".join(
-                f"{r.point.key} ({100 * (r.profile.cpu_foreign_share or 0):.0f}%)" for r in contended if r.profile
-            )
-            + "; their throughput is the machine's, not the setting's: run the sweep again on a quiet machine."
+            f"Not the CPUs to themselves (threads waiting for a CPU over {CONTENDED_WAIT:g} s per s: other processes, "
+            f"or more threads than cores; or the hypervisor taking over {CONTENDED_STEAL:.0%}): "
+            + "; ".join(f"{r.point.key} ({contention(r.profile)})" for r in contended if r.profile)
+            + ". Their throughput is the machine's as much as the setting's (the sweep measures such a point once "
+            "more unless --no_remeasure or --parallel)."
         )
     if random_init:
         lines.append(

@@ -16,10 +16,27 @@ FIGURE_KEYS = {"rss": "rss_bytes", "process": "nvml_process_bytes", "device_delt
 PRIMARY_FIGURE = {"nvml": "nvml_process_bytes", "rss": "rss_bytes"}
 # A throughput whose p10-p90 step periods differ by more than this fraction of the median is "unstable".
 UNSTABLE_SPREAD = 0.25
-# A window during which other processes used more than this share of the machine's CPU time, or the
-# hypervisor took more than CONTENDED_STEAL, measured the machine as much as the setting: "contended".
-CONTENDED_FOREIGN = 0.10
+# A window whose threads waited for a CPU more than this many seconds per second (other processes, or more
+# threads than cores), or during which the hypervisor took more than CONTENDED_STEAL of the machine,
+# measured the machine as much as the setting: "contended".
+CONTENDED_WAIT = 0.25  # alone, a sweep point waits ~0.01-0.08 s/s here; one busy process on 2 cores ~1
 CONTENDED_STEAL = 0.05
+
+
+def contention(profile: Profile) -> str:
+    """Why a contended window's rates are the machine's as much as the setting's, in words.
+
+    >>> contention(Profile(sampler="rss", cpu_wait_share=0.493, cpu_steal_share=0.0))
+    'threads waited for a CPU 0.49 s per s'
+    >>> contention(Profile(sampler="rss", cpu_wait_share=0.01, cpu_steal_share=0.08))
+    'the hypervisor took 8% of the CPUs'
+    """
+    why = []
+    if not profile.cpu_oversubscribed and (profile.cpu_wait_share or 0.0) > CONTENDED_WAIT:
+        why.append(f"threads waited for a CPU {profile.cpu_wait_share:.2f} s per s")
+    if (profile.cpu_steal_share or 0.0) > CONTENDED_STEAL:
+        why.append(f"the hypervisor took {profile.cpu_steal_share:.0%} of the CPUs")
+    return ", ".join(why)
 
 
 @dataclass
@@ -71,10 +88,11 @@ class Profile:
     model_tflops_per_s: float | None = None
     mfu: float | None = None
     flop_formula: str | None = None
-    # Shares of the machine's CPU time during the window used by other processes, and taken by the hypervisor
-    # (ftprof.profiler.cpu_share; Linux); None where unknown.
-    cpu_foreign_share: float | None = None
+    # Seconds a rank's threads waited for a CPU per second of the window (the most of any rank), and the share
+    # of the machine the hypervisor took (ftprof.profiler.cpu_share; Linux); None where unknown.
+    cpu_wait_share: float | None = None
     cpu_steal_share: float | None = None
+    cpu_oversubscribed: bool = False  # the node's ranks x torch threads exceed its cores: waiting is the setting's
     # CPU runs: seconds a fixed workload took at the window's start and end (mean; the slowest rank's), the
     # machine's speed at the time (ftprof.profiler.cpu_share.reference_seconds); None on GPUs.
     reference_s: float | None = None
@@ -89,7 +107,8 @@ class Profile:
     @property
     def contended(self) -> bool:
         """Whether something else used the machine during the window enough to count in its rates."""
-        return (self.cpu_foreign_share or 0.0) > CONTENDED_FOREIGN or (self.cpu_steal_share or 0.0) > CONTENDED_STEAL
+        waited = not self.cpu_oversubscribed and (self.cpu_wait_share or 0.0) > CONTENDED_WAIT
+        return waited or (self.cpu_steal_share or 0.0) > CONTENDED_STEAL
 
     @property
     def figure(self) -> str:

@@ -475,26 +475,32 @@ def _not_run(cfg: SweepConfig, p: Point, oomed: list[Point], bisecting: bool) ->
 def close_calls(records: list[Record], budget: int | None) -> list[Point]:
     """The fastest recommendation and the points whose throughput is within noise of it: the ones to measure
     again, longer, before the report picks between them. A point is re-measured once: one measured twice
-    already (a resumed sweep) stays as it is."""
+    already (a resumed sweep) stays as it is; a re-measure because the CPUs were busy doesn't count."""
     from ftprof.recommend import recommend
 
     recs = recommend(latest(records), budget)
     if not recs or not recs[0].within_noise_of:
         return []
-    measured = [r.point.key for r in records if r.status == "ok"]
+    measured = [r.point.key for r in records if r.status == "ok" and r.env.get("remeasured") != "contended"]
     by_key = {r.point.key: r.point for r in records}
     close = [recs[0].record.point.key, *recs[0].within_noise_of]
     return [by_key[k] for k in close if measured.count(k) < 2]
 
 
 def contended_points(records: list[Record]) -> list[Point]:
-    """Points whose window shared the machine with other processes (or the hypervisor): the ones to measure
-    again. A point is re-measured once: one measured twice already stays as it is."""
+    """Points whose window didn't have the CPUs to itself (its threads waited for a CPU, or the hypervisor
+    took time): the ones to measure again. A point is re-measured once: one measured twice already stays as
+    it is. Points run side by side (``--parallel``) waited for each other: they are flagged as such in the
+    report, not re-measured one by one."""
     measured = [r.point.key for r in records if r.status == "ok"]
     return [
         r.point
         for r in latest(records)
-        if r.status == "ok" and r.profile and r.profile.contended and measured.count(r.point.key) < 2
+        if r.status == "ok"
+        and r.profile
+        and r.profile.contended
+        and r.env.get("concurrent_points", 1) == 1
+        and measured.count(r.point.key) < 2
     ]
 
 
@@ -504,9 +510,10 @@ def remeasure(
     run: Callable[[SweepConfig, Point], Record] = run_point,
     executor: PointExecutor | None = None,
     window: int = 3,
+    reason: str = "close call",
 ) -> Iterator[Record]:
-    """Measure ``points`` again over a window ``window`` times as long; each new record is appended and,
-    being the latest for its point, replaces the earlier measurement in reports."""
+    """Measure ``points`` again over a window ``window`` times as long; each new record (``env["remeasured"]``
+    says why) is appended and, being the latest for its point, replaces the earlier measurement in reports."""
     longer = replace(cfg, steps=window * cfg.steps, min_seconds=window * cfg.min_seconds)
     pool = executor or SerialExecutor(run)
     queue = list(points)
@@ -516,6 +523,7 @@ def remeasure(
                 pool.start(longer, queue.pop(0))
             for record in pool.wait():
                 record.ds_config = cfg.ds_config(record.point)
+                record.env["remeasured"] = reason
                 predicted = cfg.predict(record.point) if cfg.predict else None
                 if predicted:  # as the first measurement had it: the report shows it beside the peak
                     record.predicted_bytes = predicted

@@ -22,6 +22,7 @@ from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
 from ftprof.point import Offload, Point
 from ftprof.results import Record
+from ftprof.run_profile import contention
 from ftprof.sweep_plan import parse_int_list, parse_offloads, parse_precisions, parse_switch, parse_zero, plan_grid
 from ftprof.units import GIB, parse_size
 
@@ -302,9 +303,10 @@ def run(argv: list[str], console: Console) -> None:
             busy = [] if a.no_remeasure else contended_points(read_records(results))
             if busy:
                 progress.console.print(
-                    f"  other processes shared the CPUs during {len(busy)} point(s): measuring them again"
+                    f"  {len(busy)} point(s) did not have the CPUs to themselves: measuring them again"
                 )
-                for record in remeasure(cfg, busy, executor=executor if a.executor == "slurm" else None, window=1):
+                again = executor if a.executor == "slurm" else None
+                for record in remeasure(cfg, busy, executor=again, window=1, reason="contended"):
                     progress.console.print(_progress_line(record)[0] + "  (re-measured)")
             budget_now = budget or env.get("device_memory_bytes")
             close = [] if a.no_remeasure else close_calls(read_records(results), budget_now)
@@ -405,9 +407,7 @@ def _progress_line(record: Record) -> tuple[str, str]:
     reason = f"  [dim]{record.reason}[/]" if record.reason and record.status != "ok" else ""
     prof = record.profile
     if prof and prof.contended:
-        reason = f"  [yellow]other processes used {100 * (prof.cpu_foreign_share or 0):.0f}% of the CPUs[/]"
-        if (prof.cpu_steal_share or 0) > 0:
-            reason += f"[yellow], the hypervisor {100 * (prof.cpu_steal_share or 0):.0f}%[/]"
+        reason = f"  [yellow]{contention(prof)}[/]"
     return f"  {record.point.key:<28} {record.status:<8} {peak}{speed}{reason}", peak
 
 

@@ -27,6 +27,7 @@ every measured figure: profiling a warm-up step would add it to ``first_step``'s
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from typing import Any
 
@@ -96,6 +97,7 @@ class ProfilerCallback(TrainerCallback):
         self._window_end: tuple[int, int, int] | None = None  # the counts when the window closed early
         self._cpu: list[CpuSnapshot | None] = []  # the machine's CPU time at the window's start and end
         self._reference: list[float] = []  # CPU runs: the reference workload's time at the window's start and end
+        self._cpu_run = False
         self._profile_next = False  # the step after the window is profiled
         self._profiling = False
 
@@ -182,15 +184,23 @@ class ProfilerCallback(TrainerCallback):
         if optimizer is not None:
             self._wrap_optimizer_step(optimizer)
         self._end("setup")
+        self._cpu_run = args.device.type == "cpu"  # the machine's speed is timed beside CPU windows only
+        if self.warmup_steps == 0:
+            self._time_reference()  # before any memory phase opens
         self._begin("first_step")
         if self.warmup_steps == 0:
-            self._open_window()
+            self._open_window(reference_taken=True)
 
-    def _open_window(self) -> None:
+    def _time_reference(self) -> None:
+        if self._cpu_run:
+            self._reference.append(cpu_share.reference_seconds())
+
+    def _open_window(self, reference_taken: bool = False) -> None:
+        if not reference_taken:
+            self._time_reference()
+        self._cpu = [cpu_share.snapshot()]  # the CPU window starts after the reference, with the steps
         self._begin("steady")
         self._window_counts = self.counter.snapshot()
-        self._cpu = [cpu_share.snapshot()]
-        self._reference = [] if self.cuda else [cpu_share.reference_seconds()]
         self.clock.start()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -214,8 +224,6 @@ class ProfilerCallback(TrainerCallback):
         self.clock.mark()
         if self._window_long_enough(len(self.clock) - 1):
             self._cpu.append(cpu_share.snapshot())
-            if self._reference:
-                self._reference.append(cpu_share.reference_seconds())
             if self.recorder is None:
                 control.should_training_stop = True
             else:  # close the window now; the next step is profiled (every rank agreed on this step)
@@ -265,6 +273,8 @@ class ProfilerCallback(TrainerCallback):
         self.gathered.detach()
         if self.recorder is not None:
             self.recorder.finish()
+        if self._reference:  # after the window and every memory phase
+            self._time_reference()
         self.profile = self._summarize(args, model or self._model)
         state.log_history.append({"profile": self.profile.to_json(), "step": state.global_step})
         self.sampler.close()
@@ -321,11 +331,14 @@ class ProfilerCallback(TrainerCallback):
         if self._reference:
             profile.reference_s = _reduce_over_ranks([statistics.fmean(self._reference)], "max")[0]
         measured = _reduce_over_ranks([float(shares is not None)], "min")[0]
-        if measured:  # every rank could tell: the busiest node's figures
+        if measured:  # every rank could tell: the figures of the rank that waited most (steal: its node's)
             assert shares is not None
-            profile.cpu_foreign_share, profile.cpu_steal_share = _reduce_over_ranks(
-                [shares["foreign"], shares["steal"]], "max"
-            )
+            steal = -1.0 if shares["steal"] is None else shares["steal"]
+            wait, steal = _reduce_over_ranks([shares["wait"] or 0.0, steal], "max")
+            profile.cpu_wait_share, profile.cpu_steal_share = wait, steal if steal >= 0 else None
+            # Ranks x threads over this node's cores wait by construction: the setting's own, not contention.
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or args.world_size)
+            profile.cpu_oversubscribed = local_ranks * torch.get_num_threads() > cpu_share.usable_cores()
         # The sampler's figure (process list or device delta on GPUs) is decided once the process has a CUDA
         # context, so it is read here, at the end, and kept per rank.
         breakdown = dict(self.breakdown)
