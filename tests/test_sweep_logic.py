@@ -217,3 +217,28 @@ def test_waiting_that_the_settings_own_threads_explain_is_not_contention():
     alone = Profile(sampler="rss", cpu_wait_share=0.08, cpu_steal_share=0.0)
     stolen = Profile(sampler="rss", cpu_wait_share=0.08, cpu_steal_share=0.2, cpu_oversubscribed=True)
     assert [p.contended for p in (own, outside, alone, stolen)] == [False, True, False, True]
+
+
+def test_a_contended_re_measure_leaves_the_close_call_re_measure_to_come(tmp_path):
+    points = plan_grid([8, 16], [1], ["fp32"], [128], [2], [1])
+    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path, steps=3, min_seconds=1.0)
+    runs: list[tuple[int, int]] = []
+
+    def run(c, p):  # batch 8 is contended on its first run; 8 and 16 tie within noise on short windows
+        runs.append((p.batch_size, c.steps))
+        wait = 0.9 if (p.batch_size, c.steps) == (8, 3) and runs.count((8, 3)) == 1 else 0.01
+        sps = {8: 100.0, 16: 101.0 if c.steps == 3 else 120.0}[p.batch_size]
+        prof = Profile(
+            sampler="rss",
+            samples_per_s=sps,
+            samples_per_step=p.batch_size,
+            step_time_median_low_s=p.batch_size / sps / 1.2,
+            step_time_median_high_s=p.batch_size / sps * 1.2,
+            cpu_wait_share=wait,
+        )
+        return Record(point=p, status="ok", model="m", peak_bytes=p.batch_size, profile=prof)
+
+    list(iterate_sweep(cfg, {}, run))
+    list(remeasure(cfg, contended_points(read_records(cfg.results_path)), run, window=1, reason="contended"))
+    close = close_calls(read_records(cfg.results_path), None)
+    assert sorted(p.batch_size for p in close) == [8, 16]  # both get the longer window
