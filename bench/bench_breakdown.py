@@ -146,7 +146,7 @@ def peaks(out: Path) -> None:
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from ftprof.calibrate import calibrate, errors, observations_from_records
-    from ftprof.estimate import MEASURED_AS, MODEL_STATES, Calibration, estimate
+    from ftprof.estimate import MODEL_STATES, Calibration, estimate, measured_bytes
     from ftprof.model_facts import arch_for
     from ftprof.results import latest, read_records
     from ftprof.units import GIB
@@ -188,7 +188,7 @@ def peaks(out: Path) -> None:
             ours.setdefault(model, []).append(err)
             est = estimate(arch, r.point, cal, "cpu")
             measured = r.profile.ranks[0].breakdown if r.profile else {}
-            m_states = sum(measured.get(n, 0) for item in MODEL_STATES for n in MEASURED_AS[item])
+            m_states = sum(measured_bytes(measured, item) for item in MODEL_STATES)
             p_states = sum(est.items.get(item, 0) for item in MODEL_STATES)
             # Each baseline on the points it models: DeepSpeed's ZeRO-2 estimator at ZeRO-2, accelerate at ZeRO-0.
             ds = estimate_zero2_model_states_mem_needs(arch.params, 1, 1, cpu_offload=False)[1]

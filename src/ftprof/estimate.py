@@ -106,7 +106,6 @@ class Arch:
     num_labels: int = 2
     kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as ``heads``
     mlp: Literal["plain", "gated"] = "plain"  # gated: Llama-style SiLU(gate) * up, RMSNorm, no dropout
-    largest_tensor: int = 0  # elements of the largest parameter; 0: vocab x hidden (the embedding)
     mlp_saves: int = 2  # MLP-width tensors a plain MLP saves: 2 with a fused GELU; 5 with GPT-2's gelu_new
     head_keeps_output: bool = True  # an encoder's head slices the last layer's output (a view keeps all of it)
     mask_per_layer: bool = False  # a b x s x s attention mask passed to every layer (GPT-2 with eager attention)
@@ -116,7 +115,8 @@ class Arch:
 
     @property
     def largest_param(self) -> int:
-        return self.largest_tensor or self.vocab * self.hidden
+        """Elements of the largest parameter (without the parameter list: vocab x hidden, the embedding)."""
+        return max(self.param_sizes, default=0) or self.vocab * self.hidden
 
     @property
     def kv_dim(self) -> int:
@@ -170,6 +170,9 @@ ITEM_LABELS: dict[str, str] = {
     "optimizer_step": "optimizer step (fp32 gradients)",
 }
 MODEL_STATES = ("parameters", "gradients", "master_weights", "optimizer_states")
+# Alive in the forward/backward only; the optimizer step's fp32 gradients compete with them for the peak.
+FORWARD_ITEMS = ("saved_activations", "recomputed_layer", "temporaries", "gathered_parameters")
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # the shipped ZeRO-3 configs' stage3_max_live_parameters
 # A prediction item and the measured breakdown items it is judged against (their sum; on a GPU machine the
 # host-resident part is measured apart, as ``<name>_host``: see :func:`measured_bytes`). Gradient buckets are
 # not compared: DeepSpeed frees ZeRO-1/2's after the backward, before the breakdown is read.
@@ -436,10 +439,6 @@ def estimate(
     allocated = sum(items.values())
     reserved = math.ceil(allocated * cal.reserved_factor)
     return Estimate(items, host, allocated, reserved, reserved + math.ceil(cal.runtime_bytes), parts)
-
-
-STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # the shipped ZeRO-3 configs' stage3_max_live_parameters
-FORWARD_ITEMS = ("saved_activations", "recomputed_layer", "temporaries", "gathered_parameters")
 
 
 def max_batch(

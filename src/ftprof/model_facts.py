@@ -34,7 +34,6 @@ def arch_from_config(
         else:
             model = AutoModelForSequenceClassification.from_config(config)
     params = sum(p.numel() for p in model.parameters())
-    largest = max(p.numel() for p in model.parameters())
     sizes = tuple(p.numel() for p in model.parameters() if p.requires_grad)
     d = dims(config)
     dropout_names = ("hidden_dropout_prob", "dropout", "resid_pdrop", "attention_dropout")
@@ -54,7 +53,6 @@ def arch_from_config(
         num_labels=num_labels,
         kv_heads=int(getattr(config, "num_key_value_heads", None) or d.heads),
         mlp="gated" if config.model_type in GATED_MLP else "plain",
-        largest_tensor=largest,
         param_sizes=sizes,
         mask_per_layer=config.model_type == "gpt2",
         head_keeps_output=not (dropout and config.model_type in ("roberta", "xlm-roberta", "camembert")),

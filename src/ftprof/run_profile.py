@@ -107,8 +107,7 @@ class Profile:
     @property
     def contended(self) -> bool:
         """Whether something else used the machine during the window enough to count in its rates."""
-        waited = not self.cpu_oversubscribed and (self.cpu_wait_share or 0.0) > CONTENDED_WAIT
-        return waited or (self.cpu_steal_share or 0.0) > CONTENDED_STEAL
+        return bool(contention(self))
 
     @property
     def figure(self) -> str:

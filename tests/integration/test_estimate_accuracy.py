@@ -46,7 +46,7 @@ def test_model_states_match_each_ranks_measured_breakdown_item_by_item(tmp_path)
     offload buffers as the estimator predicts them for that rank, within 1% of what the rank really holds.
     Gradients are the telling item: a rank holds the whole gradient of every parameter that overlaps its
     partition, so the two ranks differ (an even split is off by 40% on one of them)."""
-    from ftprof.estimate import MEASURED_AS, MODEL_STATES, estimate, zero12_gradient_elements
+    from ftprof.estimate import MODEL_STATES, estimate, measured_bytes, zero12_gradient_elements
 
     out = tmp_path / "states"
     sweep(
@@ -65,7 +65,7 @@ def test_model_states_match_each_ranks_measured_breakdown_item_by_item(tmp_path)
             est = estimate(arch, r.point, device="cpu", rank=rank.rank)
             items = [*MODEL_STATES, "offload_buffers"] if r.point.offload_optimizer else MODEL_STATES
             for item in items:
-                measured = sum(rank.breakdown.get(n, 0) for n in MEASURED_AS[item])
+                measured = measured_bytes(rank.breakdown, item)
                 assert est.items[item] == pytest.approx(measured, rel=0.01), (r.point.key, rank.rank, item)
                 checked += 1
     assert checked == 2 * 2 * (4 + 5)

@@ -255,7 +255,8 @@ def calibrate_command(profile: Path, console: Console) -> None:
     device = records[0].env.get("device", "unknown")
     memory = records[0].env.get("device_memory_bytes")
     on_cpu = device.startswith("cpu")
-    archs = {r.model: arch_for(r.model, task=r.env.get("task", "classification")) for r in records}
+    tasks = {r.model: r.env.get("task", "classification") for r in records}
+    archs = {model: arch_for(model, task=task) for model, task in tasks.items()}  # one meta-model build each
     observations = observations_from_records(records, archs.__getitem__)
     base = load_calibration("cpu" if on_cpu else device, memory)
     reserved_factor = fit_reserved_factor(records)  # None on CPUs: no torch allocator figures

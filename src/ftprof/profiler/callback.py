@@ -95,7 +95,8 @@ class ProfilerCallback(TrainerCallback):
         self.allocator: dict[str, int] = {}  # CUDA: allocator figures not in the phases (max over phases)
         self.recorder = memory_recorder
         self._window_end: tuple[int, int, int] | None = None  # the counts when the window closed early
-        self._cpu: list[CpuSnapshot | None] = []  # the machine's CPU time at the window's start and end
+        self._cpu_start: CpuSnapshot | None = None  # the CPU waiting and steal at the window's start and end
+        self._cpu_end: CpuSnapshot | None = None
         self._reference: list[float] = []  # CPU runs: the reference workload's time at the window's start and end
         self._cpu_run = False
         self._profile_next = False  # the step after the window is profiled
@@ -198,7 +199,7 @@ class ProfilerCallback(TrainerCallback):
     def _open_window(self, reference_taken: bool = False) -> None:
         if not reference_taken:
             self._time_reference()
-        self._cpu = [cpu_share.snapshot()]  # the CPU window starts after the reference, with the steps
+        self._cpu_start = cpu_share.snapshot()  # the CPU window starts after the reference, with the steps
         self._begin("steady")
         self._window_counts = self.counter.snapshot()
         self.clock.start()
@@ -223,7 +224,7 @@ class ProfilerCallback(TrainerCallback):
             return
         self.clock.mark()
         if self._window_long_enough(len(self.clock) - 1):
-            self._cpu.append(cpu_share.snapshot())
+            self._cpu_end = cpu_share.snapshot()
             if self.recorder is None:
                 control.should_training_stop = True
             else:  # close the window now; the next step is profiled (every rank agreed on this step)
@@ -323,11 +324,9 @@ class ProfilerCallback(TrainerCallback):
                 if peak:
                     profile.mfu = flops_per_s / 1e12 / (peak * args.world_size)
         profile.longest_input_tokens = int(_reduce_over_ranks([float(self.counter.longest)], "max")[0]) or None
-        if len(self._cpu) < 2 and self._cpu:
-            self._cpu.append(cpu_share.snapshot())  # the run ended before the window reached its length
-        shares = (
-            self._cpu[1].share_since(self._cpu[0]) if len(self._cpu) == 2 and self._cpu[0] and self._cpu[1] else None
-        )
+        start = self._cpu_start
+        end = self._cpu_end or (cpu_share.snapshot() if start else None)  # or the run ended before the window did
+        shares = end.share_since(start) if start and end else None
         if self._reference:
             profile.reference_s = _reduce_over_ranks([statistics.fmean(self._reference)], "max")[0]
         measured = _reduce_over_ranks([float(shares is not None)], "min")[0]
