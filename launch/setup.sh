@@ -24,6 +24,12 @@ quiet .venv/bin/python -m pip install -q --upgrade pip
 # torch first: a plain `torch` requirement would otherwise pull a multi-GB CUDA build onto CPU machines.
 quiet .venv/bin/python -m pip install -q "${FTPROF_TORCH:-torch==2.13.0}"
 quiet .venv/bin/python -m pip install -q -e '.[test]'
+# DeepSpeed builds its CPU ops on first use (~2 min on 2 cores in all). Build them here, in one process with no
+# timeout, into this venv (the tests use the same folder): a test timing out mid-build would leave a lock file
+# that every later DeepSpeed run waits on forever. Re-runs only load them; stale locks are removed first.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+quiet .venv/bin/python -m ftprof.ds_ops >/dev/null
+tail -n 1 "$log"
 # Importing deepspeed logs its accelerator choice on stdout; keep only our summary line.
 quiet .venv/bin/python -c "import ftprof, torch, deepspeed, transformers; print('ftprof', ftprof.__version__, '| torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)" >/dev/null
 tail -n 1 "$log"

@@ -3,17 +3,46 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed's ops are built into this venv by launch/setup.sh (no build can then time out inside a test, and
+# nothing in ~/.cache from other installs can hang the suite on a stale lock).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def run_group(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True)`` in a session of its own; on timeout the
+    whole group is killed (launcher, ranks, workers), not only the launcher, and TimeoutExpired re-raised."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A lock left by a killed op build would hang every DeepSpeed test until its timeout: stop at once."""
+    from ftprof.ds_ops import stale_locks
+
+    if locks := stale_locks():
+        pytest.exit(f"stale DeepSpeed op build locks (run `bash launch/setup.sh`, which removes them): {locks}", 2)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ftprof.args import FtprofTrainingArguments, ScriptArguments, best_model_conflict
 from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_config
 from ftprof.distributed import adopt_slurm_env, ensure_single_process_env, shutdown
+from ftprof.ds_ops import check_no_stale_locks
 from ftprof.errors import ConfigError
 from ftprof.footprint import FootprintCallback
 from ftprof.metrics import load_metric
@@ -150,6 +151,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
     argv = _normalize_deepspeed_flags(argv)
     if _flag_value(argv, "--deepspeed"):
         ensure_single_process_env()
+        check_no_stale_locks()
     parser = HfArgumentParser((ScriptArguments, FtprofTrainingArguments))  # type: ignore[arg-type]  # NewType
     if _flag_value(argv, "--task") == "causal-lm":
         parser.set_defaults(metric_for_best_model="eval_loss")  # no accuracy without labels; lower is better

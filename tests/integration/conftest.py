@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ftprof.distributed import free_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_group
 
 TINY = ["--model", "tiny-bert", "--dataset", "synthetic", "--disable_tqdm", "true", "--report_to", "none"]
 
@@ -33,9 +33,7 @@ def train_command(args: list[str], ranks: int = 1) -> list[str]:
 
 def run_train(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run training to the end; fail the test with the output's tail when it exits non-zero."""
-    proc = subprocess.run(
-        train_command(args, ranks), capture_output=True, text=True, timeout=timeout, env=train_env(), cwd=ROOT
-    )
+    proc = run_group(train_command(args, ranks), timeout, env=train_env(), cwd=ROOT)
     if proc.returncode != 0:
         pytest.fail(f"training exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
     return proc

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from ftprof.distributed import free_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_group
 from tests.integration.conftest import TINY, read_json, train_env
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ TRAIN = [sys.executable, str(ROOT / "launch" / "train.py")]
 
 
 def run(command, env, timeout=300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    proc = run_group(command, timeout, env=env, cwd=ROOT)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(command[:6])} ... exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
     return proc

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ftprof.results import latest, read_records
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_group
 from tests.integration.conftest import train_env
 
 SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--steps", "2", "--warmup", "1", "--min_seconds", "0"]
@@ -20,7 +20,7 @@ def sweep(args, timeout=900):
     """Run `ftprof sweep` (tiny-bert unless --model is given) to the end; fail with its output otherwise."""
     if "--model" not in args:
         args = ["--model", "tiny-bert", *args]
-    proc = subprocess.run(SWEEP + args, capture_output=True, text=True, env=train_env(), cwd=ROOT, timeout=timeout)
+    proc = run_group(SWEEP + args, timeout, env=train_env(), cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from ftprof.results import latest, read_records
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_group
 from tests.integration.conftest import train_env
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def env_for(cluster: dict[str, str]) -> dict[str, str]:
 
 
 def sweep(args, env, timeout=900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(SWEEP + args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    proc = run_group(SWEEP + args, timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
 

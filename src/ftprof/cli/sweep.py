@@ -190,6 +190,9 @@ def run(argv: list[str], console: Console) -> None:
 
     device, cuda, bf16_ok = device_kind()
     from ftprof.deepspeed_config import load_ds_config
+    from ftprof.ds_ops import check_no_stale_locks
+
+    check_no_stale_locks()  # else every point would wait on it until its timeout
 
     base = load_ds_config(a.ds_config) if a.ds_config else None
     if a.offload and base and base.offload != "none":

@@ -1,0 +1,75 @@
+"""Stale DeepSpeed op build locks: found (old, nobody building), not confused with a live build, refused by
+`ftprof sweep` and `ftprof train` in one line before any work, and removed by an explicit build."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from ftprof import ds_ops
+from ftprof.cli import sweep as sweep_cli
+from ftprof.cli import train as train_cli
+from ftprof.errors import ConfigError
+from tests.conftest import ROOT
+
+
+def make_lock(root, op, age_s):
+    folder = root / op
+    folder.mkdir(parents=True)
+    lock = folder / "lock"
+    lock.touch()
+    past = time.time() - age_s
+    os.utime(lock, (past, past))
+    return lock
+
+
+@pytest.fixture
+def ext_root(tmp_path, monkeypatch):
+    root = tmp_path / "torch_extensions"
+    root.mkdir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    return root
+
+
+def test_only_old_locks_nobody_builds_in_are_stale(ext_root):
+    killed = make_lock(ext_root, "fused_adam", age_s=600)
+    nested = make_lock(ext_root / "py311_cpu", "cpu_adam", age_s=600)  # the layout without TORCH_EXTENSIONS_DIR
+    fresh = make_lock(ext_root, "deepspeed_shm_comm", age_s=5)
+    building = make_lock(ext_root, "cpu_lion", age_s=600)
+    compiler = subprocess.Popen(["sleep", "60"], cwd=building.parent)  # what ninja and the compiler look like
+    try:
+        assert ds_ops.stale_locks() == sorted([killed, nested])
+        assert fresh in ds_ops.stale_locks(older_than_s=1)  # its age alone kept it out above
+        assert building not in ds_ops.stale_locks(ext_root, older_than_s=1)
+    finally:
+        compiler.kill()
+        compiler.wait()
+    assert building in ds_ops.stale_locks()  # the build is gone: now its lock is stale
+
+
+def test_sweep_refuses_to_start_on_a_stale_lock(ext_root, tmp_path, capsys):
+    lock = make_lock(ext_root, "fused_adam", age_s=600)
+    out = tmp_path / "sweep"
+    code = sweep_cli.main(["--model", "tiny-bert", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("ftprof: error: a killed DeepSpeed op build left 1 lock file"), err
+    assert err[-1].endswith(f"rm {lock}") and not out.exists() and lock.exists()
+
+
+def test_train_refuses_to_start_on_a_stale_lock(ext_root, tmp_path, capsys):
+    lock = make_lock(ext_root, "cpu_adam", age_s=600)
+    argv = ["--model", "tiny-bert", "--dataset", "synthetic", "--output_dir", str(tmp_path / "out")]
+    code = train_cli.main([*argv, "--ds_config", str(ROOT / "ds_configs" / "zero2.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].endswith(f"rm {lock}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_explicit_build_removes_stale_locks_or_refuses_them(ext_root, capsys):
+    lock = make_lock(ext_root, "fused_adam", age_s=600)
+    with pytest.raises(ConfigError, match=f"rm {lock}"):
+        ds_ops.build(ops=(), clear_stale=False)
+    assert lock.exists()
+    assert ds_ops.build(ops=()) == []
+    assert not lock.exists() and f"removing stale build lock {lock}" in capsys.readouterr().err
