@@ -1,6 +1,8 @@
+import pytest
+
 from ftprof.commands import train_command
 from ftprof.point import Point
-from ftprof.recommend import lever_notes, pareto_front, recommend
+from ftprof.recommend import Repeat, lever_notes, pareto_front, recommend, repeats, worst_repeat
 from ftprof.results import Record
 from ftprof.run_profile import Profile
 from ftprof.units import GIB
@@ -133,3 +135,45 @@ def test_lever_notes_say_what_checkpointing_and_offload_cost_and_buy():
     assert lever_notes(ckpt[:1] + offload, budget=10 * GIB) == []  # nothing to compare against
     only = lever_notes([rec(16, 512, 12, 180, zero=3), ckpt[1]], budget=10 * GIB)
     assert only == ["bf16 ZeRO-3 seq 512: fits only with gradient checkpointing (batch 16) at 0.70x the speed"]
+
+
+def remeasured(r, sps, reason, contended=False):
+    again = rec(r.point.batch_size, r.point.seq_len, 4, sps)
+    again.env["remeasured"] = reason
+    if contended:
+        again.profile.cpu_wait_share = 0.9
+    return again
+
+
+def test_repeats_pair_each_re_measure_with_its_first_clean_measurement():
+    busy = rec(8, 128, 4, 40)
+    busy.profile.cpu_wait_share = 0.9  # its first window waited for CPUs: no baseline
+    first, other = rec(16, 128, 4, 200), rec(32, 128, 4, 300)
+    records = [
+        busy,
+        first,
+        other,
+        remeasured(busy, 100, "contended"),
+        remeasured(busy, 110, "close call"),  # no clean first measurement to compare with
+        remeasured(first, 170, "repeat"),
+        remeasured(other, 330, "close call"),
+        remeasured(other, 150, "contended", contended=True),  # the CPUs, not the machine's drift
+    ]
+    got = [(x.key, x.first, x.again) for x in repeats(records)]
+    assert got == [(first.point.key, 200, 170), (other.point.key, 300, 330)]
+    worst = worst_repeat(records)
+    assert worst.key == first.point.key and worst.change == pytest.approx(-0.15)
+    assert str(worst) == "bf16-z2-w1-ga1-s128-b16 measured again: 200.0 → 170.0 samples/s (-15.0%)"
+    assert worst_repeat(records[:3]) is None
+
+
+def test_the_machines_drift_widens_what_the_fastest_is_within_noise_of():
+    a = timed(8, 100.0, 0.079, 0.081)  # 98.8..101.3 samples/s
+    b = timed(4, 90.0, 0.0440, 0.0450)  # 88.9..90.9: no overlap, 11.1% slower
+    c = timed(16, 80.0, 0.199, 0.201)  # 79.6..80.4: 25% slower
+    assert recommend([a, b, c], None)[0].within_noise_of == []
+    drift = Repeat("x", first=100.0, again=88.0)  # the machine moved 12% between two measurements
+    fastest, *others = recommend([a, b, c], None, repeat=drift)
+    assert fastest.within_noise_of == [b.point.key] and fastest.repeat is drift
+    assert all(x.repeat is None and x.within_noise_of == [] for x in others)
+    assert recommend([a, b, c], None, repeat=Repeat("x", 100.0, 130.0))[0].within_noise_of == [b.point.key, c.point.key]

@@ -7,7 +7,15 @@ tests/integration/test_sweep_cli.py; here a deterministic stand-in lets us check
 from ftprof.point import Point
 from ftprof.results import Record, latest, read_records
 from ftprof.run_profile import Profile
-from ftprof.sweep import SweepConfig, classify, close_calls, contended_points, iterate_sweep, remeasure
+from ftprof.sweep import (
+    SweepConfig,
+    classify,
+    close_calls,
+    contended_points,
+    iterate_sweep,
+    remeasure,
+    repeat_point,
+)
 from ftprof.sweep_plan import plan_grid
 
 
@@ -242,3 +250,34 @@ def test_a_contended_re_measure_leaves_the_close_call_re_measure_to_come(tmp_pat
     list(remeasure(cfg, contended_points(read_records(cfg.results_path)), run, window=1, reason="contended"))
     close = close_calls(read_records(cfg.results_path), None)
     assert sorted(p.batch_size for p in close) == [8, 16]  # both get the longer window
+
+
+def test_the_first_clean_point_is_repeated_once_and_its_drift_opens_close_calls(tmp_path):
+    points = plan_grid([2, 4, 8, 16], [1], ["fp32"], [128], [2], [1])
+    cfg = SweepConfig(model="m", points=points, out_dir=tmp_path, steps=3, min_seconds=1.0)
+    runs: list[int] = []
+
+    def run(c, p):  # batch 2 fails, batch 4 waits for CPUs; 8 is measured at 100 then 80; 16 at 85
+        runs.append(p.batch_size)
+        if p.batch_size == 2:
+            return Record(point=p, status="error", model="m", reason="boom")
+        sps = {4: 50.0, 8: 100.0 if runs.count(8) == 1 else 80.0, 16: 85.0}[p.batch_size]
+        prof = Profile(
+            sampler="rss",
+            samples_per_s=sps,
+            samples_per_step=p.batch_size,
+            step_time_median_low_s=p.batch_size / sps / 1.01,  # intervals of ±1%: no overlaps
+            step_time_median_high_s=p.batch_size / sps * 1.01,
+            cpu_wait_share=0.9 if p.batch_size == 4 else 0.01,
+        )
+        return Record(point=p, status="ok", model="m", peak_bytes=p.batch_size, profile=prof)
+
+    list(iterate_sweep(cfg, {}, run))
+    assert close_calls(read_records(cfg.results_path), None) == []  # 100 vs 85: apart, as far as windows say
+    first = repeat_point(read_records(cfg.results_path))
+    assert first is not None and first.batch_size == 8  # not the failed one, not the one short of CPUs
+    list(remeasure(cfg, [first], run, window=1, reason="repeat"))
+    records = read_records(cfg.results_path)
+    assert repeat_point(records) is None  # once per sweep, resumed or not
+    # 8 moved 100 → 80 (-20%) on its own: its latest 80 and 16's 85 are within that of each other
+    assert sorted(p.batch_size for p in close_calls(records, None)) == [8, 16]

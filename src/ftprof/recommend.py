@@ -7,8 +7,10 @@ world size (more GPUs are always faster in total). Within that cohort:
 * largest_effective_batch: the largest micro-batch × accumulation × ranks that fits (faster on ties);
 * memory_optimal: the smallest peak among measured points (the safest choice on a shared device).
 
-Each comes with the ds_config to use and the command that trains with it. A fastest pick whose throughput
-range (p10-p90 step periods) overlaps the runner-up's is marked as within noise of it.
+Each comes with the ds_config to use and the command that trains with it. The fastest pick is marked as
+within noise of every point whose throughput interval overlaps its own, and of every point slower by less than
+the machine's own drift: how far one point's throughput moved when it was measured again later in the sweep
+(:func:`worst_repeat`). A shared machine's speed wanders over minutes by more than any window's spread shows.
 """
 
 from __future__ import annotations
@@ -41,6 +43,49 @@ class Cohort:
         return f"seq {self.seq_len}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
 
 
+#: Why a point was measured again (``env["remeasured"]``) when that measurement says how repeatable the
+#: machine is: the sweep's repeat of its first point, and the longer windows of close calls. A re-measure
+#: because the first window waited for CPUs says nothing about the machine's drift.
+REPEATABILITY_EVIDENCE = ("repeat", "close call")
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """One point measured twice in a sweep, the second time later: how far the machine's speed moved."""
+
+    key: str
+    first: float  # samples/s
+    again: float
+
+    @property
+    def change(self) -> float:
+        return self.again / self.first - 1
+
+    def __str__(self) -> str:
+        return f"{self.key} measured again: {self.first:.1f} → {self.again:.1f} samples/s ({self.change:+.1%})"
+
+
+def repeats(records: list[Record]) -> list[Repeat]:
+    """Each re-measure in :data:`REPEATABILITY_EVIDENCE` against its point's first uncontended measurement;
+    ``records`` in the order measured (the whole results file, not only the latest per point)."""
+    first: dict[str, Record] = {}
+    out = []
+    for r in records:
+        if r.status != "ok" or not r.samples_per_s:
+            continue
+        reason = r.env.get("remeasured")
+        if reason is None and r.point.key not in first and not (r.profile and r.profile.contended):
+            first[r.point.key] = r
+        elif reason in REPEATABILITY_EVIDENCE and r.point.key in first:
+            out.append(Repeat(r.point.key, first[r.point.key].samples_per_s, r.samples_per_s))
+    return out
+
+
+def worst_repeat(records: list[Record]) -> Repeat | None:
+    """The re-measure that moved the most (the sweep's evidence of how repeatable its throughput is)."""
+    return max(repeats(records), key=lambda x: abs(x.change), default=None)
+
+
 @dataclass(frozen=True)
 class Recommendation:
     kind: str
@@ -48,7 +93,8 @@ class Recommendation:
     cohort: Cohort
     ds_config: dict[str, Any]
     config_path: str  # a shipped ds_configs/ file, or where the report writes ``ds_config``
-    within_noise_of: list[str] = field(default_factory=list)  # keys whose throughput range overlaps
+    within_noise_of: list[str] = field(default_factory=list)  # keys it can't be told apart from
+    repeat: Repeat | None = None  # fastest only: the machine's drift that within_noise_of allowed for
 
     @property
     def command(self) -> str:
@@ -80,10 +126,12 @@ def throughput_range(record: Record) -> tuple[float, float]:
     return prof.samples_per_step / prof.step_time_median_high_s, prof.samples_per_step / prof.step_time_median_low_s
 
 
-def within_noise(a: Record, b: Record) -> bool:
-    """Whether two points' throughput intervals overlap, so the measurements can't order them."""
+def within_noise(a: Record, b: Record, drift: float = 0.0) -> bool:
+    """Whether the measurements can't order two points: their throughput intervals overlap, or they differ
+    by less than ``drift``, the fraction by which the machine's own speed moved during the sweep."""
     (a_low, a_high), (b_low, b_high) = throughput_range(a), throughput_range(b)
-    return a_low <= b_high and b_low <= a_high
+    slow, fast = sorted((a.samples_per_s, b.samples_per_s))
+    return (a_low <= b_high and b_low <= a_high) or (slow > 0 and fast / slow - 1 <= drift)
 
 
 def pareto_front(records: list[Record]) -> list[Record]:
@@ -127,8 +175,10 @@ def recommend(
     world_size: int | None = None,
     config_dir: str = ".",
     write_configs: bool = False,
+    repeat: Repeat | None = None,
 ) -> list[Recommendation]:
-    """Up to three recommendations in one :class:`Cohort` (none when nothing fits).
+    """Up to three recommendations in one :class:`Cohort` (none when nothing fits). ``repeat``: the sweep's
+    :func:`worst_repeat`, whose drift widens what the fastest pick is within noise of.
 
     Commands name ``config_dir/recommended_<kind>.json`` with ``write_configs`` (the report writes those
     files), else the shipped ``ds_configs/`` file for the setting, else where the report writes it.
@@ -137,6 +187,7 @@ def recommend(
     if cohort is None:
         return []
     candidates = in_cohort(fitting(records, budget), cohort)
+    drift = abs(repeat.change) if repeat else 0.0
     fastest = max(candidates, key=lambda r: (r.samples_per_s, -(r.peak_bytes or 0)))
     picks = {
         "fastest": fastest,
@@ -153,13 +204,19 @@ def recommend(
         )
         path = f"ds_configs/{shipped}" if shipped and not write_configs else f"{config_dir}/recommended_{kind}.json"
         ties = (
-            [r.point.key for r in candidates if r is not record and within_noise(record, r)]
+            [r.point.key for r in candidates if r is not record and within_noise(record, r, drift)]
             if kind == "fastest"
             else []
         )
         out.append(
             Recommendation(
-                kind=kind, record=record, cohort=cohort, config_path=path, within_noise_of=ties, ds_config=ds_config
+                kind=kind,
+                record=record,
+                cohort=cohort,
+                config_path=path,
+                within_noise_of=ties,
+                ds_config=ds_config,
+                repeat=repeat if kind == "fastest" else None,
             )
         )
     return out

@@ -28,6 +28,7 @@ from ftprof.recommend import (
     pareto_front,
     per_rank_samples_per_s,
     recommend,
+    worst_repeat,
 )
 from ftprof.results import STATUSES, Record, latest, read_records
 from ftprof.run_profile import CONTENDED_STEAL, CONTENDED_WAIT, UNSTABLE_SPREAD, contention
@@ -276,13 +277,22 @@ def recommendations_panel(recs: list[Recommendation], budget: int | None, record
     for rec in recs:
         r = rec.record
         parts.append(Text(f"{rec.title}: {r.point.key} — {summary(rec)}", style="bold"))
-        if rec.within_noise_of:
-            parts.append(Text(f"  within measurement noise of {', '.join(rec.within_noise_of)}", style="yellow"))
+        if noise := noise_line(rec):
+            parts.append(Text(f"  {noise}", style="yellow"))
         parts.append(Text(f"  {rec.command}", style="cyan"))
     levers = lever_notes(records, budget)
     if levers:
         parts.append(Text("Memory levers: " + "; ".join(levers) + ".", style="italic"))
     return Group(rule, *parts)
+
+
+def noise_line(rec: Recommendation) -> str:
+    """What the pick can't be told apart from, and the machine's drift that allowed for (fastest only)."""
+    if not rec.repeat and not rec.within_noise_of:
+        return ""
+    ties = f"within measurement noise of {', '.join(rec.within_noise_of)}" if rec.within_noise_of else ""
+    drift = f"this machine's drift: {rec.repeat}" if rec.repeat else ""
+    return "; ".join(x for x in (ties, drift) if x)
 
 
 def summary(rec: Recommendation) -> str:
@@ -382,6 +392,7 @@ def to_markdown(
     for rec in recs:
         lines += [
             f"- **{rec.title}** (among {rec.cohort}): `{rec.record.point.key}`, {summary(rec)}",
+            *([f"  {noise}"] if (noise := noise_line(rec)) else []),
             f"  `{rec.command}`",
         ]
     lines += [f"- {note}" for note in lever_notes(records, budget)]
@@ -415,6 +426,9 @@ def to_json(records: list[Record], recs: list[Recommendation], budget: int | Non
                         "key": x.record.point.key,
                         "cohort": {"seq_len": x.cohort.seq_len, "world_size": x.cohort.world_size},
                         "within_noise_of": x.within_noise_of,
+                        "repeat": {"key": x.repeat.key, "first": x.repeat.first, "again": x.repeat.again}
+                        if x.repeat
+                        else None,
                         "command": x.command,
                         "ds_config": x.ds_config,
                         "breakdown_bytes": breakdown(x.record),
@@ -455,12 +469,15 @@ class SweepReport:
             ConfigError: the folder holds no points yet.
         """
         results = sweep if sweep.suffix == ".jsonl" else sweep / "results.jsonl"
-        records = latest(read_records(results))
+        measured = read_records(results)
+        records = latest(measured)
         if not records:
             raise ConfigError(f"{results} holds no points yet; run or --resume the sweep")
         if budget is None:
             budget = next((r.env["device_memory_bytes"] for r in records if r.env.get("device_memory_bytes")), None)
-        recs = recommend(records, budget, seq_len, world_size, str(results.parent), write_configs)
+        recs = recommend(
+            records, budget, seq_len, world_size, str(results.parent), write_configs, worst_repeat(measured)
+        )
         return cls(results.parent, records, recs, budget)
 
     def write_configs(self) -> list[Path]:

@@ -475,16 +475,39 @@ def _not_run(cfg: SweepConfig, p: Point, oomed: list[Point], bisecting: bool) ->
 def close_calls(records: list[Record], budget: int | None) -> list[Point]:
     """The fastest recommendation and the points whose throughput is within noise of it: the ones to measure
     again, longer, before the report picks between them. A point is re-measured once: one measured twice
-    already (a resumed sweep) stays as it is; a re-measure because the CPUs were busy doesn't count."""
-    from ftprof.recommend import recommend
+    already (a resumed sweep) stays as it is; a re-measure because the CPUs were busy, or the repeat that
+    gauges the machine's drift, doesn't count."""
+    from ftprof.recommend import recommend, worst_repeat
 
-    recs = recommend(latest(records), budget)
+    recs = recommend(latest(records), budget, repeat=worst_repeat(records))
     if not recs or not recs[0].within_noise_of:
         return []
-    measured = [r.point.key for r in records if r.status == "ok" and r.env.get("remeasured") != "contended"]
+    measured = [
+        r.point.key for r in records if r.status == "ok" and r.env.get("remeasured") not in ("contended", "repeat")
+    ]
     by_key = {r.point.key: r.point for r in records}
     close = [recs[0].record.point.key, *recs[0].within_noise_of]
     return [by_key[k] for k in close if measured.count(k) < 2]
+
+
+def repeat_point(records: list[Record]) -> Point | None:
+    """The sweep's first uncontended ok point, to measure again once the sweep is through: how far its
+    throughput moves says how repeatable this machine's figures are (:func:`ftprof.recommend.worst_repeat`).
+    None once the results hold such a repeat (a resumed sweep) or nothing to repeat."""
+    if any(r.env.get("remeasured") == "repeat" for r in records):
+        return None
+    return next(
+        (
+            r.point
+            for r in records
+            if r.status == "ok"
+            and r.samples_per_s
+            and "remeasured" not in r.env
+            and not (r.profile and r.profile.contended)
+            and r.env.get("concurrent_points", 1) == 1
+        ),
+        None,
+    )
 
 
 def contended_points(records: list[Record]) -> list[Point]:

@@ -59,6 +59,17 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
             cwd=ROOT,
         )
         assert proc.returncode == 0 and check in proc.stdout
+    # The machine's drift: the first clean point measured again, once over the three runs, shown with the pick.
+    lines = read_records(out / "results.jsonl")
+    clean = [r for r in lines if "remeasured" not in r.env and not r.profile.contended]
+    again = [r for r in lines if r.env.get("remeasured") == "repeat"]
+    assert len(again) == 1 and again[0].point.key == clean[0].point.key, [r.point.key for r in again]
+    fastest = json.loads(proc.stdout)["recommendations"][0]  # the json export, the loop's last
+    assert fastest["repeat"] == {
+        "key": clean[0].point.key,
+        "first": pytest.approx(clean[0].samples_per_s),
+        "again": pytest.approx(again[0].samples_per_s),
+    }
     for png in ("memory.png", "throughput.png", "breakdown.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "recommended_fastest.json").read_text())["zero_optimization"]["stage"] in (0, 2, 3)

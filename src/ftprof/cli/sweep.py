@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no_remeasure",
         action="store_true",
-        help="don't measure the fastest points again when their throughputs are within noise of each other",
+        help="measure nothing again: not the fastest points when within noise of each other, not the first "
+        "point (how repeatable the machine is), not points whose CPUs were busy",
     )
     return p
 
@@ -218,6 +219,7 @@ def run(argv: list[str], console: Console) -> None:
         contended_points,
         iterate_sweep,
         remeasure,
+        repeat_point,
     )
     from ftprof.sweep_manifest import SweepSettings, check_or_write
 
@@ -311,6 +313,12 @@ def run(argv: list[str], console: Console) -> None:
                 again = executor if a.executor == "slurm" else None
                 for record in remeasure(cfg, busy, executor=again, window=1, reason="contended"):
                     progress.console.print(_progress_line(record)[0] + "  (re-measured)")
+            # The machine's own drift: one point again, on this node (a Slurm job may land on another).
+            first = None if a.no_remeasure or a.executor == "slurm" else repeat_point(read_records(results))
+            if first:
+                progress.console.print(f"  how repeatable is this machine: measuring {first.key} again")
+                for record in remeasure(cfg, [first], window=1, reason="repeat"):
+                    progress.console.print(_progress_line(record)[0] + "  (repeat)")
             budget_now = budget or env.get("device_memory_bytes")
             close = [] if a.no_remeasure else close_calls(read_records(results), budget_now)
             if close:
