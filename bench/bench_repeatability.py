@@ -6,8 +6,10 @@
 Runs the quickstart's sweep (tiny-bert, its CPU defaults: batch 4/8, sequence 64/128, ZeRO 0/2, fp32) twice
 into fresh folders, one right after the other, exactly as the quickstart does (contended points and close
 calls re-measured; ``--no_remeasure`` among the extra flags turns that off), and prints each ok point's
-samples/s in both, their ratio, how long its threads waited for a CPU (s per s) in each window, and the
-worst disagreement (goal: every point within 10%). Extra flags go to both sweeps.
+samples/s in both, their ratio, how long its threads waited for a CPU (s per s) in each window, the worst
+disagreement (goal: every point within 10%), and the drift each sweep saw in itself (its first point measured
+again at its end, and any close call measured again): the band its report warns of. Extra flags go to both
+sweeps.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from ftprof.recommend import worst_repeat  # noqa: E402
 from ftprof.results import latest, read_records  # noqa: E402
+
+DRIFTS: list[str] = []  # each sweep's own repeat (the first point measured again at its end)
 
 
 def sweep(out: Path, extra: list[str]) -> dict[str, tuple[float, float | None, float | None]]:
@@ -37,7 +42,9 @@ def sweep(out: Path, extra: list[str]) -> dict[str, tuple[float, float | None, f
         *extra,
     ]
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    records = latest(read_records(out / "results.jsonl"))
+    measured = read_records(out / "results.jsonl")
+    DRIFTS.append(str(worst_repeat(measured) or "no repeat"))
+    records = latest(measured)
     return {
         r.point.key: (r.samples_per_s, r.profile.cpu_wait_share, r.profile.reference_s)
         for r in records
@@ -73,6 +80,7 @@ def main() -> None:
         "worst_ratio_at_reference_speed": round(max(normalised.values(), key=lambda r: abs(r - 1)), 3)
         if normalised
         else None,
+        "each_sweeps_own_worst_repeat": DRIFTS,
         "flags": extra,
     }
     print(json.dumps(summary, indent=2))

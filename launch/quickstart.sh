@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+# The DeepSpeed ops setup.sh built (a venv of its own: another venv's sources would rebuild them in ~/.cache).
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 exec .venv/bin/ftprof sweep --model tiny-bert --out "outputs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"

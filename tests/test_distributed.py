@@ -51,3 +51,28 @@ def test_a_launchers_variables_win(clean_env):
         clean_env.setenv(k, v)
     clean_env.setenv("RANK", "0"), clean_env.setenv("WORLD_SIZE", "4"), clean_env.setenv("LOCAL_RANK", "0")
     assert not adopt_slurm_env() and os.environ["WORLD_SIZE"] == "4"
+
+
+def test_stale_shm_buffers_are_ours_old_and_mapped_by_nobody(tmp_path):
+    import mmap
+    import time
+
+    from ftprof.distributed import SHM_PREFIX, remove_stale_shm_buffers, stale_shm_buffers
+
+    def buffer(name, age_s):
+        path = tmp_path / f"{SHM_PREFIX}_{name}"
+        path.write_bytes(b"\0" * 4096)
+        past = time.time() - age_s
+        os.utime(path, (past, past))
+        return path
+
+    uid = os.getuid()
+    left = buffer(f"{uid}_127.0.0.1_29500_0", 600)  # a finished run's
+    young = buffer(f"{uid}_127.0.0.1_29501_0", 5)  # a rank that just created it
+    others = buffer(f"{uid + 1}_127.0.0.1_29500_0", 600)  # another user's
+    live = buffer(f"{uid}_127.0.0.1_29502_1", 600)  # a running rank's: mapped
+    with live.open("r+b") as f, mmap.mmap(f.fileno(), 4096):
+        assert stale_shm_buffers(tmp_path) == [left]
+        assert remove_stale_shm_buffers(tmp_path) == (1, 4096)
+    assert not left.exists() and young.exists() and others.exists() and live.exists()
+    assert stale_shm_buffers(tmp_path) == [live]  # unmapped now

@@ -9,7 +9,7 @@ from typing import Literal, NamedTuple
 import torch
 from transformers import TrainingArguments
 
-from ftprof.distributed import adopt_process_group
+from ftprof.distributed import adopt_process_group, release_shm_buffer
 
 Task = Literal["classification", "causal-lm"]
 CAUSAL_LM_METRICS = ("eval_loss", "loss", "eval_perplexity", "perplexity")  # what a causal-LM evaluation reports
@@ -136,6 +136,7 @@ class FtprofTrainingArguments(TrainingArguments):
     def _setup_devices(self):
         device = TrainingArguments._setup_devices.func(self)  # type: ignore[attr-defined]  # cached_property
         adopt_process_group(self.distributed_state)
+        release_shm_buffer()  # DeepSpeed never unlinks its CPU collectives' 67 MB per rank in /dev/shm
         return device
 
 

@@ -100,7 +100,12 @@ def build(ops: tuple[str, ...] | None = None, clear_stale: bool = True) -> list[
 
 
 if __name__ == "__main__":
+    from ftprof.distributed import remove_stale_shm_buffers
+
     start = time.perf_counter()
+    count, size = remove_stale_shm_buffers()
+    if count:
+        print(f"removed {count} DeepSpeed shm buffers ({size / 2**30:.1f} GiB) earlier runs left in /dev/shm")
     built = build()
     where = extensions_root()
     print(f"DeepSpeed ops ready in {where} ({time.perf_counter() - start:.0f} s): {', '.join(built) or 'none'}")

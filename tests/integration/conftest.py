@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ftprof.distributed import free_port
+from ftprof.distributed import SHM_FOLDER, SHM_PREFIX, free_port
 from tests.conftest import ROOT, run_group
 
 TINY = ["--model", "tiny-bert", "--dataset", "synthetic", "--disable_tqdm", "true", "--report_to", "none"]
@@ -33,10 +33,17 @@ def train_command(args: list[str], ranks: int = 1) -> list[str]:
 
 def run_train(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run training to the end; fail the test with the output's tail when it exits non-zero."""
+    before = shm_buffers()
     proc = run_group(train_command(args, ranks), timeout, env=train_env(), cwd=ROOT)
     if proc.returncode != 0:
         pytest.fail(f"training exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    assert shm_buffers() <= before, "the run left DeepSpeed shm buffers in /dev/shm"
     return proc
+
+
+def shm_buffers() -> set[Path]:
+    """DeepSpeed's CPU-collective buffers in /dev/shm now (a run must not leave its own behind)."""
+    return set(SHM_FOLDER.glob(f"{SHM_PREFIX}_*"))
 
 
 def read_json(path: Path) -> dict:

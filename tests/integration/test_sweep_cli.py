@@ -11,7 +11,7 @@ import pytest
 
 from ftprof.results import latest, read_records
 from tests.conftest import ROOT, run_group
-from tests.integration.conftest import train_env
+from tests.integration.conftest import shm_buffers, train_env
 
 SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--steps", "2", "--warmup", "1", "--min_seconds", "0"]
 
@@ -20,8 +20,10 @@ def sweep(args, timeout=900):
     """Run `ftprof sweep` (tiny-bert unless --model is given) to the end; fail with its output otherwise."""
     if "--model" not in args:
         args = ["--model", "tiny-bert", *args]
+    before = shm_buffers()
     proc = run_group(SWEEP + args, timeout, env=train_env(), cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert shm_buffers() <= before, "the sweep's points left DeepSpeed shm buffers in /dev/shm"
     return proc
 
 

@@ -194,6 +194,11 @@ def run(argv: list[str], console: Console) -> None:
     from ftprof.ds_ops import check_no_stale_locks
 
     check_no_stale_locks()  # else every point would wait on it until its timeout
+    from ftprof.distributed import remove_stale_shm_buffers
+
+    count, size = remove_stale_shm_buffers()  # RAM that earlier DeepSpeed runs leaked, under every point's feet
+    if count:
+        console.print(f"  [dim]removed {count} DeepSpeed shm buffers ({size / 2**30:.1f} GiB) earlier runs left[/]")
 
     base = load_ds_config(a.ds_config) if a.ds_config else None
     if a.offload and base and base.offload != "none":
