@@ -85,9 +85,7 @@ def main() -> None:
         step()
     rows = windows(step, a.batch, a.seconds, 2.0)
     # 20 s windows from the same run: ten consecutive 2 s windows averaged by time.
-    long = [
-        (rows[i][0], statistics.fmean(r for _, r in rows[i : i + 10])) for i in range(0, len(rows) - 9, 10)
-    ]
+    long = [(rows[i][0], statistics.fmean(r for _, r in rows[i : i + 10])) for i in range(0, len(rows) - 9, 10)]
     print(json.dumps({"2s_windows": describe(rows), "20s_windows": describe(long), "flags": vars(a)}, indent=2))
 
 

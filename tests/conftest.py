@@ -23,16 +23,22 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def run_group(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run(command, capture_output=True, text=True)`` in a session of its own; on timeout the
-    whole group is killed (launcher, ranks, workers), not only the launcher, and TimeoutExpired re-raised."""
+    """``subprocess.run(command, capture_output=True, text=True)`` in a session of its own; on timeout (or
+    Ctrl-C) the group gets SIGTERM (a sweep stops its points, which run in sessions of their own), then
+    SIGKILL (the launcher and its ranks), and the exception goes on."""
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        except BaseException:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.communicate(timeout=10)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
             raise
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 

@@ -158,11 +158,13 @@ def test_repeats_pair_each_re_measure_with_its_first_clean_measurement():
         remeasured(first, 170, "repeat"),
         remeasured(other, 330, "close call"),
         remeasured(other, 150, "contended", contended=True),  # the CPUs, not the machine's drift
+        remeasured(first, 20, "repeat", contended=True),  # nor a repeat whose window waited for CPUs
     ]
     got = [(x.key, x.first, x.again) for x in repeats(records)]
     assert got == [(first.point.key, 200, 170), (other.point.key, 300, 330)]
     worst = worst_repeat(records)
     assert worst.key == first.point.key and worst.change == pytest.approx(-0.15)
+    assert worst.drift == pytest.approx(200 / 170 - 1)  # as two points' figures are compared: faster / slower
     assert str(worst) == "bf16-z2-w1-ga1-s128-b16 measured again: 200.0 → 170.0 samples/s (-15.0%)"
     assert worst_repeat(records[:3]) is None
 
@@ -172,7 +174,7 @@ def test_the_machines_drift_widens_what_the_fastest_is_within_noise_of():
     b = timed(4, 90.0, 0.0440, 0.0450)  # 88.9..90.9: no overlap, 11.1% slower
     c = timed(16, 80.0, 0.199, 0.201)  # 79.6..80.4: 25% slower
     assert recommend([a, b, c], None)[0].within_noise_of == []
-    drift = Repeat("x", first=100.0, again=88.0)  # the machine moved 12% between two measurements
+    drift = Repeat("x", first=100.0, again=88.0)  # the machine moved 100/88: 13.6% between two measurements
     fastest, *others = recommend([a, b, c], None, repeat=drift)
     assert fastest.within_noise_of == [b.point.key] and fastest.repeat is drift
     assert all(x.repeat is None and x.within_noise_of == [] for x in others)

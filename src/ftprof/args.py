@@ -136,7 +136,7 @@ class FtprofTrainingArguments(TrainingArguments):
     def _setup_devices(self):
         device = TrainingArguments._setup_devices.func(self)  # type: ignore[attr-defined]  # cached_property
         adopt_process_group(self.distributed_state)
-        release_shm_buffer()  # DeepSpeed never unlinks its CPU collectives' 67 MB per rank in /dev/shm
+        release_shm_buffer()  # DeepSpeed never unlinks its CPU collectives' 66 MiB per rank in /dev/shm
         return device
 
 

@@ -12,7 +12,7 @@ Three gaps are closed here:
   DeepSpeed's ``"auto"`` batch size for world size 1 (``16 != 16 * 1 * 2``) and would not shard the data.
   :func:`adopt_process_group` copies the group's real size and rank into accelerate's state.
 
-And one leak: DeepSpeed's CPU collectives give each rank a 67 MB shared-memory buffer in ``/dev/shm``
+And one leak: DeepSpeed's CPU collectives give each rank a 66 MiB shared-memory buffer in ``/dev/shm``
 (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) that nothing ever unlinks; every run leaves one per
 rank, in RAM, until reboot (325 of them, 21 of this machine's 24 GiB, after a day of sweeps and tests).
 :func:`release_shm_buffer` unlinks a rank's own once every rank has mapped it (the mapping lives on), so even a
@@ -26,6 +26,7 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -124,45 +125,65 @@ def shm_buffer(rank: int) -> Path:
 
 
 def release_shm_buffer() -> bool:
-    """Unlink this rank's DeepSpeed shm buffer once every rank has it mapped; True when one was unlinked.
+    """Unlink this rank's DeepSpeed shm buffer once every rank has it mapped; True when DeepSpeed made them.
 
-    Each rank maps every other rank's buffer while DeepSpeed initializes its backend, before it returns; a
-    barrier after that means all have, so the names can go (the mappings, and the collectives, live on).
+    DeepSpeed's CPU backend makes the buffers when every rank is on this host (``LOCAL_SIZE`` = world size),
+    and each rank maps every other's before its backend's constructor returns; a barrier after that means all
+    have, so the names can go (the mappings, and the collectives, live on). The condition is the same on every
+    rank, so either all take the barrier or none does.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    own = shm_buffer(dist.get_rank())
-    if not own.exists():  # not DeepSpeed's CPU backend, or ranks on several hosts: no buffers
+    try:
+        from deepspeed.comm import comm as ds_comm
+    except ImportError:
+        return False
+    shm_op = getattr(ds_comm.cdb, "shm_comm_op", None) if ds_comm.cdb is not None else None
+    if shm_op is None or os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
         return False
     dist.barrier()
-    own.unlink(missing_ok=True)
+    shm_buffer(dist.get_rank()).unlink(missing_ok=True)
     return True
+
+
+def each_process(read: Callable[[Path], str]) -> list[str] | None:
+    """``read(/proc/<pid>)`` for every process we can see (those gone or another user's skipped); None where
+    /proc can't tell (not Linux)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    out = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                out.append(read(entry))
+            except OSError:
+                continue
+    return out
+
+
+def age_s(path: Path) -> float | None:
+    """Seconds since ``path`` last changed; None once it is gone (another process may remove it any time)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def _mapped_shm_buffers() -> set[str] | None:
     """The DeepSpeed shm buffers any process we can see maps (/proc/*/maps); None where /proc can't tell."""
-    proc = Path("/proc")
-    if not proc.is_dir():
+    maps = each_process(lambda entry: (entry / "maps").read_text())
+    if maps is None:
         return None
-    mapped: set[str] = set()
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            try:
-                text = (entry / "maps").read_text()
-            except OSError:  # gone, or another user's
-                continue
-            mapped.update(line.split(maxsplit=5)[-1] for line in text.splitlines() if SHM_PREFIX in line)
-    return mapped
+    return {line.split(maxsplit=5)[-1] for text in maps for line in text.splitlines() if SHM_PREFIX in line}
 
 
 def stale_shm_buffers(folder: Path = SHM_FOLDER, older_than_s: float = 60.0) -> list[Path]:
     """This user's DeepSpeed shm buffers that no process maps, older than ``older_than_s`` (a starting
     rank maps its own right after creating it): what finished or killed runs left."""
-    candidates = [
-        p for p in folder.glob(f"{SHM_PREFIX}_{os.getuid()}_*") if time.time() - p.stat().st_mtime > older_than_s
-    ]
+    candidates = [p for p in folder.glob(f"{SHM_PREFIX}_{os.getuid()}_*") if (age_s(p) or 0) > older_than_s]
     mapped = _mapped_shm_buffers() if candidates else set()
     if mapped is None:
         return []
@@ -170,13 +191,15 @@ def stale_shm_buffers(folder: Path = SHM_FOLDER, older_than_s: float = 60.0) -> 
 
 
 def remove_stale_shm_buffers(folder: Path = SHM_FOLDER) -> tuple[int, int]:
-    """Remove :func:`stale_shm_buffers`; returns how many and their bytes."""
+    """Remove :func:`stale_shm_buffers`; returns how many and their bytes. Each is aged again just before:
+    a new run of the same address and port reopens (and rewrites) the same name."""
     count = size = 0
     for path in stale_shm_buffers(folder):
         try:
-            size += path.stat().st_size
-            path.unlink()
-            count += 1
+            nbytes = path.stat().st_size
+            if (age_s(path) or 0) > 60.0:
+                path.unlink()
+                count, size = count + 1, size + nbytes
         except FileNotFoundError:  # another cleaner got there first
             continue
     return count, size

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from ftprof.distributed import age_s, each_process
+
 #: The ops a DeepSpeed run on the CPU accelerator builds: comm (every run), FusedAdam, DeepSpeedCPUAdam (offload).
 CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder", "CPUAdamBuilder")
 #: A real build is never idle this long without a process working in its folder.
@@ -33,17 +35,8 @@ def extensions_root() -> Path:
 def _working_dirs() -> set[Path] | None:
     """The working directories of every process we can see (ninja and the compiler run in the build folder);
     None where /proc can't tell (not Linux)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return None
-    dirs = set()
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            try:
-                dirs.add(Path(os.readlink(entry / "cwd")))
-            except OSError:  # gone, or another user's
-                continue
-    return dirs
+    cwds = each_process(lambda entry: os.readlink(entry / "cwd"))
+    return None if cwds is None else {Path(c) for c in cwds}
 
 
 def stale_locks(root: Path | None = None, older_than_s: float = STALE_AFTER_S) -> list[Path]:
@@ -51,7 +44,7 @@ def stale_locks(root: Path | None = None, older_than_s: float = STALE_AFTER_S) -
     their folder. Empty where processes can't be seen (then nothing can be called stale)."""
     root = extensions_root() if root is None else root
     locks = [p for pattern in ("*/lock", "*/*/lock") for p in root.glob(pattern)]
-    old = [p for p in locks if time.time() - p.stat().st_mtime > older_than_s] if locks else []
+    old = [p for p in locks if (age_s(p) or 0) > older_than_s]
     if not old:
         return []
     busy = _working_dirs()

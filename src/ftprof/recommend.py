@@ -61,20 +61,25 @@ class Repeat:
     def change(self) -> float:
         return self.again / self.first - 1
 
+    @property
+    def drift(self) -> float:
+        """The faster figure over the slower, less one: measured as two points are compared."""
+        return max(self.first, self.again) / min(self.first, self.again) - 1
+
     def __str__(self) -> str:
         return f"{self.key} measured again: {self.first:.1f} → {self.again:.1f} samples/s ({self.change:+.1%})"
 
 
 def repeats(records: list[Record]) -> list[Repeat]:
-    """Each re-measure in :data:`REPEATABILITY_EVIDENCE` against its point's first uncontended measurement;
-    ``records`` in the order measured (the whole results file, not only the latest per point)."""
+    """Each uncontended re-measure in :data:`REPEATABILITY_EVIDENCE` against its point's first uncontended
+    measurement; ``records`` in the order measured (the whole results file, not only the latest per point)."""
     first: dict[str, Record] = {}
     out = []
     for r in records:
-        if r.status != "ok" or not r.samples_per_s:
+        if r.status != "ok" or not r.samples_per_s or (r.profile and r.profile.contended):
             continue
         reason = r.env.get("remeasured")
-        if reason is None and r.point.key not in first and not (r.profile and r.profile.contended):
+        if reason is None and r.point.key not in first:
             first[r.point.key] = r
         elif reason in REPEATABILITY_EVIDENCE and r.point.key in first:
             out.append(Repeat(r.point.key, first[r.point.key].samples_per_s, r.samples_per_s))
@@ -83,7 +88,7 @@ def repeats(records: list[Record]) -> list[Repeat]:
 
 def worst_repeat(records: list[Record]) -> Repeat | None:
     """The re-measure that moved the most (the sweep's evidence of how repeatable its throughput is)."""
-    return max(repeats(records), key=lambda x: abs(x.change), default=None)
+    return max(repeats(records), key=lambda x: x.drift, default=None)
 
 
 @dataclass(frozen=True)
@@ -187,7 +192,7 @@ def recommend(
     if cohort is None:
         return []
     candidates = in_cohort(fitting(records, budget), cohort)
-    drift = abs(repeat.change) if repeat else 0.0
+    drift = repeat.drift if repeat else 0.0
     fastest = max(candidates, key=lambda r: (r.samples_per_s, -(r.peak_bytes or 0)))
     picks = {
         "fastest": fastest,

@@ -42,8 +42,8 @@ def run_train(args: list[str], ranks: int = 1, timeout: int = 600) -> subprocess
 
 
 def shm_buffers() -> set[Path]:
-    """DeepSpeed's CPU-collective buffers in /dev/shm now (a run must not leave its own behind)."""
-    return set(SHM_FOLDER.glob(f"{SHM_PREFIX}_*"))
+    """This user's DeepSpeed CPU-collective buffers in /dev/shm now (a run must not leave its own behind)."""
+    return set(SHM_FOLDER.glob(f"{SHM_PREFIX}_{os.getuid()}_*"))
 
 
 def read_json(path: Path) -> dict:
