@@ -66,12 +66,17 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
     clean = [r for r in lines if r.status == "ok" and "remeasured" not in r.env and not r.profile.contended]
     again = [r for r in lines if r.env.get("remeasured") == "repeat"]
     assert len(again) == 1 and again[0].point.key == clean[0].point.key, [r.point.key for r in again]
-    fastest = json.loads(proc.stdout)["recommendations"][0]  # the json export, the loop's last
-    assert fastest["repeat"] == {
-        "key": clean[0].point.key,
-        "first": pytest.approx(clean[0].samples_per_s),
-        "again": pytest.approx(again[0].samples_per_s),
-    }
+    # The pick carries the worst of the sweep's re-measures (the repeat or a close call) against a first figure.
+    rep = json.loads(proc.stdout)["recommendations"][0]["repeat"]  # the json export, the loop's last
+    firsts = {r.point.key: r.samples_per_s for r in reversed(clean)}
+    agains = [
+        (r.point.key, r.samples_per_s)
+        for r in lines
+        if r.env.get("remeasured") in ("repeat", "close call") and r.status == "ok" and not r.profile.contended
+    ]
+    assert (rep["key"], pytest.approx(rep["again"])) in agains and rep["first"] == pytest.approx(firsts[rep["key"]])
+    drift = max(rep["first"], rep["again"]) / min(rep["first"], rep["again"]) - 1
+    assert all(max(firsts[k], x) / min(firsts[k], x) - 1 <= drift + 1e-9 for k, x in agains if k in firsts)
     for png in ("memory.png", "throughput.png", "breakdown.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "recommended_fastest.json").read_text())["zero_optimization"]["stage"] in (0, 2, 3)
