@@ -15,8 +15,8 @@ Three gaps are closed here:
 And one leak: DeepSpeed's CPU collectives give each rank a 66 MiB shared-memory buffer in ``/dev/shm``
 (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) that nothing ever unlinks; every run leaves one per
 rank, in RAM, until reboot (325 of them, 21 of this machine's 24 GiB, after a day of sweeps and tests).
-:func:`release_shm_buffer` unlinks a rank's own once every rank has mapped it (the mapping lives on), so even a
-killed run leaks nothing; :func:`remove_stale_shm_buffers` clears what earlier runs left.
+:func:`release_shm_buffer` unlinks a rank's own once every rank has mapped it (the mapping lives on), so a run
+killed after start-up leaks nothing; :func:`remove_stale_shm_buffers` clears what earlier runs left.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SHM_FOLDER = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"  # deepspeed/ops/csrc/cpu/comm/shm.cpp, SHM_BUFFER_NAME
+SHM_STALE_AFTER_S = 60.0  # a starting rank maps its own buffer right after creating it
 
 
 def free_port() -> int:
@@ -180,9 +181,9 @@ def _mapped_shm_buffers() -> set[str] | None:
     return {line.split(maxsplit=5)[-1] for text in maps for line in text.splitlines() if SHM_PREFIX in line}
 
 
-def stale_shm_buffers(folder: Path = SHM_FOLDER, older_than_s: float = 60.0) -> list[Path]:
-    """This user's DeepSpeed shm buffers that no process maps, older than ``older_than_s`` (a starting
-    rank maps its own right after creating it): what finished or killed runs left."""
+def stale_shm_buffers(folder: Path = SHM_FOLDER, older_than_s: float = SHM_STALE_AFTER_S) -> list[Path]:
+    """This user's DeepSpeed shm buffers that no process maps, older than ``older_than_s``: what finished or
+    killed runs left."""
     candidates = [p for p in folder.glob(f"{SHM_PREFIX}_{os.getuid()}_*") if (age_s(p) or 0) > older_than_s]
     mapped = _mapped_shm_buffers() if candidates else set()
     if mapped is None:
@@ -197,7 +198,7 @@ def remove_stale_shm_buffers(folder: Path = SHM_FOLDER) -> tuple[int, int]:
     for path in stale_shm_buffers(folder):
         try:
             nbytes = path.stat().st_size
-            if (age_s(path) or 0) > 60.0:
+            if (age_s(path) or 0) > SHM_STALE_AFTER_S:
                 path.unlink()
                 count, size = count + 1, size + nbytes
         except FileNotFoundError:  # another cleaner got there first
