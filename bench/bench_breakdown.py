@@ -41,7 +41,7 @@ def pct(errs: list[float]) -> str:
 
 
 def activations() -> None:
-    from ftprof.calibrate import saved_activations_case
+    from ftprof.estimate.calibration import saved_activations_case
     from ftprof.point import Point
 
     families = [
@@ -88,9 +88,9 @@ def states(out: Path, model: str) -> None:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from ftprof.estimate import MODEL_STATES, estimate, measured_bytes
-    from ftprof.model_facts import arch_for
-    from ftprof.results import latest, read_records
+    from ftprof.estimate.architecture import arch_for
+    from ftprof.estimate.estimator import MODEL_STATES, estimate, measured_bytes
+    from ftprof.records.results import latest, read_records
 
     grid = ["--zero", "0,1,2,3", "--precision", "fp32,bf16", "--world_size", "1,2", "--offload", "none,optimizer"]
     grid += ["--batch_sizes", "2", "--seq_lens", "32", "--steps", "1", "--min_seconds", "0", "--warmup", "0"]
@@ -145,10 +145,10 @@ def peaks(out: Path) -> None:
     from accelerate.commands.estimate import estimate_training_usage
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from ftprof.calibrate import calibrate, errors, observations_from_records
-    from ftprof.estimate import MODEL_STATES, Calibration, estimate, measured_bytes
-    from ftprof.model_facts import arch_for
-    from ftprof.results import latest, read_records
+    from ftprof.estimate.architecture import arch_for
+    from ftprof.estimate.calibration import calibrate, errors, observations_from_records
+    from ftprof.estimate.estimator import MODEL_STATES, Calibration, estimate, measured_bytes
+    from ftprof.records.results import latest, read_records
     from ftprof.units import GIB
 
     fit_records = [

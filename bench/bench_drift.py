@@ -28,7 +28,7 @@ def step_fn(batch: int, seq: int):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from ftprof.models import resolve_model_spec
+    from ftprof.train.models import resolve_model_spec
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(resolve_model_spec("tiny-bert", random_init=True).config)

@@ -67,10 +67,10 @@ def evaluate(profiles: list[Path]) -> dict:
     from accelerate.commands.estimate import estimate_training_usage
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from ftprof.calibrate import calibrate, error_summary, errors, observations_from_records, split_holdout
-    from ftprof.estimate import Calibration
-    from ftprof.model_facts import arch_for
-    from ftprof.results import latest, read_records
+    from ftprof.estimate.architecture import arch_for
+    from ftprof.estimate.calibration import calibrate, error_summary, errors, observations_from_records, split_holdout
+    from ftprof.estimate.estimator import Calibration
+    from ftprof.records.results import latest, read_records
     from ftprof.units import GIB
 
     records = [r for p in profiles for r in latest(read_records(p / "results.jsonl"))]

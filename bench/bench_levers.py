@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from ftprof.results import Record, latest, read_records  # noqa: E402
+from ftprof.records.results import Record, latest, read_records  # noqa: E402
 
 BATCHES = [8, 16, 32, 64, 128]
 MODELS = {"tiny-bert": "classification", "tiny-llama": "causal-lm"}

@@ -22,8 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from ftprof.recommend import worst_repeat  # noqa: E402
-from ftprof.results import latest, read_records  # noqa: E402
+from ftprof.records.results import latest, read_records  # noqa: E402
+from ftprof.report.recommend import worst_repeat  # noqa: E402
 
 DRIFTS: list[str] = []  # each sweep's own repeat (the first point measured again at its end)
 

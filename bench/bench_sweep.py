@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from ftprof.results import read_records  # noqa: E402
+from ftprof.records.results import read_records  # noqa: E402
 
 BASE = [
     "--model",

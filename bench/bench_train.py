@@ -101,8 +101,8 @@ def worker(rows: int, out: Path, pad_to: int | None) -> None:
         TrainingArguments,
     )
 
-    from ftprof.data import load_raw, prepare_task
-    from ftprof.metrics import argmax_logits, classification_metrics
+    from ftprof.train.data import load_raw, prepare_task
+    from ftprof.train.metrics import argmax_logits, classification_metrics
 
     task = prepare_task(load_raw(str(SST2)), None, None, seed=42, max_train_samples=rows)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from ftprof.results import Record, latest, read_records  # noqa: E402
+from ftprof.records.results import Record, latest, read_records  # noqa: E402
 
 GRID = ["--zero", "0,2", "--batch_sizes", "4,16", "--seq_lens", "128", "--precision", "fp32"]
 MODELS = {"tiny-bert": "classification", "tiny-llama": "causal-lm"}

@@ -28,7 +28,7 @@ quiet .venv/bin/python -m pip install -q -e '.[test]'
 # timeout, into this venv (the tests use the same folder): a test timing out mid-build would leave a lock file
 # that every later DeepSpeed run waits on forever. Re-runs only load them; stale locks are removed first.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
-quiet .venv/bin/python -m ftprof.ds_ops >/dev/null
+quiet .venv/bin/python -m ftprof.runtime.ds_ops >/dev/null
 tail -n 1 "$log"
 # Importing deepspeed logs its accelerator choice on stdout; keep only our summary line.
 quiet .venv/bin/python -c "import ftprof, torch, deepspeed, transformers; print('ftprof', ftprof.__version__, '| torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)" >/dev/null

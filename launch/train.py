@@ -7,7 +7,7 @@
     python launch/train.py --model tiny-bert --dataset synthetic --ds_config ds_configs/zero2.json  # no network
 
 Every TrainingArguments flag works under its HF name; `python launch/train.py --help` lists them all.
-The logic lives in ftprof.train (also installed as `ftprof train`).
+The logic lives in ftprof.train.run (also installed as `ftprof train`).
 """
 
 from ftprof.cli.train import main

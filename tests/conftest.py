@@ -46,8 +46,8 @@ def run_group(command: list[str], timeout: float, **kwargs) -> subprocess.Comple
 def pytest_sessionstart(session: pytest.Session) -> None:
     """A lock left by a killed op build would hang every DeepSpeed test until its timeout: stop at once. Shm
     buffers that earlier DeepSpeed runs leaked hold RAM every test needs: remove them."""
-    from ftprof.distributed import remove_stale_shm_buffers
-    from ftprof.ds_ops import stale_locks
+    from ftprof.runtime.distributed import remove_stale_shm_buffers
+    from ftprof.runtime.ds_ops import stale_locks
 
     remove_stale_shm_buffers()
     if locks := stale_locks():

@@ -8,16 +8,23 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ftprof.architectures import KNOWN_CHECKPOINTS, TINY_PRESETS
-from ftprof.data import load_raw
 from ftprof.errors import ConfigError, DataError, ModelError
-from ftprof.lm_data import IGNORE_INDEX, CausalLMCollator, lm_datasets, pack, prepare_corpus, tokenize_documents
-from ftprof.lm_tokenizer import train_byte_bpe
-from ftprof.models import build_causal_lm, load_tokenizer, resolve_model_spec, train_tokenizer_for
-from ftprof.offline_tokenizer import train_wordpiece
-from ftprof.synthetic import synthetic_dataset
-from ftprof.tasks import max_length_for
-from ftprof.train import parse
+from ftprof.known_configs import KNOWN_CHECKPOINTS, TINY_PRESETS
+from ftprof.train.bpe_tokenizer import train_byte_bpe
+from ftprof.train.causal_lm_data import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    lm_datasets,
+    pack,
+    prepare_corpus,
+    tokenize_documents,
+)
+from ftprof.train.data import load_raw
+from ftprof.train.models import build_causal_lm, load_tokenizer, resolve_model_spec, train_tokenizer_for
+from ftprof.train.run import parse
+from ftprof.train.synthetic import synthetic_dataset
+from ftprof.train.tasks import max_length_for
+from ftprof.train.wordpiece_tokenizer import train_wordpiece
 
 TEXTS = ["a good film", "a dull film with a weak plot", "the cast was great", "it is tedious"] * 25
 EOS = 0  # the byte-level tokenizer's first special token
@@ -304,7 +311,7 @@ def test_packing_flag_is_causal_lm_only(tmp_path):
 
 def test_padding_mode_trains_and_reports_perplexity_in_process(tmp_path):
     """The whole recipe without DeepSpeed (a few seconds): padded documents, eval loss and perplexity."""
-    from ftprof.train import main
+    from ftprof.train.run import main
 
     out = tmp_path / "out"
     metrics = main(

@@ -4,9 +4,9 @@ import json
 import pandas as pd
 import pytest
 
-from ftprof.data import load_raw, prepare_task, tokenize
 from ftprof.errors import DataError
-from ftprof.synthetic import NEGATIVE, POSITIVE, synthetic_dataset
+from ftprof.train.data import load_raw, prepare_task, tokenize
+from ftprof.train.synthetic import NEGATIVE, POSITIVE, synthetic_dataset
 
 ROWS = [{"sentence": f'a "quoted" line number {i}, with a comma', "label": i % 2} for i in range(20)]
 
@@ -124,7 +124,7 @@ def test_synthetic_task_is_learnable_and_balanced():
 
 
 def test_tokenize_truncates_without_padding(tmp_path):
-    from ftprof.offline_tokenizer import train_wordpiece
+    from ftprof.train.wordpiece_tokenizer import train_wordpiece
 
     task = prepare_task(synthetic_dataset(n_train=200, n_eval=50), None, None)
     tok = train_wordpiece(task.train["text"], 500, 512)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from ftprof.deepspeed_config import DeepSpeedConfig, load_ds_config
 from ftprof.errors import ConfigError
+from ftprof.runtime.deepspeed_config import DeepSpeedConfig, load_ds_config
 from tests.conftest import ROOT
 
 CONFIGS = {
@@ -108,7 +108,7 @@ def test_shipped_configs_are_plain_json():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_files_are_ds_config_for_output(name):
-    from ftprof.deepspeed_config import ds_config_for
+    from ftprof.runtime.deepspeed_config import ds_config_for
 
     stage, opt, param = CONFIGS[name]
     expected = ds_config_for(stage, opt == "cpu", param == "cpu")
@@ -116,8 +116,8 @@ def test_shipped_files_are_ds_config_for_output(name):
 
 
 def test_a_base_configs_offload_applies_where_the_stage_allows_it():
-    from ftprof.deepspeed_config import for_point
-    from ftprof.sweep_plan import plan_grid
+    from ftprof.runtime.deepspeed_config import for_point
+    from ftprof.sweep.plan import plan_grid
 
     base = load_ds_config(ROOT / "ds_configs" / "zero3_offload.json")
     points = {p.zero: p for p in plan_grid([8], [1], ["bf16"], [128], [0, 2, 3], [1], offload=base.offload)}
@@ -129,7 +129,7 @@ def test_a_base_configs_offload_applies_where_the_stage_allows_it():
 
 
 def test_shipped_config_names_match_their_contents():
-    from ftprof.deepspeed_config import SHIPPED_CONFIGS, ds_config_for
+    from ftprof.runtime.deepspeed_config import SHIPPED_CONFIGS, ds_config_for
 
     for (stage, offload), name in SHIPPED_CONFIGS.items():
         shipped = json.loads((ROOT / "ds_configs" / name).read_text())
@@ -137,8 +137,8 @@ def test_shipped_config_names_match_their_contents():
 
 
 def test_a_users_block_is_used_as_written_at_its_own_stage():
-    from ftprof.deepspeed_config import DeepSpeedConfig, for_point
     from ftprof.point import Point
+    from ftprof.runtime.deepspeed_config import DeepSpeedConfig, for_point
 
     base = DeepSpeedConfig({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e7}})
     same = for_point(base, Point(precision="fp32", zero=2, seq_len=8, batch_size=1))["zero_optimization"]

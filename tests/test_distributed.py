@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ftprof.distributed import LAUNCHER_VARIABLES, adopt_slurm_env, ensure_single_process_env
+from ftprof.runtime.distributed import LAUNCHER_VARIABLES, adopt_slurm_env, ensure_single_process_env
 
 STEP = {
     "SLURM_PROCID": "1",
@@ -57,7 +57,7 @@ def test_stale_shm_buffers_are_ours_old_and_mapped_by_nobody(tmp_path):
     import mmap
     import time
 
-    from ftprof.distributed import SHM_PREFIX, remove_stale_shm_buffers, stale_shm_buffers
+    from ftprof.runtime.distributed import SHM_PREFIX, remove_stale_shm_buffers, stale_shm_buffers
 
     def buffer(name, age_s):
         path = tmp_path / f"{SHM_PREFIX}_{name}"

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from ftprof import ds_ops
 from ftprof.cli import sweep as sweep_cli
 from ftprof.cli import train as train_cli
 from ftprof.errors import ConfigError
+from ftprof.runtime import ds_ops
 from tests.conftest import ROOT
 
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-import ftprof.estimate
-from ftprof.calibrate import Observation, calibrate, error_summary, errors, observations_from_records
+import ftprof.estimate.estimator
 from ftprof.errors import ConfigError
-from ftprof.estimate import (
+from ftprof.estimate.architecture import arch_for, arch_from_config
+from ftprof.estimate.calibration import Observation, calibrate, error_summary, errors, observations_from_records
+from ftprof.estimate.estimator import (
     Arch,
     Calibration,
     estimate,
@@ -16,9 +17,8 @@ from ftprof.estimate import (
     max_batch,
     saved_activations,
 )
-from ftprof.model_facts import arch_for, arch_from_config
 from ftprof.point import Point
-from ftprof.results import read_records
+from ftprof.records.results import read_records
 from ftprof.units import GIB
 from tests.conftest import ROOT
 
@@ -219,13 +219,13 @@ def test_held_out_check_fails_an_estimator_with_model_states_100x(monkeypatch):
     tiny models' peaks, so a 10x error (3.1%) or any error in the activations' scale (absorbed by the
     fitted factor) passes it; model states are checked against real tensors above and on real ranks in
     tests/integration/test_two_ranks.py."""
-    real = ftprof.estimate.model_states
+    real = ftprof.estimate.estimator.model_states
 
     def hundredfold(arch, s, device="gpu", rank=None):
         held, host = real(arch, s, device, rank)
         return {k: 100 * v for k, v in held.items()}, host
 
-    monkeypatch.setattr(ftprof.estimate, "model_states", hundredfold)
+    monkeypatch.setattr(ftprof.estimate.estimator, "model_states", hundredfold)
     summary = held_out_error(real_observations("tiny-bert"), real_observations("tiny-gpt2"))
     print(f"held-out tiny-gpt2, model states x100: {summary}")
     assert summary["median_abs_pct"] > HELD_OUT_MEDIAN_PCT
@@ -361,7 +361,7 @@ def test_saved_activations_match_real_forwards_across_families():
     items before this check (they counted the recomputed layer and the live logits as saved, and missed
     gelu_new's tensors and the heads' view of the last layer) were off by a median of 117% at batch 2 x 32,
     18% of the cases within 5%."""
-    from ftprof.calibrate import saved_activations_case
+    from ftprof.estimate.calibration import saved_activations_case
 
     errs: dict[str, list[float]] = {}
     for model, task, attention, dropout, ckpt, precision in ACTIVATION_CASES:

@@ -7,13 +7,13 @@ from dataclasses import replace
 
 import pytest
 
-from ftprof.calibrate import calibration_path, fit_reserved_factor, reserved_ratios
 from ftprof.cli.estimate import main, verdict
-from ftprof.estimate import GPUS, Calibration, estimate, gpu_key, max_batch
-from ftprof.model_facts import arch_for
+from ftprof.estimate.architecture import arch_for
+from ftprof.estimate.calibration import calibration_path, fit_reserved_factor, reserved_ratios
+from ftprof.estimate.estimator import GPUS, Calibration, estimate, gpu_key, max_batch
 from ftprof.point import Point
-from ftprof.results import Record, read_records
-from ftprof.run_profile import Profile, RankProfile
+from ftprof.records.profile import Profile, RankProfile
+from ftprof.records.results import Record, read_records
 from tests.conftest import ROOT
 
 MIB = 2**20
@@ -112,7 +112,7 @@ def test_an_uncalibrated_gpu_estimate_says_which_constants_are_assumed(capsys):
 def test_calibrations_fitted_to_the_older_estimator_are_set_aside(tmp_path, monkeypatch, caplog):
     """Version-1 files were fitted with an activation factor that also scaled the live logits and the
     recomputed layer and could fall below 1: their constants mean something else now."""
-    from ftprof.calibrate import calibration_path, load_calibration
+    from ftprof.estimate.calibration import calibration_path, load_calibration
 
     monkeypatch.setenv("FTPROF_HOME", str(tmp_path))
     path = calibration_path("h100-80gb")

@@ -7,8 +7,8 @@ import pytest
 from transformers import EvalPrediction
 
 from ftprof.errors import ConfigError
-from ftprof.metrics import make_compute_metrics
-from ftprof.train import parse
+from ftprof.train.metrics import make_compute_metrics
+from ftprof.train.run import parse
 
 # A local evaluate metric: accuracy under the key our own accuracy uses, plus the number of correct rows,
 # and an ``average`` argument like evaluate's f1 (binary by default).
@@ -64,7 +64,7 @@ def test_a_missing_local_script_is_a_config_error(tmp_path):
 
 def test_a_local_metric_script_is_merged_into_the_eval_metrics(tmp_path, metric_script):
     script, _ = parse_with(tmp_path, "--metric", str(metric_script))
-    compute = make_compute_metrics(2, script.metric)  # what ftprof.train.setup hands Trainer
+    compute = make_compute_metrics(2, script.metric)  # what ftprof.train.run.setup hands Trainer
     preds, labels = np.array([1, 0, 1, 1, 0]), np.array([1, 0, 0, 1, 1])
     scores = compute(EvalPrediction(predictions=preds, label_ids=labels))
     # Ours keep their keys (accuracy 3/5, binary F1 2/3); the metric's "accuracy" is prefixed, others kept.

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from ftprof.executors import SerialExecutor
-from ftprof.executors import slurm as slurm_mod
-from ftprof.executors.local import LocalExecutor, device_slots
-from ftprof.executors.slurm import SlurmExecutor, SlurmOptions, parse_slurm_time, srun_command
-from ftprof.executors.slurm_jobs import JobEntry, JobLog, JobState, parse_sacct, parse_squeue, status_for_state
 from ftprof.point import Point
-from ftprof.results import Record, read_records
-from ftprof.run_profile import Profile
-from ftprof.sweep import SweepConfig, iterate_sweep
-from ftprof.sweep_plan import plan_grid
+from ftprof.records.profile import Profile
+from ftprof.records.results import Record, read_records
+from ftprof.sweep.executors import SerialExecutor
+from ftprof.sweep.executors import slurm as slurm_mod
+from ftprof.sweep.executors.local import LocalExecutor, device_slots
+from ftprof.sweep.executors.slurm import SlurmExecutor, SlurmOptions, parse_slurm_time, srun_command
+from ftprof.sweep.executors.slurm_jobs import JobEntry, JobLog, JobState, parse_sacct, parse_squeue, status_for_state
+from ftprof.sweep.plan import plan_grid
+from ftprof.sweep.point_run import SweepConfig
+from ftprof.sweep.schedule import iterate_sweep
 
 
 def point(zero=2, world=1, batch=8, seq=128, precision="fp32"):
@@ -236,7 +237,7 @@ def test_a_multi_rank_point_is_one_srun_step(monkeypatch):
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
     command = srun_command(Path("/shared/spec.json"), 2)
     assert command[:4] == ["srun", "--ntasks=2", "--kill-on-bad-exit=1", "--cpus-per-task=4"]
-    assert command[-3:] == ["-m", "ftprof.measure", "/shared/spec.json"]
+    assert command[-3:] == ["-m", "ftprof.sweep.measure", "/shared/spec.json"]
     assert srun_command(Path("/shared/spec.json"), 1)[-1] == "/shared/spec.json"  # one rank: no step
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from ftprof.metrics import argmax_logits, classification_metrics
+from ftprof.train.metrics import argmax_logits, classification_metrics
 
 
 def test_binary_accuracy_and_f1_by_hand():

@@ -1,9 +1,9 @@
 import pytest
 from transformers import AutoConfig, BertForSequenceClassification, GPT2ForSequenceClassification
 
-from ftprof.architectures import ALIASES, KNOWN_CHECKPOINTS, TINY_PRESETS, known_config_dict
 from ftprof.errors import ModelError
-from ftprof.models import build_model, load_tokenizer, max_positions, resolve_model_spec, train_tokenizer_for
+from ftprof.known_configs import ALIASES, KNOWN_CHECKPOINTS, TINY_PRESETS, known_config_dict
+from ftprof.train.models import build_model, load_tokenizer, max_positions, resolve_model_spec, train_tokenizer_for
 
 TEXTS = ["a good film", "a bad film", "the plot was dull", "the cast was great"] * 20
 

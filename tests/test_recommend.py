@@ -1,10 +1,10 @@
 import pytest
 
-from ftprof.commands import train_command
 from ftprof.point import Point
-from ftprof.recommend import Repeat, lever_notes, pareto_front, recommend, repeats, worst_repeat
-from ftprof.results import Record
-from ftprof.run_profile import Profile
+from ftprof.records.profile import Profile
+from ftprof.records.results import Record
+from ftprof.report.commands import train_command
+from ftprof.report.recommend import Repeat, lever_notes, pareto_front, recommend, repeats, worst_repeat
 from ftprof.units import GIB
 
 

@@ -4,8 +4,8 @@ import json
 
 from rich.console import Console
 
-from ftprof import report as views
-from ftprof.recommend import recommend
+from ftprof.report import tables as views
+from ftprof.report.recommend import recommend
 from ftprof.units import GIB
 from tests.test_recommend import RECORDS
 
@@ -57,7 +57,7 @@ def test_json_and_markdown_exports():
 def test_breakdown_of_the_highest_rank_and_the_rest_of_its_peak():
     from dataclasses import replace
 
-    from ftprof.run_profile import Profile, RankProfile
+    from ftprof.records.profile import Profile, RankProfile
 
     mib = 2**20
     ranks = [
@@ -99,7 +99,7 @@ def test_breakdown_of_the_highest_rank_and_the_rest_of_its_peak():
 def test_offloaded_items_are_host_memory_not_part_of_the_device_peak():
     from dataclasses import replace
 
-    from ftprof.run_profile import Profile, RankProfile
+    from ftprof.records.profile import Profile, RankProfile
 
     mib = 2**20
     rank = RankProfile(
@@ -114,7 +114,7 @@ def test_offloaded_items_are_host_memory_not_part_of_the_device_peak():
 
 
 def test_breakdown_plot_is_written_for_rows_and_skipped_without(tmp_path):
-    from ftprof.plots import save_breakdown
+    from ftprof.report.plots import save_breakdown
 
     mib = 2**20
     rows = [("fastest", {"params": 10 * mib, "rest": 90 * mib}), ("memory_optimal", {"params": 5 * mib, "host": mib})]
@@ -126,7 +126,7 @@ def test_breakdown_plot_is_written_for_rows_and_skipped_without(tmp_path):
 def test_memory_records_of_the_recommended_points_one_line_each(tmp_path):
     from dataclasses import replace
 
-    from ftprof.run_profile import Profile, RankProfile
+    from ftprof.records.profile import Profile, RankProfile
 
     def rank(r, peak):
         files = [f"snapshots/k-rank{r}.pickle", f"snapshots/k-rank{r}-timeline.html"]

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from ftprof.point import Point
-from ftprof.results import SCHEMA, Record, ResultsError, append_record, read_records
-from ftprof.run_profile import Profile
+from ftprof.records.profile import Profile
+from ftprof.records.results import SCHEMA, Record, ResultsError, append_record, read_records
 
 
 def rec(batch=8, status="ok", peak=2**30):

@@ -5,18 +5,12 @@ tests/integration/test_sweep_cli.py; here a deterministic stand-in lets us check
 """
 
 from ftprof.point import Point
-from ftprof.results import Record, latest, read_records
-from ftprof.run_profile import Profile
-from ftprof.sweep import (
-    SweepConfig,
-    classify,
-    close_calls,
-    contended_points,
-    iterate_sweep,
-    remeasure,
-    repeat_point,
-)
-from ftprof.sweep_plan import plan_grid
+from ftprof.records.profile import Profile
+from ftprof.records.results import Record, latest, read_records
+from ftprof.sweep.plan import plan_grid
+from ftprof.sweep.point_run import SweepConfig, classify
+from ftprof.sweep.remeasure import close_calls, contended_points, remeasure, repeat_point
+from ftprof.sweep.schedule import iterate_sweep
 
 
 def fake_runner(limit_tokens):
@@ -159,8 +153,8 @@ def test_close_calls_are_measured_again_longer_and_replace_the_first_figures(tmp
 
 
 def test_a_base_ds_config_travels_with_each_record_into_the_recommendation(tmp_path):
-    from ftprof.deepspeed_config import DeepSpeedConfig, ds_config_for
-    from ftprof.recommend import recommend
+    from ftprof.report.recommend import recommend
+    from ftprof.runtime.deepspeed_config import DeepSpeedConfig, ds_config_for
 
     base = ds_config_for(3, offload_optimizer=True, offload_param=True)
     base["zero_optimization"]["reduce_bucket_size"] = 12345  # the user's own bucket

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from ftprof.errors import ConfigError
-from ftprof.sweep_manifest import MANIFEST, SweepSettings, check_or_write
+from ftprof.sweep.manifest import MANIFEST, SweepSettings, check_or_write
 
 ENV = {"device": "cpu (x86_64)", "torch": "2.13.0", "transformers": "5.24.0", "deepspeed": "0.19.8"}
 

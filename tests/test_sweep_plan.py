@@ -2,7 +2,7 @@ import pytest
 
 from ftprof.errors import ConfigError
 from ftprof.point import Point
-from ftprof.sweep_plan import (
+from ftprof.sweep.plan import (
     must_oom,
     next_batch_to_try,
     parse_int_list,

@@ -193,7 +193,7 @@ def test_help_lists_training_arguments_and_ours():
 def test_cpu_runs_get_overlap_comm_off_in_a_shared_copy():
     import json
 
-    from ftprof.train import _flag_value, _normalize_deepspeed_flags
+    from ftprof.train.run import _flag_value, _normalize_deepspeed_flags
 
     argv = _normalize_deepspeed_flags(["--model", "tiny-bert", "--ds_config", str(ROOT / "ds_configs" / "zero2.json")])
     assert "--ds_config" not in argv and argv[:2] == ["--model", "tiny-bert"]

@@ -4,9 +4,9 @@ import logging
 
 import pytest
 
-from ftprof.args import best_model_conflict
 from ftprof.errors import ConfigError
-from ftprof.train import parse
+from ftprof.train.args import best_model_conflict
+from ftprof.train.run import parse
 from tests.conftest import ROOT
 
 
@@ -15,7 +15,7 @@ def parse_with(tmp_path, *extra):
 
 
 def test_defaults_keep_the_best_model_by_accuracy(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="ftprof.train")
+    caplog.set_level(logging.INFO, logger="ftprof.train.run")
     _, args = parse_with(tmp_path)
     assert (args.eval_strategy, args.save_strategy) == ("epoch", "epoch")
     assert args.load_best_model_at_end is True
@@ -41,7 +41,7 @@ def test_defaults_keep_the_best_model_by_accuracy(tmp_path, caplog):
     ],
 )
 def test_strategies_that_rule_out_the_best_model_turn_it_off(tmp_path, caplog, extra, reason):
-    caplog.set_level(logging.INFO, logger="ftprof.train")
+    caplog.set_level(logging.INFO, logger="ftprof.train.run")
     _, args = parse_with(tmp_path, *extra)
     assert args.load_best_model_at_end is False
     lines = [r.getMessage() for r in caplog.records if "load_best_model_at_end" in r.getMessage()]

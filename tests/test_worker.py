@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ftprof.point import Point
-from ftprof.sweep import SweepConfig, close_fork_worker, fork_worker, run_point
-from ftprof.worker import resident_file_pages, touch_pages
+from ftprof.sweep.point_run import SweepConfig, close_fork_worker, fork_worker, run_point
+from ftprof.sweep.worker import resident_file_pages, touch_pages
 
 
 def vm_rss() -> int:

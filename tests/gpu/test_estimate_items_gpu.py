@@ -11,9 +11,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.slow
 def test_model_states_on_device_and_host_match_the_breakdown(tmp_path):
-    from ftprof.estimate import MODEL_STATES, estimate, measured_bytes
-    from ftprof.model_facts import arch_for
-    from ftprof.results import latest, read_records
+    from ftprof.estimate.architecture import arch_for
+    from ftprof.estimate.estimator import MODEL_STATES, estimate, measured_bytes
+    from ftprof.records.results import latest, read_records
     from tests.integration.test_sweep_cli import sweep
 
     sweep(

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.slow
 def test_gpu_sweep_point_writes_the_allocator_snapshot_and_its_figures(tmp_path):
     from ftprof.profiler.breakdown import ALLOCATOR_STATS
-    from ftprof.results import latest, read_records
+    from ftprof.records.results import latest, read_records
     from tests.integration.test_sweep_cli import sweep
 
     sweep(

@@ -26,7 +26,7 @@ def test_nvml_sampler_sees_a_real_allocation():
 
 @pytest.mark.slow
 def test_gpu_sweep_point_records_nvml_and_torch_peaks(tmp_path):
-    from ftprof.results import latest, read_records
+    from ftprof.records.results import latest, read_records
     from tests.integration.test_sweep_cli import sweep
 
     sweep(

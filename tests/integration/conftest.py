@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ftprof.distributed import SHM_FOLDER, SHM_PREFIX, free_port
+from ftprof.runtime.distributed import SHM_FOLDER, SHM_PREFIX, free_port
 from tests.conftest import ROOT, run_group
 
 TINY = ["--model", "tiny-bert", "--dataset", "synthetic", "--disable_tqdm", "true", "--report_to", "none"]

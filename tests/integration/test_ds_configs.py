@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ftprof.data import load_raw, prepare_task
+from ftprof.train.data import load_raw, prepare_task
 from tests.conftest import ROOT
 from tests.integration.conftest import TINY, read_json, run_train
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-from ftprof.calibrate import calibrate, error_summary, errors, observations_from_records, split_holdout
-from ftprof.estimate import Calibration
-from ftprof.model_facts import arch_for
-from ftprof.results import latest, read_records
+from ftprof.estimate.architecture import arch_for
+from ftprof.estimate.calibration import calibrate, error_summary, errors, observations_from_records, split_holdout
+from ftprof.estimate.estimator import Calibration
+from ftprof.records.results import latest, read_records
 from tests.integration.test_sweep_cli import sweep
 
 
@@ -46,7 +46,7 @@ def test_model_states_match_each_ranks_measured_breakdown_item_by_item(tmp_path)
     offload buffers as the estimator predicts them for that rank, within 1% of what the rank really holds.
     Gradients are the telling item: a rank holds the whole gradient of every parameter that overlaps its
     partition, so the two ranks differ (an even split is off by 40% on one of them)."""
-    from ftprof.estimate import MODEL_STATES, estimate, measured_bytes, zero12_gradient_elements
+    from ftprof.estimate.estimator import MODEL_STATES, estimate, measured_bytes, zero12_gradient_elements
 
     out = tmp_path / "states"
     sweep(

@@ -1,7 +1,7 @@
 """Multi-node style training through a real (one-node) Slurm cluster: srun starts the ranks, not deepspeed.
 
 srun gives each task SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID but none of torch's RANK / WORLD_SIZE /
-LOCAL_RANK / MASTER_ADDR / MASTER_PORT; ftprof.distributed maps them, so a plain `srun python launch/train.py`
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT; ftprof.runtime.distributed maps them, so a plain `srun python launch/train.py`
 (the command the README gives for clusters) and DeepSpeed's `--launcher slurm` both start one world.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from ftprof.distributed import free_port
+from ftprof.runtime.distributed import free_port
 from tests.conftest import ROOT, run_group
 from tests.integration.conftest import TINY, read_json, train_env
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ftprof.results import latest, read_records
+from ftprof.records.results import latest, read_records
 from tests.conftest import ROOT, run_group
 from tests.integration.conftest import shm_buffers, train_env
 
@@ -149,8 +149,8 @@ def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
 
 @pytest.mark.slow
 def test_dataset_lengths_are_measured_worst_batch_included(tmp_path):
-    from ftprof.data import load_raw, prepare_task
-    from ftprof.models import resolve_model_spec, train_tokenizer_for
+    from ftprof.train.data import load_raw, prepare_task
+    from ftprof.train.models import resolve_model_spec, train_tokenizer_for
 
     out = tmp_path / "data"
     sweep(
@@ -193,7 +193,7 @@ def test_lever_axes_on_two_ranks_are_what_each_point_really_ran(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftprof.models import resolve_model_spec
+    from ftprof.train.models import resolve_model_spec
 
     out = tmp_path / "levers"
     sweep(

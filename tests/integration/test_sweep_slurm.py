@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from ftprof.results import latest, read_records
+from ftprof.records.results import latest, read_records
 from tests.conftest import ROOT, run_group
 from tests.integration.conftest import train_env
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 
-from ftprof.estimate import model_states
-from ftprof.model_facts import arch_for, arch_from_config
+from ftprof.estimate.architecture import arch_for, arch_from_config
+from ftprof.estimate.estimator import model_states
 from ftprof.point import Point
 from tests.conftest import ROOT
 from tests.integration.conftest import TINY, read_json, run_train

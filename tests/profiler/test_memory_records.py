@@ -80,8 +80,8 @@ def test_a_failed_timeline_leaves_no_partial_file_and_falls_back_to_the_trace(tm
 def test_the_sweep_says_each_note_once_and_what_this_device_gets(tmp_path):
     from ftprof.cli.sweep import _new_memory_notes, memory_snapshot_line
     from ftprof.point import Point
-    from ftprof.results import Record
-    from ftprof.run_profile import Profile, RankProfile
+    from ftprof.records.profile import Profile, RankProfile
+    from ftprof.records.results import Record
 
     def record(*notes):
         ranks = [RankProfile(rank=r, memory_notes=[n]) for r, n in enumerate(notes)]

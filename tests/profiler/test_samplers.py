@@ -201,7 +201,7 @@ def test_a_context_not_yet_listed_is_given_settle_s_before_device_deltas():
 
 # -- environment ------------------------------------------------------------------------------------------
 def test_environment_device_memory_is_torch_device_0s(fake_torch_cuda):
-    from ftprof.environment import environment
+    from ftprof.profiler.environment import environment
 
     gpus = [
         FakeGpu(uuid=f"{i:08x}-aaaa-bbbb-cccc-dddddddddddd", bus=0x20 + i, total=(i + 1) * 16 * GiB) for i in range(3)

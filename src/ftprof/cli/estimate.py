@@ -15,12 +15,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ftprof.calibrate import load_calibration
 from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
-from ftprof.estimate import GPUS, ITEM_LABELS, Calibration, Device, Estimate, estimate, max_batch
+from ftprof.estimate.calibration import load_calibration
+from ftprof.estimate.estimator import GPUS, ITEM_LABELS, Calibration, Device, Estimate, estimate, max_batch
 from ftprof.point import PRECISIONS, Offload, Point, offload_within
-from ftprof.sweep_plan import parse_int_list, parse_zero
+from ftprof.sweep.plan import parse_int_list, parse_zero
 from ftprof.units import GIB, parse_size
 
 
@@ -190,7 +190,7 @@ def run(argv: list[str], console: Console) -> None:
     if not a.model:
         raise ConfigError("--model is required (or --calibrate SWEEP_DIR)")
     device, budget = _target(a)
-    from ftprof.model_facts import arch_for
+    from ftprof.estimate.architecture import arch_for
 
     arch = arch_for(a.model, a.attention, a.task)
     cal = load_calibration(device)
@@ -236,7 +236,8 @@ def run(argv: list[str], console: Console) -> None:
 
 
 def calibrate_command(profile: Path, console: Console) -> None:
-    from ftprof.calibrate import (
+    from ftprof.estimate.architecture import arch_for
+    from ftprof.estimate.calibration import (
         calibrate,
         calibration_path,
         error_summary,
@@ -245,8 +246,7 @@ def calibrate_command(profile: Path, console: Console) -> None:
         observations_from_records,
         reserved_ratios,
     )
-    from ftprof.model_facts import arch_for
-    from ftprof.results import latest, read_records
+    from ftprof.records.results import latest, read_records
 
     results = profile if profile.suffix == ".jsonl" else profile / "results.jsonl"
     records = [r for r in latest(read_records(results)) if r.status == "ok" and r.peak_bytes]

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ftprof.cli.runner import run_command
-from ftprof.report import print_report
+from ftprof.report.tables import print_report
 from ftprof.units import parse_size
 
 

@@ -21,9 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
 from ftprof.point import Offload, Point
-from ftprof.results import Record
-from ftprof.run_profile import contention
-from ftprof.sweep_plan import parse_int_list, parse_offloads, parse_precisions, parse_switch, parse_zero, plan_grid
+from ftprof.records.profile import contention
+from ftprof.records.results import Record
+from ftprof.sweep.plan import parse_int_list, parse_offloads, parse_precisions, parse_switch, parse_zero, plan_grid
 from ftprof.units import GIB, parse_size
 
 # Defaults that fit the device: a CPU grid finishes in a few minutes; a GPU gets the full grid.
@@ -140,7 +140,7 @@ def plan_from_args(
     a: argparse.Namespace, cuda: bool, bf16_ok: bool, offload: Offload = "none", gpus_here: bool = True
 ) -> tuple[list[Point], dict[str, Any]]:
     """The grid the flags ask for (device-sized defaults), and the measurement window of each point
-    (``steps``, ``warmup``, ``min_seconds``: :class:`~ftprof.sweep.SweepConfig` fields). ``gpus_here``:
+    (``steps``, ``warmup``, ``min_seconds``: :class:`~ftprof.sweep.point_run.SweepConfig` fields). ``gpus_here``:
     the points run on this machine's GPUs (not on a cluster's nodes), so no point may need more."""
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
     precisions = parse_precisions(a.precision or defaults["precision"])
@@ -187,14 +187,14 @@ def run(argv: list[str], console: Console) -> None:
     _check_executor_flags(a)
     budget = parse_size(a.budget) if a.budget else None
     child_limit = parse_size(a.child_memory_limit, "--child_memory_limit") if a.child_memory_limit else None
-    from ftprof.environment import device_kind
+    from ftprof.profiler.environment import device_kind
 
     device, cuda, bf16_ok = device_kind()
-    from ftprof.deepspeed_config import load_ds_config
-    from ftprof.ds_ops import check_no_stale_locks
+    from ftprof.runtime.deepspeed_config import load_ds_config
+    from ftprof.runtime.ds_ops import check_no_stale_locks
 
     check_no_stale_locks()  # else every point would wait on it until its timeout
-    from ftprof.distributed import remove_stale_shm_buffers
+    from ftprof.runtime.distributed import remove_stale_shm_buffers
 
     count, size = remove_stale_shm_buffers()  # RAM that earlier DeepSpeed runs leaked, under every point's feet
     if count:
@@ -211,26 +211,20 @@ def run(argv: list[str], console: Console) -> None:
         cuda, bf16_ok = True, True
     points, window = plan_from_args(a, cuda, bf16_ok, base.offload if base else "none", gpus_here=not slurm_gpus)
 
-    from ftprof.calibrate import predictor
-    from ftprof.environment import environment
-    from ftprof.executors.slurm_jobs import JOBS, JobLog
-    from ftprof.model_facts import arch_from_config
-    from ftprof.models import resolve_model_spec
-    from ftprof.results import FAILED, latest, read_records
-    from ftprof.sweep import (
-        SweepConfig,
-        close_calls,
-        close_fork_worker,
-        contended_points,
-        iterate_sweep,
-        remeasure,
-        repeat_point,
-    )
-    from ftprof.sweep_manifest import SweepSettings, check_or_write
+    from ftprof.estimate.architecture import arch_from_config
+    from ftprof.estimate.calibration import predictor
+    from ftprof.profiler.environment import environment
+    from ftprof.records.results import FAILED, latest, read_records
+    from ftprof.sweep.executors.slurm_jobs import JOBS, JobLog
+    from ftprof.sweep.manifest import SweepSettings, check_or_write
+    from ftprof.sweep.point_run import SweepConfig, close_fork_worker
+    from ftprof.sweep.remeasure import close_calls, contended_points, remeasure, repeat_point
+    from ftprof.sweep.schedule import iterate_sweep
+    from ftprof.train.models import resolve_model_spec
 
     spec = resolve_model_spec(a.model, random_init=True)  # shapes only: fails fast on an unknown model
     if a.dataset:
-        from ftprof.data import load_raw
+        from ftprof.train.data import load_raw
 
         load_raw(a.dataset)  # a bad --dataset fails here, not in every point
     out = Path(a.out or f"profiles/{Path(a.model).name}-{device}")
@@ -341,7 +335,7 @@ def run(argv: list[str], console: Console) -> None:
         close_fork_worker()
     console.print(f"sweep finished in {time.time() - started:.0f} s")
     if not a.no_report:
-        from ftprof.report import print_report
+        from ftprof.report.tables import print_report
 
         print_report(out, console, budget)
 
@@ -365,7 +359,7 @@ def _executor(a: argparse.Namespace, out: Path, cuda: bool, on_event: Callable[[
     """The executor the flags ask for: one point at a time (the default), ``--parallel`` points on this
     node's device slots, or Slurm jobs."""
     if a.executor == "slurm":
-        from ftprof.executors.slurm import SlurmExecutor, SlurmOptions, parse_slurm_time
+        from ftprof.sweep.executors.slurm import SlurmExecutor, SlurmOptions, parse_slurm_time
 
         options = SlurmOptions(
             time_min=parse_slurm_time(a.slurm_time) if a.slurm_time else math.ceil(a.timeout / 60) + 5,
@@ -376,14 +370,14 @@ def _executor(a: argparse.Namespace, out: Path, cuda: bool, on_event: Callable[[
             max_jobs=a.parallel,
         )
         return SlurmExecutor(out, options, on_event)
-    from ftprof.executors import SerialExecutor
-    from ftprof.sweep import run_point
+    from ftprof.sweep.executors import SerialExecutor
+    from ftprof.sweep.point_run import run_point
 
     if not a.parallel or a.parallel == 1:
         return SerialExecutor(run_point)
     import os
 
-    from ftprof.executors.local import LocalExecutor, device_slots
+    from ftprof.sweep.executors.local import LocalExecutor, device_slots
 
     device_count = 0
     if cuda:

@@ -48,7 +48,7 @@ from ftprof.profiler.memory_records import MemoryRecorder
 from ftprof.profiler.samplers import MemorySampler, make_sampler
 from ftprof.profiler.timing import IntervalTimer, StepClock, summarize_periods
 from ftprof.profiler.tokens import BatchCounter
-from ftprof.run_profile import Profile, RankProfile
+from ftprof.records.profile import Profile, RankProfile
 
 FLOP_FORMULA = "6*N + 12*L*H*Q*T per token (PaLM), N = non-embedding parameters, on padded tokens"
 

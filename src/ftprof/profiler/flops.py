@@ -8,7 +8,7 @@ padding) leaves out.
 
 from __future__ import annotations
 
-from ftprof.architectures import dims
+from ftprof.known_configs import dims
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), and fp32 (non-tensor-core) peaks.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {

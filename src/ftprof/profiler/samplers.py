@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol
 import psutil
 
 from ftprof.errors import FtprofError
-from ftprof.run_profile import FIGURE_KEYS  # noqa: F401  (re-exported: the keys readings carry)
+from ftprof.records.profile import FIGURE_KEYS  # noqa: F401  (re-exported: the keys readings carry)
 
 
 class ProfilerUnavailable(FtprofError):

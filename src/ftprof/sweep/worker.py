@@ -8,7 +8,7 @@ thread of its own; ``fork()`` copies only the calling thread, so the idle helper
 start at import, such as pyarrow's jemalloc one, are not copied). The child is its own process group and
 session before the driver learns its pid, writes its output to a file, and exits; the worker reports its
 exit status. Only ``OMP_NUM_THREADS`` and ``CUDA_VISIBLE_DEVICES`` may differ from the worker's environment
-(:data:`ftprof.sweep.WORKER_ENV`): other variables were read by the imports already, so a point that sets
+(:data:`ftprof.sweep.point_run.WORKER_ENV`): other variables were read by the imports already, so a point that sets
 them runs in a fresh process.
 
 Isolation is what a fresh process gives: the child's memory is its own (copy-on-write pages of the
@@ -20,7 +20,7 @@ Protocol (JSON lines): the driver writes ``{"id", "spec", "env", "memory_limit",
 stdin; the worker answers ``{"id", "pid"}`` once the child runs and ``{"pid", "returncode"}`` when it ends
 (negative: killed by that signal, as :mod:`subprocess` reports it).
 
-    python -m ftprof.worker          # started by ``ftprof sweep``; not for direct use
+    python -m ftprof.sweep.worker          # started by ``ftprof sweep``; not for direct use
 """
 
 from __future__ import annotations
@@ -44,19 +44,19 @@ READY_TIMEOUT_S = 600.0  # the first start may JIT-compile DeepSpeed's CPU ops (
 
 
 def _preload() -> None:
-    """Import what :func:`ftprof.measure.measure` imports, and load DeepSpeed's CPU optimizer ops."""
+    """Import what :func:`ftprof.sweep.measure.measure` imports, and load DeepSpeed's CPU optimizer ops."""
     import datasets  # noqa: F401
     import deepspeed  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import DataCollatorWithPadding, Trainer  # noqa: F401
 
-    import ftprof.args  # noqa: F401
-    import ftprof.deepspeed_config  # noqa: F401
-    import ftprof.lm_data  # noqa: F401
-    import ftprof.measure  # noqa: F401
-    import ftprof.models  # noqa: F401
     import ftprof.profiler  # noqa: F401
+    import ftprof.runtime.deepspeed_config  # noqa: F401
+    import ftprof.sweep.measure  # noqa: F401
+    import ftprof.train.args  # noqa: F401
+    import ftprof.train.causal_lm_data  # noqa: F401
+    import ftprof.train.models  # noqa: F401
 
     if not torch.cuda.is_available():  # GPU ops load in the child, after CUDA exists there
         from deepspeed.accelerator import get_accelerator
@@ -128,7 +128,7 @@ def _child(request: dict[str, Any], pages: list[tuple[int, int]]) -> int:
         import torch
 
         torch.set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
-    from ftprof import measure
+    from ftprof.sweep import measure
 
     sys.argv = [measure.__file__, request["spec"]]
     return measure.main([request["spec"]])
@@ -243,7 +243,7 @@ class ForkWorker:
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self._log = tempfile.NamedTemporaryFile(prefix="ftprof-worker-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ftprof.worker"],
+            [sys.executable, "-m", "ftprof.sweep.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ftprof.point import Point
-from ftprof.results import Record, Status, repair_torn_tail
+from ftprof.records.results import Record, Status, repair_torn_tail
 
 JOBS = "jobs.jsonl"
 # States in which a job may still produce its result (COMPLETING: its processes are being cleaned up).

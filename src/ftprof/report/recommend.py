@@ -19,9 +19,9 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ftprof.commands import train_command
-from ftprof.deepspeed_config import ds_config_for, shipped_config
-from ftprof.results import Record
+from ftprof.records.results import Record
+from ftprof.report.commands import train_command
+from ftprof.runtime.deepspeed_config import ds_config_for, shipped_config
 
 # Peaks vary a little run to run (allocator, sampling); keep this much of the budget free.
 SAFETY_MARGIN = 0.05

@@ -1,12 +1,9 @@
-"""Run sweep points, each in a fresh process (the ``deepspeed`` launcher for world size > 1), and record them.
+"""Run one sweep point and turn its outcome into a record: forked from the pre-imported worker (one local rank),
+or in a fresh process (the ``deepspeed`` launcher for world size > 1, ``srun`` in a Slurm job).
 
 A point that runs out of memory is a result (``oom``); a crash is ``error`` and a hang ``timeout``, with
-the tail of its output; the sweep goes on either way. Every finished point is appended to
-``results.jsonl`` at once (see :mod:`ftprof.results`), and ``resume`` skips points already there.
-
-:func:`iterate_sweep` decides what runs and when (must-OOM pruning, budgets, ``--find_max_batch``
-bisection); an executor (:mod:`ftprof.executors`: one at a time, side by side on one node's devices, or
-Slurm jobs) runs the points it is handed, each through :func:`run_point`.
+the tail of its output. :mod:`ftprof.sweep.schedule` decides which points run; the executors
+(:mod:`ftprof.sweep.executors`) call :func:`run_point` for each.
 """
 
 from __future__ import annotations
@@ -23,21 +20,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftprof import measure
-from ftprof.deepspeed_config import DeepSpeedConfig, ds_config_for, for_point
-from ftprof.distributed import free_port
-from ftprof.executors import PointExecutor, SerialExecutor
 from ftprof.point import Point
-from ftprof.results import Record, Status, append_record, latest
-from ftprof.run_profile import Profile
-from ftprof.sweep_plan import must_oom, next_batch_to_try
-from ftprof.units import GIB
-from ftprof.worker import ForkWorker, WorkerError
+from ftprof.records.profile import Profile
+from ftprof.records.results import Record, Status
+from ftprof.runtime.deepspeed_config import DeepSpeedConfig, ds_config_for, for_point
+from ftprof.runtime.distributed import free_port
+from ftprof.sweep import measure
+from ftprof.sweep.worker import ForkWorker, WorkerError
 
 # What an out-of-memory looks like in a child's output, on GPUs and CPUs.
 OOM_MARKERS = (
@@ -76,7 +70,7 @@ class SweepConfig:
     budget: int | None = None  # memory per rank; with ``predict``, grid points sure to exceed it aren't run
     margin: float = 0.5  # "sure": predicted above budget x (1 + margin); 0.1 once calibrated on this device
     env: dict[str, Any] = field(default_factory=dict)
-    worker: str = "fresh"  # "fork": one-rank local points fork from a pre-imported worker (ftprof.worker)
+    worker: str = "fresh"  # "fork": one-rank local points fork from a pre-imported worker (ftprof.sweep.worker)
     memory_snapshot: bool = False  # each point's ranks write memory records under out_dir/snapshots
 
     @property
@@ -320,238 +314,3 @@ def _child_env() -> dict[str, str]:
         env.pop(var, None)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
-
-
-class _Grid:
-    """Which grid point to start next: the sweep's order (smallest predicted peak first), except that a
-    point waits while a smaller point of its setting runs, whose OOM would prove it can't fit."""
-
-    def __init__(self, cfg: SweepConfig, done: dict[str, Record], running: list[Point]) -> None:
-        predict = cfg.predict
-        order = sorted(cfg.points, key=lambda p: (predict(p), p)) if predict else cfg.points
-        busy = {r.key for r in running}
-        self.pending = [p for p in order if p.key not in done and p.key not in busy]
-        self.hold = cfg.prune
-        self.bisecting = False
-
-    def next(self, running: list[Point]) -> Point | None:
-        return next((p for p in self.pending if not (self.hold and must_oom(p, running))), None)
-
-    def taken(self, p: Point) -> None:
-        self.pending.remove(p)
-
-    def finished(self, record: Record) -> None:
-        pass
-
-
-class _Bisection:
-    """``--find_max_batch``: one doubling-then-bisection search per setting; settings search side by side,
-    each one point at a time. A point already measured is read back instead of run."""
-
-    def __init__(self, cfg: SweepConfig, done: dict[str, Record], running: list[Point]) -> None:
-        self.cfg, self.done = cfg, done
-        self.start_batch = min(p.batch_size for p in cfg.points)
-        self.settings = sorted({p.with_batch(1) for p in cfg.points})  # one search per setting but the batch
-        self.fits: dict[Point, set[int]] = {s: set() for s in self.settings}
-        self.ooms: dict[Point, set[int]] = {s: set() for s in self.settings}
-        self.busy = {p.with_batch(1) for p in running}
-        self.over: set[Point] = set()  # settings whose search ended
-        self.bisecting = True
-        for r in done.values():
-            setting = r.point.with_batch(1)
-            if setting in self.fits and r.status == "ok":
-                self.fits[setting].add(r.point.batch_size)
-            elif setting in self.fits and r.status in ("oom", "skipped"):
-                self.ooms[setting].add(r.point.batch_size)
-
-    def next(self, running: list[Point]) -> Point | None:
-        for setting in self.settings:
-            while setting not in self.busy and setting not in self.over:
-                batch = next_batch_to_try(self.fits[setting], self.ooms[setting], self.start_batch, self.cfg.max_batch)
-                if batch is None:
-                    self.over.add(setting)
-                    break
-                p = setting.with_batch(batch)
-                if p.key in self.done and self.done[p.key].status != "over_budget":
-                    self._learn(self.done[p.key])  # measured before: read it back, don't run it again
-                    continue
-                return p
-        return None
-
-    def taken(self, p: Point) -> None:
-        self.busy.add(p.with_batch(1))
-
-    def finished(self, record: Record) -> None:
-        self.busy.discard(record.point.with_batch(1))
-        self._learn(record)
-
-    def _learn(self, record: Record) -> None:
-        setting, batch = record.point.with_batch(1), record.point.batch_size
-        if setting not in self.fits:  # a re-attached job of another grid
-            return
-        if record.status == "ok":
-            self.fits[setting].add(batch)
-        elif record.status in ("oom", "skipped"):
-            self.ooms[setting].add(batch)
-        else:  # an error or timeout says nothing about memory: stop searching this setting
-            self.over.add(setting)
-
-
-def iterate_sweep(
-    cfg: SweepConfig,
-    done: dict[str, Record],
-    run: Callable[[SweepConfig, Point], Record] = run_point,
-    executor: PointExecutor | None = None,
-) -> Iterator[Record]:
-    """Yield each new record (already appended to the results file), skipping points in ``done``.
-
-    Points run through ``executor`` (default: one at a time through ``run``). Whether a point must OOM is
-    decided when it is about to start, from every OOM known by then; points already running in
-    ``executor`` (Slurm jobs re-attached on ``--resume``) are waited for, not started again. Ctrl-C (or
-    closing the iterator) cancels the running points.
-    """
-    pool = executor or SerialExecutor(run)
-    plan: _Grid | _Bisection = (_Bisection if cfg.find_max_batch else _Grid)(cfg, done, pool.running())
-    oomed = [r.point for r in done.values() if r.status == "oom"]
-
-    def finish(record: Record) -> Record:
-        p = record.point
-        predicted = cfg.predict(p) if cfg.predict else None
-        if predicted:
-            record.predicted_bytes = predicted
-        record.ds_config = cfg.ds_config(p)
-        append_record(cfg.results_path, record)
-        done[p.key] = record
-        if record.status == "oom":
-            oomed.append(p)
-        plan.finished(record)
-        return record
-
-    try:
-        while True:
-            while (p := plan.next(pool.running())) is not None:
-                not_run = _not_run(cfg, p, oomed, plan.bisecting)
-                if not_run is None and not pool.can_start(p):
-                    break  # no overtaking: a wide point is never starved by narrow ones behind it
-                plan.taken(p)
-                if not_run is not None:
-                    yield finish(not_run)
-                else:
-                    pool.start(cfg, p)
-            if not pool.running():
-                return
-            for record in pool.wait():
-                yield finish(record)
-    except BaseException:
-        pool.cancel()
-        raise
-
-
-def _not_run(cfg: SweepConfig, p: Point, oomed: list[Point], bisecting: bool) -> Record | None:
-    """The record of a point that needn't run (it must OOM, or is predicted far over budget), else None.
-    A prediction never stands in for a measurement while bisecting."""
-    proof = must_oom(p, oomed) if cfg.prune else None
-    if proof is not None:
-        return Record(
-            point=p,
-            status="skipped",
-            model=cfg.model,
-            env=dict(cfg.env),
-            reason=f"must OOM: {proof.key} did with a batch and sequence no larger",
-        )
-    predicted = cfg.predict(p) if cfg.predict else None
-    if not bisecting and cfg.prune and predicted and cfg.budget and predicted > cfg.budget * (1 + cfg.margin):
-        return Record(
-            point=p,
-            status="over_budget",
-            model=cfg.model,
-            env=dict(cfg.env),
-            reason=f"not run: predicted {predicted / GIB:.2f} GiB exceeds the {cfg.budget / GIB:.1f} GiB "
-            f"budget by more than {cfg.margin:.0%}",
-        )
-    return None
-
-
-def close_calls(records: list[Record], budget: int | None) -> list[Point]:
-    """The fastest recommendation and the points whose throughput is within noise of it: the ones to measure
-    again, longer, before the report picks between them. A point is re-measured once: one measured twice
-    already (a resumed sweep) stays as it is; a re-measure because the CPUs were busy, or the repeat that
-    gauges the machine's drift, doesn't count."""
-    from ftprof.recommend import recommend, worst_repeat
-
-    recs = recommend(latest(records), budget, repeat=worst_repeat(records))
-    if not recs or not recs[0].within_noise_of:
-        return []
-    measured = [
-        r.point.key for r in records if r.status == "ok" and r.env.get("remeasured") not in ("contended", "repeat")
-    ]
-    by_key = {r.point.key: r.point for r in records}
-    close = [recs[0].record.point.key, *recs[0].within_noise_of]
-    return [by_key[k] for k in close if measured.count(k) < 2]
-
-
-def repeat_point(records: list[Record]) -> Point | None:
-    """The sweep's first uncontended ok point, to measure again once the sweep is through: how far its
-    throughput moves says how repeatable this machine's figures are (:func:`ftprof.recommend.worst_repeat`).
-    None once the results hold such a repeat (a resumed sweep) or nothing to repeat."""
-    if any(r.env.get("remeasured") == "repeat" for r in records):
-        return None
-    return next(
-        (
-            r.point
-            for r in records
-            if r.status == "ok"
-            and r.samples_per_s
-            and "remeasured" not in r.env
-            and not (r.profile and r.profile.contended)
-            and r.env.get("concurrent_points", 1) == 1
-        ),
-        None,
-    )
-
-
-def contended_points(records: list[Record]) -> list[Point]:
-    """Points whose window didn't have the CPUs to itself (its threads waited for a CPU, or the hypervisor
-    took time): the ones to measure again. A point is re-measured once: one measured twice already stays as
-    it is. Points run side by side (``--parallel``) waited for each other: they are flagged as such in the
-    report, not re-measured one by one."""
-    measured = [r.point.key for r in records if r.status == "ok"]
-    return [
-        r.point
-        for r in latest(records)
-        if r.status == "ok"
-        and r.profile
-        and r.profile.contended
-        and r.env.get("concurrent_points", 1) == 1
-        and measured.count(r.point.key) < 2
-    ]
-
-
-def remeasure(
-    cfg: SweepConfig,
-    points: list[Point],
-    run: Callable[[SweepConfig, Point], Record] = run_point,
-    executor: PointExecutor | None = None,
-    window: int = 3,
-    reason: str = "close call",
-) -> Iterator[Record]:
-    """Measure ``points`` again over a window ``window`` times as long; each new record (``env["remeasured"]``
-    says why) is appended and, being the latest for its point, replaces the earlier measurement in reports."""
-    longer = replace(cfg, steps=window * cfg.steps, min_seconds=window * cfg.min_seconds)
-    pool = executor or SerialExecutor(run)
-    queue = list(points)
-    try:
-        while queue or pool.running():
-            while queue and pool.can_start(queue[0]):
-                pool.start(longer, queue.pop(0))
-            for record in pool.wait():
-                record.ds_config = cfg.ds_config(record.point)
-                record.env["remeasured"] = reason
-                predicted = cfg.predict(record.point) if cfg.predict else None
-                if predicted:  # as the first measurement had it: the report shows it beside the peak
-                    record.predicted_bytes = predicted
-                append_record(cfg.results_path, record)
-                yield record
-    except BaseException:
-        pool.cancel()
-        raise

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
-from ftprof.data import TEXT_COLUMNS, detect_column, split_train_eval, subsample
 from ftprof.errors import DataError, ModelError
+from ftprof.train.data import TEXT_COLUMNS, detect_column, split_train_eval, subsample
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and every HF causal-LM loss) skips

@@ -26,10 +26,10 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ftprof.architectures import TINY_PRESETS, known_config_dict, known_names
 from ftprof.errors import ModelError
-from ftprof.lm_tokenizer import train_byte_bpe
-from ftprof.offline_tokenizer import train_wordpiece
+from ftprof.known_configs import TINY_PRESETS, known_config_dict, known_names
+from ftprof.train.bpe_tokenizer import train_byte_bpe
+from ftprof.train.wordpiece_tokenizer import train_wordpiece
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def train_tokenizer_for(spec: ModelSpec, texts: Iterable[str], causal_lm: bool =
     """A tokenizer trained on ``texts`` that fits ``spec``'s embedding and length limit.
 
     WordPiece (BERT-style ``[CLS] text [SEP]``) for classification; for a causal LM, byte-level BPE with an
-    end-of-text token and its own pad token (:func:`ftprof.lm_tokenizer.train_byte_bpe`).
+    end-of-text token and its own pad token (:func:`ftprof.train.bpe_tokenizer.train_byte_bpe`).
     """
     vocab_size = min(OFFLINE_VOCAB_SIZE, spec.config.vocab_size)
     kind = "byte-level BPE" if causal_lm else "WordPiece"

@@ -9,7 +9,7 @@ from typing import Literal, NamedTuple
 import torch
 from transformers import TrainingArguments
 
-from ftprof.distributed import adopt_process_group, release_shm_buffer
+from ftprof.runtime.distributed import adopt_process_group, release_shm_buffer
 
 Task = Literal["classification", "causal-lm"]
 CAUSAL_LM_METRICS = ("eval_loss", "loss", "eval_perplexity", "perplexity")  # what a causal-LM evaluation reports
@@ -103,8 +103,8 @@ class FtprofTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with defaults for classification fine-tuning and a CPU multi-rank fix.
 
     Changed defaults: evaluate and save each epoch, keep the best checkpoint by accuracy (by ``eval_loss`` for
-    ``--task causal-lm``, set by ``ftprof.train.parse``). The best-model defaults give way to the user's
-    strategies: ``ftprof.train.parse`` turns them off (see :func:`best_model_conflict`) unless
+    ``--task causal-lm``, set by ``ftprof.train.run.parse``). The best-model defaults give way to the user's
+    strategies: ``ftprof.train.run.parse`` turns them off (see :func:`best_model_conflict`) unless
     ``--load_best_model_at_end`` / ``--metric_for_best_model`` were passed.
     """
 

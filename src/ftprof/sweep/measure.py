@@ -2,10 +2,10 @@
 
 Run by ``ftprof sweep`` in a fresh process per point, so no peak is polluted by an earlier point:
 
-    python -m ftprof.measure SPEC.json                       # world size 1
+    python -m ftprof.sweep.measure SPEC.json                       # world size 1
     deepspeed --num_gpus 2 .../ftprof/measure.py SPEC.json   # world size 2
 
-SPEC holds a :class:`MeasureSpec`; rank 0 writes the measured :class:`~ftprof.run_profile.Profile` to
+SPEC holds a :class:`MeasureSpec`; rank 0 writes the measured :class:`~ftprof.records.profile.Profile` to
 ``spec.result_path`` as JSON. With ``spec.memory_snapshot_dir`` every rank also writes its memory records
 there (:mod:`ftprof.profiler.memory_records`), profiling one step after the measured window.
 The model is built from its config with random weights: memory and speed don't depend on weight values,
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ftprof.point import Point
-from ftprof.run_profile import Profile
+from ftprof.records.profile import Profile
 
 MAX_WINDOW_STEPS = 5000  # a cap on the window, however fast the steps
 
@@ -81,7 +81,7 @@ def _token_dataset(spec: MeasureSpec, vocab_size: int, n_rows: int):
 
 def _packed_rows(spec: MeasureSpec, task, tokenizer, n_rows: int):
     """A causal LM's training text packed into blocks of exactly ``seq_len`` tokens, cycled to ``n_rows``."""
-    from ftprof.lm_data import pack, tokenize_documents
+    from ftprof.train.causal_lm_data import pack, tokenize_documents
 
     blocks = pack(tokenize_documents(task.train, task.text_column, tokenizer), spec.point.seq_len)
     return blocks.select([i % len(blocks) for i in range(n_rows)])
@@ -89,10 +89,10 @@ def _packed_rows(spec: MeasureSpec, task, tokenizer, n_rows: int):
 
 def _load_task(dataset: str, seed: int, task: str = "classification"):
     """The data's train split: texts and labels, or (causal LM) documents."""
-    from ftprof.data import load_raw, prepare_task
+    from ftprof.train.data import load_raw, prepare_task
 
     if task == "causal-lm":
-        from ftprof.lm_data import prepare_corpus
+        from ftprof.train.causal_lm_data import prepare_corpus
 
         return prepare_corpus(load_raw(dataset, seed=seed), None, seed=seed)
     return prepare_task(load_raw(dataset, seed=seed), None, None, seed=seed)
@@ -126,12 +126,12 @@ def measure(spec: MeasureSpec) -> Profile:
     import torch
     from transformers import DataCollatorWithPadding, Trainer
 
-    from ftprof.args import FtprofTrainingArguments
-    from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted
-    from ftprof.distributed import ensure_single_process_env
-    from ftprof.lm_data import CausalLMCollator
-    from ftprof.models import build_causal_lm, build_model, resolve_model_spec, train_tokenizer_for
     from ftprof.profiler import ProfilerCallback
+    from ftprof.runtime.deepspeed_config import DeepSpeedConfig, cpu_adjusted
+    from ftprof.runtime.distributed import ensure_single_process_env
+    from ftprof.train.args import FtprofTrainingArguments
+    from ftprof.train.causal_lm_data import CausalLMCollator
+    from ftprof.train.models import build_causal_lm, build_model, resolve_model_spec, train_tokenizer_for
 
     ensure_single_process_env()
     p = spec.point
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     spec = MeasureSpec.read(Path(argv[0]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ftprof.distributed import shutdown
+    from ftprof.runtime.distributed import shutdown
 
     profile = measure(spec)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from ftprof.results import Record
+from ftprof.records.results import Record
 from ftprof.units import GIB
 
 Series = dict[str, list[tuple[int, Record]]]
@@ -108,7 +108,7 @@ def _mark_failures(ax, records: list[Record], budget: int | None) -> None:
 
 def save_breakdown(rows: list[tuple[str, dict[str, int]]], out_dir: Path) -> Path | None:
     """Write ``breakdown.png``: a stacked bar per recommended point of where its peak goes (MiB; items as
-    :func:`ftprof.report.breakdown` gives them, ``host`` beside the device's stack). None without rows."""
+    :func:`ftprof.report.tables.breakdown` gives them, ``host`` beside the device's stack). None without rows."""
     if not rows:
         return None
     import matplotlib

@@ -2,7 +2,7 @@
 
 Everything that can be wrong with the data (missing columns, non-integer labels, empty splits) is found
 here, before a model is built. Loading and split selection are shared with ``--task causal-lm``
-(:mod:`ftprof.lm_data`), which needs texts only.
+(:mod:`ftprof.train.causal_lm_data`), which needs texts only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 
 from ftprof.errors import DataError
-from ftprof.synthetic import synthetic_dataset
+from ftprof.train.synthetic import synthetic_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -24,18 +24,18 @@ import transformers
 from transformers import HfArgumentParser, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from ftprof.args import FtprofTrainingArguments, ScriptArguments, best_model_conflict
-from ftprof.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_config
-from ftprof.distributed import adopt_slurm_env, ensure_single_process_env, shutdown
-from ftprof.ds_ops import check_no_stale_locks
 from ftprof.errors import ConfigError
-from ftprof.footprint import FootprintCallback
-from ftprof.metrics import load_metric
-from ftprof.models import ModelSpec, check_causal_lm, resolve_model_spec
 from ftprof.profiler import add_profiler
-from ftprof.tasks import check_task_flags, max_length_for, task_parts
+from ftprof.runtime.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_config
+from ftprof.runtime.distributed import adopt_slurm_env, ensure_single_process_env, shutdown
+from ftprof.runtime.ds_ops import check_no_stale_locks
+from ftprof.train.args import FtprofTrainingArguments, ScriptArguments, best_model_conflict
+from ftprof.train.footprint import FootprintCallback
+from ftprof.train.metrics import load_metric
+from ftprof.train.models import ModelSpec, check_causal_lm, resolve_model_spec
+from ftprof.train.tasks import check_task_flags, max_length_for, task_parts
 
-logger = logging.getLogger("ftprof.train")
+logger = logging.getLogger("ftprof.train.run")
 TRUE_WORDS = ("true", "last", "yes", "1")
 _UNSET = object()  # marks a flag the user did not pass (argparse keeps values already in the namespace)
 

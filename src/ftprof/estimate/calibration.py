@@ -13,9 +13,9 @@ from typing import Literal
 
 import numpy as np
 
-from ftprof.estimate import Arch, Calibration, Device, estimate, gpu_key, saved_activations
+from ftprof.estimate.estimator import Arch, Calibration, Device, estimate, gpu_key, saved_activations
 from ftprof.point import Point
-from ftprof.results import Record
+from ftprof.records.results import Record
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def device_slug(name: str) -> str:
 
 
 def calibration_path(device: str, memory_bytes: int | None = None) -> Path:
-    """One file per device, a known GPU under its :data:`~ftprof.estimate.GPUS` key whatever it was called
+    """One file per device, a known GPU under its :data:`~ftprof.estimate.estimator.GPUS` key whatever it was called
     (a name without its size, e.g. "NVIDIA H100 PCIe", is told apart by ``memory_bytes``).
 
     >>> calibration_path("NVIDIA H100 80GB HBM3") == calibration_path("h100-80gb")
@@ -193,9 +193,9 @@ def saved_activations_case(
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ftprof.model_facts import arch_from_config
-    from ftprof.models import resolve_model_spec
+    from ftprof.estimate.architecture import arch_from_config
     from ftprof.profiler.breakdown import SavedActivationMeter
+    from ftprof.train.models import resolve_model_spec
 
     config = resolve_model_spec(model, random_init=True).config
     if not dropout:

@@ -1,14 +1,14 @@
 """``--executor slurm``: each point a Slurm job, submitted through submitit.
 
-The job runs :func:`measure_in_job` once, in its batch step: the same :func:`~ftprof.sweep.run_point` as a
-local sweep (spec, :func:`~ftprof.sweep.classify`, profile), with the ranks of a multi-rank point started as
-one job step (``srun --ntasks N python -m ftprof.measure SPEC``; :mod:`ftprof.distributed` maps the step's
+The job runs :func:`measure_in_job` once, in its batch step: the same :func:`~ftprof.sweep.point_run.run_point` as a
+local sweep (spec, :func:`~ftprof.sweep.point_run.classify`, profile), with the ranks of a multi-rank point started as
+one job step (``srun --ntasks N python -m ftprof.sweep.measure SPEC``; :mod:`ftprof.runtime.distributed` maps the step's
 ``SLURM_*`` variables to torch's, so the step is one world, across nodes when the point is wider than
 one). The record comes back through submitit's result file; the driver appends it to ``results.jsonl``
 as each job finishes. A job Slurm ends itself (time limit, node failure, out-of-memory kill) leaves no
-result: its Slurm state becomes the point's status (:func:`~ftprof.executors.slurm_jobs.status_for_state`).
+result: its Slurm state becomes the point's status (:func:`~ftprof.sweep.executors.slurm_jobs.status_for_state`).
 
-Every submitted job is logged in ``jobs.jsonl`` (see :mod:`ftprof.executors.slurm_jobs`); ``--resume``
+Every submitted job is logged in ``jobs.jsonl`` (see :mod:`ftprof.sweep.executors.slurm_jobs`); ``--resume``
 re-attaches to those still open, and Ctrl-C cancels them.
 """
 
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from ftprof.errors import ConfigError, FtprofError
-from ftprof.executors.slurm_jobs import JOBS, JobEntry, JobLog, JobState, query_states, status_for_state
 from ftprof.point import Point
-from ftprof.results import Record
-from ftprof.sweep import TAIL_CHARS, SweepConfig, kill_process_group, local_command, run_point
+from ftprof.records.results import Record
+from ftprof.sweep.executors.slurm_jobs import JOBS, JobEntry, JobLog, JobState, query_states, status_for_state
+from ftprof.sweep.point_run import TAIL_CHARS, SweepConfig, kill_process_group, local_command, run_point
 
 RESULT_POLL_S = 0.5  # result files are looked for this often (a file system call)...
 STATE_POLL_S = 5.0  # ...and Slurm is asked about the jobs without one this often
@@ -126,12 +126,12 @@ def srun_command(spec_path: Path, world_size: int) -> list[str]:
     command = ["srun", f"--ntasks={world_size}", "--kill-on-bad-exit=1"]
     if os.environ.get("SLURM_CPUS_PER_TASK"):  # srun doesn't take it from sbatch's environment (Slurm 22.05)
         command.append(f"--cpus-per-task={os.environ['SLURM_CPUS_PER_TASK']}")
-    return [*command, sys.executable, "-m", "ftprof.measure", str(spec_path)]
+    return [*command, sys.executable, "-m", "ftprof.sweep.measure", str(spec_path)]
 
 
 def measure_in_job(cfg: SweepConfig, p: Point) -> Record:
     """What a point's job runs (submitit calls it on the node and returns its value to the driver)."""
-    from ftprof.environment import environment
+    from ftprof.profiler.environment import environment
 
     folder = Path(os.environ.get("SUBMITIT_FOLDER") or ".")  # shared with every node of the job
     # As many threads per rank as the job gave it CPUs (torch would take every core of the node).

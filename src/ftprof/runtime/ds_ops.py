@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ftprof.distributed import age_s, each_process
+from ftprof.runtime.distributed import age_s, each_process
 
 #: The ops a DeepSpeed run on the CPU accelerator builds: comm (every run), FusedAdam, DeepSpeedCPUAdam (offload).
 CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder", "CPUAdamBuilder")
@@ -93,7 +93,7 @@ def build(ops: tuple[str, ...] | None = None, clear_stale: bool = True) -> list[
 
 
 if __name__ == "__main__":
-    from ftprof.distributed import remove_stale_shm_buffers
+    from ftprof.runtime.distributed import remove_stale_shm_buffers
 
     start = time.perf_counter()
     count, size = remove_stale_shm_buffers()

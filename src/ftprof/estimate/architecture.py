@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
-from ftprof.architectures import dims
-from ftprof.estimate import Arch
-from ftprof.models import resolve_model_spec
+from ftprof.estimate.estimator import Arch
+from ftprof.known_configs import dims
+from ftprof.train.models import resolve_model_spec
 
 DECODERS = ("gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "qwen3", "opt", "bloom", "falcon", "phi", "gemma")
 # Llama-style blocks: RMSNorm, rotary, grouped-query attention, SiLU-gated MLP.

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 
 from ftprof.errors import FtprofError
 from ftprof.point import Point
-from ftprof.run_profile import Profile
+from ftprof.records.profile import Profile
 
 SCHEMA = "ftprof.sweep/2"
 OLD_SCHEMAS = ("ftprof.sweep/1",)  # read, never written: its flat "metrics" dict holds the profile's fields

@@ -1,8 +1,8 @@
 """What each ``--task`` trains: its data, tokenizer, model, collator, metrics and Trainer class.
 
 ``classification`` (the default): labelled texts, a sequence classifier, accuracy and F1.
-``causal-lm``: plain texts packed into blocks (see :mod:`ftprof.lm_data`), a causal LM, loss and perplexity.
-:func:`task_parts` hands :func:`ftprof.train.setup` the pieces of the chosen task.
+``causal-lm``: plain texts packed into blocks (:mod:`ftprof.train.causal_lm_data`), a causal LM, loss and perplexity.
+:func:`task_parts` hands :func:`ftprof.train.run.setup` the pieces of the chosen task.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
 
-from ftprof.args import CAUSAL_LM_METRICS, FtprofTrainingArguments, ScriptArguments
-from ftprof.data import load_raw, prepare_task, tokenize
 from ftprof.errors import ConfigError
-from ftprof.lm_data import CausalLMCollator, lm_datasets, prepare_corpus
-from ftprof.metrics import add_perplexity, argmax_logits, make_compute_metrics
-from ftprof.models import ModelSpec, build_causal_lm, build_model, load_tokenizer, train_tokenizer_for
+from ftprof.train.args import CAUSAL_LM_METRICS, FtprofTrainingArguments, ScriptArguments
+from ftprof.train.causal_lm_data import CausalLMCollator, lm_datasets, prepare_corpus
+from ftprof.train.data import load_raw, prepare_task, tokenize
+from ftprof.train.metrics import add_perplexity, argmax_logits, make_compute_metrics
+from ftprof.train.models import ModelSpec, build_causal_lm, build_model, load_tokenizer, train_tokenizer_for
 
 DEFAULT_MAX_LENGTH = 512  # longer inputs cost quadratic attention for little accuracy on classification
 # causal-lm block size: GPT-2's context. Activations grow with it (the fp32 logits alone are block x vocab x 4 B

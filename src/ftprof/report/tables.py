@@ -18,7 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ftprof.errors import ConfigError
-from ftprof.recommend import (
+from ftprof.records.profile import CONTENDED_STEAL, CONTENDED_WAIT, UNSTABLE_SPREAD, contention
+from ftprof.records.results import STATUSES, Record, latest, read_records
+from ftprof.report.recommend import (
     SAFETY_MARGIN,
     Cohort,
     Recommendation,
@@ -30,8 +32,6 @@ from ftprof.recommend import (
     recommend,
     worst_repeat,
 )
-from ftprof.results import STATUSES, Record, latest, read_records
-from ftprof.run_profile import CONTENDED_STEAL, CONTENDED_WAIT, UNSTABLE_SPREAD, contention
 from ftprof.units import gib
 
 STATUS_STYLE = {
@@ -513,7 +513,7 @@ def print_report(
     plots: bool = True,
 ) -> None:
     """Print a sweep's report and write its plots and the ds_configs its commands name."""
-    from ftprof.plots import save_breakdown, save_plots  # matplotlib: only when plotting
+    from ftprof.report.plots import save_breakdown, save_plots  # matplotlib: only when plotting
 
     report = SweepReport.load(sweep, budget, seq_len, world_size, write_config)
     written = save_plots(report.records, report.folder, report.budget) if plots else []

@@ -13,7 +13,7 @@ Three figures are predicted: the tensor peak (torch ``max_memory_allocated``), t
   with gradient checkpointing only each layer's input plus one layer's full set;
 * embeddings, logits (fp32; ``b·s·V`` for LM heads) and the fp32 gradient partition of the optimizer step;
 * DeepSpeed's communication buckets (``2·hidden²`` elements), and as constants that
-  :func:`~ftprof.calibrate.calibrate` fits to measurements: the runtime (CUDA context / Python + torch), what
+  :func:`~ftprof.estimate.calibration.calibrate` fits to measurements: the runtime (CUDA context / Python + torch), what
   the ZeRO optimizer adds beyond its buckets, an activation factor (temporaries not itemised) and the caching
   allocator's overhead.
 """

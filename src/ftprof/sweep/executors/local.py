@@ -24,12 +24,12 @@ from typing import Protocol
 
 from ftprof.errors import ConfigError
 from ftprof.point import Point
-from ftprof.results import Record
-from ftprof.sweep import Launch, SweepConfig, kill_process_group, local_command, run_point
+from ftprof.records.results import Record
+from ftprof.sweep.point_run import Launch, SweepConfig, kill_process_group, local_command, run_point
 
 
 class ProcessRunner(Protocol):
-    """:func:`ftprof.sweep.run_point`'s shape: measure ``p`` with extra variables for its processes and the
+    """:func:`ftprof.sweep.point_run.run_point`'s shape: measure ``p`` with extra variables for its processes and the
     command that launches it, and report its process group id through ``started``."""
 
     def __call__(
@@ -71,7 +71,7 @@ def concurrent_peak(record: Record) -> Record:
     """A point that ran beside others keeps a per-process peak: a device-level figure would count the other
     points' memory too, so torch's allocator peak (``max_memory_reserved``) replaces it.
 
-    >>> from ftprof.run_profile import Profile, RankProfile
+    >>> from ftprof.records.profile import Profile, RankProfile
     >>> rank = RankProfile(rank=0, figure="device_delta", phases={"steady": {"nvml_device_delta_bytes": 9,
     ...     "torch_reserved_bytes": 5}})
     >>> r = concurrent_peak(Record(point=Point(precision="fp16", zero=2, seq_len=8, batch_size=1), status="ok",

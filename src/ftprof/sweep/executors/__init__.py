@@ -1,13 +1,13 @@
 """How a sweep's points run: one at a time, side by side on one node's devices, or as Slurm jobs.
 
 * :class:`SerialExecutor`: one point at a time in a fresh process, as ``ftprof sweep`` always ran.
-* :class:`~ftprof.executors.local.LocalExecutor` (``--executor local --parallel N``): several points at once
+* :class:`~ftprof.sweep.executors.local.LocalExecutor` (``--executor local --parallel N``): several points at once
   on disjoint device slots of this node, each in its own process group with its own
   ``CUDA_VISIBLE_DEVICES``.
-* :class:`~ftprof.executors.slurm.SlurmExecutor` (``--executor slurm``): each point a Slurm job submitted
+* :class:`~ftprof.sweep.executors.slurm.SlurmExecutor` (``--executor slurm``): each point a Slurm job submitted
   through submitit; jobs are logged in the sweep folder so ``--resume`` re-attaches to them.
 
-:func:`ftprof.sweep.iterate_sweep` decides which point runs next (must-OOM pruning, budgets, bisection);
+:func:`ftprof.sweep.schedule.iterate_sweep` decides which point runs next (must-OOM pruning, budgets, bisection);
 an executor only runs what it is given and hands back records as points finish.
 """
 
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ftprof.point import Point
-    from ftprof.results import Record
-    from ftprof.sweep import SweepConfig
+    from ftprof.records.results import Record
+    from ftprof.sweep.point_run import SweepConfig
 
 
 class PointExecutor(Protocol):
