@@ -1,15 +1,8 @@
 import pytest
 
 from ftprof.errors import ConfigError
-from ftprof.point import Point
-from ftprof.sweep.plan import (
-    must_oom,
-    next_batch_to_try,
-    parse_int_list,
-    parse_precisions,
-    parse_zero,
-    plan_grid,
-)
+from ftprof.point import Point, parse_int_list, parse_precisions, parse_zero
+from ftprof.sweep.plan import must_oom, next_batch_to_try, plan_grid
 from ftprof.units import parse_size
 
 

@@ -1,4 +1,5 @@
-"""A sweep point: one setting of every axis ftprof measures and predicts, and the names of those axes.
+"""A sweep point: one setting of every axis ftprof measures and predicts, the names of those axes, and the
+parsers of their flags' values (``--precision``, ``--zero``, ``--offload``, ...), shared by every command.
 
 :class:`Point` is the one type for "what was trained": the sweep plans and runs points, results store them,
 the estimator predicts them and recommendations turn them into commands. Build it by keyword.
@@ -7,7 +8,7 @@ the estimator predicts them and recommendations turn them into commands. Build i
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 from ftprof.errors import ConfigError
 
@@ -107,3 +108,70 @@ def offload_within(offload: Offload, zero: int) -> Offload:
     if zero < 3 and offload == "optimizer+param":
         return "optimizer"
     return offload
+
+
+# The flags' values, parsed the same way in every command (lists where a grid is meant).
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"8,16,32"`` → ``[8, 16, 32]``; every value a positive integer.
+
+    >>> parse_int_list("32, 8,8", "--batch_sizes")
+    [8, 32]
+    """
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) <= 0:
+            raise ConfigError(f"{flag} {text!r}: {part!r} is not a positive integer; use e.g. {flag} 8,16,32")
+        values.append(int(part))
+    return sorted(set(values))
+
+
+def parse_precisions(text: str) -> list[Precision]:
+    values: list[Precision] = []
+    for p in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if p not in PRECISIONS:
+            raise ConfigError(f"--precision {text!r}: unknown precision {p!r}; use fp32, fp16 or bf16")
+        values.append(cast(Precision, p))  # checked against PRECISIONS just above
+    return sorted(set(values), key=PRECISIONS.index)
+
+
+def parse_zero(text: str) -> list[int]:
+    """``"0,2,3"`` → ``[0, 2, 3]``; only real ZeRO stages."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) not in ZERO_STAGES:
+            raise ConfigError(f"--zero {text!r}: unknown ZeRO stage {part!r}; use 0, 1, 2 or 3")
+        values.append(int(part))
+    return sorted(set(values))
+
+
+def parse_offloads(text: str) -> list[Offload]:
+    """``"none,optimizer"`` → ``["none", "optimizer"]``; only what DeepSpeed can offload.
+
+    >>> parse_offloads("optimizer+param, none")
+    ['none', 'optimizer+param']
+    """
+    values: list[Offload] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part not in OFFLOADS:
+            raise ConfigError(f"--offload {text!r}: unknown offload {part!r}; use none, optimizer or optimizer+param")
+        values.append(cast(Offload, part))
+    return sorted(set(values), key=OFFLOADS.index)
+
+
+def parse_switch(text: str, flag: str) -> list[bool]:
+    """``"off,on"`` → ``[False, True]``.
+
+    >>> parse_switch("on", "--gradient_checkpointing"), parse_switch("off, on", "--gradient_checkpointing")
+    ([True], [False, True])
+    """
+    words = {"off": False, "false": False, "no": False, "on": True, "true": True, "yes": True}
+    values = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part not in words:
+            raise ConfigError(f"{flag} {text!r}: {part!r} is not on or off; use e.g. {flag} off,on")
+        values.append(words[part])
+    return sorted(set(values))

@@ -19,8 +19,7 @@ from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
 from ftprof.estimate.calibration import load_calibration
 from ftprof.estimate.estimator import GPUS, ITEM_LABELS, Calibration, Device, Estimate, estimate, max_batch
-from ftprof.point import PRECISIONS, Offload, Point, offload_within
-from ftprof.sweep.plan import parse_int_list, parse_zero
+from ftprof.point import PRECISIONS, Offload, Point, offload_within, parse_int_list, parse_zero
 from ftprof.units import GIB, parse_size
 
 

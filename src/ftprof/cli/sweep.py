@@ -20,10 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
-from ftprof.point import Offload, Point
+from ftprof.point import Offload, Point, parse_int_list, parse_offloads, parse_precisions, parse_switch, parse_zero
 from ftprof.records.profile import contention
 from ftprof.records.results import Record
-from ftprof.sweep.plan import parse_int_list, parse_offloads, parse_precisions, parse_switch, parse_zero, plan_grid
+from ftprof.sweep.plan import plan_grid
 from ftprof.units import GIB, parse_size
 
 # Defaults that fit the device: a CPU grid finishes in a few minutes; a GPU gets the full grid.
