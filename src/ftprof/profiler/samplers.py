@@ -99,8 +99,8 @@ class RssSampler(_ThreadedSampler):
     """Resident memory of this process, in bytes (``rss``) and the kernel's lifetime peak (``ru_maxrss``).
 
     The default interval is long (50 ms) on purpose: on a CPU the sampling thread competes with torch's
-    compute threads for the same cores, and waking every 5 ms cost ~10% of training speed on 2 cores
-    (bench/bench_profiler.py). ``ru_maxrss`` still records the exact peak the kernel saw.
+    compute threads for the same cores, and waking every 5 ms slowed training measurably on a 2-core machine
+    (docs/benchmarks.md, "Profiler overhead"). ``ru_maxrss`` still records the exact peak the kernel saw.
     """
 
     kind = "rss"

@@ -14,7 +14,7 @@ Three gaps are closed here:
 
 And one leak: DeepSpeed's CPU collectives give each rank a 66 MiB shared-memory buffer in ``/dev/shm``
 (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) that nothing ever unlinks; every run leaves one per
-rank, in RAM, until reboot (325 of them, 21 of this machine's 24 GiB, after a day of sweeps and tests).
+rank, in RAM, until reboot (a day of sweeps and tests can fill most of a machine's RAM with them).
 :func:`release_shm_buffer` unlinks a rank's own once every rank has mapped it (the mapping lives on), so a run
 killed after start-up leaks nothing; :func:`remove_stale_shm_buffers` clears what earlier runs left.
 """
