@@ -70,3 +70,75 @@ def test_top_level_dispatch(capsys):
     assert ftprof_main(["--help"]) == 0
     assert "sweep" in capsys.readouterr().out
     assert ftprof_main(["frobnicate"]) == 2
+
+
+# One vocabulary: the lever flags take the same values, spelled the same, in sweep, estimate and train.
+SHARED = ["--task", "classification", "--precision", "bf16", "--zero", "2", "--offload", "optimizer"]
+
+
+def test_the_same_flags_mean_the_same_in_sweep_estimate_and_train(tmp_path, capsys):
+    from ftprof.cli.estimate import main as estimate_main
+    from ftprof.train.run import parse
+
+    a = sweep_cli.build_parser().parse_args(["--model", "tiny-bert", *SHARED, "--batch_sizes", "4", "--seq_lens", "64"])
+    points, _ = sweep_cli.plan_from_args(a, cuda=False, bf16_ok=True)
+    assert [p.key for p in points] == ["bf16-z2-w1-ga1-s64-b4-off_optimizer"]
+
+    assert estimate_main(["--model", "tiny-bert", *SHARED, "--batch_size", "4", "--seq_len", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 4 x seq 64, bf16, ZeRO-2, 1 rank(s)" in " ".join(out.split())
+    assert "Adam moments (host memory, offloaded)" in out
+
+    script, args = parse(["--model", "tiny-bert", "--dataset", "synthetic", *SHARED, "--output_dir", str(tmp_path)])
+    assert (script.task, script.precision, script.zero, script.offload) == ("classification", "bf16", 2, "optimizer")
+    zero = args.hf_deepspeed_config.config["zero_optimization"]
+    assert args.bf16 and not args.fp16 and zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
+
+
+def run_command_of(command: str, tmp_path):
+    """``main`` of the command, and the flags it needs besides the one under test."""
+    from ftprof.cli.estimate import main as estimate_main
+    from ftprof.cli.train import main as train_main
+
+    return {
+        "sweep": (sweep_cli.main, ["--model", "tiny-bert", "--out", str(tmp_path / "sweep")]),
+        "estimate": (estimate_main, ["--model", "tiny-bert"]),
+        "train": (train_main, ["--model", "tiny-bert", "--dataset", "synthetic", "--output_dir", str(tmp_path / "t")]),
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["sweep", "estimate", "train"])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--zero", "5", "--zero '5': unknown ZeRO stage '5'; use 0, 1, 2 or 3"),
+        ("--precision", "int4", "--precision 'int4': unknown precision 'int4'; use fp32, fp16 or bf16"),
+        ("--offload", "gpu", "--offload 'gpu': unknown offload 'gpu'; use none, optimizer or optimizer+param"),
+        ("--task", "translation", "--task 'translation': unknown task; use classification or causal-lm"),
+    ],
+)
+def test_a_bad_lever_value_is_the_same_one_line_error_in_every_command(tmp_path, capsys, command, flag, value, message):
+    main, argv = run_command_of(command, tmp_path)
+    code = main([*argv, flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"ftprof: error: {message}", err
+    assert "Traceback" not in "\n".join(err) and "usage:" not in "\n".join(err)
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "t").exists()
+
+
+def test_help_shows_the_argument_groups(capsys):
+    from ftprof.cli.estimate import build_parser as estimate_parser
+
+    sweep_help = sweep_cli.build_parser().format_help()
+    for group in (
+        "model:",
+        "grid (each a comma list):",
+        "levers (each a comma list",
+        "execution:",
+        "Slurm (",
+        "output:",
+    ):
+        assert group in sweep_help
+    estimate_help = estimate_parser().format_help()
+    assert "levers (each a comma list" in estimate_help and "--zero 0,1,2,3" in estimate_help
+    assert "--zeros" not in estimate_help and "--offload_optimizer" not in estimate_help  # deprecated, hidden

@@ -7,13 +7,14 @@ from dataclasses import replace
 
 import pytest
 
-from ftprof.cli.estimate import main, verdict
+from ftprof.cli.estimate import main
 from ftprof.estimate.architecture import arch_for
 from ftprof.estimate.calibration import calibration_path, fit_reserved_factor, reserved_ratios
 from ftprof.estimate.estimator import GPUS, Calibration, estimate, gpu_key, max_batch
 from ftprof.point import Point
 from ftprof.records.profile import Profile, RankProfile
 from ftprof.records.results import Record, read_records
+from ftprof.report.estimate_tables import verdict
 from tests.conftest import ROOT
 
 MIB = 2**20
@@ -74,7 +75,7 @@ def test_grid_solves_for_the_budget_less_the_margin(capsys):
     arch, point = arch_for("bert-base-uncased"), Point(batch_size=1, seq_len=512, precision="bf16", zero=0)
     cells = []
     for margin in (0.0, 0.25):
-        flags = ["--model", "bert-base-uncased", "--grid", "--seq_lens", "512", "--zeros", "0", "--budget", "24GiB"]
+        flags = ["--model", "bert-base-uncased", "--grid", "--seq_lens", "512", "--zero", "0", "--budget", "24GiB"]
         assert main([*flags, "--margin", str(margin)]) == 0
         out = capsys.readouterr().out
         title = f"fits 24.0 GiB with a {margin:.0%} margin kept free ({24 * (1 - margin):.1f} GiB)"
@@ -180,7 +181,9 @@ def test_calibrating_on_a_gpu_sweep_fits_and_records_the_allocator_factor(tmp_pa
     for i, r in enumerate(read_records(ROOT / "profiles" / "cpu-2core-tiny-bert" / "results.jsonl")):
         ratio = 1.02 + 0.01 * i  # 1.02 ... 1.13 over 12 points: median 1.075
         allocated = r.peak_bytes // 2
-        gpu = replace(r, env={**r.env, "device": "NVIDIA H100 80GB HBM3"}, profile=replace(r.profile, sampler="nvml"))
+        gpu = replace(
+            r, machine={**r.machine, "device": "NVIDIA H100 80GB HBM3"}, profile=replace(r.profile, sampler="nvml")
+        )
         gpu.profile.ranks = [gpu_rank(0, {"steady": (allocated, int(allocated * ratio))})]
         lines.append(json.dumps(gpu.to_json()))
     (sweep / "results.jsonl").write_text("\n".join(lines) + "\n")
@@ -194,3 +197,47 @@ def test_calibrating_on_a_gpu_sweep_fits_and_records_the_allocator_factor(tmp_pa
     out = " ".join(capsys.readouterr().out.split())
     assert "(assumed: no torch allocator figures in this sweep)" in out
     assert Calibration.load(calibration_path("cpu")).reserved_fitted_on == 0
+
+
+def device_used_row(out: str) -> list[float]:
+    row = next(line for line in out.splitlines() if "device used (NVML / RSS)" in line)
+    return [float(x) for x in re.findall(r"\d+\.\d{3}", row)]
+
+
+def test_a_list_of_stages_is_one_table_with_a_column_per_stage(capsys):
+    """--zero 0,2,3 in a single estimate: the columns are the estimator's figures for each stage, exactly."""
+    flags = ["--model", "bert-base-uncased", "--batch_size", "8", "--seq_len", "512", "--gpu", "h100-80gb"]
+    assert main([*flags, "--zero", "0,2,3"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "ZeRO-0" in line)
+    assert header.index("ZeRO-0") < header.index("ZeRO-2") < header.index("ZeRO-3")
+    arch, cal = arch_for("bert-base-uncased"), Calibration(device="h100-80gb")
+    expected = [
+        round(estimate(arch, Point(batch_size=8, seq_len=512, precision="bf16", zero=z), cal).device_used / 2**30, 3)
+        for z in (0, 2, 3)
+    ]
+    assert device_used_row(out) == expected
+    assert out.count("fits") >= 3 and "does NOT fit" not in out
+    # one stage in the list: the itemised table of old, with its verdict line
+    assert main([*flags, "--zero", "2"]) == 0
+    out = capsys.readouterr().out
+    assert device_used_row(out) == expected[1:2] and "fits (predicted 3.6 GiB of 79.6 GiB, 5% margin kept)" in out
+
+
+def test_the_old_spellings_still_work_with_a_note(capsys):
+    """--zeros and --offload_optimizer/--offload_param map onto --zero and --offload, each with one note."""
+    flags = ["--model", "bert-base-uncased", "--grid", "--seq_lens", "512", "--budget", "24GiB"]
+    assert main([*flags, "--zero", "0,3", "--offload", "optimizer+param"]) == 0
+    new = capsys.readouterr()
+    assert main([*flags, "--zeros", "0,3", "--offload_param"]) == 0
+    old = capsys.readouterr()
+    assert old.out == new.out and "ZeRO-3 offload optimizer+param" in old.out
+    notes = [line for line in old.err.splitlines() if line.startswith("ftprof: note:")]
+    assert notes == [
+        "ftprof: note: --zeros is deprecated; --zero takes the list: --zero 0,3",
+        "ftprof: note: --offload_param is deprecated; use --offload optimizer+param",
+    ]
+    assert main([*flags, "--zero_stages", "0", "--zero", "2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "ftprof: error: --zero_stages '0' and --zero both name the stages; pass --zero only"
+    )

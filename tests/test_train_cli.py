@@ -186,6 +186,9 @@ def test_help_lists_training_arguments_and_ours():
         "--bf16",
         "--resume_from_checkpoint",
         "--group_by_length",
+        "--precision {fp32,fp16,bf16}",
+        "--zero ZERO",
+        "--offload {none,optimizer,optimizer+param}",
     ):
         assert flag in proc.stdout
 
@@ -204,3 +207,67 @@ def test_cpu_runs_get_overlap_comm_off_in_a_shared_copy():
     assert effective == shipped
     # Every rank derives the same path from the same content.
     assert _normalize_deepspeed_flags(["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")])[-1] == argv[-1]
+
+
+def test_zero_and_offload_choose_the_shipped_config(tmp_path):
+    """--zero N --offload X without --ds_config trains with ds_configs/ 's file for them (on a CPU with
+    overlap_comm off, as every CPU run), and --precision sets Trainer's switch."""
+    import json
+
+    from ftprof.runtime.deepspeed_config import cpu_adjusted, load_ds_config
+    from ftprof.train.run import parse
+
+    base = ["--model", "tiny-bert", "--dataset", "synthetic", "--output_dir", str(tmp_path / "out")]
+    for flags, shipped in (
+        (["--zero", "2", "--precision", "bf16"], "zero2.json"),
+        (["--zero", "3", "--offload", "optimizer+param"], "zero3_offload.json"),
+        (["--zero=1"], "zero1.json"),
+    ):
+        script, args = parse([*base, *flags])
+        expected = cpu_adjusted(load_ds_config(ROOT / "ds_configs" / shipped), cuda=False).config
+        assert json.loads(Path(args.deepspeed).read_text()) == expected, flags
+        assert args.bf16 == ("bf16" in flags) and not args.fp16
+    assert (script.zero, script.offload, script.precision) == (1, None, None)
+    _, args = parse([*base, "--precision", "fp32"])
+    assert not args.bf16 and not args.fp16 and args.deepspeed is None  # no --zero: no DeepSpeed, as before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--zero", "3", "--ds_config", "ds_configs/zero2.json"],
+            "--zero 3 contradicts --ds_config 'ds_configs/zero2.json', which sets ZeRO stage 2; drop one of them",
+        ),
+        (
+            ["--offload", "optimizer", "--deepspeed", "ds_configs/zero2.json"],
+            "--offload optimizer contradicts --deepspeed 'ds_configs/zero2.json', which offloads nothing; "
+            "drop one of them",
+        ),
+        (["--precision", "fp32", "--bf16"], "--precision fp32 and --bf16 disagree; pass one of them"),
+        (["--precision", "bf16", "--bf16", "false"], "--precision bf16 and --bf16 false disagree; pass one of them"),
+        (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU and this machine has none; use bf16 or fp32"),
+        (["--zero", "0,2"], "--zero '0,2': ftprof train takes one value (lists are for ftprof sweep and estimate)"),
+        (["--offload", "optimizer"], "--offload optimizer needs --zero (1, 2 or 3) or a --ds_config that offloads"),
+        (["--zero", "2", "--offload", "optimizer+param"], "--offload optimizer+param needs ZeRO stage 3, not 2"),
+    ],
+)
+def test_levers_that_contradict_each_other_or_the_config(tmp_path, capsys, extra, message):
+    code, err = run_main(
+        capsys,
+        ["--model", "tiny-bert", "--dataset", "synthetic", *extra, "--output_dir", str(tmp_path / "out")],
+    )
+    assert code == 2 and err[-1].startswith(f"ftprof: error: {message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_agreeing_config_and_switch_are_fine(tmp_path):
+    from ftprof.train.run import parse
+
+    script, args = parse(
+        ["--model", "tiny-bert", "--dataset", "synthetic", "--output_dir", str(tmp_path / "out")]
+        + ["--zero", "2", "--offload", "optimizer", "--ds_config", str(ROOT / "ds_configs" / "zero2_offload.json")]
+        + ["--precision", "bf16", "--bf16"]
+    )
+    assert (script.zero, script.offload, args.bf16) == (2, "optimizer", True)
+    assert args.hf_deepspeed_config.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

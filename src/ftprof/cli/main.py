@@ -8,7 +8,10 @@ import sys
 from ftprof import __version__
 
 COMMANDS = {
-    "train": ("ftprof.cli.train", "fine-tune a text classifier with HF Trainer + DeepSpeed (= launch/train.py)"),
+    "train": (
+        "ftprof.cli.train",
+        "fine-tune a classifier or causal LM with HF Trainer + DeepSpeed (= launch/train.py)",
+    ),
     "sweep": ("ftprof.cli.sweep", "measure peak memory and throughput over batch, precision, length, ZeRO stage"),
     "estimate": ("ftprof.cli.estimate", "predict peak memory per rank before running; calibrate on a sweep"),
     "report": ("ftprof.cli.report", "tables, Pareto front, recommendations, exports and plots of a sweep"),

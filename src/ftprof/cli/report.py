@@ -12,26 +12,29 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ftprof.cli import flags
 from ftprof.cli.runner import run_command
 from ftprof.report.tables import print_report
 from ftprof.units import parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ftprof report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = flags.parser("ftprof report", __doc__)
     p.add_argument("sweep", metavar="SWEEP_DIR", help="a sweep folder (holding results.jsonl) or its results.jsonl")
-    p.add_argument("--format", default="rich", choices=["rich", "md", "json", "csv"], help="output format")
-    p.add_argument("--budget", help="memory budget, e.g. 24GiB (default: the measured device's memory)")
-    p.add_argument("--seq_len", type=int, help="recommend for this sequence length (default: the longest that fits)")
-    p.add_argument("--world_size", type=int, help="recommend among points of this many ranks (default: the most)")
-    p.add_argument(
+    select = p.add_argument_group("what to recommend")
+    select.add_argument("--budget", help="memory budget, e.g. 24GiB (default: the measured device's memory)")
+    select.add_argument(
+        "--seq_len", type=int, help="recommend for this sequence length (default: the longest that fits)"
+    )
+    select.add_argument("--world_size", type=int, help="recommend among points of this many ranks (default: the most)")
+    output = p.add_argument_group("output")
+    output.add_argument("--format", default="rich", choices=["rich", "md", "json", "csv"], help="output format")
+    output.add_argument(
         "--write_config",
         action="store_true",
         help="write recommended_<kind>.json ds_configs beside the results (commands then name them)",
     )
-    p.add_argument("--no_plots", action="store_true", help="don't write memory.png / throughput.png")
+    output.add_argument("--no_plots", action="store_true", help="don't write memory.png / throughput.png")
     return p
 
 

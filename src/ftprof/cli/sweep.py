@@ -13,18 +13,30 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from ftprof.cli import flags
 from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
-from ftprof.point import Offload, Point, parse_int_list, parse_offloads, parse_precisions, parse_switch, parse_zero
+from ftprof.point import Offload, Point, parse_int_list, parse_precisions, parse_zero
 from ftprof.records.profile import contention
 from ftprof.records.results import Record
 from ftprof.sweep.plan import plan_grid
 from ftprof.units import GIB, parse_size
+
+if TYPE_CHECKING:  # the driver is imported when a sweep runs, not for --help
+    from ftprof.sweep.driver import ExecutorChoice, SweepEvent, SweepRequest
 
 # Defaults that fit the device: a CPU grid finishes in a few minutes; a GPU gets the full grid.
 CPU_DEFAULTS: dict[str, Any] = dict(
@@ -50,90 +62,106 @@ GPU_DEFAULTS: dict[str, Any] = dict(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ftprof sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = flags.parser("ftprof sweep", __doc__)
+    model = flags.add_model_group(
+        p, required=True, model_help="Hub id, local model directory, or tiny preset (shapes only)"
     )
-    p.add_argument("--model", required=True, help="Hub id, local model directory, or tiny preset (shapes only)")
-    p.add_argument("--batch_sizes", help="micro-batches per rank, e.g. 8,16,32 (CPU default 4,8; GPU 8..64)")
-    p.add_argument("--grad_accum", help="gradient accumulation steps, e.g. 1,4")
-    p.add_argument("--precision", help="fp32, fp16, bf16 (comma list)")
-    p.add_argument("--seq_lens", help="sequence lengths, e.g. 128,256,512")
-    p.add_argument("--zero", help="ZeRO stages, e.g. 0,2,3")
-    p.add_argument("--world_size", default="1", help="ranks per point (comma list); >1 uses the deepspeed launcher")
-    p.add_argument("--ds_config", help="base DeepSpeed config (offload etc.); its stage is replaced per point")
-    p.add_argument(
-        "--offload",
-        help="what ZeRO offloads to CPU memory, swept: none,optimizer,optimizer+param (param offload: ZeRO-3 only)",
+    model.add_argument("--dataset", help="measure with this data's real lengths (the longest batch is always measured)")
+    grid = p.add_argument_group("grid (each a comma list)")
+    grid.add_argument(
+        "--batch_sizes",
+        type=flags.int_list("--batch_sizes"),
+        help="micro-batches per rank, e.g. 8,16,32 (CPU default 4,8; GPU 8..64)",
     )
-    p.add_argument("--gradient_checkpointing", help="off, on or off,on: recompute activations in backward")
-    p.add_argument(
-        "--task",
-        default="classification",
-        choices=["classification", "causal-lm"],
-        help="causal-lm: a decoder's LM head, blocks of --seq_lens tokens (packed with --dataset)",
+    grid.add_argument("--grad_accum", type=flags.int_list("--grad_accum"), help="gradient accumulation steps, e.g. 1,4")
+    grid.add_argument("--seq_lens", type=flags.int_list("--seq_lens"), help="sequence lengths, e.g. 128,256,512")
+    grid.add_argument(
+        "--world_size",
+        type=flags.int_list("--world_size"),
+        default="1",
+        help="ranks per point, e.g. 1,2,4; >1 uses the deepspeed launcher (default: 1)",
     )
-    p.add_argument("--effective_batch", type=int, help="keep batch x accumulation x ranks fixed at this value")
-    p.add_argument(
+    grid.add_argument("--effective_batch", type=int, help="keep batch x accumulation x ranks fixed at this value")
+    grid.add_argument(
         "--find_max_batch", action="store_true", help="bisect the largest micro-batch that fits, per setting"
     )
-    p.add_argument("--max_batch", type=int, default=1024, help="upper bound for --find_max_batch")
-    p.add_argument("--steps", type=int, help="measured optimizer steps per point, at least (CPU 3, GPU 10)")
-    p.add_argument(
+    grid.add_argument("--max_batch", type=int, default=1024, help="upper bound for --find_max_batch")
+    levers = flags.add_lever_group(p, defaults={})  # device-sized: CPU_DEFAULTS / GPU_DEFAULTS
+    levers.add_argument("--ds_config", help="base DeepSpeed config (offload etc.); its stage is replaced per point")
+    _add_measurement_group(p)
+    _add_execution_groups(p)
+    output = p.add_argument_group("output")
+    output.add_argument("--out", help="output folder (default profiles/<model>-<device>)")
+    output.add_argument("--resume", action="store_true", help="continue a sweep: skip points already in results.jsonl")
+    output.add_argument("--retry_failed", action="store_true", help="with --resume: run error and timeout points again")
+    output.add_argument("--no_report", action="store_true", help="don't print the report at the end")
+    return p
+
+
+def _add_measurement_group(p: argparse.ArgumentParser) -> None:
+    """How each point is measured, and what is measured again."""
+    measure = p.add_argument_group("measurement")
+    measure.add_argument("--steps", type=int, help="measured optimizer steps per point, at least (CPU 3, GPU 10)")
+    measure.add_argument(
         "--min_seconds",
         type=float,
         help="measure each point for at least this long, in more steps if needed (CPU 2, GPU 3)",
     )
-    p.add_argument("--warmup", type=int, help="optimizer steps before measuring")
-    p.add_argument("--budget", help="memory budget for recommendations, e.g. 24GiB (default: the device's memory)")
-    p.add_argument("--dataset", help="measure with this data's real lengths (the longest batch is always measured)")
-    p.add_argument("--out", help="output folder (default profiles/<model>-<device>)")
-    p.add_argument("--resume", action="store_true", help="continue a sweep: skip points already in results.jsonl")
-    p.add_argument("--retry_failed", action="store_true", help="with --resume: run error and timeout points again")
-    p.add_argument("--timeout", type=float, default=900, help="seconds before a point counts as hung")
-    p.add_argument("--child_memory_limit", help="address-space limit per point process (CPU testing), e.g. 6GiB")
-    p.add_argument(
+    measure.add_argument("--warmup", type=int, help="optimizer steps before measuring")
+    measure.add_argument(
+        "--budget", help="memory budget for recommendations, e.g. 24GiB (default: the device's memory)"
+    )
+    measure.add_argument("--timeout", type=float, default=900, help="seconds before a point counts as hung")
+    measure.add_argument("--child_memory_limit", help="address-space limit per point process (CPU testing), e.g. 6GiB")
+    measure.add_argument(
         "--no_skip",
         action="store_true",
         help="run every grid point, even those a smaller OOM proves will OOM (to compare costs)",
     )
-    p.add_argument(
+    measure.add_argument(
+        "--no_remeasure",
+        action="store_true",
+        help="measure nothing again: not the fastest points when within noise of each other, not the first "
+        "point (how repeatable the machine is), not points whose CPUs were busy",
+    )
+    measure.add_argument(
+        "--memory_snapshot",
+        action="store_true",
+        help="write PyTorch memory records per point and rank to <out>/snapshots: the CUDA allocator's snapshot "
+        "(.pickle, for pytorch.org/memory_viz) and one extra, unmeasured step's memory timeline (.html/.json)",
+    )
+
+
+def _add_execution_groups(p: argparse.ArgumentParser) -> None:
+    """Where the points run: this node's executor, or Slurm jobs and their shape."""
+    execution = p.add_argument_group("execution")
+    execution.add_argument(
         "--executor",
         choices=("local", "slurm"),
         default="local",
         help="where points run: this node (one at a time, or --parallel on disjoint devices) or Slurm jobs",
     )
-    p.add_argument(
+    execution.add_argument(
         "--parallel",
         type=int,
         help="local: points at once, each on its own GPUs (CPU: memory-only sweeps sharing the cores; default 1); "
         "slurm: most jobs queued or running at once (default: no limit)",
     )
-    p.add_argument("--slurm_partition", help="partition of the points' jobs (default: the cluster's)")
-    p.add_argument("--slurm_time", help="time limit per job: minutes or H:MM:SS (default: --timeout + 5 min)")
-    p.add_argument("--slurm_gpus_per_node", type=int, help="GPUs per node; a point with more ranks spans several nodes")
-    p.add_argument("--slurm_account", help="account the jobs are charged to")
-    p.add_argument("--slurm_cpus_per_task", type=int, help="CPUs per rank (default: the cluster's)")
-    p.add_argument(
+    execution.add_argument(
         "--worker",
         choices=("auto", "fork", "fresh"),
         default="auto",
         help="one-rank local points: fork from a pre-imported worker, or start a fresh process each "
         "(auto: fork on CPU-only machines, fresh with CUDA)",
     )
-    p.add_argument(
-        "--memory_snapshot",
-        action="store_true",
-        help="write PyTorch memory records per point and rank to <out>/snapshots: the CUDA allocator's snapshot "
-        "(.pickle, for pytorch.org/memory_viz) and one extra, unmeasured step's memory timeline (.html/.json)",
+    slurm = p.add_argument_group("Slurm (with --executor slurm)")
+    slurm.add_argument("--slurm_partition", help="partition of the points' jobs (default: the cluster's)")
+    slurm.add_argument("--slurm_time", help="time limit per job: minutes or H:MM:SS (default: --timeout + 5 min)")
+    slurm.add_argument(
+        "--slurm_gpus_per_node", type=int, help="GPUs per node; a point with more ranks spans several nodes"
     )
-    p.add_argument("--no_report", action="store_true", help="don't print the report at the end")
-    p.add_argument(
-        "--no_remeasure",
-        action="store_true",
-        help="measure nothing again: not the fastest points when within noise of each other, not the first "
-        "point (how repeatable the machine is), not points whose CPUs were busy",
-    )
-    return p
+    slurm.add_argument("--slurm_account", help="account the jobs are charged to")
+    slurm.add_argument("--slurm_cpus_per_task", type=int, help="CPUs per rank (default: the cluster's)")
 
 
 def plan_from_args(
@@ -141,9 +169,12 @@ def plan_from_args(
 ) -> tuple[list[Point], dict[str, Any]]:
     """The grid the flags ask for (device-sized defaults), and the measurement window of each point
     (``steps``, ``warmup``, ``min_seconds``: :class:`~ftprof.sweep.point_run.SweepConfig` fields). ``gpus_here``:
-    the points run on this machine's GPUs (not on a cluster's nodes), so no point may need more."""
+    the points run on this machine's GPUs (not on a cluster's nodes), so no point may need more.
+
+    The grid flags arrive parsed (lists, by :mod:`ftprof.cli.flags`); those not given take the device's
+    defaults."""
     defaults = GPU_DEFAULTS if cuda else CPU_DEFAULTS
-    precisions = parse_precisions(a.precision or defaults["precision"])
+    precisions = a.precision or parse_precisions(defaults["precision"])
     if not a.precision and cuda and not bf16_ok:
         precisions = [p for p in precisions if p != "bf16"]
     if not cuda and "fp16" in precisions:
@@ -155,25 +186,27 @@ def plan_from_args(
         if value is not None and value <= (-1e-9 if flag in ("warmup", "min_seconds") else 0):
             kind = "non-negative" if flag in ("warmup", "min_seconds") else "positive"
             raise ConfigError(f"--{flag} must be {kind}, got {value}")
-    world_sizes = parse_int_list(a.world_size, "--world_size")
+    world_sizes = a.world_size
     if cuda and gpus_here:
         import torch
 
         if max(world_sizes) > torch.cuda.device_count():
             raise ConfigError(f"--world_size {max(world_sizes)} but only {torch.cuda.device_count()} GPUs are visible")
+
+    def grid(flag: str) -> list[int]:
+        return getattr(a, flag) or parse_int_list(defaults[flag], f"--{flag}")
+
     points = plan_grid(
-        parse_int_list(a.batch_sizes or defaults["batch_sizes"], "--batch_sizes"),
-        parse_int_list(a.grad_accum or defaults["grad_accum"], "--grad_accum"),
+        grid("batch_sizes"),
+        grid("grad_accum"),
         precisions,
-        parse_int_list(a.seq_lens or defaults["seq_lens"], "--seq_lens"),
-        parse_zero(a.zero or defaults["zero"]),
+        grid("seq_lens"),
+        a.zero or parse_zero(defaults["zero"]),
         world_sizes,
         a.effective_batch,
         offload,
-        offloads=parse_offloads(a.offload) if a.offload else None,
-        checkpointing=parse_switch(a.gradient_checkpointing, "--gradient_checkpointing")
-        if a.gradient_checkpointing
-        else None,
+        offloads=a.offload,
+        checkpointing=a.gradient_checkpointing,
     )
     window = {
         flag: getattr(a, flag) if getattr(a, flag) is not None else defaults[flag]
@@ -184,22 +217,38 @@ def plan_from_args(
 
 def run(argv: list[str], console: Console) -> None:
     a = build_parser().parse_args(argv)
+    request = request_from_args(a)
+    from ftprof.sweep.driver import run_sweep
+
+    view = _SweepView(console, request)
+    try:
+        with view.progress:
+            run_sweep(request, on_record=view.record, on_event=view.event)
+    except KeyboardInterrupt:
+        console.print("interrupted: the running points were stopped; --resume continues the sweep")
+        raise SystemExit(130) from None
+    console.print(f"sweep finished in {time.time() - view.started:.0f} s")
+    if not a.no_report:
+        from ftprof.report.tables import print_report
+
+        print_report(request.config.out_dir, console, request.budget)
+
+
+def request_from_args(a: argparse.Namespace) -> SweepRequest:
+    """The sweep the flags ask for, on this machine (its device sizes the default grid and names the folder).
+
+    Raises:
+        ConfigError: a flag's value, or flags that don't go together.
+    """
+    from ftprof.profiler.environment import device_kind
+    from ftprof.runtime.deepspeed_config import load_ds_config
+    from ftprof.sweep.driver import SweepRequest
+    from ftprof.sweep.point_run import SweepConfig
+
     _check_executor_flags(a)
     budget = parse_size(a.budget) if a.budget else None
     child_limit = parse_size(a.child_memory_limit, "--child_memory_limit") if a.child_memory_limit else None
-    from ftprof.profiler.environment import device_kind
-
     device, cuda, bf16_ok = device_kind()
-    from ftprof.runtime.deepspeed_config import load_ds_config
-    from ftprof.runtime.ds_ops import check_no_stale_locks
-
-    check_no_stale_locks()  # else every point would wait on it until its timeout
-    from ftprof.runtime.distributed import remove_stale_shm_buffers
-
-    count, size = remove_stale_shm_buffers()  # RAM that earlier DeepSpeed runs leaked, under every point's feet
-    if count:
-        console.print(f"  [dim]removed {count} DeepSpeed shm buffers ({size / 2**30:.1f} GiB) earlier runs left[/]")
-
     base = load_ds_config(a.ds_config) if a.ds_config else None
     if a.offload and base and base.offload != "none":
         raise ConfigError(
@@ -210,53 +259,11 @@ def run(argv: list[str], console: Console) -> None:
     if slurm_gpus:  # plan for the nodes' GPUs, not this machine's devices
         cuda, bf16_ok = True, True
     points, window = plan_from_args(a, cuda, bf16_ok, base.offload if base else "none", gpus_here=not slurm_gpus)
-
-    from ftprof.estimate.architecture import arch_from_config
-    from ftprof.estimate.calibration import predictor
-    from ftprof.profiler.environment import environment
-    from ftprof.records.results import FAILED, latest, read_records
-    from ftprof.sweep.executors.slurm_jobs import JOBS, JobLog
-    from ftprof.sweep.manifest import SweepSettings, check_or_write
-    from ftprof.sweep.point_run import SweepConfig, close_fork_worker
-    from ftprof.sweep.remeasure import close_calls, contended_points, remeasure, repeat_point
-    from ftprof.sweep.schedule import iterate_sweep
-    from ftprof.train.models import resolve_model_spec
-
-    spec = resolve_model_spec(a.model, random_init=True)  # shapes only: fails fast on an unknown model
-    if a.dataset:
-        from ftprof.train.data import load_raw
-
-        load_raw(a.dataset)  # a bad --dataset fails here, not in every point
-    out = Path(a.out or f"profiles/{Path(a.model).name}-{device}")
-    results = out / "results.jsonl"
-    if results.exists() and not a.resume:
-        raise ConfigError(f"{results} already exists; pass --resume to continue that sweep, or another --out")
-    env = {**environment(), "task": a.task}  # the task travels with every record (its command needs it)
-    check_or_write(
-        out,
-        SweepSettings.of(
-            a.model, dataset=a.dataset, ds_config=base.config if base else None, env=env, task=a.task, **window
-        ),
-    )
-    records = read_records(results) if results.exists() else []
-    # A prediction is no result: over_budget points are planned again (the budget or calibration may differ).
-    done = {r.point.key: r for r in latest(records) if r.status != "over_budget"}
-    if a.retry_failed:
-        done = {k: r for k, r in done.items() if r.status not in FAILED}
-    open_jobs = JobLog(out / JOBS).open_jobs(records, set(done))
-    if open_jobs and a.executor != "slurm":
-        raise ConfigError(
-            f"{len(open_jobs)} Slurm jobs of {str(out)!r} ({', '.join(e.job_id for e in open_jobs)}) were never "
-            "collected; resume with --executor slurm, which waits for them"
-        )
-    predict, calibrated = predictor(
-        arch_from_config(spec.name, spec.config, task=a.task), env["device"], cuda, env.get("device_memory_bytes")
-    )
-    cfg = SweepConfig(
+    config = SweepConfig(
         model=a.model,
         task=a.task,
         points=points,
-        out_dir=out,
+        out_dir=Path(a.out or f"profiles/{Path(a.model).name}-{device}"),
         **window,
         dataset=a.dataset,
         base_ds_config=base,
@@ -265,79 +272,18 @@ def run(argv: list[str], console: Console) -> None:
         max_batch=a.max_batch,
         child_memory_limit=child_limit,
         prune=not a.no_skip,
-        env=env,
-        predict=predict,
-        budget=budget or env.get("device_memory_bytes"),
-        margin=0.10 if calibrated else 0.50,
         worker="fresh" if a.worker == "fresh" or (a.worker == "auto" and cuda) else "fork",
         memory_snapshot=a.memory_snapshot,
     )
-    executor = _executor(a, out, cuda, lambda line: console.print(f"  [dim]{line}[/]"))
-    if open_jobs:
-        executor.reattach(open_jobs, cfg)
-    pending = [p for p in points if p.key not in done]
-    console.print(
-        f"[bold]ftprof sweep[/] {spec.name} ({spec.config.model_type}, shapes from its config) on "
-        f"{cfg.env['device']}: {len(pending)} of {len(points)} points to run"
-        f"{' (bisecting max batch)' if a.find_max_batch else ''} → {results}"
+    return SweepRequest(
+        config,
+        cuda=cuda,
+        budget=budget,
+        resume=a.resume,
+        retry_failed=a.retry_failed,
+        remeasure=not a.no_remeasure,
+        executor=_executor(a),
     )
-    if a.memory_snapshot:
-        console.print(f"  [dim]{memory_snapshot_line(cfg.snapshots_dir, cuda)}[/]")
-    said: set[str] = set()  # each memory-record note once per sweep
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-    started = time.time()
-    try:
-        with progress:
-            task = progress.add_task("starting", total=None if a.find_max_batch else len(pending))
-            for record in iterate_sweep(cfg, done, executor=executor):
-                line, peak = _progress_line(record)
-                progress.console.print(line)
-                for note in _new_memory_notes(record, said):
-                    progress.console.print(f"  [yellow]memory records: {note}[/]")
-                progress.update(task, advance=1, description=f"last {record.point.key}: {peak}")
-            busy = [] if a.no_remeasure else contended_points(read_records(results))
-            if busy:
-                progress.console.print(
-                    f"  {len(busy)} point(s) did not have the CPUs to themselves: measuring them again"
-                )
-                again = executor if a.executor == "slurm" else None
-                for record in remeasure(cfg, busy, executor=again, window=1, reason="contended"):
-                    progress.console.print(_progress_line(record)[0] + "  (re-measured)")
-            # The machine's own drift: one point again, on this node (a Slurm job may land on another).
-            first = None if a.no_remeasure or a.executor == "slurm" else repeat_point(read_records(results))
-            if first:
-                progress.console.print(f"  how repeatable is this machine: measuring {first.key} again")
-                for record in remeasure(cfg, [first], window=1, reason="repeat"):
-                    progress.console.print(_progress_line(record)[0] + "  (repeat)")
-            budget_now = budget or env.get("device_memory_bytes")
-            close = [] if a.no_remeasure else close_calls(read_records(results), budget_now)
-            if close:
-                progress.console.print(
-                    f"  fastest points within noise of each other: measuring {len(close)} again, longer"
-                )
-                # Throughput again, so one point at a time on this node; Slurm jobs have their own nodes.
-                again = executor if a.executor == "slurm" else None
-                for record in remeasure(cfg, close, executor=again):
-                    progress.console.print(_progress_line(record)[0] + "  (re-measured)")
-    except KeyboardInterrupt:
-        console.print("interrupted: the running points were stopped; --resume continues the sweep")
-        raise SystemExit(130) from None
-    finally:
-        close_fork_worker()
-    console.print(f"sweep finished in {time.time() - started:.0f} s")
-    if not a.no_report:
-        from ftprof.report.tables import print_report
-
-        print_report(out, console, budget)
 
 
 SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_gpus_per_node", "slurm_account", "slurm_cpus_per_task")
@@ -355,37 +301,84 @@ def _check_executor_flags(a: argparse.Namespace) -> None:
             raise ConfigError(f"--{flag} must not be negative, got {getattr(a, flag)}")
 
 
-def _executor(a: argparse.Namespace, out: Path, cuda: bool, on_event: Callable[[str], None]) -> Any:
-    """The executor the flags ask for: one point at a time (the default), ``--parallel`` points on this
+def _executor(a: argparse.Namespace) -> ExecutorChoice:
+    """Where the flags ask the points to run: one at a time (the default), ``--parallel`` points on this
     node's device slots, or Slurm jobs."""
-    if a.executor == "slurm":
-        from ftprof.sweep.executors.slurm import SlurmExecutor, SlurmOptions, parse_slurm_time
+    from ftprof.sweep.driver import ExecutorChoice
 
-        options = SlurmOptions(
-            time_min=parse_slurm_time(a.slurm_time) if a.slurm_time else math.ceil(a.timeout / 60) + 5,
-            partition=a.slurm_partition,
-            account=a.slurm_account,
-            gpus_per_node=a.slurm_gpus_per_node,
-            cpus_per_task=a.slurm_cpus_per_task,
-            max_jobs=a.parallel,
+    if a.executor != "slurm":
+        return ExecutorChoice("local", a.parallel)
+    from ftprof.sweep.executors.slurm import SlurmOptions, parse_slurm_time
+
+    options = SlurmOptions(
+        time_min=parse_slurm_time(a.slurm_time) if a.slurm_time else math.ceil(a.timeout / 60) + 5,
+        partition=a.slurm_partition,
+        account=a.slurm_account,
+        gpus_per_node=a.slurm_gpus_per_node,
+        cpus_per_task=a.slurm_cpus_per_task,
+        max_jobs=a.parallel,
+    )
+    return ExecutorChoice("slurm", a.parallel, options)
+
+
+# What each re-measure pass says as it begins.
+REMEASURE_LINES: dict[str, Callable[[tuple[Point, ...]], str]] = {
+    "contended": lambda points: f"{len(points)} point(s) did not have the CPUs to themselves: measuring them again",
+    "repeat": lambda points: f"how repeatable is this machine: measuring {points[0].key} again",
+    "close call": lambda points: f"fastest points within noise of each other: measuring {len(points)} again, longer",
+}
+
+
+class _SweepView:
+    """The sweep on the console: a line per finished point above a progress bar over the grid, the driver's
+    notes dimmed, and a line as each re-measure pass begins."""
+
+    def __init__(self, console: Console, request: SweepRequest) -> None:
+        self.request = request
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
         )
-        return SlurmExecutor(out, options, on_event)
-    from ftprof.sweep.executors import SerialExecutor
-    from ftprof.sweep.point_run import run_point
+        self.task: TaskID | None = None
+        self.said: set[str] = set()  # each memory-record note once per sweep
+        self.started = time.time()  # again when the grid starts: the sweep's time, not its set-up's
 
-    if not a.parallel or a.parallel == 1:
-        return SerialExecutor(run_point)
-    import os
+    def event(self, event: SweepEvent) -> None:
+        from ftprof.sweep.driver import Note, Remeasuring, Starting
 
-    from ftprof.sweep.executors.local import LocalExecutor, device_slots
+        out, cfg = self.progress.console, self.request.config
+        if isinstance(event, Note):
+            out.print(f"  [dim]{event.text}[/]")
+        elif isinstance(event, Remeasuring):
+            out.print(f"  {REMEASURE_LINES[event.reason](event.points)}")
+        elif isinstance(event, Starting):
+            out.print(
+                f"[bold]ftprof sweep[/] {event.model} ({event.model_type}, shapes from its config) on "
+                f"{event.device}: {event.to_run} of {event.points} points to run"
+                f"{' (bisecting max batch)' if cfg.find_max_batch else ''} → {event.results}"
+            )
+            if cfg.memory_snapshot:
+                out.print(f"  [dim]{memory_snapshot_line(cfg.snapshots_dir, self.request.cuda)}[/]")
+            self.task = self.progress.add_task("starting", total=None if cfg.find_max_batch else event.to_run)
+            self.started = time.time()
 
-    device_count = 0
-    if cuda:
-        import torch
-
-        device_count = torch.cuda.device_count()
-    slots = device_slots(a.parallel, cuda, os.environ.get("CUDA_VISIBLE_DEVICES"), device_count)
-    return LocalExecutor(slots, max_points=min(a.parallel, len(slots)))
+    def record(self, record: Record) -> None:
+        line, peak = _progress_line(record)
+        out = self.progress.console
+        if record.run.remeasured is not None:
+            out.print(line + ("  (repeat)" if record.run.remeasured == "repeat" else "  (re-measured)"))
+            return
+        out.print(line)
+        for note in _new_memory_notes(record, self.said):
+            out.print(f"  [yellow]memory records: {note}[/]")
+        if self.task is not None:
+            self.progress.update(self.task, advance=1, description=f"last {record.point.key}: {peak}")
 
 
 def memory_snapshot_line(folder: Path, cuda: bool) -> str:

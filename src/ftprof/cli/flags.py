@@ -1,0 +1,106 @@
+"""The flags more than one command takes, built once so that they mean the same everywhere.
+
+``--precision``, ``--zero``, ``--offload`` and ``--gradient_checkpointing`` take lists in ``sweep`` and
+``estimate`` (``--zero 2`` or ``--zero 0,2,3``), parsed by :mod:`ftprof.point`'s parsers, which ``ftprof
+train`` uses too for its single values; ``--task`` has the same choices in all three. A bad value is a
+:class:`~ftprof.errors.ConfigError` raised while parsing: one line naming the flag, exit code 2.
+
+Each command's parser puts its flags in argument groups (model, grid, levers, execution, Slurm, output), so
+``--help`` reads by purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from ftprof.point import TASKS, parse_int_list, parse_offloads, parse_precisions, parse_switch, parse_task, parse_zero
+
+
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A command's parser: its module docstring (the example commands) as the description."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def int_list(flag: str) -> Callable[[str], list[int]]:
+    """The argparse ``type`` of a list of positive integers, e.g. ``--seq_lens 128,512``."""
+
+    def parse(text: str) -> list[int]:
+        return parse_int_list(text, flag)
+
+    parse.__name__ = flag  # argparse names the type in its own messages
+    return parse
+
+
+def switch(flag: str) -> Callable[[str], list[bool]]:
+    """The argparse ``type`` of an on/off lever, e.g. ``--gradient_checkpointing off,on``."""
+
+    def parse(text: str) -> list[bool]:
+        return parse_switch(text, flag)
+
+    parse.__name__ = flag
+    return parse
+
+
+def add_model_group(p: argparse.ArgumentParser, *, required: bool, model_help: str) -> argparse._ArgumentGroup:
+    """``--model`` and ``--task``."""
+    group = p.add_argument_group("model")
+    group.add_argument("--model", required=required, help=model_help)
+    group.add_argument(
+        "--task",
+        type=parse_task,
+        choices=TASKS,
+        default="classification",
+        help="classification (a sequence classifier, the default) or causal-lm (a decoder's LM head: logits over "
+        "the vocabulary at every position)",
+    )
+    return group
+
+
+def add_lever_group(p: argparse.ArgumentParser, *, defaults: dict[str, str | None]) -> argparse._ArgumentGroup:
+    """The memory levers, each a comma list: ``--precision``, ``--zero``, ``--offload``,
+    ``--gradient_checkpointing``. ``defaults`` holds each one's default (None: the command decides)."""
+    group = p.add_argument_group("levers (each a comma list: every combination is a setting)")
+
+    def default(flag: str, text: str) -> str:
+        return f"{text} (default: {defaults[flag]})" if defaults.get(flag) else text
+
+    group.add_argument(
+        "--precision",
+        type=parse_precisions,
+        default=defaults.get("precision"),
+        metavar="fp32,fp16,bf16",
+        help=default("precision", "mixed precision: fp32, fp16, bf16"),
+    )
+    group.add_argument(
+        "--zero",
+        type=parse_zero,
+        default=defaults.get("zero"),
+        metavar="0,1,2,3",
+        help=default("zero", "ZeRO stages, e.g. 2 or 0,2,3"),
+    )
+    group.add_argument(
+        "--offload",
+        type=parse_offloads,
+        default=defaults.get("offload"),
+        metavar="none,optimizer,optimizer+param",
+        help=default(
+            "offload", "what ZeRO offloads to CPU memory: none, optimizer (ZeRO-1/2/3), optimizer+param (ZeRO-3)"
+        ),
+    )
+    group.add_argument(
+        "--gradient_checkpointing",
+        type=switch("--gradient_checkpointing"),
+        nargs="?",
+        const="on",
+        default=defaults.get("gradient_checkpointing"),
+        metavar="off,on",
+        help=default("gradient_checkpointing", "recompute activations in backward: on (alone: on), off, or off,on"),
+    )
+    return group
+
+
+def note(text: str) -> None:
+    """One line on stderr that doesn't stop the command (a deprecated flag, say)."""
+    print(f"ftprof: note: {text}", file=sys.stderr)
