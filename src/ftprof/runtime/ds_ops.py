@@ -1,10 +1,10 @@
 """DeepSpeed's JIT-built ops: build them ahead of time, and find the build locks a killed build left behind.
 
 DeepSpeed builds some ops on first use through torch's JIT extensions (on a CPU accelerator: the shared-memory
-collectives and both Adams, compiled by the host's C++ compiler: minutes in all on a small machine). torch guards
-each build with a ``lock`` file and any later process waits on that file *forever*; a build killed mid-way (a timeout, Ctrl-C) leaves it, and every
-DeepSpeed run after it hangs silently. :func:`stale_locks` finds such files; :func:`build` builds the ops once,
-in one process with no timeout, so that runs only load them.
+collectives and both Adams, compiled by the host's C++ compiler: minutes in all on a small machine). torch
+guards each build with a ``lock`` file and any later process waits on that file *forever*; a build killed
+mid-way (a timeout, Ctrl-C) leaves it, and every DeepSpeed run after it hangs silently. :func:`stale_locks`
+finds such files; :func:`build` builds the ops once, in one process with no timeout, so that runs only load them.
 """
 
 from __future__ import annotations
