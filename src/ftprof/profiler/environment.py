@@ -19,7 +19,8 @@ def device_kind() -> tuple[str, bool, bool]:
 
 def environment() -> dict[str, Any]:
     """What a measurement depends on besides its settings: devices, driver, library versions."""
-    import deepspeed
+    from importlib.metadata import version
+
     import torch
     import transformers
 
@@ -27,7 +28,9 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "deepspeed": deepspeed.__version__,
+        # Its version without importing it: ``import deepspeed`` detects the accelerator and, without CUDA, logs
+        # "Setting accelerator to CPU" in the sweep's console, between ftprof's own lines.
+        "deepspeed": version("deepspeed"),
         "cpu_count": os.cpu_count(),
         "host": platform.node(),
     }

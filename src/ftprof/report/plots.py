@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ftprof.records.results import Record
 from ftprof.units import GIB
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Series = dict[str, list[tuple[int, Record]]]
 
@@ -44,48 +48,24 @@ def throughput_spread(record: Record) -> tuple[float, float] | None:
     return samples_per_step / prof.step_time_p90_s, samples_per_step / prof.step_time_p10_s
 
 
-def save_plots(records: list[Record], out_dir: Path, budget: int | None = None) -> list[Path]:
-    """Write ``memory.png`` (peak GiB over batch, a line per setting; the budget as a line, OOM and skipped
-    points as markers) and ``throughput.png`` (samples/s over batch, p10-p90 spread as error bars)."""
-    import matplotlib
+# The budget is drawn as a line only when it is at most this many times the highest measured peak: a 24 GiB
+# budget over peaks of 0.7 GiB would squash every line onto the floor, so it is said in the title instead.
+BUDGET_LINE_WITHIN = 3.0
+PLOTS: dict[str, tuple[str, Callable[[Record], float]]] = {
+    "memory.png": ("peak memory (GiB)", lambda r: (r.peak_bytes or 0) / GIB),
+    "throughput.png": ("train samples/s", lambda r: r.samples_per_s),
+}
 
-    matplotlib.use("Agg")
+
+def save_plots(records: list[Record], out_dir: Path, budget: int | None = None) -> list[Path]:
+    """Write ``memory.png`` (peak GiB over batch, a line per setting; the budget as a line when it is near the
+    peaks, else in the title; OOM and skipped points as markers) and ``throughput.png`` (samples/s over batch,
+    p10-p90 spread as error bars)."""
     import matplotlib.pyplot as plt
 
     written = []
-    plots: list[tuple[str, str, Callable[[Record], float]]] = [
-        ("memory.png", "peak memory (GiB)", lambda r: (r.peak_bytes or 0) / GIB),
-        ("throughput.png", "train samples/s", lambda r: r.samples_per_s),
-    ]
-    for name, ylabel, value in plots:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for text, points in _series(records).items():
-            xs = [b for b, _ in points]
-            ys = [value(r) for _, r in points]
-            line = ax.plot(xs, ys, marker="o", label=text)[0]
-            if name == "throughput.png":
-                spreads = [throughput_spread(r) for _, r in points]
-                lows = [y - s[0] if s else 0.0 for y, s in zip(ys, spreads, strict=True)]
-                highs = [s[1] - y if s else 0.0 for y, s in zip(ys, spreads, strict=True)]
-                ax.errorbar(
-                    xs,
-                    ys,
-                    yerr=[[max(0.0, v) for v in lows], [max(0.0, v) for v in highs]],
-                    fmt="none",
-                    ecolor=line.get_color(),
-                    capsize=3,
-                    alpha=0.7,
-                )
-        if name == "memory.png":
-            _mark_failures(ax, records, budget)
-        ax.set_xscale("log", base=2)
-        batches = sorted({r.point.batch_size for r in records})
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_xlabel("micro-batch per rank")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+    for name in PLOTS:
+        fig = figure(name, records, budget)
         path = out_dir / name
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -93,10 +73,55 @@ def save_plots(records: list[Record], out_dir: Path, budget: int | None = None) 
     return written
 
 
+def figure(name: str, records: list[Record], budget: int | None = None) -> Figure:
+    """The figure ``name`` (a key of :data:`PLOTS`) of ``records``, not saved; the caller closes it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ylabel, value = PLOTS[name]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for text, points in _series(records).items():
+        xs = [b for b, _ in points]
+        ys = [value(r) for _, r in points]
+        line = ax.plot(xs, ys, marker="o", label=text)[0]
+        if name == "throughput.png":
+            spreads = [throughput_spread(r) for _, r in points]
+            lows = [y - s[0] if s else 0.0 for y, s in zip(ys, spreads, strict=True)]
+            highs = [s[1] - y if s else 0.0 for y, s in zip(ys, spreads, strict=True)]
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[[max(0.0, v) for v in lows], [max(0.0, v) for v in highs]],
+                fmt="none",
+                ecolor=line.get_color(),
+                capsize=3,
+                alpha=0.7,
+            )
+    if name == "memory.png":
+        _mark_failures(ax, records, budget)
+    ax.set_xscale("log", base=2)
+    batches = sorted({r.point.batch_size for r in records})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("micro-batch per rank")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _mark_failures(ax, records: list[Record], budget: int | None) -> None:
-    """The budget as a dashed line; OOM (red x) and skipped (orange triangle) points along the top edge."""
+    """The budget as a dashed line (in the title when it is far above the peaks); OOM (red x) and skipped
+    (orange triangle) points along the top edge."""
     if budget:
-        ax.axhline(budget / GIB, color="grey", linestyle="--", label=f"budget {budget / GIB:.1f} GiB")
+        highest = max((r.peak_bytes or 0 for r in records), default=0)
+        text = f"budget {budget / GIB:.1f} GiB"
+        if highest and budget > BUDGET_LINE_WITHIN * highest:
+            ax.set_title(f"{text}: {budget / highest:.0f}x the highest peak, off this scale", fontsize=9)
+        else:
+            ax.axhline(budget / GIB, color="grey", linestyle="--", label=text)
     top = ax.get_ylim()[1]
     for status, marker, color in (("oom", "x", "red"), ("skipped", "^", "orange")):
         batches = [r.point.batch_size for r in records if r.status == status]
