@@ -101,9 +101,11 @@ def test_precision_forced():
     assert DeepSpeedConfig({"bf16": {"enabled": True}}).precision_forced() == "bf16"
 
 
-def test_shipped_configs_are_plain_json():
-    for path in (ROOT / "ds_configs").glob("*.json"):
-        json.loads(path.read_text())
+def test_shipped_configs_are_plain_json_and_each_is_tested():
+    shipped = sorted(path.stem for path in (ROOT / "ds_configs").glob("*.json"))
+    assert shipped == sorted(CONFIGS)  # a new file must get its row in CONFIGS (and so its checks)
+    for name in shipped:
+        assert isinstance(json.loads((ROOT / "ds_configs" / f"{name}.json").read_text()), dict)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
