@@ -1,15 +1,22 @@
 """Measure one sweep point: a few real Trainer + DeepSpeed steps in this process (one per rank).
 
-Run by ``ftprof sweep`` in a fresh process per point, so no peak is polluted by an earlier point:
+``ftprof sweep`` runs each point in a process of its own, so no peak is polluted by an earlier point: a
+child forked from the pre-imported worker (:mod:`ftprof.sweep.worker`, the default for one rank), or a
+fresh process (several ranks, a Slurm step, an environment the worker can't give):
 
-    python -m ftprof.sweep.measure SPEC.json                       # world size 1
-    deepspeed --num_gpus 2 .../ftprof/measure.py SPEC.json   # world size 2
+    python -m ftprof.sweep.measure SPEC.json                          # world size 1
+    deepspeed --num_gpus 2 .../ftprof/sweep/measure.py SPEC.json      # world size 2
 
 SPEC holds a :class:`MeasureSpec`; rank 0 writes the measured :class:`~ftprof.records.profile.Profile` to
 ``spec.result_path`` as JSON. With ``spec.memory_snapshot_dir`` every rank also writes its memory records
 there (:mod:`ftprof.profiler.memory_records`), profiling one step after the measured window.
-The model is built from its config with random weights: memory and speed don't depend on weight values,
-and this works with no network for known architectures.
+
+The Trainer comes from :func:`ftprof.train.recipe.build_trainer`, the recipe ``ftprof train`` uses, so the
+recommended command trains on batches of the shapes measured here. What makes a point a measurement: the
+model is built from its config with random weights (memory and speed don't depend on weight values, and
+this works with no network for known architectures), the rows are synthetic token ids of exactly
+``seq_len`` (or, with ``--dataset``, the real rows, longest first), and the run stops after ``max_steps``
+without saving or evaluating.
 """
 
 from __future__ import annotations
@@ -20,10 +27,19 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ftprof.point import Point
+from ftprof.point import Point, Task
 from ftprof.records.profile import Profile
+
+if TYPE_CHECKING:  # heavy imports wait for measure(): the sweep driver imports this module for MeasureSpec
+    from collections.abc import Callable, Sequence
+
+    from transformers import TrainerCallback
+
+    from ftprof.train.args import FtprofTrainingArguments
+    from ftprof.train.models import ModelSpec
+    from ftprof.train.recipe import Recipe
 
 MAX_WINDOW_STEPS = 5000  # a cap on the window, however fast the steps
 
@@ -41,7 +57,7 @@ class MeasureSpec:
     dataset: str | None = None
     seed: int = 0
     min_seconds: float = 0.0  # the throughput window lasts at least ``steps`` steps and this long
-    task: str = "classification"  # or "causal-lm": blocks of exactly seq_len tokens, labels = input_ids
+    task: Task = "classification"  # or "causal-lm": blocks of exactly seq_len tokens, labels = input_ids
     # ``sweep --memory_snapshot``: each rank writes <point key>-rank<r>.pickle / -timeline.* here (the sweep
     # folder's snapshots/), named in its profile relative to this folder's parent
     memory_snapshot_dir: str | None = None
@@ -79,125 +95,114 @@ def _token_dataset(spec: MeasureSpec, vocab_size: int, n_rows: int):
     )
 
 
-def _packed_rows(spec: MeasureSpec, task, tokenizer, n_rows: int):
-    """A causal LM's training text packed into blocks of exactly ``seq_len`` tokens, cycled to ``n_rows``."""
-    from ftprof.train.causal_lm_data import pack, tokenize_documents
-
-    blocks = pack(tokenize_documents(task.train, task.text_column, tokenizer), spec.point.seq_len)
-    return blocks.select([i % len(blocks) for i in range(n_rows)])
-
-
-def _load_task(dataset: str, seed: int, task: str = "classification"):
-    """The data's train split: texts and labels, or (causal LM) documents."""
-    from ftprof.train.data import load_raw, prepare_task
-
-    if task == "causal-lm":
-        from ftprof.train.causal_lm_data import prepare_corpus
-
-        return prepare_corpus(load_raw(dataset, seed=seed), None, seed=seed)
-    return prepare_task(load_raw(dataset, seed=seed), None, None, seed=seed)
-
-
-def _dataset_rows(spec: MeasureSpec, task, tokenizer, n_rows: int, global_batch: int):
-    """Real texts truncated to ``seq_len``: the first global batch holds the longest inputs (the worst case
-    is always measured, once), then the other rows follow in random order, reshuffled on each pass, for as
-    many rows as the run can take (a long window must not meet the worst-case batch again each epoch)."""
+def _worst_first(train: Any, seed: int, n_rows: int, global_batch: int) -> Any:
+    """Texts tokenized as ``ftprof train`` does (truncated to ``seq_len``): the first global batch holds the
+    longest inputs (the worst case is always measured, once), then the other rows follow in random order,
+    reshuffled on each pass, for as many rows as the run can take (a long window must not meet the
+    worst-case batch again each epoch)."""
     import random
 
-    from datasets import Dataset
-
-    texts, labels = list(task.train[task.text_column]), list(task.train[task.label_column])
-    encoded = tokenizer(texts, truncation=True, max_length=spec.point.seq_len)
-    base = Dataset.from_dict(
-        {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
-    )
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded["input_ids"][i]))
+    lengths = [len(ids) for ids in train["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     head, tail = order[:global_batch], order[global_batch:] or order
-    rng = random.Random(spec.seed)
+    rng = random.Random(seed)
     chosen = list(head)
     while len(chosen) < n_rows:
         rng.shuffle(tail)
         chosen += tail[: n_rows - len(chosen)]
-    return base.select(chosen)  # an index mapping: no copy of the rows
+    return train.select(chosen)  # an index mapping: no copy of the rows
+
+
+def point_rows(spec: MeasureSpec, n_rows: int, global_batch: int) -> Callable[[Any, ModelSpec], Any]:
+    """The point's rows from the train recipe's tokenized split (see :class:`ftprof.train.recipe.Measurement`).
+
+    No ``--dataset``: random token ids of exactly ``seq_len``. Causal LM: the packed blocks of exactly
+    ``seq_len`` tokens, cycled to ``n_rows``. Classification: the rows, longest first (:func:`_worst_first`).
+    """
+
+    def rows(train: Any, model_spec: ModelSpec) -> Any:
+        if train is None:
+            return _token_dataset(spec, model_spec.config.vocab_size, n_rows)
+        if spec.task == "causal-lm":
+            return train.select([i % len(train) for i in range(n_rows)])
+        return _worst_first(train, spec.seed, n_rows, global_batch)
+
+    return rows
+
+
+def training_args(spec: MeasureSpec, output_dir: str) -> FtprofTrainingArguments:
+    """Trainer's arguments for the point: its axes, ``max_steps``, and no saving, evaluation or logging."""
+    import torch
+
+    from ftprof.runtime.deepspeed_config import DeepSpeedConfig, cpu_adjusted
+    from ftprof.train.args import FtprofTrainingArguments
+
+    p = spec.point
+    return FtprofTrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum,
+        max_steps=spec.max_steps,
+        bf16=p.precision == "bf16",
+        fp16=p.precision == "fp16",
+        gradient_checkpointing=p.gradient_checkpointing,
+        deepspeed=cpu_adjusted(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available()).config,
+        save_strategy="no",
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        logging_steps=10_000,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=spec.seed,
+        learning_rate=1e-5,
+        # With --dataset the rows are ordered so the first global batch is the worst case: keep that order.
+        train_sampling_strategy="sequential" if spec.dataset else "random",
+    )
+
+
+def build_point(spec: MeasureSpec, args: FtprofTrainingArguments, callbacks: Sequence[TrainerCallback] = ()) -> Recipe:
+    """The point's Trainer, built by :func:`ftprof.train.recipe.build_trainer` as ``ftprof train`` builds its
+    own (tokenizer, tokenization, model class, collator, Trainer class), from the model's config with random
+    weights and the rows of :func:`point_rows`; returns the :class:`~ftprof.train.recipe.Recipe`."""
+    from ftprof.train.args import ScriptArguments
+    from ftprof.train.recipe import Measurement, build_trainer
+
+    p = spec.point
+    script = ScriptArguments(
+        task=spec.task,
+        model=spec.model,
+        dataset=spec.dataset or "",  # unread without a dataset (Measurement.with_data)
+        max_length=p.seq_len,
+        random_init=True,  # memory and speed don't depend on weight values; no download needed
+    )
+    global_batch = p.batch_size * p.grad_accum * args.world_size
+    # Synthetic rows all have the swept length, so Trainer may loop over a few of them; real rows are index
+    # mappings, enough for one pass of the longest window (the worst-case batch runs once).
+    n_rows = global_batch * ((spec.max_steps if spec.dataset else spec.warmup + spec.steps) + 1)
+    measurement = Measurement(rows=point_rows(spec, n_rows, global_batch), with_data=spec.dataset is not None)
+    return build_trainer(script, args, callbacks=callbacks, measurement=measurement)
 
 
 def measure(spec: MeasureSpec) -> Profile:
     """Run ``warmup + steps`` optimizer steps and return the profile (on every rank)."""
-    import torch
-    from transformers import DataCollatorWithPadding, Trainer
-
     from ftprof.profiler import ProfilerCallback
-    from ftprof.runtime.deepspeed_config import DeepSpeedConfig, cpu_adjusted
     from ftprof.runtime.distributed import ensure_single_process_env
-    from ftprof.train.args import FtprofTrainingArguments
-    from ftprof.train.causal_lm_data import CausalLMCollator
-    from ftprof.train.models import build_causal_lm, build_model, resolve_model_spec, train_tokenizer_for
 
     ensure_single_process_env()
     p = spec.point
-    model_spec = resolve_model_spec(spec.model, random_init=True)
     with tempfile.TemporaryDirectory() as out:
-        args = FtprofTrainingArguments(
-            output_dir=out,
-            per_device_train_batch_size=p.batch_size,
-            gradient_accumulation_steps=p.grad_accum,
-            max_steps=spec.max_steps,
-            bf16=p.precision == "bf16",
-            fp16=p.precision == "fp16",
-            gradient_checkpointing=p.gradient_checkpointing,
-            deepspeed=cpu_adjusted(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available()).config,
-            save_strategy="no",
-            eval_strategy="no",
-            load_best_model_at_end=False,
-            logging_steps=10_000,
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=spec.seed,
-            learning_rate=1e-5,
-            # With --dataset the rows are ordered so the first global batch is the worst case: keep that order.
-            train_sampling_strategy="sequential" if spec.dataset else "random",
-        )
-        global_batch = p.batch_size * p.grad_accum * args.world_size
+        args = training_args(spec, out)
         recorder = None
         if spec.memory_snapshot_dir:  # before the model exists: the allocator's history sees it arrive
             from ftprof.profiler.memory_records import MemoryRecorder
 
             recorder = MemoryRecorder(Path(spec.memory_snapshot_dir), f"{p.key}-rank{args.process_index}")
             recorder.start()
-        # Token ids are synthetic unless --dataset: a tokenizer is only needed for real texts (and pad id 0).
-        task = _load_task(spec.dataset, spec.seed, spec.task) if spec.dataset else None
-        texts = list(task.train[task.text_column]) if task else ["profiling"] * 4
-        # Synthetic rows all have the swept length, so Trainer may loop over a few of them; real rows are index
-        # mappings, enough for one pass of the longest window (the worst-case batch runs once).
-        n_rows = global_batch * ((spec.max_steps if task else spec.warmup + spec.steps) + 1)
-        causal = spec.task == "causal-lm"
-        tokenizer = train_tokenizer_for(model_spec, texts, causal_lm=causal)
-        if task is not None and causal:
-            train = _packed_rows(spec, task, tokenizer, n_rows)
-        elif task is not None:
-            train = _dataset_rows(spec, task, tokenizer, n_rows, global_batch)
-        else:
-            train = _token_dataset(spec, model_spec.config.vocab_size, n_rows)
-        if causal:
-            # Loss averaged per token over ranks and accumulation: Trainer's loss kwargs stay on.
-            model = build_causal_lm(model_spec, tokenizer, shrink_vocab=False)
-            collator: Any = CausalLMCollator(tokenizer.pad_token_id)
-        else:
-            model = build_model(model_spec, tokenizer, ["0", "1"], shrink_vocab=False)  # the preset's real shape
-            model.accepts_loss_kwargs = False  # type: ignore[assignment]  # a plain attribute Trainer reads
-            collator = DataCollatorWithPadding(tokenizer)
         profiler = ProfilerCallback(
             warmup_steps=spec.warmup, min_steps=spec.steps, min_seconds=spec.min_seconds, memory_recorder=recorder
         )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            data_collator=collator,
-            callbacks=[profiler],
-        )
-        trainer.train()
+        build_point(spec, args, callbacks=[profiler]).trainer.train()
         assert profiler.profile is not None  # set by on_train_end
         profiler.profile.random_init = True
         if spec.memory_snapshot_dir:  # paths relative to the sweep folder, which may move

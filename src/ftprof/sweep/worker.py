@@ -40,7 +40,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-READY_TIMEOUT_S = 600.0  # the first start may JIT-compile DeepSpeed's CPU ops (~40 s here)
+READY_TIMEOUT_S = 600.0  # the first start may JIT-compile DeepSpeed's CPU ops, which takes minutes on small CPUs
 
 
 def _preload() -> None:
@@ -55,8 +55,7 @@ def _preload() -> None:
     import ftprof.runtime.deepspeed_config  # noqa: F401
     import ftprof.sweep.measure  # noqa: F401
     import ftprof.train.args  # noqa: F401
-    import ftprof.train.causal_lm_data  # noqa: F401
-    import ftprof.train.models  # noqa: F401
+    import ftprof.train.recipe  # noqa: F401  # and through it tasks, data, causal_lm_data, models, metrics
 
     if not torch.cuda.is_available():  # GPU ops load in the child, after CUDA exists there
         from deepspeed.accelerator import get_accelerator
@@ -73,7 +72,7 @@ def resident_file_pages() -> list[tuple[int, int]]:
 
     ``fork()`` copies the page tables of anonymous memory but leaves file-backed mappings (the shared
     libraries' code and data) to page faults, so a child starts without the library pages the imports
-    touched, and its RSS would be lower than a fresh process's by those (~120 MB here). The worker lists
+    touched, and its RSS would be lower than a fresh process's by those (a hundred MB or more). The worker lists
     them once (``/proc/self/pagemap``'s present bit), and each child maps them again
     (:func:`touch_pages`): the child's RSS then starts where a fresh process's does after the same imports.
     """

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from transformers import TrainingArguments
 
+from ftprof.errors import ConfigError
+from ftprof.point import Offload, Precision, Task, parse_offloads, parse_precisions, parse_task, parse_zero
+from ftprof.runtime.deepspeed_config import DeepSpeedConfig, ds_config_for, shipped_config
 from ftprof.runtime.distributed import adopt_process_group, release_shm_buffer
 
-Task = Literal["classification", "causal-lm"]
 CAUSAL_LM_METRICS = ("eval_loss", "loss", "eval_perplexity", "perplexity")  # what a causal-LM evaluation reports
 
 
@@ -73,6 +75,27 @@ class ScriptArguments:
         },
     )
     ds_config: str | None = field(default=None, metadata={"help": "DeepSpeed config JSON (same as --deepspeed)."})
+    precision: Precision | None = field(
+        default=None,
+        metadata={
+            "help": "fp32, fp16 or bf16 (as in ftprof sweep and estimate): sets --fp16 / --bf16, which may then "
+            "only agree with it."
+        },
+    )
+    zero: int | None = field(
+        default=None,
+        metadata={
+            "help": "ZeRO stage 0-3: without --ds_config, train with the config ftprof ships for it and --offload "
+            "(ds_configs/zero<N>*.json); with --ds_config, it must be that config's stage."
+        },
+    )
+    offload: Offload | None = field(
+        default=None,
+        metadata={
+            "help": "none, optimizer (ZeRO-1/2/3) or optimizer+param (ZeRO-3): what ZeRO offloads to CPU memory, "
+            "with --zero; with --ds_config, it must be what that config offloads."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in an --output_dir that already holds checkpoints (they may be rotated away)."},
@@ -194,3 +217,148 @@ def _steps_compatible(save_steps: float, eval_steps: float) -> bool:
         scale = 1_000_000  # Trainer's own integer scaling for ratio steps
         return (save_steps * scale) % (eval_steps * scale) == 0
     return False
+
+
+@dataclass(frozen=True)
+class Levers:
+    """``--precision``, ``--zero`` and ``--offload`` as ``ftprof train`` was given them (None: not given): one
+    value each, spelled as in ``ftprof sweep`` and ``ftprof estimate``."""
+
+    precision: Precision | None = None
+    zero: int | None = None
+    offload: Offload | None = None
+
+
+LEVER_FLAGS = ("--precision", "--zero", "--offload")
+BOOL_WORDS = {"true": True, "yes": True, "t": True, "y": True, "1": True}
+BOOL_WORDS |= {"false": False, "no": False, "f": False, "n": False, "0": False}
+
+
+def take_levers(argv: list[str]) -> tuple[Levers, list[str]]:
+    """The levers in ``argv``, checked with the parsers every command shares, and ``argv`` without them (they
+    become ``--fp16`` / ``--bf16`` and a DeepSpeed config). ``--task`` is checked too, and stays.
+
+    >>> take_levers(["--zero", "2", "--model", "tiny-bert", "--precision=bf16"])
+    (Levers(precision='bf16', zero=2, offload=None), ['--model', 'tiny-bert'])
+
+    Raises:
+        ConfigError: an unknown value, or a list (train takes one value; lists are for sweep and estimate).
+    """
+    values: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, _, inline = argv[i].partition("=")
+        if flag in LEVER_FLAGS or flag == "--task":
+            value = inline if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
+            values[flag] = value
+            if flag == "--task":
+                parse_task(value)
+                rest += argv[i : i + (1 if "=" in argv[i] else 2)]
+            i += 1 if "=" in argv[i] else 2
+            continue
+        rest.append(argv[i])
+        i += 1
+    precision = (
+        _one(parse_precisions(values["--precision"]), "--precision", values) if "--precision" in values else None
+    )
+    zero = _one(parse_zero(values["--zero"]), "--zero", values) if "--zero" in values else None
+    offload = _one(parse_offloads(values["--offload"]), "--offload", values) if "--offload" in values else None
+    return Levers(precision, zero, offload), rest
+
+
+def _one(parsed: list[Any], flag: str, values: dict[str, str]) -> Any:
+    if len(parsed) != 1:
+        raise ConfigError(
+            f"{flag} {values[flag]!r}: ftprof train takes one value (lists are for ftprof sweep and estimate)"
+        )
+    return parsed[0]
+
+
+def bool_flag(argv: list[str], flag: str) -> bool | None:
+    """What a ``TrainingArguments`` switch says in ``argv``: ``--bf16`` and ``--bf16 true`` are True, ``--bf16
+    false`` False, absent None.
+
+    >>> bool_flag(["--bf16"], "--bf16"), bool_flag(["--bf16", "no"], "--bf16"), bool_flag([], "--fp16")
+    (True, False, None)
+    """
+    for i, arg in enumerate(argv):
+        if arg.startswith(flag + "="):
+            return BOOL_WORDS.get(arg.split("=", 1)[1].lower(), True)
+        if arg == flag:
+            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            return BOOL_WORDS.get(following, True)
+    return None
+
+
+def with_precision(argv: list[str], precision: Precision | None, cuda: bool) -> list[str]:
+    """``argv`` with the ``--fp16`` / ``--bf16`` that ``--precision`` means.
+
+    >>> with_precision(["--model", "m"], "bf16", cuda=False)
+    ['--model', 'm', '--bf16']
+
+    Raises:
+        ConfigError: an explicit ``--fp16`` / ``--bf16`` that says otherwise, or fp16 without a GPU.
+    """
+    if precision is None:
+        return argv
+    for name in ("fp16", "bf16"):
+        given = bool_flag(argv, f"--{name}")
+        if given is not None and given != (precision == name):
+            said = f"--{name}" if given else f"--{name} false"
+            raise ConfigError(f"--precision {precision} and {said} disagree; pass one of them")
+    if precision == "fp16" and not cuda:
+        raise ConfigError("--precision fp16 needs a CUDA GPU and this machine has none; use bf16 or fp32")
+    if precision != "fp32" and bool_flag(argv, f"--{precision}") is None:
+        return [*argv, f"--{precision}"]
+    return argv
+
+
+def deepspeed_for_levers(
+    levers: Levers, given: DeepSpeedConfig | None, flag: str = "--ds_config"
+) -> dict[str, Any] | None:
+    """The DeepSpeed config ``--zero`` / ``--offload`` choose: the one ftprof ships for them (``ds_config_for``)
+    when no config file is ``given``; None when a file is given (it must agree with them) or neither is.
+
+    >>> deepspeed_for_levers(Levers(zero=2), None)["zero_optimization"]["stage"]
+    2
+
+    Raises:
+        ConfigError: a lever that contradicts the given file (naming both), or an offload its stage can't do.
+    """
+    if given is not None:
+        where = f"{flag} {given.path!r}"
+        if levers.zero is not None and levers.zero != given.zero_stage:
+            raise ConfigError(
+                f"--zero {levers.zero} contradicts {where}, which sets ZeRO stage {given.zero_stage}; drop one of them"
+            )
+        if levers.offload is not None and levers.offload != given.offload:
+            raise ConfigError(
+                f"--offload {levers.offload} contradicts {where}, which offloads "
+                f"{given.offload if given.offload != 'none' else 'nothing'}; drop one of them"
+            )
+        forced = given.precision_forced()
+        if levers.precision is not None and forced is not None and forced != levers.precision:
+            raise ConfigError(
+                f"--precision {levers.precision} contradicts {where}, which enables {forced}; drop one of them"
+            )
+        return None
+    offload: Offload = levers.offload or "none"
+    if levers.zero is None:
+        if offload != "none":
+            raise ConfigError(f"--offload {offload} needs --zero (1, 2 or 3) or a --ds_config that offloads")
+        return None
+    if offload == "optimizer+param" and levers.zero != 3:
+        raise ConfigError(f"--offload optimizer+param needs ZeRO stage 3, not {levers.zero}; use --offload optimizer")
+    if offload == "optimizer" and levers.zero == 0:
+        raise ConfigError("--offload optimizer needs ZeRO stage 1, 2 or 3, not 0")
+    return ds_config_for(levers.zero, offload != "none", offload == "optimizer+param")
+
+
+def shipped_name(levers: Levers) -> str:
+    """How a log line names the config ``--zero`` / ``--offload`` chose: its ``ds_configs/`` file, if one."""
+    from ftprof.point import Point
+
+    point = Point(precision="fp32", zero=levers.zero or 0, seq_len=1, batch_size=1, offload=levers.offload or "none")
+    name = shipped_config(point)
+    return f"ds_configs/{name}" if name else f"ds_config_for({point.zero}, offload={point.offload!r})"

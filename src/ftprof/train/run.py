@@ -1,9 +1,10 @@
 """Fine-tune a transformers model with HF Trainer and a DeepSpeed ZeRO config: a text classifier
 (``--task classification``, the default) or a causal language model (``--task causal-lm``).
 
-The recipe, top to bottom: :func:`parse` (flags, checked before anything heavy) → :func:`setup` (model
-config, data, tokenizer, model) → :func:`fit` (train, evaluate, save). ``launch/train.py`` and
-``ftprof train`` both call :func:`main`.
+Top to bottom: :func:`parse` (flags, checked before anything heavy) → :func:`setup` (the checkpoint to
+resume from, then :func:`ftprof.train.recipe.build_trainer`: model config, data, tokenizer, model, collator
+and Trainer, as a sweep point builds them too) → :func:`fit` (train, evaluate, save). ``launch/train.py``
+and ``ftprof train`` both call :func:`main`.
 """
 
 from __future__ import annotations
@@ -29,11 +30,20 @@ from ftprof.profiler import add_profiler
 from ftprof.runtime.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_config
 from ftprof.runtime.distributed import adopt_slurm_env, ensure_single_process_env, shutdown
 from ftprof.runtime.ds_ops import check_no_stale_locks
-from ftprof.train.args import FtprofTrainingArguments, ScriptArguments, best_model_conflict
+from ftprof.train.args import (
+    FtprofTrainingArguments,
+    ScriptArguments,
+    best_model_conflict,
+    deepspeed_for_levers,
+    shipped_name,
+    take_levers,
+    with_precision,
+)
 from ftprof.train.footprint import FootprintCallback
 from ftprof.train.metrics import load_metric
-from ftprof.train.models import ModelSpec, check_causal_lm, resolve_model_spec
-from ftprof.train.tasks import check_task_flags, max_length_for, task_parts
+from ftprof.train.models import ModelSpec
+from ftprof.train.recipe import build_trainer
+from ftprof.train.tasks import check_task_flags
 
 logger = logging.getLogger("ftprof.train.run")
 TRUE_WORDS = ("true", "last", "yes", "1")
@@ -144,6 +154,14 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
         ConfigError: any invalid flag, DeepSpeed config or ``--metric``.
     """
     adopt_slurm_env()  # under srun, one world of all tasks, with or without DeepSpeed
+    levers, argv = take_levers(argv)  # --precision/--zero/--offload: spelled as in sweep and estimate
+    argv = with_precision(argv, levers.precision, torch.cuda.is_available())
+    given = _flag_value(argv, "--ds_config") or _flag_value(argv, "--deepspeed")
+    flag = "--ds_config" if _flag_value(argv, "--ds_config") else "--deepspeed"
+    shipped = deepspeed_for_levers(levers, load_ds_config(given) if given else None, flag)
+    if shipped is not None:
+        argv = [*argv, "--deepspeed", _write_effective_config(DeepSpeedConfig(shipped))]
+        logger.info("--zero %s: training with %s", levers.zero, shipped_name(levers))
     if "--fp16" in argv and not torch.cuda.is_available():
         raise ConfigError(
             "--fp16 needs a CUDA GPU and this machine has none; drop it, or use --bf16 on a CPU that supports bfloat16"
@@ -167,6 +185,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
         if value is not None and value <= 0:
             raise ConfigError(f"--{flag} must be positive, got {value}")
     check_task_flags(script, args, passed={a[2:].split("=")[0] for a in argv if a.startswith("--")})
+    script.precision, script.zero, script.offload = levers.precision, levers.zero, levers.offload
     if script.group_by_length:
         args.train_sampling_strategy = "group_by_length"
     if script.metric:
@@ -217,39 +236,25 @@ def _resume_point(args: FtprofTrainingArguments, overwrite: bool) -> str | None:
 
 
 def setup(script: ScriptArguments, args: FtprofTrainingArguments) -> Setup:
-    """Resolve the model, load and check data, tokenize, and build the Trainer."""
+    """Find the checkpoint to resume from, then build model, data and Trainer (:func:`build_trainer`)."""
     resume = _resume_point(args, script.overwrite_output_dir)
-    spec = resolve_model_spec(script.model, script.random_init)
-    if script.task == "causal-lm":
-        check_causal_lm(spec)  # before any data is loaded
-    max_length = max_length_for(script, spec)
-    parts = task_parts(script, args, spec, max_length, resume is not None)
-    trainer = parts.trainer_class(
-        model=parts.model,
-        args=args,
-        train_dataset=parts.train,
-        eval_dataset=parts.eval,
-        processing_class=parts.tokenizer,
-        data_collator=parts.collator,
-        compute_metrics=parts.compute_metrics,
-        preprocess_logits_for_metrics=parts.preprocess_logits_for_metrics,
-        callbacks=[FootprintCallback()],
-    )
+    recipe = build_trainer(script, args, callbacks=[FootprintCallback()], resuming=resume is not None)
     if script.profile:
-        add_profiler(trainer)
+        add_profiler(recipe.trainer)
+    spec = recipe.spec
     logger.info(
         "%s: model %s (%s%s), %d train / %d eval %s, max_length %d, world size %d",
         script.task,
         spec.name,
         spec.origin,
         ", RANDOM weights" if spec.random_init else "",
-        len(parts.train),
-        len(parts.eval),
-        parts.rows,
-        max_length,
+        len(recipe.train),
+        len(recipe.eval),
+        recipe.rows,
+        recipe.max_length,
         args.world_size,
     )
-    return Setup(spec, trainer, resume, parts.facts)
+    return Setup(spec, recipe.trainer, resume, recipe.facts)
 
 
 def fit(s: Setup) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 ``classification`` (the default): labelled texts, a sequence classifier, accuracy and F1.
 ``causal-lm``: plain texts packed into blocks (:mod:`ftprof.train.causal_lm_data`), a causal LM, loss and perplexity.
-:func:`task_parts` hands :func:`ftprof.train.run.setup` the pieces of the chosen task.
+:func:`ftprof.train.recipe.build_trainer` puts the pieces together, for ``ftprof train`` and a sweep point alike.
 """
 
 from __future__ import annotations
@@ -26,20 +26,19 @@ DEFAULT_MAX_LENGTH = 512  # longer inputs cost quadratic attention for little ac
 # per sequence: 0.6 GB for Qwen2.5 at 1024), so a 32k-128k model limit as the default would not fit out of the
 # box; with packing a shorter block wastes nothing, it only limits how far back the model can look.
 DEFAULT_LM_BLOCK = 1024
+# What a tokenizer learns from when there is no text (a sweep point without --dataset: only its pad id is used).
+PLACEHOLDER_TEXTS = ("profiling",) * 4
+PLACEHOLDER_LABELS = ["0", "1"]
 
 
 @dataclass
-class TaskParts:
-    """The task-specific pieces of a Trainer: datasets, model, collator and metrics."""
+class TaskData:
+    """A task's tokenizer and its tokenized train/eval splits (None: no text was loaded)."""
 
+    tokenizer: Any
     train: Any
     eval: Any
-    tokenizer: Any
-    model: Any
-    collator: Callable
-    compute_metrics: Callable | None = None
-    preprocess_logits_for_metrics: Callable | None = None
-    trainer_class: type[Trainer] = Trainer
+    label_names: list[str] = field(default_factory=lambda: list(PLACEHOLDER_LABELS))  # classification only
     rows: str = "rows"  # what a dataset row is, for the log line
     facts: dict[str, Any] = field(default_factory=dict)
 
@@ -53,14 +52,6 @@ class CausalLMTrainer(Trainer):
         if output.metrics is not None:
             add_perplexity(output.metrics)
         return output
-
-
-def task_parts(
-    script: ScriptArguments, args: FtprofTrainingArguments, spec: ModelSpec, max_length: int, resuming: bool
-) -> TaskParts:
-    """The datasets, tokenizer, model, collator and metrics of ``--task``."""
-    make = causal_lm_parts if script.task == "causal-lm" else classification_parts
-    return make(script, args, spec, max_length, resuming)
 
 
 def max_length_for(script: ScriptArguments, spec: ModelSpec) -> int:
@@ -109,10 +100,25 @@ def check_task_flags(script: ScriptArguments, args: FtprofTrainingArguments, pas
         args.greater_is_better = False  # Trainer assumes higher is better for names not ending in "loss"
 
 
-def classification_parts(
+def task_data(
     script: ScriptArguments, args: FtprofTrainingArguments, spec: ModelSpec, max_length: int, resuming: bool
-) -> TaskParts:
-    """Labelled texts → truncated token ids → a sequence classifier; accuracy and F1 (plus ``--metric``)."""
+) -> TaskData:
+    """Load ``--dataset``, get the tokenizer, and tokenize both splits as ``--task`` wants them."""
+    make = causal_lm_data if script.task == "causal-lm" else classification_data
+    return make(script, args, spec, max_length, resuming)
+
+
+def tokenizer_only(script: ScriptArguments, args: FtprofTrainingArguments, spec: ModelSpec) -> TaskData:
+    """No text at all: the model's tokenizer, or one learnt from a placeholder (only its pad id is used)."""
+    causal_lm = script.task == "causal-lm"
+    tokenizer = tokenizer_for(spec, args, lambda: list(PLACEHOLDER_TEXTS), False, causal_lm=causal_lm)
+    return TaskData(tokenizer, None, None, label_names=[] if causal_lm else list(PLACEHOLDER_LABELS))
+
+
+def classification_data(
+    script: ScriptArguments, args: FtprofTrainingArguments, spec: ModelSpec, max_length: int, resuming: bool
+) -> TaskData:
+    """Labelled texts → token ids truncated to ``max_length`` (unpadded: the collator pads each batch)."""
     with args.main_process_first(local=False, desc="dataset"):
         task = prepare_task(
             load_raw(script.dataset, seed=args.seed),
@@ -125,32 +131,13 @@ def classification_parts(
     tokenizer = tokenizer_for(spec, args, lambda: task.train[task.text_column], resuming, causal_lm=False)
     with args.main_process_first(local=False, desc="tokenize"):
         train_ds, eval_ds = tokenize(task, tokenizer, max_length, with_length=script.group_by_length)
-    model = build_model(spec, tokenizer, task.label_names)
-    # Classification heads return a per-batch mean loss; declaring no loss kwargs stops Trainer from also
-    # multiplying it by the number of ranks (it would report and back-propagate world_size x the mean).
-    model.accepts_loss_kwargs = False  # type: ignore[assignment]  # a plain attribute, not a Module
-    mixed = args.fp16 or args.bf16
-    return TaskParts(
-        train_ds,
-        eval_ds,
-        tokenizer,
-        model,
-        # Pad each batch to its own longest input; multiples of 8 suit tensor cores in fp16/bf16.
-        DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed else None),
-        compute_metrics=make_compute_metrics(len(task.label_names), script.metric),
-        preprocess_logits_for_metrics=argmax_logits,
-    )
+    return TaskData(tokenizer, train_ds, eval_ds, label_names=task.label_names)
 
 
-def causal_lm_parts(
+def causal_lm_data(
     script: ScriptArguments, args: FtprofTrainingArguments, spec: ModelSpec, max_length: int, resuming: bool
-) -> TaskParts:
-    """Texts → packed blocks (or padded documents) → a causal LM; labels are the inputs (the model shifts).
-
-    No ``compute_metrics``: evaluation gathers no logits (batch x block x vocab floats each step), only the
-    loss, and :class:`CausalLMTrainer` adds perplexity. The model keeps its loss kwargs, so Trainer averages
-    the loss over all tokens of an accumulated step and of all ranks.
-    """
+) -> TaskData:
+    """Texts → packed blocks of ``max_length`` tokens (or, ``--packing false``, truncated documents)."""
     packing = script.packing
     with args.main_process_first(local=False, desc="dataset"):
         corpus = prepare_corpus(
@@ -165,18 +152,55 @@ def causal_lm_parts(
     )
     with args.main_process_first(local=False, desc="tokenize"):
         train_ds, eval_ds = lm_datasets(corpus, tokenizer, max_length, packing, with_length=script.group_by_length)
-    model = build_causal_lm(spec, tokenizer)
-    pad_multiple = 8 if (args.fp16 or args.bf16) and not packing else None
-    return TaskParts(
+    return TaskData(
+        tokenizer,
         train_ds,
         eval_ds,
-        tokenizer,
-        model,
-        CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple),
-        trainer_class=CausalLMTrainer,
+        label_names=[],
         rows=f"blocks of {max_length} tokens" if packing else "documents (padded)",
         facts={"packing": packing, "block_size": max_length},
     )
+
+
+def task_model(script: ScriptArguments, spec: ModelSpec, data: TaskData, shrink_vocab: bool = True) -> Any:
+    """The model ``--task`` trains, sized for ``data``'s tokenizer and labels (see :func:`build_model`)."""
+    if script.task == "causal-lm":
+        # The model keeps its loss kwargs: Trainer averages the loss over all tokens of an accumulated step
+        # and of all ranks.
+        return build_causal_lm(spec, data.tokenizer, shrink_vocab=shrink_vocab)
+    model = build_model(spec, data.tokenizer, data.label_names, shrink_vocab=shrink_vocab)
+    # Classification heads return a per-batch mean loss; declaring no loss kwargs stops Trainer from also
+    # multiplying it by the number of ranks (it would report and back-propagate world_size x the mean).
+    model.accepts_loss_kwargs = False  # type: ignore[assignment]  # a plain attribute, not a Module
+    return model
+
+
+def task_collator(script: ScriptArguments, args: FtprofTrainingArguments, tokenizer: Any) -> Callable:
+    """Batches padded to their own longest row, rounded up to a multiple of 8 in fp16/bf16 (tensor cores).
+
+    Packed causal-LM blocks all have ``--max_length`` tokens and are never padded.
+    """
+    mixed = args.fp16 or args.bf16
+    if script.task == "causal-lm":
+        pad_multiple = 8 if mixed and not script.packing else None
+        return CausalLMCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple)
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed else None)
+
+
+def task_trainer_class(script: ScriptArguments) -> type[Trainer]:
+    """:class:`CausalLMTrainer` (perplexity in every evaluation) for a causal LM, else ``Trainer``."""
+    return CausalLMTrainer if script.task == "causal-lm" else Trainer
+
+
+def task_metrics(script: ScriptArguments, data: TaskData) -> tuple[Callable | None, Callable | None]:
+    """Trainer's ``compute_metrics`` and ``preprocess_logits_for_metrics`` for ``--task``.
+
+    A causal LM has neither: evaluation gathers no logits (batch x block x vocab floats each step), only the
+    loss, and :class:`CausalLMTrainer` adds perplexity.
+    """
+    if script.task == "causal-lm":
+        return None, None
+    return make_compute_metrics(len(data.label_names), script.metric), argmax_logits
 
 
 def tokenizer_for(spec: ModelSpec, args: FtprofTrainingArguments, train_texts, resuming: bool, causal_lm: bool):
