@@ -80,7 +80,9 @@ def sweep(args: list[str], out: Path) -> Path:
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
         stdout=subprocess.DEVNULL,
     )
-    return out / "results.jsonl"
+    from ftprof.records.results import results_path
+
+    return results_path(out)
 
 
 def states(out: Path, model: str) -> None:
@@ -90,11 +92,11 @@ def states(out: Path, model: str) -> None:
 
     from ftprof.estimate.architecture import arch_for
     from ftprof.estimate.estimator import MODEL_STATES, estimate, measured_bytes
-    from ftprof.records.results import latest, read_records
+    from ftprof.records.results import latest, read_records, results_path
 
     grid = ["--zero", "0,1,2,3", "--precision", "fp32,bf16", "--world_size", "1,2", "--offload", "none,optimizer"]
     grid += ["--batch_sizes", "2", "--seq_lens", "32", "--steps", "1", "--min_seconds", "0", "--warmup", "0"]
-    results = out / "results.jsonl"
+    results = results_path(out)
     if not results.is_file():
         sweep(["--model", model, *grid], out)
     arch = arch_for(model)
@@ -148,13 +150,13 @@ def peaks(out: Path) -> None:
     from ftprof.estimate.architecture import arch_for
     from ftprof.estimate.calibration import calibrate, errors, observations_from_records
     from ftprof.estimate.estimator import MODEL_STATES, Calibration, estimate, measured_bytes
-    from ftprof.records.results import latest, read_records
+    from ftprof.records.results import latest, read_records, results_path
     from ftprof.units import GIB
 
     fit_records = [
         r
         for p in ("cpu-2core-tiny-bert", "cpu-2core-tiny-gpt2")
-        for r in latest(read_records(ROOT / "profiles" / p / "results.jsonl"))
+        for r in latest(read_records(results_path(ROOT / "profiles" / p)))
     ]
     archs = {m: arch_for(m) for m in {r.model for r in fit_records}}
     cal = calibrate(
@@ -178,7 +180,7 @@ def peaks(out: Path) -> None:
     ours: dict[str, list[float]] = {}
     states_errs: dict[str, list[float]] = {"ftprof": [], "DeepSpeed": [], "accelerate": []}
     for model in ("gpt2", "roberta-base", "distilbert-base-uncased"):
-        results = out / model / "results.jsonl"
+        results = results_path(out / model)
         if not results.is_file():
             sweep(["--model", model, *grid], out / model)
         records = [r for r in latest(read_records(results)) if r.status == "ok"]

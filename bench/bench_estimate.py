@@ -70,10 +70,10 @@ def evaluate(profiles: list[Path]) -> dict:
     from ftprof.estimate.architecture import arch_for
     from ftprof.estimate.calibration import calibrate, error_summary, errors, observations_from_records, split_holdout
     from ftprof.estimate.estimator import Calibration
-    from ftprof.records.results import latest, read_records
+    from ftprof.records.results import latest, read_records, results_path
     from ftprof.units import GIB
 
-    records = [r for p in profiles for r in latest(read_records(p / "results.jsonl"))]
+    records = [r for p in profiles for r in latest(read_records(results_path(p)))]
     archs = {m: arch_for(m) for m in {r.model for r in records}}
     observations = observations_from_records(records, archs.__getitem__)
     fit, held_out = split_holdout(observations)

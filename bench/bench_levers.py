@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from ftprof.records.results import Record, latest, read_records  # noqa: E402
+from ftprof.records.results import Record, latest, read_records, results_path  # noqa: E402
 
 BATCHES = [8, 16, 32, 64, 128]
 MODELS = {"tiny-bert": "classification", "tiny-llama": "causal-lm"}
@@ -39,7 +39,7 @@ def sweep(model: str, task: str, out: Path, extra: list[str]) -> list[Record]:
     command += ["--offload", "none,optimizer", "--gradient_checkpointing", "off,on", "--no_skip"]
     command += ["--out", str(out), "--no_report", "--no_remeasure", *extra]
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return [r for r in latest(read_records(out / "results.jsonl")) if r.status == "ok"]
+    return [r for r in latest(read_records(results_path(out))) if r.status == "ok"]
 
 
 def saved(r: Record) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from ftprof.records.results import latest, read_records  # noqa: E402
+from ftprof.records.results import latest, read_records, results_path  # noqa: E402
 from ftprof.report.recommend import worst_repeat  # noqa: E402
 
 DRIFTS: list[str] = []  # each sweep's own repeat (the first point measured again at its end)
@@ -42,7 +42,7 @@ def sweep(out: Path, extra: list[str]) -> dict[str, tuple[float, float | None, f
         *extra,
     ]
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    measured = read_records(out / "results.jsonl")
+    measured = read_records(results_path(out))
     DRIFTS.append(str(worst_repeat(measured) or "no repeat"))
     records = latest(measured)
     return {

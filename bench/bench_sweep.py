@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from ftprof.records.results import read_records  # noqa: E402
+from ftprof.records.results import read_records, results_path  # noqa: E402
 
 BASE = [
     "--model",
@@ -51,7 +51,7 @@ def run(args: list[str], out: Path) -> tuple[float, list]:
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
         stdout=subprocess.DEVNULL,
     )
-    return time.perf_counter() - start, read_records(out / "results.jsonl")
+    return time.perf_counter() - start, read_records(results_path(out))
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from ftprof.records.results import Record, latest, read_records  # noqa: E402
+from ftprof.records.results import Record, latest, read_records, results_path  # noqa: E402
 
 GRID = ["--zero", "0,2", "--batch_sizes", "4,16", "--seq_lens", "128", "--precision", "fp32"]
 MODELS = {"tiny-bert": "classification", "tiny-llama": "causal-lm"}
@@ -37,8 +37,8 @@ def sweep(model: str, task: str, worker: str, out: Path, walls: dict[str, list[f
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     walls[worker].append(time.perf_counter() - started)  # end to end: the worker's own start included
-    records = [r for r in latest(read_records(out / "results.jsonl")) if r.status == "ok"]
-    assert all(r.env.get("worker") == worker for r in records), "the sweep did not use the worker asked for"
+    records = [r for r in latest(read_records(results_path(out))) if r.status == "ok"]
+    assert all(r.run.worker == worker for r in records), "the sweep did not use the worker asked for"
     return records
 
 

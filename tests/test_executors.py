@@ -13,7 +13,7 @@ import pytest
 
 from ftprof.point import Point
 from ftprof.records.profile import Profile
-from ftprof.records.results import Record, read_records
+from ftprof.records.results import Record, RunFacts, read_records, results_path
 from ftprof.sweep.executors import SerialExecutor
 from ftprof.sweep.executors import slurm as slurm_mod
 from ftprof.sweep.executors.local import LocalExecutor, device_slots
@@ -69,7 +69,7 @@ def test_device_slots_are_disjoint_and_sized_to_each_points_ranks(tmp_path):
         devices = run.env[p.key]["CUDA_VISIBLE_DEVICES"].split(",")
         assert len(devices) == len(set(devices)) == p.world_size and set(devices) <= {"0", "1", "2", "3"}
     assert run.overlaps, "no two points ever ran at once"
-    assert {r.env["concurrent_points"] for r in records} == {4}
+    assert {r.run.concurrent_points for r in records} == {4}
     first = [p.key for p in points[:3]]  # started at once, in order, on the lowest free GPUs
     assert [run.env[k]["CUDA_VISIBLE_DEVICES"] for k in first] == ["0", "1,2", "3"]
     # deepspeed --num_gpus 2 would take GPUs 0 and 1 whatever CUDA_VISIBLE_DEVICES says: name them instead
@@ -125,7 +125,7 @@ def test_cpu_slots_share_the_cores_and_flag_the_records(tmp_path, monkeypatch):
     assert {k: e.get("OMP_NUM_THREADS") for k, e in run.env.items()} == dict.fromkeys(run.env, "4")
     assert all("CUDA_VISIBLE_DEVICES" not in e for e in run.env.values())
     assert pool.slots_needed(points[2]) == 2  # wider than the pool: runs alone, on all of it
-    assert [r.env["concurrent_points"] for r in read_records(tmp_path / "results.jsonl")] == [2, 2, 2]
+    assert [r.run.concurrent_points for r in read_records(results_path(tmp_path))] == [2, 2, 2]
     assert len(records) == 3
 
 
@@ -249,7 +249,7 @@ def test_the_job_log_knows_which_jobs_are_still_open(tmp_path):
     log.cancelled(["3"])
     with open(tmp_path / "jobs.jsonl", "a") as f:
         f.write('{"event": "submitted", "job_id": "9')  # torn by a kill mid-write
-    recorded = [Record(point=a, status="ok", model="m", env={"slurm_job_id": "1"})]
+    recorded = [Record(point=a, status="ok", model="m", run=RunFacts(slurm_job_id="1"))]
     # 1: recorded; 3: cancelled (runs again); 4: its point has a record already (a re-measurement's job)
     assert [e.job_id for e in log.open_jobs(recorded, done={a.key, d.key})] == ["2"]
     log.submitted(JobEntry("5", a, str(tmp_path), "x", 0.0))  # the torn line is cut before appending
@@ -280,7 +280,7 @@ def test_jobs_slurm_ended_become_records_and_reused_ids_are_not_ours(tmp_path, m
     monkeypatch.setattr(slurm_mod, "query_states", lambda ids: answers.pop(0) if answers else {})
     events = []
     ex = SlurmExecutor(tmp_path, SlurmOptions(time_min=1), on_event=events.append)
-    cfg = SweepConfig(model="m", points=[], out_dir=tmp_path, env={"device": "cpu"})
+    cfg = SweepConfig(model="m", points=[], out_dir=tmp_path, machine={"device": "cpu"})
     p7, p8 = point(batch=1), point(batch=2)
     ex.reattach([JobEntry("7", p7, str(tmp_path), "ftprof-" + p7.key, 0.0)], cfg)
     ex.reattach([JobEntry("8", p8, str(tmp_path), "ftprof-" + p8.key, 0.0)], cfg)
@@ -290,7 +290,8 @@ def test_jobs_slurm_ended_become_records_and_reused_ids_are_not_ours(tmp_path, m
     assert (
         timeout.status == "timeout" and timeout.reason == "Slurm stopped job 7 at its time limit (--slurm_time 1 min)"
     )
-    assert "DUE TO TIME LIMIT" in timeout.stderr_tail and timeout.env["slurm_state"] == "TIMEOUT"
+    assert "DUE TO TIME LIMIT" in timeout.stderr_tail and timeout.run.slurm_state == "TIMEOUT"
+    assert (timeout.run.slurm_job_id, timeout.machine, timeout.run.worker) == ("7", {"device": "cpu"}, None)
     # Job 8's id answered with another job's name (a restarted cluster): ours is gone without a result.
     assert gone.status == "error" and "no longer knows job 8" in gone.reason
     assert events[:3] == [

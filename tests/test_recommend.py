@@ -139,7 +139,7 @@ def test_lever_notes_say_what_checkpointing_and_offload_cost_and_buy():
 
 def remeasured(r, sps, reason, contended=False):
     again = rec(r.point.batch_size, r.point.seq_len, 4, sps)
-    again.env["remeasured"] = reason
+    again.run.remeasured = reason
     if contended:
         again.profile.cpu_wait_share = 0.9
     return again

@@ -1,10 +1,23 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from ftprof.point import Point
 from ftprof.records.profile import Profile
-from ftprof.records.results import SCHEMA, Record, ResultsError, append_record, read_records
+from ftprof.records.results import (
+    RESULTS,
+    SCHEMA,
+    Record,
+    ResultsError,
+    RunFacts,
+    append_record,
+    latest,
+    read_records,
+    results_path,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rec(batch=8, status="ok", peak=2**30):
@@ -42,9 +55,10 @@ def test_torn_last_line_is_ignored(tmp_path):
     "content, message",
     [
         ('{"schema": "ftprof.sweep/2"\n{"a": 1}\n', r"results.jsonl:1 is not valid JSON"),
-        ('{"schema": "other/2", "key": "x"}\n', r"has schema 'other/2', expected 'ftprof.sweep/2'"),
+        ('{"schema": "other/2", "key": "x"}\n', r"has schema 'other/2', expected 'ftprof.sweep/3'"),
         ("[1, 2]\n", r"has schema 'list'"),
         ('{"schema": "ftprof.sweep/2", "key": "x"}\n', r"lacks field"),
+        ('{"schema": "ftprof.sweep/3", "key": "x"}\n', r"lacks field"),
     ],
 )
 def test_corrupt_or_foreign_files_are_refused(tmp_path, content, message):
@@ -90,3 +104,112 @@ def test_old_schema_records_are_read(tmp_path):
     path.write_text(json.dumps(old) + "\n")
     (r,) = read_records(path)
     assert (r.samples_per_s, r.predicted_bytes, r.profile.peak()) == (12.5, 7, 5)
+
+
+# One line as ftprof wrote it before the run's facts were typed: a --parallel point re-measured as a close call,
+# its facts and its machine in one flat "env".
+SCHEMA_2_LINE = {
+    "schema": "ftprof.sweep/2",
+    "key": "bf16-z2-w2-ga1-s128-b8",
+    "model": "gpt2",
+    "precision": "bf16",
+    "zero": 2,
+    "world_size": 2,
+    "grad_accum": 1,
+    "seq_len": 128,
+    "batch_size": 8,
+    "offload": "none",
+    "gradient_checkpointing": False,
+    "effective_batch": 16,
+    "status": "ok",
+    "peak_bytes": 3 * 2**30,
+    "ds_config": None,
+    "predicted_bytes": 2**31,
+    "profile": {"sampler": "nvml", "samples_per_s": 40.0, "ranks": []},
+    "reason": None,
+    "stderr_tail": None,
+    "wall_s": 12.5,
+    "env": {
+        "torch": "2.13.0",
+        "device": "NVIDIA H100 80GB HBM3",
+        "device_memory_bytes": 80 * 2**30,
+        "task": "causal-lm",
+        "world_size": 2,
+        "worker": "fresh",
+        "remeasured": "close call",
+        "concurrent_points": 2,
+        "cuda_visible_devices": "2,3",
+        "peak_figure": "torch_reserved_bytes",
+        "slurm_job_id": 4711,
+        "slurm_nodes": "gpu[01]",
+    },
+}
+
+
+def test_schema_2_env_is_read_into_typed_facts_and_the_machine(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(SCHEMA_2_LINE) + "\n")
+    (r,) = read_records(path)
+    assert r.task == "causal-lm" and r.point.world_size == 2
+    assert r.run == RunFacts(
+        worker="fresh",
+        remeasured="close call",
+        concurrent_points=2,
+        cuda_visible_devices="2,3",
+        peak_figure="torch_reserved_bytes",
+        slurm_job_id="4711",
+        slurm_nodes="gpu[01]",
+    )
+    assert r.machine == {"torch": "2.13.0", "device": "NVIDIA H100 80GB HBM3", "device_memory_bytes": 80 * 2**30}
+    assert (r.device, r.device_memory_bytes) == ("NVIDIA H100 80GB HBM3", 80 * 2**30)
+    append_record(path, r)  # written again as schema 3, it reads back the same
+    line = json.loads(path.read_text().splitlines()[1])
+    assert line["schema"] == SCHEMA == "ftprof.sweep/3" and "env" not in line
+    assert line["run"]["remeasured"] == "close call" and line["task"] == "causal-lm"
+    assert read_records(path)[1] == r
+
+
+def test_run_facts_and_machine_round_trip(tmp_path):
+    path = tmp_path / "results.jsonl"
+    record = rec(8)
+    record.task = "causal-lm"
+    record.run = RunFacts(worker="fork", remeasured="repeat")
+    record.machine = {"device": "cpu (x86_64)", "device_memory_bytes": 25 * 2**30}
+    append_record(path, record)
+    (back,) = read_records(path)
+    assert back == record
+    assert (back.run.concurrent_points, back.run.slurm_job_id, back.device) == (1, None, "cpu (x86_64)")
+
+
+@pytest.mark.parametrize(
+    "run, message",
+    [
+        ({"worker": "fork", "gpu_count": 2}, r"results.jsonl:1: unknown run facts \['gpu_count'\]"),
+        ({"remeasured": "bored"}, r"remeasured 'bored' is none of \['contended', 'repeat', 'close call'\]"),
+    ],
+)
+def test_unknown_run_facts_are_refused_by_name(tmp_path, run, message):
+    line = {**rec(8).to_json(), "run": run}
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(ResultsError, match=message):
+        read_records(path)
+
+
+def test_results_path_takes_a_folder_or_its_file(tmp_path):
+    assert results_path(tmp_path) == tmp_path / RESULTS == results_path(tmp_path / "results.jsonl")
+    assert results_path(str(tmp_path / "other.jsonl")) == tmp_path / "other.jsonl"
+
+
+@pytest.mark.parametrize("model, points", [("tiny-bert", 12), ("tiny-gpt2", 12)])
+def test_the_committed_schema_2_sweeps_still_load(model, points):
+    records = read_records(results_path(ROOT / "profiles" / f"cpu-2core-{model}"))
+    assert {json.loads(x)["schema"] for x in (ROOT / "profiles" / f"cpu-2core-{model}" / RESULTS).open()} == {
+        "ftprof.sweep/2"
+    }
+    assert len(latest(records)) == points
+    assert {r.task for r in records} == {"classification"}
+    assert all(r.run == RunFacts() for r in records)  # one point at a time, nothing re-measured
+    assert {r.device for r in records} == {"cpu (x86_64)"}
+    assert {r.device_memory_bytes for r in records} == {25276502016}
+    assert "world_size" not in records[0].machine and "task" not in records[0].machine

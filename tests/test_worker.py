@@ -60,7 +60,7 @@ def test_forked_and_fresh_points_measure_the_same_peaks(tmp_path):
             cfg = config(tmp_path, worker)
             r = run_point(cfg, cfg.points[0])
             assert r.status == "ok", r.stderr_tail
-            assert r.env["worker"] == worker
+            assert r.run.worker == worker
             records[worker].append(r)
     finally:
         close_fork_worker()
@@ -102,7 +102,7 @@ def test_a_forked_point_times_out_fails_and_is_killed_like_a_fresh_one(tmp_path)
         killer.start()
         r = run_point(cfg, cfg.points[0], started=groups.append)
         killer.join()
-        assert r.status == "oom" and "SIGKILL" in r.reason and r.env["worker"] == "fork"
+        assert r.status == "oom" and "SIGKILL" in r.reason and r.run.worker == "fork"
         assert fork_worker() is not None  # the worker itself lives on
     finally:
         close_fork_worker()

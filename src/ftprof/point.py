@@ -14,8 +14,10 @@ from ftprof.errors import ConfigError
 
 Precision = Literal["fp32", "fp16", "bf16"]
 Offload = Literal["none", "optimizer", "optimizer+param"]  # what ZeRO moves to host memory
+Task = Literal["classification", "causal-lm"]  # what the model learns: a sequence classifier, or a causal LM
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 OFFLOADS: tuple[Offload, ...] = get_args(Offload)
+TASKS: tuple[Task, ...] = get_args(Task)
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -175,3 +177,14 @@ def parse_switch(text: str, flag: str) -> list[bool]:
             raise ConfigError(f"{flag} {text!r}: {part!r} is not on or off; use e.g. {flag} off,on")
         values.append(words[part])
     return sorted(set(values))
+
+
+def parse_task(text: str) -> Task:
+    """``"causal-lm"`` → ``"causal-lm"``; only the tasks ftprof trains.
+
+    >>> parse_task("causal-lm")
+    'causal-lm'
+    """
+    if text not in TASKS:
+        raise ConfigError(f"--task {text!r}: unknown task; use {' or '.join(TASKS)}")
+    return cast(Task, text)

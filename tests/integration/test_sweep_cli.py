@@ -14,6 +14,7 @@ from tests.conftest import ROOT, run_group
 from tests.integration.conftest import shm_buffers, train_env
 
 SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--steps", "2", "--warmup", "1", "--min_seconds", "0"]
+DEEPSPEED_ACCELERATOR_LOG = "Setting accelerator to"  # deepspeed/accelerator/real_accelerator.py
 
 
 def sweep(args, timeout=900):
@@ -24,6 +25,9 @@ def sweep(args, timeout=900):
     proc = run_group(SWEEP + args, timeout, env=train_env(), cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert shm_buffers() <= before, "the sweep's points left DeepSpeed shm buffers in /dev/shm"
+    # DeepSpeed logs its accelerator detection when imported without CUDA ("Setting accelerator to CPU"): the
+    # driver does not import it, and the points' output goes to their logs, not between ftprof's lines.
+    assert DEEPSPEED_ACCELERATOR_LOG not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[:2000]
     return proc
 
 
@@ -44,12 +48,12 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
     assert peak["fp32-z2-w1-ga1-s512-b4"] > peak["fp32-z2-w1-ga1-s32-b4"]  # ...and with the sequence
     for z in (2, 3):
         two = by_key[f"fp32-z{z}-w2-ga1-s512-b4"]
-        assert [r.rank for r in two.profile.ranks] == [0, 1] and two.env["world_size"] == 2
+        assert [r.rank for r in two.profile.ranks] == [0, 1] and two.point.world_size == 2
         assert two.profile.samples_per_step == 4 * 1 * 2  # batch x accumulation x ranks, exactly
         padded_per_step = two.profile.padded_tokens_per_s * two.profile.window_s / two.profile.steady_steps
         assert two.samples_per_s > 0 and padded_per_step == pytest.approx(8 * 512)
     first_line = json.loads((out / "results.jsonl").read_text().splitlines()[0])
-    assert {"torch", "transformers", "deepspeed", "device"} <= set(first_line["env"])
+    assert {"torch", "transformers", "deepspeed", "device"} <= set(first_line["machine"])
     # The sweep ends with its report; every export format renders from the same file.
     assert "Recommendations" in last.stdout and "Pareto" in last.stdout
     for fmt, check in (("md", "| precision |"), ("csv", "precision,zero,world_size"), ("json", '"recommendations"')):
@@ -63,8 +67,8 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
         assert proc.returncode == 0 and check in proc.stdout
     # The machine's drift: the first clean point measured again, once over the three runs, shown with the pick.
     lines = read_records(out / "results.jsonl")
-    clean = [r for r in lines if r.status == "ok" and "remeasured" not in r.env and not r.profile.contended]
-    again = [r for r in lines if r.env.get("remeasured") == "repeat"]
+    clean = [r for r in lines if r.status == "ok" and r.run.remeasured is None and not r.profile.contended]
+    again = [r for r in lines if r.run.remeasured == "repeat"]
     assert len(again) == 1 and again[0].point.key == clean[0].point.key, [r.point.key for r in again]
     # The pick carries the worst of the sweep's re-measures (the repeat or a close call) against a first figure.
     rep = json.loads(proc.stdout)["recommendations"][0]["repeat"]  # the json export, the loop's last
@@ -72,7 +76,7 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
     agains = [
         (r.point.key, r.samples_per_s)
         for r in lines
-        if r.env.get("remeasured") in ("repeat", "close call") and r.status == "ok" and not r.profile.contended
+        if r.run.remeasured in ("repeat", "close call") and r.status == "ok" and not r.profile.contended
     ]
     assert (rep["key"], pytest.approx(rep["again"])) in agains and rep["first"] == pytest.approx(firsts[rep["key"]])
     drift = max(rep["first"], rep["again"]) / min(rep["first"], rep["again"]) - 1
@@ -254,7 +258,7 @@ def test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it(tmp_
     )
     assert " ".join(proc.stdout.split()).count("no allocator snapshot (.pickle) here") == 1  # rich wraps lines
     records = latest(read_records(out / "results.jsonl"))
-    assert {r.status for r in records} == {"ok"} and {r.env["worker"] for r in records} == {"fork", "fresh"}
+    assert {r.status for r in records} == {"ok"} and {r.run.worker for r in records} == {"fork", "fresh"}
     named = set()
     for r in records:
         assert [rank.rank for rank in r.profile.ranks] == list(range(r.point.world_size))

@@ -44,6 +44,11 @@ def sweep(args, env, timeout=900) -> subprocess.CompletedProcess:
     return proc
 
 
+def padded_tokens_per_step(r) -> float:
+    """Padded tokens trained on per optimizer step over the window, all ranks (the window's total / its steps)."""
+    return r.profile.padded_tokens_per_s * r.profile.window_s / r.profile.steady_steps
+
+
 def submitted(out) -> list[dict]:
     lines = [json.loads(x) for x in (out / "jobs.jsonl").read_text().splitlines()]
     return [x for x in lines if x["event"] == "submitted"]
@@ -55,19 +60,24 @@ def test_slurm_records_match_the_local_executors_point_for_point(slurm_cluster, 
     sweep([*GRID, "--parallel", "2", "--out", str(tmp_path / "parallel")], env)
     proc = sweep([*GRID, *SLURM, "--out", str(tmp_path / "slurm")], env)
     local = {r.point.key: r for r in read_records(tmp_path / "local" / "results.jsonl")}
-    assert len(local) == 4 and "concurrent_points" not in next(iter(local.values())).env
-    for name in ("parallel", "slurm"):
+    assert len(local) == 4 and next(iter(local.values())).run.concurrent_points == 1
+    for name in ("local", "parallel", "slurm"):
         other = {r.point.key: r for r in read_records(tmp_path / name / "results.jsonl")}
         assert other.keys() == local.keys(), name
         for key, r in other.items():
             assert r.status == local[key].status == "ok", (name, key, r.reason)
-            assert r.profile is not None and r.profile.steady_steps >= 2 and r.samples_per_s > 0
+            assert r.profile is not None and r.profile.steady_steps >= 2
+            # The samples of one optimizer step on all ranks, counted over the window: the point's micro-batch
+            # x accumulation x ranks, exactly, each 32 tokens long; the rate is that over the median step.
+            assert r.profile.samples_per_step == r.point.effective_batch() == r.point.batch_size, (name, key)
+            assert padded_tokens_per_step(r) == pytest.approx(r.point.batch_size * 32), (name, key)
+            assert r.samples_per_s == pytest.approx(r.profile.samples_per_step / r.profile.step_time_median_s)
             assert abs(r.peak_bytes - local[key].peak_bytes) <= PEAK_TOLERANCE * local[key].peak_bytes, (name, key)
-            assert r.ds_config == local[key].ds_config and r.env["world_size"] == 1
-            assert r.env.get("concurrent_points") == (2 if name == "parallel" else None)
+            assert r.ds_config == local[key].ds_config and r.point.world_size == 1
+            assert r.run.concurrent_points == (2 if name == "parallel" else 1)
     slurm = {r.point.key: r for r in read_records(tmp_path / "slurm" / "results.jsonl")}
     jobs = submitted(tmp_path / "slurm")
-    assert sorted(j["job_id"] for j in jobs) == sorted(r.env["slurm_job_id"] for r in slurm.values())
+    assert sorted(j["job_id"] for j in jobs) == sorted(r.run.slurm_job_id for r in slurm.values())
     assert "submitted as Slurm job" in proc.stdout and "running on" in proc.stdout
 
 
@@ -77,10 +87,11 @@ def test_a_two_rank_point_is_one_world_across_an_srun_step(slurm_cluster, tmp_pa
     sweep([*args, "--slurm_cpus_per_task", "1", "--out", str(out)], env_for(slurm_cluster))
     (r,) = read_records(out / "results.jsonl")
     assert r.status == "ok", r.reason
-    assert [rank.rank for rank in r.profile.ranks] == [0, 1] and r.env["world_size"] == r.profile.world_size == 2
+    assert [rank.rank for rank in r.profile.ranks] == [0, 1] and r.point.world_size == r.profile.world_size == 2
     # 4 samples on each of 2 ranks per step, all 32 tokens long: the two tasks trained as one world.
-    assert r.profile.samples_per_step == 8 and r.profile.padded_tokens_per_s == pytest.approx(r.samples_per_s * 32)
-    assert r.env["slurm_nodes"] and r.env["slurm_job_id"] == submitted(out)[0]["job_id"]
+    assert r.profile.samples_per_step == r.point.effective_batch() == 8
+    assert padded_tokens_per_step(r) == pytest.approx(8 * 32)
+    assert r.run.slurm_nodes and r.run.slurm_job_id == submitted(out)[0]["job_id"]
 
 
 def test_a_killed_driver_resumes_without_submitting_anything_twice(slurm_cluster, tmp_path):
@@ -107,7 +118,7 @@ def test_a_killed_driver_resumes_without_submitting_anything_twice(slurm_cluster
     jobs = submitted(out)
     ids = [j["job_id"] for j in jobs]
     assert len(ids) == len(set(ids)) == 4  # one job per point: none resubmitted, none submitted twice
-    assert sorted(ids) == sorted(r.env["slurm_job_id"] for r in records)
+    assert sorted(ids) == sorted(r.run.slurm_job_id for r in records)
     assert "re-attached to Slurm job" in resumed.stdout
 
 
@@ -136,7 +147,7 @@ def test_ctrl_c_cancels_the_jobs_and_resume_runs_them_again(slurm_cluster, tmp_p
     sweep([*args, "--resume"], env)  # cancelled jobs are not waited for: their points run again
     records = read_records(out / "results.jsonl")
     assert sorted(r.point.zero for r in records) == [0, 2] and {r.status for r in records} == {"ok"}
-    assert not {r.env["slurm_job_id"] for r in records} & set(ids)
+    assert not {r.run.slurm_job_id for r in records} & set(ids)
 
 
 def test_slurms_time_limit_becomes_a_timeout_record(slurm_cluster, tmp_path):
@@ -147,7 +158,7 @@ def test_slurms_time_limit_becomes_a_timeout_record(slurm_cluster, tmp_path):
     started = time.time()
     sweep([*args, "--min_seconds", "600", *SLURM, "--slurm_time", "1", "--out", str(out)], env_for(slurm_cluster))
     (r,) = latest(read_records(out / "results.jsonl"))
-    assert r.status == "timeout" and r.env["slurm_state"] == "TIMEOUT", (r.status, r.reason)
-    assert r.reason == f"Slurm stopped job {r.env['slurm_job_id']} at its time limit (--slurm_time 1 min)"
+    assert r.status == "timeout" and r.run.slurm_state == "TIMEOUT", (r.status, r.reason)
+    assert r.reason == f"Slurm stopped job {r.run.slurm_job_id} at its time limit (--slurm_time 1 min)"
     assert "DUE TO TIME LIMIT" in r.stderr_tail
     assert time.time() - started < 300

@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from ftprof.estimate.estimator import Arch
 from ftprof.known_configs import dims
+from ftprof.point import Task
 from ftprof.train.models import resolve_model_spec
 
 DECODERS = ("gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "qwen3", "opt", "bloom", "falcon", "phi", "gemma")
 # Llama-style blocks: RMSNorm, rotary, grouped-query attention, SiLU-gated MLP.
 GATED_MLP = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
-Task = Literal["classification", "causal-lm"]
 
 
 def arch_from_config(

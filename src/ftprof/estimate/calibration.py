@@ -9,12 +9,11 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from ftprof.estimate.estimator import Arch, Calibration, Device, estimate, gpu_key, saved_activations
-from ftprof.point import Point
+from ftprof.point import Point, Task
 from ftprof.records.results import Record
 
 
@@ -147,7 +146,7 @@ def observations_from_records(records: Iterable[Record], arch_of: Callable[[str]
     for r in records:
         if r.status != "ok" or not r.peak_bytes:
             continue
-        device: Device = "cpu" if str(r.env.get("device", "")).startswith("cpu") else "gpu"
+        device: Device = "cpu" if (r.device or "").startswith("cpu") else "gpu"
         out.append(Observation(arch=arch_of(r.model), point=r.point, device=device, measured=r.peak_bytes))
     return out
 
@@ -182,7 +181,7 @@ def saved_activations_case(
     point: Point,
     attention: str = "sdpa",
     dropout: bool = True,
-    task: Literal["classification", "causal-lm"] = "classification",
+    task: Task = "classification",
 ) -> tuple[int, int]:
     """(predicted, measured) bytes saved for backward by one real training forward on this CPU.
 

@@ -9,25 +9,73 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ftprof.errors import FtprofError
-from ftprof.point import Point
+from ftprof.point import Point, Task
 from ftprof.records.profile import Profile
 
-SCHEMA = "ftprof.sweep/2"
-OLD_SCHEMAS = ("ftprof.sweep/1",)  # read, never written: its flat "metrics" dict holds the profile's fields
+SCHEMA = "ftprof.sweep/3"
+# Read, never written. 2: the run's facts and the machine in one flat "env" dict; 1: a flat "metrics" dict
+# holds the profile's fields too.
+OLD_SCHEMAS = ("ftprof.sweep/2", "ftprof.sweep/1")
+RESULTS = "results.jsonl"  # a sweep folder's results file
 # skipped: a smaller point of the same setting ran out of memory (proof); over_budget: the estimator predicts
 # more than the budget with a margin (a prediction, never used as an OOM by --find_max_batch).
 Status = Literal["ok", "oom", "error", "timeout", "skipped", "over_budget"]
 FAILED: tuple[Status, ...] = ("error", "timeout")  # --retry_failed runs these again
 STATUSES: tuple[Status, ...] = get_args(Status)
+# Why a point was measured a second time: its CPUs were busy the first time, the sweep's one repeat that
+# gauges the machine's drift, or one of the fastest points within noise of each other (a longer window).
+Remeasured = Literal["contended", "repeat", "close call"]
+REMEASURED: tuple[Remeasured, ...] = get_args(Remeasured)
+Worker = Literal["fork", "fresh"]  # forked from the sweep's pre-imported worker, or a fresh process
 
 
 class ResultsError(FtprofError):
     """A results file is corrupt or of another schema."""
+
+
+def results_path(folder_or_file: Path | str) -> Path:
+    """A sweep's results file: ``folder_or_file`` itself when it names a ``.jsonl`` file, else the
+    :data:`RESULTS` file in that folder.
+
+    >>> str(results_path("profiles/x")), str(results_path("profiles/x/results.jsonl"))
+    ('profiles/x/results.jsonl', 'profiles/x/results.jsonl')
+    """
+    path = Path(folder_or_file)
+    return path if path.suffix == ".jsonl" else path / RESULTS
+
+
+@dataclass
+class RunFacts:
+    """How and where a point ran, as the sweep and its executors saw it (its figures are in the profile)."""
+
+    worker: Worker | None = None  # None: not run (skipped, over budget), or lost with its Slurm job
+    remeasured: Remeasured | None = None  # why this is a second measurement of its point (None: the first)
+    concurrent_points: int = 1  # --parallel: the most points that ran side by side with it (1: alone)
+    cuda_visible_devices: str | None = None  # --parallel on GPUs: the devices it had to itself
+    peak_figure: str | None = None  # the profile figure ``peak_bytes`` is, when not the sampler's own
+    slurm_job_id: str | None = None  # --executor slurm: its job...
+    slurm_nodes: str | None = None  # ...the nodes it ran on...
+    slurm_state: str | None = None  # ...and, for a job Slurm ended without a result, its final state
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunFacts:
+        """Read back :func:`dataclasses.asdict`'s dict.
+
+        Raises:
+            ValueError: a key that is no fact (a corrupt line, or one of a newer ftprof).
+        """
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown run facts {sorted(unknown)}")
+        facts = cls(**data)
+        if facts.remeasured not in (None, *REMEASURED):
+            raise ValueError(f"remeasured {facts.remeasured!r} is none of {list(REMEASURED)}")
+        return facts
 
 
 @dataclass
@@ -37,6 +85,7 @@ class Record:
     point: Point
     status: Status
     model: str
+    task: Task = "classification"  # what the point trained
     peak_bytes: int | None = None  # max over ranks and phases: NVML process memory on GPUs, RSS on CPUs
     profile: Profile | None = None  # what the point's run measured (``ok`` points)
     predicted_bytes: int | None = None  # the estimator's device-used figure, when a predictor was used
@@ -44,23 +93,33 @@ class Record:
     reason: str | None = None  # why skipped / the error's last line
     stderr_tail: str | None = None
     wall_s: float | None = None
-    env: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def task(self) -> str:
-        """What the point trained: ``classification`` or ``causal-lm`` (kept in ``env`` by the sweep)."""
-        return str(self.env.get("task", "classification"))
+    run: RunFacts = field(default_factory=RunFacts)
+    # Where it ran: devices, memory, library versions (:func:`ftprof.profiler.environment.environment`).
+    machine: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples_per_s(self) -> float:
         """Measured samples/s over all ranks (0 when not measured)."""
         return float(self.profile.samples_per_s or 0.0) if self.profile else 0.0
 
+    @property
+    def device(self) -> str | None:
+        """The device the point ran on, as :func:`~ftprof.profiler.environment.environment` names it."""
+        device = self.machine.get("device")
+        return str(device) if device is not None else None
+
+    @property
+    def device_memory_bytes(self) -> int | None:
+        """The memory of the device the point ran on (the host's for CPU points), when known."""
+        memory = self.machine.get("device_memory_bytes")
+        return int(memory) if memory else None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
             "key": self.point.key,
             "model": self.model,
+            "task": self.task,
             **self.point.to_json(),
             "effective_batch": self.point.effective_batch(),
             "status": self.status,
@@ -71,21 +130,33 @@ class Record:
             "reason": self.reason,
             "stderr_tail": self.stderr_tail,
             "wall_s": self.wall_s,
-            "env": self.env,
+            "run": asdict(self.run),
+            "machine": self.machine,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
+        """Read one line of this schema or an older one (:data:`OLD_SCHEMAS`).
+
+        Raises:
+            KeyError: a required field is missing.
+            ValueError: a field holds what it can't (unknown run facts).
+        """
         profile = data.get("profile")
         predicted = data.get("predicted_bytes")
-        if data.get("schema") in OLD_SCHEMAS:
+        if data.get("schema") == "ftprof.sweep/1":
             metrics = data.get("metrics") or {}
             profile = metrics or None
             predicted = metrics.get("predicted_bytes")
+        if data.get("schema") in OLD_SCHEMAS:
+            task, run, machine = split_old_env(data.get("env") or {})
+        else:
+            task, run, machine = data["task"], RunFacts.from_json(data["run"]), data["machine"]
         return cls(
             point=Point.from_json(data),
             status=data["status"],
             model=data["model"],
+            task=task,
             peak_bytes=data.get("peak_bytes"),
             profile=Profile.from_json(profile) if profile else None,
             predicted_bytes=predicted,
@@ -93,8 +164,26 @@ class Record:
             reason=data.get("reason"),
             stderr_tail=data.get("stderr_tail"),
             wall_s=data.get("wall_s"),
-            env=data.get("env") or {},
+            run=run,
+            machine=machine,
         )
+
+
+def split_old_env(env: dict[str, Any]) -> tuple[Task, RunFacts, dict[str, Any]]:
+    """An old schema's flat ``env`` as (task, run facts, machine): the facts' keys become :class:`RunFacts`,
+    ``world_size`` (the point's own) is dropped, the rest is the machine.
+
+    >>> task, run, machine = split_old_env({"device": "cpu", "task": "causal-lm", "world_size": 2,
+    ...     "remeasured": "repeat"})
+    >>> task, run.remeasured, run.concurrent_points, machine
+    ('causal-lm', 'repeat', 1, {'device': 'cpu'})
+    """
+    names = {f.name for f in fields(RunFacts)}
+    machine = {k: v for k, v in env.items() if k not in names and k not in ("task", "world_size")}
+    facts = {k: v for k, v in env.items() if k in names}
+    if facts.get("slurm_job_id") is not None:
+        facts["slurm_job_id"] = str(facts["slurm_job_id"])
+    return env.get("task", "classification"), RunFacts.from_json(facts), machine
 
 
 def append_record(path: Path, record: Record) -> None:
@@ -158,6 +247,8 @@ def read_records(path: Path) -> list[Record]:
             records.append(Record.from_json(data))
         except (KeyError, TypeError) as err:
             raise ResultsError(f"{str(path)}:{number} lacks field {err}; the file is corrupt") from None
+        except ValueError as err:
+            raise ResultsError(f"{str(path)}:{number}: {err}; the file is corrupt") from None
     return records
 
 

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ftprof.records.results import Record
+from ftprof.records.results import Record, Remeasured
 from ftprof.report.commands import train_command
 from ftprof.runtime.deepspeed_config import ds_config_for, shipped_config
 
@@ -43,10 +43,10 @@ class Cohort:
         return f"seq {self.seq_len}, {self.world_size} rank{'s' if self.world_size > 1 else ''}"
 
 
-#: Why a point was measured again (``env["remeasured"]``) when that measurement says how repeatable the
+#: Why a point was measured again (``run.remeasured``) when that measurement says how repeatable the
 #: machine is: the sweep's repeat of its first point, and the longer windows of close calls. A re-measure
 #: because the first window waited for CPUs says nothing about the machine's drift.
-REPEATABILITY_EVIDENCE = ("repeat", "close call")
+REPEATABILITY_EVIDENCE: tuple[Remeasured, ...] = ("repeat", "close call")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def repeats(records: list[Record]) -> list[Repeat]:
     for r in records:
         if r.status != "ok" or not r.samples_per_s or (r.profile and r.profile.contended):
             continue
-        reason = r.env.get("remeasured")
+        reason = r.run.remeasured
         if reason is None and r.point.key not in first:
             first[r.point.key] = r
         elif reason in REPEATABILITY_EVIDENCE and r.point.key in first:

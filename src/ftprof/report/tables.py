@@ -19,7 +19,7 @@ from rich.text import Text
 
 from ftprof.errors import ConfigError
 from ftprof.records.profile import CONTENDED_STEAL, CONTENDED_WAIT, UNSTABLE_SPREAD, contention
-from ftprof.records.results import STATUSES, Record, latest, read_records
+from ftprof.records.results import STATUSES, Record, latest, read_records, results_path
 from ftprof.report.recommend import (
     SAFETY_MARGIN,
     Cohort,
@@ -196,7 +196,7 @@ def breakdown(record: Record) -> dict[str, int] | None:
     profile = record.profile
     if profile is None or not profile.ranks or not record.peak_bytes:
         return None
-    figure = record.env.get("peak_figure") or profile.primary_figure
+    figure = record.run.peak_figure or profile.primary_figure
     rank = max(profile.ranks, key=lambda r: r.peak(figure))
     if not rank.breakdown:
         return None
@@ -254,7 +254,7 @@ def memory_records(recs: list[Recommendation], folder: Path | None = None) -> li
         if profile is None or not ranks:
             continue
         picks.setdefault(record.point.key, []).append(rec.kind)
-        top = max(ranks, key=lambda r: r.peak(record.env.get("peak_figure") or profile.primary_figure))
+        top = max(ranks, key=lambda r: r.peak(record.run.peak_figure or profile.primary_figure))
         files = ", ".join(str(folder / f) if folder else f for f in top.memory_files)
         others = [str(r.rank) for r in ranks if r is not top]
         beside = f" (rank{'s' if len(others) > 1 else ''} {', '.join(others)} beside it)" if others else ""
@@ -320,9 +320,9 @@ def notes(records: list[Record]) -> Text:
             lines.append(f"{status.upper()} ({rule}): {', '.join(r.point.key for r in skipped)}.{example}")
     shared = sorted(
         {
-            r.env["concurrent_points"]
+            r.run.concurrent_points
             for r in records
-            if r.env.get("concurrent_points", 1) > 1 and r.profile and r.profile.sampler == "rss"
+            if r.run.concurrent_points > 1 and r.profile and r.profile.sampler == "rss"
         }
     )
     if shared:
@@ -468,13 +468,13 @@ class SweepReport:
         Raises:
             ConfigError: the folder holds no points yet.
         """
-        results = sweep if sweep.suffix == ".jsonl" else sweep / "results.jsonl"
+        results = results_path(sweep)
         measured = read_records(results)
         records = latest(measured)
         if not records:
             raise ConfigError(f"{results} holds no points yet; run or --resume the sweep")
         if budget is None:
-            budget = next((r.env["device_memory_bytes"] for r in records if r.env.get("device_memory_bytes")), None)
+            budget = next((r.device_memory_bytes for r in records if r.device_memory_bytes), None)
         recs = recommend(
             records, budget, seq_len, world_size, str(results.parent), write_configs, worst_repeat(measured)
         )

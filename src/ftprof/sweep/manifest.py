@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftprof.errors import ConfigError
+from ftprof.records.results import results_path
 
 MANIFEST = "sweep.json"
 VERSIONED = ("torch", "transformers", "deepspeed")  # from environment(); accelerate and ftprof added
@@ -107,7 +108,7 @@ def check_or_write(folder: Path, settings: SweepSettings) -> None:
                 "resume with the same flags, or pass another --out"
             )
         return
-    if (folder / "results.jsonl").is_file():
+    if results_path(folder).is_file():
         raise ConfigError(
             f"{str(folder)!r} holds results without {MANIFEST} (an older ftprof, whose throughput figures counted "
             "one step too few): start a new sweep with another --out"

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftprof.point import Point
+from ftprof.point import Point, Task
 from ftprof.records.profile import Profile
-from ftprof.records.results import Record, Status
+from ftprof.records.results import Record, RunFacts, Status, results_path
 from ftprof.runtime.deepspeed_config import DeepSpeedConfig, ds_config_for, for_point
 from ftprof.runtime.distributed import free_port
 from ftprof.sweep import measure
@@ -58,7 +58,7 @@ class SweepConfig:
     steps: int = 3  # at least this many measured steps...
     warmup: int = 1
     min_seconds: float = 0.0  # ...and at least this long
-    task: str = "classification"  # or "causal-lm"
+    task: Task = "classification"
     dataset: str | None = None
     base_ds_config: DeepSpeedConfig | None = None
     timeout_s: float = 600.0
@@ -69,7 +69,7 @@ class SweepConfig:
     predict: Callable[[Point], int] | None = None  # the estimator's device-used bytes for a point
     budget: int | None = None  # memory per rank; with ``predict``, grid points sure to exceed it aren't run
     margin: float = 0.5  # "sure": predicted above budget x (1 + margin); 0.1 once calibrated on this device
-    env: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)  # where the sweep runs: every record gets a copy
     worker: str = "fresh"  # "fork": one-rank local points fork from a pre-imported worker (ftprof.sweep.worker)
     memory_snapshot: bool = False  # each point's ranks write memory records under out_dir/snapshots
 
@@ -79,7 +79,19 @@ class SweepConfig:
 
     @property
     def results_path(self) -> Path:
-        return self.out_dir / "results.jsonl"
+        return results_path(self.out_dir)
+
+    def record(self, p: Point, status: Status, run: RunFacts | None = None, **fields: Any) -> Record:
+        """A record of ``p`` in this sweep: its model, task and machine, with ``run``'s facts."""
+        return Record(
+            point=p,
+            status=status,
+            model=self.model,
+            task=self.task,
+            run=run or RunFacts(),
+            machine=dict(self.machine),
+            **fields,
+        )
 
     def ds_config(self, p: Point) -> dict[str, Any]:
         """The DeepSpeed config point ``p`` runs with: the base config (or the shipped one) at its stage."""
@@ -146,19 +158,7 @@ def run_point(
     """
     with tempfile.TemporaryDirectory(prefix="ftprof-point-", dir=workdir) as tmp:
         result_path = Path(tmp) / "result.json"
-        spec = measure.MeasureSpec(
-            point=p,
-            model=cfg.model,
-            steps=cfg.steps,
-            warmup=cfg.warmup,
-            ds_config=cfg.ds_config(p),
-            result_path=str(result_path),
-            dataset=cfg.dataset,
-            min_seconds=cfg.min_seconds,
-            task=cfg.task,
-            memory_snapshot_dir=str(cfg.snapshots_dir.absolute()) if cfg.memory_snapshot else None,
-        )
-        spec_path = spec.write(Path(tmp) / "spec.json")
+        spec_path = _measure_spec(cfg, p, result_path).write(Path(tmp) / "spec.json")
         child_env = {**_child_env(), **(env or {})}
         forkable = p.world_size == 1 and _is_local(command) and set(env or {}) <= WORKER_ENV
         worker = fork_worker() if cfg.worker == "fork" and forkable else None
@@ -180,17 +180,32 @@ def run_point(
             status, reason = classify(returncode, output, result_path.is_file())
         wall = time.perf_counter() - started_at
         profile = Profile.from_json(json.loads(result_path.read_text())) if status == "ok" else None
-        return Record(
-            point=p,
-            status=status,
-            model=cfg.model,
+        return cfg.record(
+            p,
+            status,
+            RunFacts(worker="fork" if worker else "fresh"),
             peak_bytes=(profile.peak() or None) if profile else None,
             profile=profile,
             reason=reason,
             stderr_tail=None if status == "ok" else output[-TAIL_CHARS:],
             wall_s=round(wall, 3),
-            env={**cfg.env, "world_size": p.world_size, "worker": "fork" if worker else "fresh"},
         )
+
+
+def _measure_spec(cfg: SweepConfig, p: Point, result_path: Path) -> measure.MeasureSpec:
+    """What the point's process measures, and where its rank 0 writes the profile."""
+    return measure.MeasureSpec(
+        point=p,
+        model=cfg.model,
+        steps=cfg.steps,
+        warmup=cfg.warmup,
+        ds_config=cfg.ds_config(p),
+        result_path=str(result_path),
+        dataset=cfg.dataset,
+        min_seconds=cfg.min_seconds,
+        task=cfg.task,
+        memory_snapshot_dir=str(cfg.snapshots_dir.absolute()) if cfg.memory_snapshot else None,
+    )
 
 
 def _run_fresh(

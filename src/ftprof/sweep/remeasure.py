@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from ftprof.point import Point
-from ftprof.records.results import Record, append_record, latest
+from ftprof.records.results import Record, Remeasured, append_record, latest
 from ftprof.report.recommend import recommend, worst_repeat
 from ftprof.sweep.executors import PointExecutor, SerialExecutor
 from ftprof.sweep.point_run import SweepConfig, run_point
@@ -22,9 +22,7 @@ def close_calls(records: list[Record], budget: int | None) -> list[Point]:
     recs = recommend(latest(records), budget, repeat=worst_repeat(records))
     if not recs or not recs[0].within_noise_of:
         return []
-    measured = [
-        r.point.key for r in records if r.status == "ok" and r.env.get("remeasured") not in ("contended", "repeat")
-    ]
+    measured = [r.point.key for r in records if r.status == "ok" and r.run.remeasured not in ("contended", "repeat")]
     by_key = {r.point.key: r.point for r in records}
     close = [recs[0].record.point.key, *recs[0].within_noise_of]
     return [by_key[k] for k in close if measured.count(k) < 2]
@@ -34,7 +32,7 @@ def repeat_point(records: list[Record]) -> Point | None:
     """The sweep's first uncontended ok point, to measure again once the sweep is through: how far its
     throughput moves says how repeatable this machine's figures are (:func:`ftprof.report.recommend.worst_repeat`).
     None once the results hold such a repeat (a resumed sweep) or nothing to repeat."""
-    if any(r.env.get("remeasured") == "repeat" for r in records):
+    if any(r.run.remeasured == "repeat" for r in records):
         return None
     return next(
         (
@@ -42,9 +40,9 @@ def repeat_point(records: list[Record]) -> Point | None:
             for r in records
             if r.status == "ok"
             and r.samples_per_s
-            and "remeasured" not in r.env
+            and r.run.remeasured is None
             and not (r.profile and r.profile.contended)
-            and r.env.get("concurrent_points", 1) == 1
+            and r.run.concurrent_points == 1
         ),
         None,
     )
@@ -62,7 +60,7 @@ def contended_points(records: list[Record]) -> list[Point]:
         if r.status == "ok"
         and r.profile
         and r.profile.contended
-        and r.env.get("concurrent_points", 1) == 1
+        and r.run.concurrent_points == 1
         and measured.count(r.point.key) < 2
     ]
 
@@ -73,9 +71,9 @@ def remeasure(
     run: Callable[[SweepConfig, Point], Record] = run_point,
     executor: PointExecutor | None = None,
     window: int = 3,
-    reason: str = "close call",
+    reason: Remeasured = "close call",
 ) -> Iterator[Record]:
-    """Measure ``points`` again over a window ``window`` times as long; each new record (``env["remeasured"]``
+    """Measure ``points`` again over a window ``window`` times as long; each new record (``run.remeasured``
     says why) is appended and, being the latest for its point, replaces the earlier measurement in reports."""
     longer = replace(cfg, steps=window * cfg.steps, min_seconds=window * cfg.min_seconds)
     pool = executor or SerialExecutor(run)
@@ -86,7 +84,7 @@ def remeasure(
                 pool.start(longer, queue.pop(0))
             for record in pool.wait():
                 record.ds_config = cfg.ds_config(record.point)
-                record.env["remeasured"] = reason
+                record.run.remeasured = reason
                 predicted = cfg.predict(record.point) if cfg.predict else None
                 if predicted:  # as the first measurement had it: the report shows it beside the peak
                     record.predicted_bytes = predicted

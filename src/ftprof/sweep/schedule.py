@@ -148,20 +148,16 @@ def _not_run(cfg: SweepConfig, p: Point, oomed: list[Point], bisecting: bool) ->
     A prediction never stands in for a measurement while bisecting."""
     proof = must_oom(p, oomed) if cfg.prune else None
     if proof is not None:
-        return Record(
-            point=p,
-            status="skipped",
-            model=cfg.model,
-            env=dict(cfg.env),
+        return cfg.record(
+            p,
+            "skipped",
             reason=f"must OOM: {proof.key} did with a batch and sequence no larger",
         )
     predicted = cfg.predict(p) if cfg.predict else None
     if not bisecting and cfg.prune and predicted and cfg.budget and predicted > cfg.budget * (1 + cfg.margin):
-        return Record(
-            point=p,
-            status="over_budget",
-            model=cfg.model,
-            env=dict(cfg.env),
+        return cfg.record(
+            p,
+            "over_budget",
             reason=f"not run: predicted {predicted / GIB:.2f} GiB exceeds the {cfg.budget / GIB:.1f} GiB "
             f"budget by more than {cfg.margin:.0%}",
         )

@@ -9,7 +9,7 @@ Peaks can't leak between points: each point is its own process group, and the pe
 figure (NVML's process list, RSS). A device-level figure (NVML used memory, the fallback where a container
 hides PIDs from NVML) counts whatever else the device holds, so it is not used for the peak of a point that
 ran beside others: :func:`concurrent_peak` takes torch's allocator peak instead. CPU points share the cores:
-their throughput is flagged (``env["concurrent_points"]``), their memory is not affected.
+their throughput is flagged (``run.concurrent_points``), their memory is not affected.
 """
 
 from __future__ import annotations
@@ -76,12 +76,12 @@ def concurrent_peak(record: Record) -> Record:
     ...     "torch_reserved_bytes": 5}})
     >>> r = concurrent_peak(Record(point=Point(precision="fp16", zero=2, seq_len=8, batch_size=1), status="ok",
     ...     model="m", peak_bytes=9, profile=Profile(sampler="nvml", ranks=[rank])))
-    >>> r.peak_bytes, r.env["peak_figure"]
+    >>> r.peak_bytes, r.run.peak_figure
     (5, 'torch_reserved_bytes')
     """
     if record.profile is not None and record.profile.figure == "device_delta":
         record.peak_bytes = record.profile.peak("torch_reserved_bytes") or None
-        record.env["peak_figure"] = "torch_reserved_bytes"
+        record.run.peak_figure = "torch_reserved_bytes"
     return record
 
 
@@ -173,9 +173,9 @@ class LocalExecutor:
                 self._groups.pop(p.key, None)
             record = future.result()  # run_point returns a record for the point's own failures
             if self.concurrent:
-                record.env["concurrent_points"] = self.max_points
+                record.run.concurrent_points = self.max_points
                 if self.labels[0] is not None:
-                    record.env["cuda_visible_devices"] = self.env_for(taken)["CUDA_VISIBLE_DEVICES"]
+                    record.run.cuda_visible_devices = self.env_for(taken)["CUDA_VISIBLE_DEVICES"]
                 concurrent_peak(record)
             records.append(record)
         return records

@@ -27,7 +27,7 @@ from typing import Any
 
 from ftprof.errors import ConfigError, FtprofError
 from ftprof.point import Point
-from ftprof.records.results import Record
+from ftprof.records.results import Record, RunFacts, Status
 from ftprof.sweep.executors.slurm_jobs import JOBS, JobEntry, JobLog, JobState, query_states, status_for_state
 from ftprof.sweep.point_run import TAIL_CHARS, SweepConfig, kill_process_group, local_command, run_point
 
@@ -147,12 +147,9 @@ def measure_in_job(cfg: SweepConfig, p: Point) -> Record:
 
     signal.signal(signal.SIGTERM, ending)
     record = run_point(cfg, p, env=threads, started=groups.append, command=srun_command, workdir=folder)
-    record.env.update(environment())  # the node's devices and versions, not the driver's
-    record.env.update(
-        world_size=p.world_size,
-        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-        slurm_nodes=os.environ.get("SLURM_JOB_NODELIST"),
-    )
+    record.machine = environment()  # the node's devices and versions, not the driver's
+    record.run.slurm_job_id = os.environ.get("SLURM_JOB_ID")
+    record.run.slurm_nodes = os.environ.get("SLURM_JOB_NODELIST")
     return record
 
 
@@ -247,7 +244,7 @@ class SlurmExecutor:
                 self._next_query = time.monotonic() + STATE_POLL_S
             if finished:
                 for record in finished:
-                    self._jobs.pop(str(record.env["slurm_job_id"]))
+                    self._jobs.pop(str(record.run.slurm_job_id))
                 return finished
             time.sleep(RESULT_POLL_S)
         return []
@@ -268,7 +265,7 @@ class SlurmExecutor:
             trace = str(err).split("-" * 22)
             lines = [ln for ln in (trace[1] if len(trace) > 2 else str(err)).splitlines() if ln.strip()]
             record = self._failure(j, "error", lines[-1].strip()[-300:] if lines else "the job raised")
-        record.env["slurm_job_id"] = j.entry.job_id
+        record.run.slurm_job_id = j.entry.job_id
         return record
 
     def _ended_by_slurm(self) -> list[Record]:
@@ -297,20 +294,15 @@ class SlurmExecutor:
                 ended.append(self._failure(j, status, reason))
         return ended
 
-    def _failure(self, j: _Job, status: Any, reason: str) -> Record:
+    def _failure(self, j: _Job, status: Status, reason: str) -> Record:
         p = j.entry.point
         log = "\n".join(x for x in (j.job.stdout(), j.job.stderr()) if x)
-        return Record(
-            point=p,
-            status=status,
-            model=j.cfg.model,
+        facts = RunFacts(slurm_job_id=j.entry.job_id, slurm_state=j.state.state if j.state else "UNKNOWN")
+        return j.cfg.record(
+            p,
+            status,
+            facts,
             reason=reason,
             stderr_tail=log[-TAIL_CHARS:] or None,
             wall_s=round(time.time() - j.entry.submitted, 3),
-            env={
-                **j.cfg.env,
-                "world_size": p.world_size,
-                "slurm_job_id": j.entry.job_id,
-                "slurm_state": j.state.state if j.state else "UNKNOWN",
-            },
         )

@@ -188,7 +188,7 @@ class JobLog:
 
     def open_jobs(self, records: list[Record], done: set[str]) -> list[JobEntry]:
         """Jobs whose outcome no record holds, whose point still needs one, and that were not cancelled."""
-        recorded = {str(r.env.get("slurm_job_id")) for r in records if r.env.get("slurm_job_id")}
+        recorded = {r.run.slurm_job_id for r in records if r.run.slurm_job_id}
         cancelled = {d["job_id"] for d in self.lines() if d.get("event") == "cancelled"}
         return [
             e
