@@ -17,7 +17,7 @@ from ftprof.records.results import (
     results_path,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rec(batch=8, status="ok", peak=2**30):

@@ -1,7 +1,7 @@
 """A whole sweep through :func:`ftprof.sweep.driver.run_sweep`, no argument parser: resume, the manifest, the
 re-measure passes and the typed facts each record carries.
 
-The point runner is a deterministic stand-in (as in tests/test_sweep_logic.py) that builds its records the
+The point runner is a deterministic stand-in (as in tests/sweep/test_schedule_and_remeasure.py) that builds its records the
 way the real one does (:meth:`SweepConfig.record`); the results files, the manifest and the estimator are real.
 """
 

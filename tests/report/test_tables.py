@@ -7,7 +7,7 @@ from rich.console import Console
 from ftprof.report import tables as views
 from ftprof.report.recommend import recommend
 from ftprof.units import GIB
-from tests.test_recommend import RECORDS
+from tests.report.test_recommend import RECORDS
 
 
 def render_text(records, budget):
