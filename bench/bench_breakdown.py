@@ -85,11 +85,26 @@ def sweep(args: list[str], out: Path) -> Path:
     return results_path(out)
 
 
-def states(out: Path, model: str) -> None:
+def baseline_states(arch, pt) -> dict[str, float]:
+    """What DeepSpeed's ZeRO-2/3 estimators and accelerate's "Training using Adam" say of a point's model
+    states, each only on the points it models."""
     from accelerate.commands.estimate import estimate_training_usage
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
+    n = pt.world_size
+    if pt.zero == 2:
+        return {"DeepSpeed": estimate_zero2_model_states_mem_needs(arch.params, n, 1, cpu_offload=False)[1]}
+    if pt.zero == 3:
+        ds = estimate_zero3_model_states_mem_needs(arch.params, arch.largest_param, n, 1, cpu_offload=False)[1]
+        return {"DeepSpeed": ds}
+    if pt.zero == 0:
+        dtype = "float32" if pt.precision == "fp32" else "bfloat16"
+        return {"accelerate": max(estimate_training_usage(4 * arch.params, dtype).values())}
+    return {}
+
+
+def states(out: Path, model: str) -> None:
     from ftprof.estimate.architecture import arch_for
     from ftprof.estimate.estimator import MODEL_STATES, estimate, measured_bytes
     from ftprof.records.results import latest, read_records, results_path
@@ -100,14 +115,13 @@ def states(out: Path, model: str) -> None:
     if not results.is_file():
         sweep(["--model", model, *grid], out)
     arch = arch_for(model)
-    p_all = arch.params
     errs: dict[str, list[float]] = {}
     baselines: dict[str, list[float]] = {"ftprof": [], "DeepSpeed": [], "accelerate": []}
     for r in latest(read_records(results)):
         if r.status != "ok":
             print(f"{r.point.key}: {r.status}")
             continue
-        pt, n = r.point, r.point.world_size
+        pt = r.point
         for rank in r.profile.ranks if r.profile else []:
             est = estimate(arch, pt, device="cpu", rank=rank.rank)
             cells = []
@@ -123,16 +137,8 @@ def states(out: Path, model: str) -> None:
             # Baselines on the points each one estimates (no offload), against the rank's model-state bytes.
             states_measured = sum(measured_bytes(rank.breakdown, item) for item in MODEL_STATES)
             baselines["ftprof"].append(sum(est.items[i] for i in MODEL_STATES) / states_measured - 1)
-            if pt.zero == 2:
-                ds = estimate_zero2_model_states_mem_needs(p_all, n, 1, cpu_offload=False)[1]
-                baselines["DeepSpeed"].append(ds / states_measured - 1)
-            elif pt.zero == 3:
-                ds = estimate_zero3_model_states_mem_needs(p_all, arch.largest_param, n, 1, cpu_offload=False)[1]
-                baselines["DeepSpeed"].append(ds / states_measured - 1)
-            elif pt.zero == 0:
-                dtype = "float32" if pt.precision == "fp32" else "bfloat16"
-                acc = max(estimate_training_usage(4 * p_all, dtype).values())  # its "Training using Adam"
-                baselines["accelerate"].append(acc / states_measured - 1)
+            for name, predicted in baseline_states(arch, pt).items():
+                baselines[name].append(predicted / states_measured - 1)
     for item, e in errs.items():
         exact = sum(abs(x) <= 0.01 for x in e)
         print(f"{item:<20}{pct(e)}; within 1%: {exact} of {len(e)}")

@@ -43,7 +43,9 @@ def sweep(model: str, task: str, worker: str, out: Path, walls: dict[str, list[f
 
 
 def overhead(r: Record) -> float:
-    assert r.wall_s is not None and r.profile is not None and r.profile.window_s is not None
+    assert r.wall_s is not None
+    assert r.profile is not None
+    assert r.profile.window_s is not None
     return r.wall_s - r.profile.window_s
 
 

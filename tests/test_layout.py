@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,7 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
     return {_module_name(p): _imports(p) for p in (SRC / "ftprof").rglob("*.py")}
 
@@ -91,7 +93,8 @@ def test_no_import_loop_between_modules() -> None:
 def test_every_package_says_what_it_owns() -> None:
     for init in (SRC / "ftprof").rglob("__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text()))
-        assert doc and len(doc) > 60, f"{init.relative_to(SRC)} has no docstring saying what it owns"
+        assert doc, f"{init.relative_to(SRC)} has no docstring saying what it owns"
+        assert len(doc) > 60, f"{init.relative_to(SRC)} has no docstring saying what it owns"
 
 
 def test_the_layers_name_every_package() -> None:
@@ -100,3 +103,25 @@ def test_the_layers_name_every_package() -> None:
     assert tops == set(RANK), (
         f"packages without a layer: {tops - set(RANK)}; layers without a package: {set(RANK) - tops}"
     )
+
+
+MAX_FUNCTION_LINES = 60  # the body, docstring excluded (STYLE.md: functions under ~60 lines)
+
+
+def _long_functions() -> list[str]:
+    found = []
+    for path in sorted((SRC / "ftprof").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = node.body
+            if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                body = body[1:]  # the docstring
+            length = (node.end_lineno or node.lineno) - body[0].lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{_module_name(path)}.{node.name}: {length} lines")
+    return found
+
+
+def test_functions_are_short() -> None:
+    assert _long_functions() == []

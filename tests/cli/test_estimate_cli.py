@@ -60,9 +60,11 @@ def test_the_margin_decides_a_case_that_fits_only_without_it(capsys):
     for margin in ([], ["--margin", "0.05"]):
         assert main([*POINT_FLAGS, "--budget", budget, *margin]) == 0
         out = capsys.readouterr().out
-        assert "does NOT fit (predicted" in out and "with 5% kept free" in out, out
+        assert "does NOT fit (predicted" in out, out
+        assert "with 5% kept free" in out, out
     # the boundary: 95 of 100 fits with 5% kept free, 96 does not
-    assert verdict(95 * MIB, 100 * MIB, 0.05)[0] and not verdict(96 * MIB, 100 * MIB, 0.05)[0]
+    assert verdict(95 * MIB, 100 * MIB, 0.05)[0]
+    assert not verdict(96 * MIB, 100 * MIB, 0.05)[0]
 
 
 def grid_cell(out: str, seq: int) -> int:
@@ -91,7 +93,8 @@ def test_a_margin_outside_0_to_1_is_a_one_line_error(capsys, margin):
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if "error" in line]
     assert errors == [f"ftprof: error: --margin {margin}: must be >= 0 and < 1 (the fraction of the budget kept free)"]
-    assert "Traceback" not in captured.err and captured.out == ""
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
 
 
 def test_an_uncalibrated_gpu_estimate_says_which_constants_are_assumed(capsys):
@@ -121,7 +124,8 @@ def test_calibrations_fitted_to_the_older_estimator_are_set_aside(tmp_path, monk
     path.write_text(json.dumps({"device": "h100-80gb", "runtime_bytes": 1e9, "activation_factor": 0.6, "fitted_on": 5}))
     assert Calibration.load(path) is None
     cal = load_calibration("NVIDIA H100 80GB HBM3")
-    assert (cal.fitted_on, cal.activation_factor) == (0, 1.0) and "older estimator" in caplog.text
+    assert (cal.fitted_on, cal.activation_factor) == (0, 1.0)
+    assert "older estimator" in caplog.text
     Calibration(device="h100-80gb", activation_factor=1.3, fitted_on=5).save(path)
     assert load_calibration("NVIDIA H100 80GB HBM3").activation_factor == 1.3
 
@@ -169,7 +173,8 @@ def test_fit_reserved_factor_is_the_median_ratio_of_the_ranks_peaks():
 
 def test_fit_reserved_factor_is_none_for_a_cpu_sweep():
     cpu = read_records(ROOT / "profiles" / "cpu-2core-tiny-bert" / "results.jsonl")
-    assert cpu and fit_reserved_factor(cpu) is None
+    assert cpu
+    assert fit_reserved_factor(cpu) is None
 
 
 def test_calibrating_on_a_gpu_sweep_fits_and_records_the_allocator_factor(tmp_path, capsys):
@@ -190,7 +195,8 @@ def test_calibrating_on_a_gpu_sweep_fits_and_records_the_allocator_factor(tmp_pa
     assert main(["--calibrate", str(sweep)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     cal = Calibration.load(calibration_path("h100-80gb"))
-    assert cal.reserved_factor == pytest.approx(1.075, abs=1e-6) and cal.reserved_fitted_on == 12
+    assert cal.reserved_factor == pytest.approx(1.075, abs=1e-6)
+    assert cal.reserved_fitted_on == 12
     assert "allocator reserved/allocated factor 1.075 (fitted on 12 points)" in out
 
     assert main(["--calibrate", str(ROOT / "profiles" / "cpu-2core-tiny-bert")]) == 0
@@ -217,11 +223,13 @@ def test_a_list_of_stages_is_one_table_with_a_column_per_stage(capsys):
         for z in (0, 2, 3)
     ]
     assert device_used_row(out) == expected
-    assert out.count("fits") >= 3 and "does NOT fit" not in out
+    assert out.count("fits") >= 3
+    assert "does NOT fit" not in out
     # one stage in the list: the itemised table of old, with its verdict line
     assert main([*flags, "--zero", "2"]) == 0
     out = capsys.readouterr().out
-    assert device_used_row(out) == expected[1:2] and "fits (predicted 3.6 GiB of 79.6 GiB, 5% margin kept)" in out
+    assert device_used_row(out) == expected[1:2]
+    assert "fits (predicted 3.6 GiB of 79.6 GiB, 5% margin kept)" in out
 
 
 def test_the_old_spellings_still_work_with_a_note(capsys):
@@ -231,7 +239,8 @@ def test_the_old_spellings_still_work_with_a_note(capsys):
     new = capsys.readouterr()
     assert main([*flags, "--zeros", "0,3", "--offload_param"]) == 0
     old = capsys.readouterr()
-    assert old.out == new.out and "ZeRO-3 offload optimizer+param" in old.out
+    assert old.out == new.out
+    assert "ZeRO-3 offload optimizer+param" in old.out
     notes = [line for line in old.err.splitlines() if line.startswith("ftprof: note:")]
     assert notes == [
         "ftprof: note: --zeros is deprecated; --zero takes the list: --zero 0,3",

@@ -12,12 +12,14 @@ def one_line_error(capsys, fn, argv, pattern):
 
     code = fn(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err and err[-1].startswith("ftprof: error: "), err
+    assert code == 2, err
+    assert err, err
+    assert err[-1].startswith("ftprof: error: "), err
     assert re.search(pattern, err[-1]), err[-1]
 
 
 @pytest.mark.parametrize(
-    "extra, pattern",
+    ("extra", "pattern"),
     [
         (["--model", "no-such/model-anywhere"], "architecture is not known offline"),
         (["--model", "tiny-bert", "--batch_sizes", "8,0"], "--batch_sizes '8,0': '0' is not a positive integer"),
@@ -92,7 +94,10 @@ def test_the_same_flags_mean_the_same_in_sweep_estimate_and_train(tmp_path, caps
     script, args = parse(["--model", "tiny-bert", "--dataset", "synthetic", *SHARED, "--output_dir", str(tmp_path)])
     assert (script.task, script.precision, script.zero, script.offload) == ("classification", "bf16", 2, "optimizer")
     zero = args.hf_deepspeed_config.config["zero_optimization"]
-    assert args.bf16 and not args.fp16 and zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
+    assert args.bf16
+    assert not args.fp16
+    assert zero["stage"] == 2
+    assert zero["offload_optimizer"]["device"] == "cpu"
 
 
 def run_command_of(command: str, tmp_path):
@@ -109,7 +114,7 @@ def run_command_of(command: str, tmp_path):
 
 @pytest.mark.parametrize("command", ["sweep", "estimate", "train"])
 @pytest.mark.parametrize(
-    "flag, value, message",
+    ("flag", "value", "message"),
     [
         ("--zero", "5", "--zero '5': unknown ZeRO stage '5'; use 0, 1, 2 or 3"),
         ("--precision", "int4", "--precision 'int4': unknown precision 'int4'; use fp32, fp16 or bf16"),
@@ -121,9 +126,12 @@ def test_a_bad_lever_value_is_the_same_one_line_error_in_every_command(tmp_path,
     main, argv = run_command_of(command, tmp_path)
     code = main([*argv, flag, value])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == f"ftprof: error: {message}", err
-    assert "Traceback" not in "\n".join(err) and "usage:" not in "\n".join(err)
-    assert not (tmp_path / "sweep").exists() and not (tmp_path / "t").exists()
+    assert code == 2, err
+    assert err[-1] == f"ftprof: error: {message}", err
+    assert "Traceback" not in "\n".join(err)
+    assert "usage:" not in "\n".join(err)
+    assert not (tmp_path / "sweep").exists()
+    assert not (tmp_path / "t").exists()
 
 
 def test_help_shows_the_argument_groups(capsys):
@@ -140,5 +148,7 @@ def test_help_shows_the_argument_groups(capsys):
     ):
         assert group in sweep_help
     estimate_help = estimate_parser().format_help()
-    assert "levers (each a comma list" in estimate_help and "--zero 0,1,2,3" in estimate_help
-    assert "--zeros" not in estimate_help and "--offload_optimizer" not in estimate_help  # deprecated, hidden
+    assert "levers (each a comma list" in estimate_help
+    assert "--zero 0,1,2,3" in estimate_help
+    assert "--zeros" not in estimate_help
+    assert "--offload_optimizer" not in estimate_help

@@ -28,7 +28,8 @@ def run_main(capsys, argv):
 def assert_one_line_error(capsys, argv, pattern, out_dir):
     code, err = run_main(capsys, argv + ["--output_dir", str(out_dir)])
     assert code == 2
-    assert len(err) >= 1 and err[-1].startswith("ftprof: error: ")
+    assert len(err) >= 1
+    assert err[-1].startswith("ftprof: error: ")
     assert "Traceback" not in "\n".join(err)
     import re
 
@@ -74,7 +75,7 @@ def test_fp16_on_cpu(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "extra, pattern",
+    ("extra", "pattern"),
     [
         (["--label_column", "stars"], "--label_column 'stars' is not a column"),
         (["--max_length", "0"], "--max_length must be a positive"),
@@ -126,7 +127,8 @@ def test_existing_checkpoints_are_not_overwritten(tmp_path, capsys):
     code, err = run_main(
         capsys, ["--model", "tiny-bert", "--dataset", "synthetic", "--output_dir", str(tmp_path / "out")]
     )
-    assert code == 2 and "already holds checkpoints (checkpoint-5)" in err[-1]
+    assert code == 2
+    assert "already holds checkpoints (checkpoint-5)" in err[-1]
     assert "--resume_from_checkpoint true" in err[-1]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-5"]
 
@@ -145,7 +147,8 @@ def test_resume_without_checkpoint(tmp_path, capsys):
             str(tmp_path / "out"),
         ],
     )
-    assert code == 2 and "no complete checkpoint-* folder" in err[-1]
+    assert code == 2
+    assert "no complete checkpoint-* folder" in err[-1]
 
 
 def test_launch_script_prints_one_line_without_traceback(tmp_path):
@@ -199,7 +202,8 @@ def test_cpu_runs_get_overlap_comm_off_in_a_shared_copy():
     from ftprof.train.run import _flag_value, _normalize_deepspeed_flags
 
     argv = _normalize_deepspeed_flags(["--model", "tiny-bert", "--ds_config", str(ROOT / "ds_configs" / "zero2.json")])
-    assert "--ds_config" not in argv and argv[:2] == ["--model", "tiny-bert"]
+    assert "--ds_config" not in argv
+    assert argv[:2] == ["--model", "tiny-bert"]
     effective = json.loads(Path(_flag_value(argv, "--deepspeed")).read_text())
     shipped = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     assert effective["zero_optimization"].pop("overlap_comm") is False
@@ -226,14 +230,17 @@ def test_zero_and_offload_choose_the_shipped_config(tmp_path):
         script, args = parse([*base, *flags])
         expected = cpu_adjusted(load_ds_config(ROOT / "ds_configs" / shipped), cuda=False).config
         assert json.loads(Path(args.deepspeed).read_text()) == expected, flags
-        assert args.bf16 == ("bf16" in flags) and not args.fp16
+        assert args.bf16 == ("bf16" in flags)
+        assert not args.fp16
     assert (script.zero, script.offload, script.precision) == (1, None, None)
     _, args = parse([*base, "--precision", "fp32"])
-    assert not args.bf16 and not args.fp16 and args.deepspeed is None  # no --zero: no DeepSpeed, as before
+    assert not args.bf16
+    assert not args.fp16
+    assert args.deepspeed is None
 
 
 @pytest.mark.parametrize(
-    "extra, message",
+    ("extra", "message"),
     [
         (
             ["--zero", "3", "--ds_config", "ds_configs/zero2.json"],
@@ -257,7 +264,8 @@ def test_levers_that_contradict_each_other_or_the_config(tmp_path, capsys, extra
         capsys,
         ["--model", "tiny-bert", "--dataset", "synthetic", *extra, "--output_dir", str(tmp_path / "out")],
     )
-    assert code == 2 and err[-1].startswith(f"ftprof: error: {message}"), err
+    assert code == 2, err
+    assert err[-1].startswith(f"ftprof: error: {message}"), err
     assert not (tmp_path / "out").exists()
 
 

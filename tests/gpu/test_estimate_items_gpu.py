@@ -21,7 +21,8 @@ def test_model_states_on_device_and_host_match_the_breakdown(tmp_path):
         + ["--batch_sizes", "4", "--seq_lens", "64", "--out", str(tmp_path), "--no_report", "--no_remeasure"]
     )
     records = latest(read_records(tmp_path / "results.jsonl"))
-    assert len(records) == 6 and {r.status for r in records} == {"ok"}
+    assert len(records) == 6
+    assert {r.status for r in records} == {"ok"}
     arch = arch_for("tiny-gpt2")
     for r in records:
         for rank in r.profile.ranks:

@@ -20,7 +20,8 @@ def test_gpu_sweep_point_writes_the_allocator_snapshot_and_its_figures(tmp_path)
         + ["--memory_snapshot", "--out", str(tmp_path), "--no_report", "--no_remeasure"]
     )
     (record,) = latest(read_records(tmp_path / "results.jsonl"))
-    assert record.status == "ok" and record.profile.steady_steps == 2
+    assert record.status == "ok"
+    assert record.profile.steady_steps == 2
     (rank,) = record.profile.ranks
     stem = f"snapshots/{record.point.key}-rank0"
     # On a GPU every record is written: the allocator's snapshot and the profiled step's memory timeline (the
@@ -30,10 +31,12 @@ def test_gpu_sweep_point_writes_the_allocator_snapshot_and_its_figures(tmp_path)
     with open(tmp_path / f"{stem}.pickle", "rb") as f:
         snapshot = pickle.load(f)
     assert {"segments", "device_traces"} <= set(snapshot)
-    assert snapshot["segments"] and any(snapshot["device_traces"])  # the allocations were recorded
+    assert snapshot["segments"]
+    assert any(snapshot["device_traces"])
     # The profiled step's memory timeline on the GPU, with the step's allocations in it.
     times, sizes = json.loads((tmp_path / f"{stem}-timeline.json").read_text())
-    assert len(times) == len(sizes) > 0 and max(sum(row) for row in sizes) > 0
+    assert len(times) == len(sizes) > 0
+    assert max(sum(row) for row in sizes) > 0
     # The allocator's figures beside the breakdown, consistent with it and with the phases' peaks.
     assert set(rank.allocator) == set(ALLOCATOR_STATS)
     allocated = rank.peak("torch_allocated_bytes")

@@ -50,7 +50,8 @@ def test_gpu_sweep_point_records_nvml_and_torch_peaks(tmp_path):
     assert {r.status for r in records} == {"ok"}
     small, large = sorted(records, key=lambda r: r.point.batch_size)
     for r in records:
-        assert r.profile.sampler == "nvml" and r.profile.peak("torch_allocated_bytes") > 0
+        assert r.profile.sampler == "nvml"
+        assert r.profile.peak("torch_allocated_bytes") > 0
         assert r.profile.peak("torch_reserved_bytes") >= r.profile.peak("torch_allocated_bytes")
     assert large.profile.peak("torch_allocated_bytes") > small.profile.peak("torch_allocated_bytes")
     assert large.peak_bytes >= small.peak_bytes

@@ -74,25 +74,30 @@ def test_config_trains_saves_and_reloads(tmp_path, name):
     state = read_json(out / "trainer_state.json")
     assert state["global_step"] == 6
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
-    assert losses and all(0.3 < loss < 1.2 for loss in losses)  # a real cross-entropy on 2 classes
+    assert losses
+    assert all(0.3 < loss < 1.2 for loss in losses)
     assert state["best_model_checkpoint"] is not None
     metrics = read_json(out / "eval_results.json")
-    assert metrics["eval_samples"] == EVAL_ROWS and metrics["random_init"] is True
+    assert metrics["eval_samples"] == EVAL_ROWS
+    assert metrics["random_init"] is True
     assert read_json(out / "train_results.json")["train_samples"] == 2000
     footprint = read_json(out / "footprint_rank0.json")
-    assert footprint["world_size"] == 1 and footprint["optimizer_state_bytes"] > 0
+    assert footprint["world_size"] == 1
+    assert footprint["optimizer_state_bytes"] > 0
     # The saved folder is a normal transformers model + tokenizer (ZeRO-3 gathers its partitions to save):
     # every weight is there, in its shape ...
     model, loading = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert not any(loading.values()), loading  # no missing, unexpected or mismatched weights
-    assert model.num_labels == 2 and len(tokenizer) == model.config.vocab_size
+    assert model.num_labels == 2
+    assert len(tokenizer) == model.config.vocab_size
     assert sum(p.numel() for p in model.parameters()) == footprint["total_parameter_numel"]
     # ... trained: LayerNorm weights start at exactly 1 and the classifier's bias at 0 (BERT's init), and
     # every Adam step moves what gets a gradient ...
     norms = [m.weight for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(norms) == 1 + 2 * model.config.num_hidden_layers
-    assert all((w - 1).abs().max() > 1e-6 for w in norms) and model.classifier.bias.abs().max() > 1e-6
+    assert all((w - 1).abs().max() > 1e-6 for w in norms)
+    assert model.classifier.bias.abs().max() > 1e-6
     # ... and it is the model that was evaluated: the same rows through it score what the run reported. After
     # 6 steps every row gets the same class, so accuracy alone can't tell checkpoints apart; the loss can
     # (another checkpoint of the run is ~3e-3 off, this one within 1e-7).
@@ -131,7 +136,8 @@ def test_profile_flag_records_steady_state_figures(tmp_path):
     )
     history = read_json(out / "trainer_state.json")["log_history"]
     profile = next(e["profile"] for e in history if "profile" in e)
-    assert profile["steady_steps"] == 3 and profile["samples_per_s"] > 0
+    assert profile["steady_steps"] == 3
+    assert profile["samples_per_s"] > 0
     assert profile["real_tokens_per_s"] < profile["padded_tokens_per_s"]  # dynamic padding still pads a little
     assert {"setup", "first_step", "steady", "optimizer"} <= set(profile["ranks"][0]["phases"])
     # The optimizer phase is DeepSpeed's real step (the engine runs it inside backward), not Trainer's no-op

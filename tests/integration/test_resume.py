@@ -56,7 +56,8 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
     )
     deadline = time.time() + 300
     while not (out / "checkpoint-10" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        assert proc.poll() is None, "run ended before its first checkpoint"
+        assert time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL

@@ -41,21 +41,25 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
     )
     records = latest(read_records(out / "results.jsonl"))
     by_key = {r.point.key: r for r in records}
-    assert len(records) == len(by_key) == 9 and {r.status for r in records} == {"ok"}
+    assert len(records) == len(by_key) == 9
+    assert {r.status for r in records} == {"ok"}
     peak = {k: r.peak_bytes for k, r in by_key.items()}
     for z in (0, 2, 3):  # peaks grow with the batch...
         assert peak[f"fp32-z{z}-w1-ga1-s512-b32"] > peak[f"fp32-z{z}-w1-ga1-s512-b4"] * 1.1
     assert peak["fp32-z2-w1-ga1-s512-b4"] > peak["fp32-z2-w1-ga1-s32-b4"]  # ...and with the sequence
     for z in (2, 3):
         two = by_key[f"fp32-z{z}-w2-ga1-s512-b4"]
-        assert [r.rank for r in two.profile.ranks] == [0, 1] and two.point.world_size == 2
+        assert [r.rank for r in two.profile.ranks] == [0, 1]
+        assert two.point.world_size == 2
         assert two.profile.samples_per_step == 4 * 1 * 2  # batch x accumulation x ranks, exactly
         padded_per_step = two.profile.padded_tokens_per_s * two.profile.window_s / two.profile.steady_steps
-        assert two.samples_per_s > 0 and padded_per_step == pytest.approx(8 * 512)
+        assert two.samples_per_s > 0
+        assert padded_per_step == pytest.approx(8 * 512)
     first_line = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert {"torch", "transformers", "deepspeed", "device"} <= set(first_line["machine"])
     # The sweep ends with its report; every export format renders from the same file.
-    assert "Recommendations" in last.stdout and "Pareto" in last.stdout
+    assert "Recommendations" in last.stdout
+    assert "Pareto" in last.stdout
     for fmt, check in (("md", "| precision |"), ("csv", "precision,zero,world_size"), ("json", '"recommendations"')):
         proc = subprocess.run(
             [sys.executable, "-m", "ftprof.cli.main", "report", str(out), "--format", fmt, "--write_config"],
@@ -64,12 +68,14 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
             env=train_env(),
             cwd=ROOT,
         )
-        assert proc.returncode == 0 and check in proc.stdout
+        assert proc.returncode == 0
+        assert check in proc.stdout
     # The machine's drift: the first clean point measured again, once over the three runs, shown with the pick.
     lines = read_records(out / "results.jsonl")
     clean = [r for r in lines if r.status == "ok" and r.run.remeasured is None and not r.profile.contended]
     again = [r for r in lines if r.run.remeasured == "repeat"]
-    assert len(again) == 1 and again[0].point.key == clean[0].point.key, [r.point.key for r in again]
+    assert len(again) == 1, [r.point.key for r in again]
+    assert again[0].point.key == clean[0].point.key, [r.point.key for r in again]
     # The pick carries the worst of the sweep's re-measures (the repeat or a close call) against a first figure.
     rep = json.loads(proc.stdout)["recommendations"][0]["repeat"]  # the json export, the loop's last
     firsts = {r.point.key: r.samples_per_s for r in reversed(clean)}
@@ -78,7 +84,8 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
         for r in lines
         if r.run.remeasured in ("repeat", "close call") and r.status == "ok" and not r.profile.contended
     ]
-    assert (rep["key"], pytest.approx(rep["again"])) in agains and rep["first"] == pytest.approx(firsts[rep["key"]])
+    assert (rep["key"], pytest.approx(rep["again"])) in agains
+    assert rep["first"] == pytest.approx(firsts[rep["key"]])
     drift = max(rep["first"], rep["again"]) / min(rep["first"], rep["again"]) - 1
     assert all(max(firsts[k], x) / min(firsts[k], x) - 1 <= drift + 1e-9 for k, x in agains if k in firsts)
     for png in ("memory.png", "throughput.png", "breakdown.png"):
@@ -107,7 +114,8 @@ def test_forced_oom_is_a_result_and_larger_points_are_skipped(tmp_path):
     )
     status = {r.point.batch_size: r for r in read_records(out / "results.jsonl")}
     assert [status[b].status for b in (4, 128, 256)] == ["ok", "oom", "skipped"]
-    assert "can't allocate memory" in status[128].reason and status[128].stderr_tail
+    assert "can't allocate memory" in status[128].reason
+    assert status[128].stderr_tail
     assert "fp32-z0-w1-ga1-s512-b128 did" in status[256].reason
 
 
@@ -138,7 +146,8 @@ def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
     results = out / "results.jsonl"
     deadline = time.time() + 600
     while not (results.exists() and results.read_text().count("\n") >= 1):
-        assert proc.poll() is None and time.time() < deadline
+        assert proc.poll() is None
+        assert time.time() < deadline
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the point it is running
     proc.wait()
@@ -206,7 +215,8 @@ def test_lever_axes_on_two_ranks_are_what_each_point_really_ran(tmp_path):
         + ["--batch_sizes", "4", "--seq_lens", "64", "--out", str(out), "--no_report", "--no_remeasure"]
     )
     records = latest(read_records(out / "results.jsonl"))
-    assert len(records) == 4 and {r.status for r in records} == {"ok"}
+    assert len(records) == 4
+    assert {r.status for r in records} == {"ok"}
     with torch.device("meta"):
         numels = [
             p.numel() for p in AutoModelForCausalLM.from_config(resolve_model_spec("tiny-llama").config).parameters()
@@ -258,7 +268,8 @@ def test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it(tmp_
     )
     assert " ".join(proc.stdout.split()).count("no allocator snapshot (.pickle) here") == 1  # rich wraps lines
     records = latest(read_records(out / "results.jsonl"))
-    assert {r.status for r in records} == {"ok"} and {r.run.worker for r in records} == {"fork", "fresh"}
+    assert {r.status for r in records} == {"ok"}
+    assert {r.run.worker for r in records} == {"fork", "fresh"}
     named = set()
     for r in records:
         assert [rank.rank for rank in r.profile.ranks] == list(range(r.point.world_size))
@@ -270,9 +281,11 @@ def test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it(tmp_
                 assert rank.memory_notes == []
                 assert "data:image/png;base64," in (out / timeline[0]).read_text()
                 times, sizes = json.loads((out / timeline[1]).read_text())
-                assert len(times) == len(sizes) > 0 and max(sum(row) for row in sizes) > 0
+                assert len(times) == len(sizes) > 0
+                assert max(sum(row) for row in sizes) > 0
             else:  # torch's memory profiler failed on this rank's step (seen now and then on a second gloo rank)
-                assert rank.memory_files == [f"{stem}-trace.json"] and "instead" in rank.memory_notes[0]
+                assert rank.memory_files == [f"{stem}-trace.json"]
+                assert "instead" in rank.memory_notes[0]
                 assert json.loads((out / rank.memory_files[0]).read_text())["traceEvents"]
             named |= set(rank.memory_files)
             assert rank.allocator == {}  # CUDA only
@@ -285,6 +298,8 @@ def test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it(tmp_
         env=train_env(),
         cwd=ROOT,
     )
-    assert report.returncode == 0 and "## Memory records" in report.stdout
+    assert report.returncode == 0
+    assert "## Memory records" in report.stdout
     lines = [ln for ln in report.stdout.split("## Memory records", 1)[1].splitlines() if ln.startswith("- ")]
-    assert lines and all(f"{out}/snapshots/" in ln for ln in lines)  # one line per recommended point
+    assert lines
+    assert all(f"{out}/snapshots/" in ln for ln in lines)

@@ -60,25 +60,29 @@ def test_slurm_records_match_the_local_executors_point_for_point(slurm_cluster, 
     sweep([*GRID, "--parallel", "2", "--out", str(tmp_path / "parallel")], env)
     proc = sweep([*GRID, *SLURM, "--out", str(tmp_path / "slurm")], env)
     local = {r.point.key: r for r in read_records(tmp_path / "local" / "results.jsonl")}
-    assert len(local) == 4 and next(iter(local.values())).run.concurrent_points == 1
+    assert len(local) == 4
+    assert next(iter(local.values())).run.concurrent_points == 1
     for name in ("local", "parallel", "slurm"):
         other = {r.point.key: r for r in read_records(tmp_path / name / "results.jsonl")}
         assert other.keys() == local.keys(), name
         for key, r in other.items():
             assert r.status == local[key].status == "ok", (name, key, r.reason)
-            assert r.profile is not None and r.profile.steady_steps >= 2
+            assert r.profile is not None
+            assert r.profile.steady_steps >= 2
             # The samples of one optimizer step on all ranks, counted over the window: the point's micro-batch
             # x accumulation x ranks, exactly, each 32 tokens long; the rate is that over the median step.
             assert r.profile.samples_per_step == r.point.effective_batch() == r.point.batch_size, (name, key)
             assert padded_tokens_per_step(r) == pytest.approx(r.point.batch_size * 32), (name, key)
             assert r.samples_per_s == pytest.approx(r.profile.samples_per_step / r.profile.step_time_median_s)
             assert abs(r.peak_bytes - local[key].peak_bytes) <= PEAK_TOLERANCE * local[key].peak_bytes, (name, key)
-            assert r.ds_config == local[key].ds_config and r.point.world_size == 1
+            assert r.ds_config == local[key].ds_config
+            assert r.point.world_size == 1
             assert r.run.concurrent_points == (2 if name == "parallel" else 1)
     slurm = {r.point.key: r for r in read_records(tmp_path / "slurm" / "results.jsonl")}
     jobs = submitted(tmp_path / "slurm")
     assert sorted(j["job_id"] for j in jobs) == sorted(r.run.slurm_job_id for r in slurm.values())
-    assert "submitted as Slurm job" in proc.stdout and "running on" in proc.stdout
+    assert "submitted as Slurm job" in proc.stdout
+    assert "running on" in proc.stdout
 
 
 def test_a_two_rank_point_is_one_world_across_an_srun_step(slurm_cluster, tmp_path):
@@ -87,11 +91,13 @@ def test_a_two_rank_point_is_one_world_across_an_srun_step(slurm_cluster, tmp_pa
     sweep([*args, "--slurm_cpus_per_task", "1", "--out", str(out)], env_for(slurm_cluster))
     (r,) = read_records(out / "results.jsonl")
     assert r.status == "ok", r.reason
-    assert [rank.rank for rank in r.profile.ranks] == [0, 1] and r.point.world_size == r.profile.world_size == 2
+    assert [rank.rank for rank in r.profile.ranks] == [0, 1]
+    assert r.point.world_size == r.profile.world_size == 2
     # 4 samples on each of 2 ranks per step, all 32 tokens long: the two tasks trained as one world.
     assert r.profile.samples_per_step == r.point.effective_batch() == 8
     assert padded_tokens_per_step(r) == pytest.approx(8 * 32)
-    assert r.run.slurm_nodes and r.run.slurm_job_id == submitted(out)[0]["job_id"]
+    assert r.run.slurm_nodes
+    assert r.run.slurm_job_id == submitted(out)[0]["job_id"]
 
 
 def test_a_killed_driver_resumes_without_submitting_anything_twice(slurm_cluster, tmp_path):
@@ -102,18 +108,21 @@ def test_a_killed_driver_resumes_without_submitting_anything_twice(slurm_cluster
     )
     results, deadline = out / "results.jsonl", time.time() + 600
     while not (results.exists() and results.read_text().count("\n") >= 1):
-        assert driver.poll() is None and time.time() < deadline
+        assert driver.poll() is None
+        assert time.time() < deadline
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver only: its jobs belong to Slurm and keep running
     driver.wait()
     before = results.read_text().splitlines()
     submitted_before = {j["job_id"] for j in submitted(out)}
-    assert 1 <= len(before) < 4 and len(submitted_before) > len(before)  # some jobs were still out there
+    assert 1 <= len(before) < 4
+    assert len(submitted_before) > len(before)
 
     resumed = sweep([*args, "--resume"], env)
     records = read_records(results)
     keys = [r.point.key for r in records]
-    assert len(keys) == len(set(keys)) == 4 and {r.status for r in records} == {"ok"}
+    assert len(keys) == len(set(keys)) == 4
+    assert {r.status for r in records} == {"ok"}
     assert results.read_text().splitlines()[: len(before)] == before
     jobs = submitted(out)
     ids = [j["job_id"] for j in jobs]
@@ -130,11 +139,13 @@ def test_ctrl_c_cancels_the_jobs_and_resume_runs_them_again(slurm_cluster, tmp_p
     )
     deadline = time.time() + 120
     while not ((out / "jobs.jsonl").exists() and len(submitted(out)) == 2):
-        assert driver.poll() is None and time.time() < deadline
+        assert driver.poll() is None
+        assert time.time() < deadline
         time.sleep(0.2)
     driver.send_signal(signal.SIGINT)
     output, _ = driver.communicate(timeout=120)
-    assert driver.returncode == 130 and "interrupted: the running points were stopped" in output, output[-3000:]
+    assert driver.returncode == 130, output[-3000:]
+    assert "interrupted: the running points were stopped" in output, output[-3000:]
     ids = [j["job_id"] for j in submitted(out)]
     lines = [json.loads(x) for x in (out / "jobs.jsonl").read_text().splitlines()]
     assert sorted(x["job_id"] for x in lines if x["event"] == "cancelled") == sorted(ids)
@@ -146,7 +157,8 @@ def test_ctrl_c_cancels_the_jobs_and_resume_runs_them_again(slurm_cluster, tmp_p
 
     sweep([*args, "--resume"], env)  # cancelled jobs are not waited for: their points run again
     records = read_records(out / "results.jsonl")
-    assert sorted(r.point.zero for r in records) == [0, 2] and {r.status for r in records} == {"ok"}
+    assert sorted(r.point.zero for r in records) == [0, 2]
+    assert {r.status for r in records} == {"ok"}
     assert not {r.run.slurm_job_id for r in records} & set(ids)
 
 
@@ -158,7 +170,8 @@ def test_slurms_time_limit_becomes_a_timeout_record(slurm_cluster, tmp_path):
     started = time.time()
     sweep([*args, "--min_seconds", "600", *SLURM, "--slurm_time", "1", "--out", str(out)], env_for(slurm_cluster))
     (r,) = latest(read_records(out / "results.jsonl"))
-    assert r.status == "timeout" and r.run.slurm_state == "TIMEOUT", (r.status, r.reason)
+    assert r.status == "timeout", (r.status, r.reason)
+    assert r.run.slurm_state == "TIMEOUT", (r.status, r.reason)
     assert r.reason == f"Slurm stopped job {r.run.slurm_job_id} at its time limit (--slurm_time 1 min)"
     assert "DUE TO TIME LIMIT" in r.stderr_tail
     assert time.time() - started < 300

@@ -71,7 +71,8 @@ def check_against_estimator(run: Run) -> None:
     n, p = len(run.footprints), sum(numels)
     # The synthetic task has 2 labels, as the estimator's Arch assumes; the training entry fits the preset's
     # embedding to the tokenizer it trains on the data, so the Arch comes from the saved config, not the preset.
-    assert run.config.num_labels == 2 and run.config.vocab_size < arch_for("tiny-bert").vocab
+    assert run.config.num_labels == 2
+    assert run.config.vocab_size < arch_for("tiny-bert").vocab
     arch = arch_from_config("tiny-bert", run.config)
     assert arch.params == p
     point = Point(precision="fp32", zero=run.zero, world_size=n, seq_len=128, batch_size=8)  # states: any s, b
@@ -93,7 +94,8 @@ def check_against_estimator(run: Run) -> None:
             f"estimated {states['optimizer_states']} B; parameters measured "
             f"{FP32_BYTES * f['local_parameter_numel']} B, estimated {states['parameters']} B"
         )
-        assert f["world_size"] == n and f["total_parameter_numel"] == p
+        assert f["world_size"] == n
+        assert f["total_parameter_numel"] == p
         assert f["optimizer_state_bytes"] == pytest.approx(states["optimizer_states"], rel=0.01)
         assert FP32_BYTES * f["local_parameter_numel"] == pytest.approx(states["parameters"], rel=0.01)
         assert f["optimizer_state_bytes"] == 2 * FP32_BYTES * partition  # exp_avg + exp_avg_sq, padding included

@@ -24,7 +24,8 @@ def test_saved_activations_of_a_small_mlp_count_each_storage_once():
     # input: the same storage, counted once. Weights are parameters: not activations.
     assert meter.saved_bytes == 5 * 8 * F32 + 5 * 16 * F32
     model(x)  # only the first training forward is measured; the hooks are gone
-    assert meter.saved_bytes == 5 * 8 * F32 + 5 * 16 * F32 and not meter._handles
+    assert meter.saved_bytes == 5 * 8 * F32 + 5 * 16 * F32
+    assert not meter._handles
 
 
 def test_no_grad_and_eval_forwards_are_not_measured():
@@ -168,6 +169,7 @@ def test_a_forward_that_raises_is_not_measured_and_leaves_no_hooks_pushed():
     meter.attach(model)
     with pytest.raises(RuntimeError):
         model(torch.randn(9, 8))
-    assert meter.saved_bytes is None and meter._context is None
+    assert meter.saved_bytes is None
+    assert meter._context is None
     model(torch.randn(3, 8))  # measured: input (3 x 8) and the ReLU output (3 x 16), not the failed batch
     assert meter.saved_bytes == 3 * 8 * F32 + 3 * 16 * F32

@@ -62,7 +62,8 @@ def test_callback_in_plain_trainer_counts_tokens_under_accumulation(tmp_path):
     trainer.add_callback(profiler)
     trainer.train()
     s = profiler.profile.to_json()
-    assert s["steady_steps"] == 4 and s["sampler"] == "rss"
+    assert s["steady_steps"] == 4
+    assert s["sampler"] == "rss"
     # Exactly the window's samples: batch 4 x accumulation 2 x 1 rank per step, although Trainer draws each
     # step's batches before on_step_begin and accelerate prefetches one more.
     assert s["samples_per_step"] == 4 * 2 * 1
@@ -98,7 +99,8 @@ def test_add_profiler_reaches_reporting_integrations(tmp_path):
     add_profiler(trainer, warmup_steps=1)
     trainer.train()
     losses = [e for e in integration.logs if "loss" in e]
-    assert len(losses) == 2 and all(e["profile/samples_per_s"] > 0 for e in losses)
+    assert len(losses) == 2
+    assert all(e["profile/samples_per_s"] > 0 for e in losses)
     assert losses[-1]["profile/steady_steps"] == 5
 
 
@@ -164,7 +166,8 @@ def test_the_window_records_how_long_its_threads_waited_for_a_cpu(tmp_path):
         for p in busy:
             p.kill()
             p.wait()
-    assert contended.profile.cpu_wait_share > 0.3 and contended.profile.contended
+    assert contended.profile.cpu_wait_share > 0.3
+    assert contended.profile.contended
 
     trainer = make_trainer(tmp_path)
     trainer.args.max_steps = 10_000

@@ -20,15 +20,18 @@ def test_step_after_the_window_is_profiled_not_measured(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 6  # 2 warm-up + 3 measured + the profiled one (max_steps 6)
     s = profiler.profile.to_json()
-    assert s["steady_steps"] == 3 and s["samples_per_step"] == 4  # the profiled step's samples aren't counted
+    assert s["steady_steps"] == 3
+    assert s["samples_per_step"] == 4
     assert s["padded_tokens_per_s"] * s["window_s"] == pytest.approx(3 * 120)
     rank = s["ranks"][0]
     names = sorted(p.rsplit("/", 1)[-1] for p in rank["memory_files"])
-    assert names == ["point-rank0-timeline.html", "point-rank0-timeline.json"] and rank["memory_notes"] == []
+    assert names == ["point-rank0-timeline.html", "point-rank0-timeline.json"]
+    assert rank["memory_notes"] == []
     html = (tmp_path / "snapshots" / "point-rank0-timeline.html").read_text()
     assert "data:image/png;base64," in html
     times, sizes = json.loads((tmp_path / "snapshots" / "point-rank0-timeline.json").read_text())
-    assert len(times) == len(sizes) > 0 and max(sum(s) for s in sizes) > 0
+    assert len(times) == len(sizes) > 0
+    assert max(sum(s) for s in sizes) > 0
     assert not (tmp_path / "snapshots" / "point-rank0.pickle").exists()  # no CUDA allocator here
     assert rank["allocator"] == {}  # CUDA only
 
@@ -41,7 +44,8 @@ def test_training_that_ends_in_the_window_profiles_nothing_and_says_so(tmp_path)
     trainer.add_callback(profiler)
     trainer.train()
     assert profiler.profile.steady_steps == 4
-    assert recorder.files == [] and list((tmp_path / "snapshots").iterdir()) == []
+    assert recorder.files == []
+    assert list((tmp_path / "snapshots").iterdir()) == []
     assert profiler.profile.ranks[0].memory_notes == [
         "no memory timeline: training ended before a step could be profiled"
     ]
@@ -59,7 +63,8 @@ def test_a_failed_timeline_leaves_no_partial_file_and_falls_back_to_the_trace(tm
     recorder.begin_step()
     torch.ones(64, requires_grad=True).square().sum().backward()
     recorder.end_step()
-    assert recorder.finish() == [tmp_path / "p-rank0-trace.json"] and list(tmp_path.iterdir()) == recorder.files
+    assert recorder.finish() == [tmp_path / "p-rank0-trace.json"]
+    assert list(tmp_path.iterdir()) == recorder.files
     events = json.loads(recorder.files[0].read_text())["traceEvents"]
     assert any(e.get("name") == "[memory]" and e["args"]["Bytes"] for e in events)  # the step's allocations
     assert recorder.notes == [
@@ -73,7 +78,8 @@ def test_a_failed_timeline_leaves_no_partial_file_and_falls_back_to_the_trace(tm
     recorder.begin_step()
     torch.ones(8).sum()
     recorder.end_step()
-    assert recorder.finish() == [] and list((tmp_path / "none").iterdir()) == []
+    assert recorder.finish() == []
+    assert list((tmp_path / "none").iterdir()) == []
     assert recorder.notes[0].endswith("; no trace either: AssertionError: version mismatch: {id=133}")
 
 
@@ -93,5 +99,8 @@ def test_the_sweep_says_each_note_once_and_what_this_device_gets(tmp_path):
     assert _new_memory_notes(record("b", "c"), said) == ["c"]
     assert _new_memory_notes(Record(point=record().point, status="oom", model="m"), said) == []
     cpu, gpu = memory_snapshot_line(tmp_path, cuda=False), memory_snapshot_line(tmp_path, cuda=True)
-    assert "no allocator snapshot (.pickle)" in cpu and "-timeline.html" in cpu and str(tmp_path) in cpu
-    assert ".pickle, open it in https://pytorch.org/memory_viz" in gpu and "-timeline.html" in gpu
+    assert "no allocator snapshot (.pickle)" in cpu
+    assert "-timeline.html" in cpu
+    assert str(tmp_path) in cpu
+    assert ".pickle, open it in https://pytorch.org/memory_viz" in gpu
+    assert "-timeline.html" in gpu

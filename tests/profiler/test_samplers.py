@@ -147,8 +147,10 @@ def test_bare_metal_process_appears_after_its_context_and_is_then_reported():
     try:
         sampler.start("setup")
         first = sampler.read()
-        assert "nvml_process_bytes" not in first and first["nvml_device_delta_bytes"] == 0
-        assert sampler.figure == "device_delta" and not sampler.settled
+        assert "nvml_process_bytes" not in first
+        assert first["nvml_device_delta_bytes"] == 0
+        assert sampler.figure == "device_delta"
+        assert not sampler.settled
 
         fake.create_context(0)  # DeepSpeed's first touch of the GPU
         fake.allocate(0, 4 * GiB)
@@ -157,7 +159,8 @@ def test_bare_metal_process_appears_after_its_context_and_is_then_reported():
         fake.allocate(0, -3 * GiB)
         peaks = sampler.stop("setup")
 
-        assert sampler.figure == "process" and sampler.settled
+        assert sampler.figure == "process"
+        assert sampler.settled
         assert peaks["nvml_process_bytes"] == CONTEXT_BYTES + 4 * GiB
         assert peaks["nvml_device_delta_bytes"] == CONTEXT_BYTES + 4 * GiB + GiB
         assert sampler.read()["nvml_process_bytes"] == CONTEXT_BYTES + GiB
@@ -176,7 +179,8 @@ def test_container_lists_no_process_so_the_figure_settles_on_device_deltas():
         fake.allocate(0, 6 * GiB)
         fake.tenant_allocates(1, pid=31337, nbytes=GiB)  # counted: a device delta can't tell tenants apart
         reading = sampler.read()
-        assert sampler.figure == "device_delta" and sampler.settled
+        assert sampler.figure == "device_delta"
+        assert sampler.settled
         assert reading == {
             "nvml_device_used_bytes": RESERVED_BYTES + CONTEXT_BYTES + 7 * GiB,
             "nvml_device_delta_bytes": CONTEXT_BYTES + 7 * GiB,
@@ -194,7 +198,8 @@ def test_a_context_not_yet_listed_is_given_settle_s_before_device_deltas():
         assert not sampler.settled
         time.sleep(0.3)
         sampler.read()
-        assert sampler.settled and sampler.figure == "device_delta"
+        assert sampler.settled
+        assert sampler.figure == "device_delta"
     finally:
         sampler.close()
 
@@ -209,4 +214,5 @@ def test_environment_device_memory_is_torch_device_0s(fake_torch_cuda):
     fake_torch_cuda(FakeNvml(gpus, cuda_order=[2, 0]))
     env = environment()
     assert env["device_memory_bytes"] == 48 * GiB  # physical 2's, not NVML index 0's 16 GiB
-    assert env["driver"] == "550.54.15" and env["device_count"] == 2
+    assert env["driver"] == "550.54.15"
+    assert env["device_count"] == 2

@@ -32,7 +32,8 @@ def test_round_trip_and_pandas_friendly(tmp_path):
     append_record(path, rec(16, "oom", None))
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [x["schema"] for x in lines] == [SCHEMA, SCHEMA]
-    assert lines[1]["key"] == "fp32-z2-w1-ga1-s128-b16" and lines[1]["effective_batch"] == 16
+    assert lines[1]["key"] == "fp32-z2-w1-ga1-s128-b16"
+    assert lines[1]["effective_batch"] == 16
     back = read_records(path)
     assert [(r.point, r.status, r.peak_bytes) for r in back] == [
         (rec(8).point, "ok", 2**30),
@@ -52,7 +53,7 @@ def test_torn_last_line_is_ignored(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    ("content", "message"),
     [
         ('{"schema": "ftprof.sweep/2"\n{"a": 1}\n', r"results.jsonl:1 is not valid JSON"),
         ('{"schema": "other/2", "key": "x"}\n', r"has schema 'other/2', expected 'ftprof.sweep/3'"),
@@ -150,7 +151,8 @@ def test_schema_2_env_is_read_into_typed_facts_and_the_machine(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps(SCHEMA_2_LINE) + "\n")
     (r,) = read_records(path)
-    assert r.task == "causal-lm" and r.point.world_size == 2
+    assert r.task == "causal-lm"
+    assert r.point.world_size == 2
     assert r.run == RunFacts(
         worker="fresh",
         remeasured="close call",
@@ -164,8 +166,10 @@ def test_schema_2_env_is_read_into_typed_facts_and_the_machine(tmp_path):
     assert (r.device, r.device_memory_bytes) == ("NVIDIA H100 80GB HBM3", 80 * 2**30)
     append_record(path, r)  # written again as schema 3, it reads back the same
     line = json.loads(path.read_text().splitlines()[1])
-    assert line["schema"] == SCHEMA == "ftprof.sweep/3" and "env" not in line
-    assert line["run"]["remeasured"] == "close call" and line["task"] == "causal-lm"
+    assert line["schema"] == SCHEMA == "ftprof.sweep/3"
+    assert "env" not in line
+    assert line["run"]["remeasured"] == "close call"
+    assert line["task"] == "causal-lm"
     assert read_records(path)[1] == r
 
 
@@ -182,7 +186,7 @@ def test_run_facts_and_machine_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "run, message",
+    ("run", "message"),
     [
         ({"worker": "fork", "gpu_count": 2}, r"results.jsonl:1: unknown run facts \['gpu_count'\]"),
         ({"remeasured": "bored"}, r"remeasured 'bored' is none of \['contended', 'repeat', 'close call'\]"),
@@ -201,7 +205,7 @@ def test_results_path_takes_a_folder_or_its_file(tmp_path):
     assert results_path(str(tmp_path / "other.jsonl")) == tmp_path / "other.jsonl"
 
 
-@pytest.mark.parametrize("model, points", [("tiny-bert", 12), ("tiny-gpt2", 12)])
+@pytest.mark.parametrize(("model", "points"), [("tiny-bert", 12), ("tiny-gpt2", 12)])
 def test_the_committed_schema_2_sweeps_still_load(model, points):
     records = read_records(results_path(ROOT / "profiles" / f"cpu-2core-{model}"))
     assert {json.loads(x)["schema"] for x in (ROOT / "profiles" / f"cpu-2core-{model}" / RESULTS).open()} == {
@@ -212,4 +216,5 @@ def test_the_committed_schema_2_sweeps_still_load(model, points):
     assert all(r.run == RunFacts() for r in records)  # one point at a time, nothing re-measured
     assert {r.device for r in records} == {"cpu (x86_64)"}
     assert {r.device_memory_bytes for r in records} == {25276502016}
-    assert "world_size" not in records[0].machine and "task" not in records[0].machine
+    assert "world_size" not in records[0].machine
+    assert "task" not in records[0].machine

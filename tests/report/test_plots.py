@@ -44,7 +44,8 @@ def test_a_budget_near_the_peaks_is_a_line_on_the_axis():
     try:
         assert budget_lines(ax) == [2.0]
         bottom, top = ax.get_ylim()
-        assert bottom < LOWEST and top == pytest.approx(2.0 + 0.05 * (2.0 - LOWEST))  # the line sets the top
+        assert bottom < LOWEST
+        assert top == pytest.approx(2.0 + 0.05 * (2.0 - LOWEST))
         assert ax.get_title() == ""
         assert "budget 2.0 GiB" in [t.get_text() for t in ax.get_legend().get_texts()]
     finally:
@@ -54,7 +55,8 @@ def test_a_budget_near_the_peaks_is_a_line_on_the_axis():
 def test_no_budget_no_line_and_no_title():
     fig, ax = memory_axes(None)
     try:
-        assert budget_lines(ax) == [] and ax.get_title() == ""
+        assert budget_lines(ax) == []
+        assert ax.get_title() == ""
         assert ax.get_ylim()[1] == pytest.approx(HIGHEST + 0.05 * (HIGHEST - LOWEST))
     finally:
         plt.close(fig)

@@ -106,7 +106,8 @@ def test_fastest_is_marked_when_within_noise_of_another():
     b = timed(4, 98.0, 0.039, 0.045)  # 89..103: overlaps a
     c = timed(16, 60.0, 0.25, 0.28)  # 57..64: clearly slower
     fastest = recommend([a, b, c], None)[0]
-    assert fastest.record is a and fastest.within_noise_of == [b.point.key]
+    assert fastest.record is a
+    assert fastest.within_noise_of == [b.point.key]
 
 
 def with_levers(r, **levers):
@@ -163,7 +164,8 @@ def test_repeats_pair_each_re_measure_with_its_first_clean_measurement():
     got = [(x.key, x.first, x.again) for x in repeats(records)]
     assert got == [(first.point.key, 200, 170), (other.point.key, 300, 330)]
     worst = worst_repeat(records)
-    assert worst.key == first.point.key and worst.change == pytest.approx(-0.15)
+    assert worst.key == first.point.key
+    assert worst.change == pytest.approx(-0.15)
     assert worst.drift == pytest.approx(200 / 170 - 1)  # as two points' figures are compared: faster / slower
     assert str(worst) == "bf16-z2-w1-ga1-s128-b16 measured again: 200.0 → 170.0 samples/s (-15.0%)"
     assert worst_repeat(records[:3]) is None
@@ -176,6 +178,7 @@ def test_the_machines_drift_widens_what_the_fastest_is_within_noise_of():
     assert recommend([a, b, c], None)[0].within_noise_of == []
     drift = Repeat("x", first=100.0, again=88.0)  # the machine moved 100/88: 13.6% between two measurements
     fastest, *others = recommend([a, b, c], None, repeat=drift)
-    assert fastest.within_noise_of == [b.point.key] and fastest.repeat is drift
+    assert fastest.within_noise_of == [b.point.key]
+    assert fastest.repeat is drift
     assert all(x.repeat is None and x.within_noise_of == [] for x in others)
     assert recommend([a, b, c], None, repeat=Repeat("x", 100.0, 130.0))[0].within_noise_of == [b.point.key, c.point.key]

@@ -4,6 +4,7 @@ import json
 
 from rich.console import Console
 
+from ftprof.report import exports
 from ftprof.report import tables as views
 from ftprof.report.recommend import recommend
 from ftprof.units import GIB
@@ -18,7 +19,8 @@ def render_text(records, budget):
 
 def test_terminal_report_marks_oom_and_gives_commands():
     text = render_text(RECORDS, 10 * GIB)
-    assert "OOM" in text and "Pareto" in text
+    assert "OOM" in text
+    assert "Pareto" in text
     assert (
         "Fastest under the budget: bf16-z2-w1-ga1-s128-b16 — peak 6.0 GiB, 180.0 samples/s, effective batch 16" in text
     )
@@ -34,7 +36,7 @@ def test_nothing_fits():
 
 
 def test_csv_export_loads_with_one_row_per_point():
-    rows = list(csv.DictReader(io.StringIO(views.to_csv(RECORDS))))
+    rows = list(csv.DictReader(io.StringIO(exports.to_csv(RECORDS))))
     assert len(rows) == len(RECORDS)
     oom = next(r for r in rows if r["status"] == "oom")
     assert (oom["batch_size"], oom["peak_gib"], oom["samples_per_s"]) == ("64", "", "")
@@ -43,10 +45,11 @@ def test_csv_export_loads_with_one_row_per_point():
 
 def test_json_and_markdown_exports():
     recs = recommend(RECORDS, 10 * GIB)
-    data = json.loads(views.to_json(RECORDS, recs, 10 * GIB))
-    assert data["budget_bytes"] == 10 * GIB and len(data["points"]) == 6
+    data = json.loads(exports.to_json(RECORDS, recs, 10 * GIB))
+    assert data["budget_bytes"] == 10 * GIB
+    assert len(data["points"]) == 6
     assert data["recommendations"][0]["ds_config"]["zero_optimization"]["stage"] == 2
-    md = views.to_markdown(RECORDS, recs, 10 * GIB)
+    md = exports.to_markdown(RECORDS, recs, 10 * GIB)
     assert md.splitlines()[0].startswith("| precision | zero | world_size |")
     assert (
         "- **Largest effective batch** (among seq 128, 1 rank): `bf16-z3-w1-ga1-s128-b32`, peak 9.0 GiB, "
@@ -91,8 +94,10 @@ def test_breakdown_of_the_highest_rank_and_the_rest_of_its_peak():
     }
     assert views.breakdown(RECORDS[0]) is None  # no breakdown measured (older records)
     text = render_text(records, 10 * GIB)
-    assert "Where the peak goes" in text and "fastest" in text and "140.0" in text
-    md = views.to_markdown(records, recommend(records, 10 * GIB), 10 * GIB)
+    assert "Where the peak goes" in text
+    assert "fastest" in text
+    assert "140.0" in text
+    md = exports.to_markdown(records, recommend(records, 10 * GIB), 10 * GIB)
     assert "| fastest | 110.0 | 200.0 | 400.0 | 100.0 | 50.0 | 140.0 |" in md
 
 
@@ -110,7 +115,9 @@ def test_offloaded_items_are_host_memory_not_part_of_the_device_peak():
     )
     r = replace(RECORDS[1], peak_bytes=1000 * mib, profile=Profile(sampler="nvml", samples_per_s=1, ranks=[rank]))
     parts = views.breakdown(r)
-    assert parts["rest"] == 900 * mib and parts["host"] == 600 * mib and parts["optimizer"] == 0
+    assert parts["rest"] == 900 * mib
+    assert parts["host"] == 600 * mib
+    assert parts["optimizer"] == 0
 
 
 def test_breakdown_plot_is_written_for_rows_and_skipped_without(tmp_path):
@@ -119,7 +126,8 @@ def test_breakdown_plot_is_written_for_rows_and_skipped_without(tmp_path):
     mib = 2**20
     rows = [("fastest", {"params": 10 * mib, "rest": 90 * mib}), ("memory_optimal", {"params": 5 * mib, "host": mib})]
     path = save_breakdown(rows, tmp_path)
-    assert path == tmp_path / "breakdown.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path == tmp_path / "breakdown.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert save_breakdown([], tmp_path / "none") is None
 
 
@@ -143,9 +151,10 @@ def test_memory_records_of_the_recommended_points_one_line_each(tmp_path):
     ]
     console = Console(file=io.StringIO(), width=250, color_system=None)
     console.print(views.render(records, recs, 10 * GIB, tmp_path))
-    assert "Memory records (sweep --memory_snapshot" in console.file.getvalue() and lines[0] in console.file.getvalue()
-    md = views.to_markdown(records, recs, 10 * GIB, tmp_path)
+    assert "Memory records (sweep --memory_snapshot" in console.file.getvalue()
+    assert lines[0] in console.file.getvalue()
+    md = exports.to_markdown(records, recs, 10 * GIB, tmp_path)
     assert md.rstrip().endswith(f"- {lines[0]}")
-    data = json.loads(views.to_json(records, recs, 10 * GIB))
+    data = json.loads(exports.to_json(records, recs, 10 * GIB))
     assert data["recommendations"][0]["memory_files"] == [f for r in profile.ranks for f in r.memory_files]
     assert "Memory records" not in render_text(RECORDS, 10 * GIB)  # none measured: no section

@@ -77,7 +77,7 @@ def test_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, message",
+    ("text", "message"),
     [
         ("[1, 2]", "must hold a JSON object, not list"),
         ('{"zero_optimization": {"stage": 4}}', "unknown ZeRO stage 4"),
@@ -125,9 +125,11 @@ def test_a_base_configs_offload_applies_where_the_stage_allows_it():
     points = {p.zero: p for p in plan_grid([8], [1], ["bf16"], [128], [0, 2, 3], [1], offload=base.offload)}
     assert [points[z].offload for z in (0, 2, 3)] == ["none", "optimizer", "optimizer+param"]
     zero = {z: for_point(base, points[z])["zero_optimization"] for z in (0, 2, 3)}
-    assert zero[2]["offload_optimizer"]["device"] == "cpu" and "offload_param" not in zero[2]
+    assert zero[2]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in zero[2]
     assert "offload_optimizer" not in zero[0]
-    assert zero[3]["offload_param"]["device"] == "cpu" and zero[3]["stage"] == 3
+    assert zero[3]["offload_param"]["device"] == "cpu"
+    assert zero[3]["stage"] == 3
 
 
 def test_shipped_config_names_match_their_contents():
@@ -146,4 +148,6 @@ def test_a_users_block_is_used_as_written_at_its_own_stage():
     same = for_point(base, Point(precision="fp32", zero=2, seq_len=8, batch_size=1))["zero_optimization"]
     assert same == {"stage": 2, "reduce_bucket_size": 5e7}  # no overlap_comm or buckets slipped in
     other = for_point(base, Point(precision="fp32", zero=3, seq_len=8, batch_size=1))["zero_optimization"]
-    assert other["stage"] == 3 and other["reduce_bucket_size"] == 5e7 and "stage3_prefetch_bucket_size" in other
+    assert other["stage"] == 3
+    assert other["reduce_bucket_size"] == 5e7
+    assert "stage3_prefetch_bucket_size" in other

@@ -34,7 +34,8 @@ def test_srun_task_becomes_its_rank_of_the_step(clean_env):
         clean_env.setenv(k, v)
     assert adopt_slurm_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
-    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and os.environ["MASTER_PORT"] == str(20000 + 42 * 16)
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+    assert os.environ["MASTER_PORT"] == str(20000 + 42 * 16)
     assert not ensure_single_process_env()  # rank variables are set: not "rank 0 of 1"
 
 
@@ -43,14 +44,16 @@ def test_sbatch_shell_without_a_step_stays_one_process(clean_env):
         if k != "SLURM_STEP_ID":
             clean_env.setenv(k, v)
     assert not adopt_slurm_env()
-    assert ensure_single_process_env() and os.environ["WORLD_SIZE"] == "1"
+    assert ensure_single_process_env()
+    assert os.environ["WORLD_SIZE"] == "1"
 
 
 def test_a_launchers_variables_win(clean_env):
     for k, v in STEP.items():
         clean_env.setenv(k, v)
     clean_env.setenv("RANK", "0"), clean_env.setenv("WORLD_SIZE", "4"), clean_env.setenv("LOCAL_RANK", "0")
-    assert not adopt_slurm_env() and os.environ["WORLD_SIZE"] == "4"
+    assert not adopt_slurm_env()
+    assert os.environ["WORLD_SIZE"] == "4"
 
 
 def test_stale_shm_buffers_are_ours_old_and_mapped_by_nobody(tmp_path):
@@ -74,5 +77,8 @@ def test_stale_shm_buffers_are_ours_old_and_mapped_by_nobody(tmp_path):
     with live.open("r+b") as f, mmap.mmap(f.fileno(), 4096):
         assert stale_shm_buffers(tmp_path) == [left]
         assert remove_stale_shm_buffers(tmp_path) == (1, 4096)
-    assert not left.exists() and young.exists() and others.exists() and live.exists()
+    assert not left.exists()
+    assert young.exists()
+    assert others.exists()
+    assert live.exists()
     assert stale_shm_buffers(tmp_path) == [live]  # unmapped now

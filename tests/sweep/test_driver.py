@@ -1,8 +1,9 @@
 """A whole sweep through :func:`ftprof.sweep.driver.run_sweep`, no argument parser: resume, the manifest, the
 re-measure passes and the typed facts each record carries.
 
-The point runner is a deterministic stand-in (as in tests/sweep/test_schedule_and_remeasure.py) that builds its records the
-way the real one does (:meth:`SweepConfig.record`); the results files, the manifest and the estimator are real.
+The point runner is a deterministic stand-in (as in tests/sweep/test_schedule_and_remeasure.py) that builds
+its records the way the real one does (:meth:`SweepConfig.record`); the results files, the manifest and the
+estimator are real.
 """
 
 import json
@@ -69,7 +70,8 @@ def test_a_sweep_writes_typed_records_and_its_manifest(tmp_path):
         RunFacts(worker="fresh"),
         start.device,
     )
-    assert first.predicted_bytes > 0 and first.ds_config["zero_optimization"]["stage"] == 2
+    assert first.predicted_bytes > 0
+    assert first.ds_config["zero_optimization"]["stage"] == 2
     manifest = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert (manifest["model"], manifest["steps"], manifest["task"]) == ("tiny-bert", 3, "classification")
 
@@ -83,7 +85,8 @@ def test_resume_skips_the_points_measured_and_retries_failures_only_when_asked(t
     new = run_sweep(
         request(tmp_path, batches=(4, 8, 16), remeasure=False, resume=True), on_event=events.append, run=run
     )
-    assert [r.point.batch_size for r in new] == [16] and run.calls == [(4, 3), (8, 3), (16, 3)]
+    assert [r.point.batch_size for r in new] == [16]
+    assert run.calls == [(4, 3), (8, 3), (16, 3)]
     assert [(e.to_run, e.points) for e in events if isinstance(e, Starting)] == [(1, 3)]
 
     def failing(cfg, p, **_):
@@ -118,14 +121,16 @@ def test_the_three_re_measure_passes_run_in_order_and_once(tmp_path):
     assert read_records(request(tmp_path).config.results_path) == seen
     events = []
     assert run_sweep(request(tmp_path, resume=True), on_event=events.append, run=run) == []  # once per sweep
-    assert len(run.calls) == 7 and not [e for e in events if isinstance(e, Remeasuring)]
+    assert len(run.calls) == 7
+    assert not [e for e in events if isinstance(e, Remeasuring)]
 
 
 def test_no_remeasure_runs_the_grid_only(tmp_path):
     run = Runner(lambda batch, steps, n: 100.0, spread=lambda steps: 0.2, busy=lambda batch, n: batch == 4)
     events = []
     run_sweep(request(tmp_path, remeasure=False), on_event=events.append, run=run)
-    assert run.calls == [(4, 3), (8, 3), (16, 3)] and not [e for e in events if isinstance(e, Remeasuring)]
+    assert run.calls == [(4, 3), (8, 3), (16, 3)]
+    assert not [e for e in events if isinstance(e, Remeasuring)]
 
 
 def test_a_folder_measured_with_other_settings_is_refused(tmp_path):
@@ -135,7 +140,8 @@ def test_a_folder_measured_with_other_settings_is_refused(tmp_path):
     other.config.steps = 5
     with pytest.raises(ConfigError, match=r"measured with other settings \(steps: sweep has 3, now 5\)"):
         run_sweep(other, run=run)
-    assert len(run.calls) == 3 and len(read_records(other.config.results_path)) == 3
+    assert len(run.calls) == 3
+    assert len(read_records(other.config.results_path)) == 3
 
 
 def test_open_slurm_jobs_need_the_slurm_executor(tmp_path):

@@ -67,15 +67,18 @@ def test_device_slots_are_disjoint_and_sized_to_each_points_ranks(tmp_path):
     assert sorted(r.point.key for r in records) == sorted(p.key for p in points)
     for p in points:  # each point saw exactly as many GPUs as it has ranks (disjointness: FakeRunner)
         devices = run.env[p.key]["CUDA_VISIBLE_DEVICES"].split(",")
-        assert len(devices) == len(set(devices)) == p.world_size and set(devices) <= {"0", "1", "2", "3"}
+        assert len(devices) == len(set(devices)) == p.world_size
+        assert set(devices) <= {"0", "1", "2", "3"}
     assert run.overlaps, "no two points ever ran at once"
     assert {r.run.concurrent_points for r in records} == {4}
     first = [p.key for p in points[:3]]  # started at once, in order, on the lowest free GPUs
     assert [run.env[k]["CUDA_VISIBLE_DEVICES"] for k in first] == ["0", "1,2", "3"]
     # deepspeed --num_gpus 2 would take GPUs 0 and 1 whatever CUDA_VISIBLE_DEVICES says: name them instead
     launcher = run.commands[first[1]]
-    assert launcher[1:3] == ["--include", "localhost:1,2"] and "--num_gpus" not in launcher
-    assert run.commands[first[0]][-1] == "spec.json" and "--include" not in run.commands[first[0]]
+    assert launcher[1:3] == ["--include", "localhost:1,2"]
+    assert "--num_gpus" not in launcher
+    assert run.commands[first[0]][-1] == "spec.json"
+    assert "--include" not in run.commands[first[0]]
 
 
 def test_a_two_rank_point_waits_for_two_free_slots(tmp_path):
@@ -172,7 +175,8 @@ def test_cancel_kills_every_running_point(tmp_path):
     while len(procs) < 2 and time.time() < deadline:
         time.sleep(0.01)
     pool.cancel()
-    assert [p.wait(5) for p in procs] == [-9, -9] and pool.running() == []
+    assert [p.wait(5) for p in procs] == [-9, -9]
+    assert pool.running() == []
 
 
 def test_serial_executor_is_the_default_and_runs_in_order(tmp_path):
@@ -182,11 +186,12 @@ def test_serial_executor_is_the_default_and_runs_in_order(tmp_path):
     keys = [
         r.point.key for r in iterate_sweep(SweepConfig(model="m", points=points, out_dir=tmp_path), {}, executor=pool)
     ]
-    assert keys == run.calls == [p.key for p in points] and not run.overlaps
+    assert keys == run.calls == [p.key for p in points]
+    assert not run.overlaps
 
 
 @pytest.mark.parametrize(
-    "state, status, words",
+    ("state", "status", "words"),
     [
         ("TIMEOUT", "timeout", "at its time limit (--slurm_time 30 min)"),
         ("NODE_FAIL", "error", "lost its node on node7 (NODE_FAIL)"),
@@ -201,18 +206,24 @@ def test_serial_executor_is_the_default_and_runs_in_order(tmp_path):
 )
 def test_slurm_states_become_statuses_with_a_reason(state, status, words):
     got_status, reason = status_for_state(JobState(state, reason="exit 1:0", nodes="node7"), "42", 30)
-    assert got_status == status and words in reason and "42" in reason
+    assert got_status == status
+    assert words in reason
+    assert "42" in reason
 
 
 def test_slurm_answers_are_parsed_by_job_id():
     sacct = parse_sacct("12|ftprof-x|CANCELLED by 1000|0:15|n1\n13|ftprof-y|OUT_OF_MEMORY|0:125|n2\n")
-    assert sacct["12"].state == "CANCELLED" and sacct["13"] == JobState("OUT_OF_MEMORY", "ftprof-y", "exit 0:125", "n2")
+    assert sacct["12"].state == "CANCELLED"
+    assert sacct["13"] == JobState("OUT_OF_MEMORY", "ftprof-y", "exit 0:125", "n2")
     squeue = parse_squeue("14|ftprof-z|PENDING|Resources|\n15|ftprof-w|TIMEOUT|TimeLimit|n3\n")
-    assert squeue["14"].live and not squeue["15"].live and squeue["15"].reason == "TimeLimit"
+    assert squeue["14"].live
+    assert not squeue["15"].live
+    assert squeue["15"].reason == "TimeLimit"
 
 
 def test_slurm_times_and_job_shapes():
-    assert parse_slurm_time("1:00:00") == 60 and parse_slurm_time("0:30") == 1
+    assert parse_slurm_time("1:00:00") == 60
+    assert parse_slurm_time("0:30") == 1
     with pytest.raises(Exception, match="not a Slurm time"):
         parse_slurm_time("soon")
     gpus = SlurmOptions(time_min=10, gpus_per_node=4, partition="gpu", account="lab")
@@ -287,13 +298,14 @@ def test_jobs_slurm_ended_become_records_and_reused_ids_are_not_ours(tmp_path, m
     monkeypatch.setattr(slurm_mod, "STATE_POLL_S", 0.0)
     records = {r.point.key: r for r in ex.wait() + ex.wait()}
     timeout, gone = records[p7.key], records[p8.key]
-    assert (
-        timeout.status == "timeout" and timeout.reason == "Slurm stopped job 7 at its time limit (--slurm_time 1 min)"
-    )
-    assert "DUE TO TIME LIMIT" in timeout.stderr_tail and timeout.run.slurm_state == "TIMEOUT"
+    assert timeout.status == "timeout"
+    assert timeout.reason == "Slurm stopped job 7 at its time limit (--slurm_time 1 min)"
+    assert "DUE TO TIME LIMIT" in timeout.stderr_tail
+    assert timeout.run.slurm_state == "TIMEOUT"
     assert (timeout.run.slurm_job_id, timeout.machine, timeout.run.worker) == ("7", {"device": "cpu"}, None)
     # Job 8's id answered with another job's name (a restarted cluster): ours is gone without a result.
-    assert gone.status == "error" and "no longer knows job 8" in gone.reason
+    assert gone.status == "error"
+    assert "no longer knows job 8" in gone.reason
     assert events[:3] == [
         f"{p7.key}: re-attached to Slurm job 7",
         f"{p8.key}: re-attached to Slurm job 8",
@@ -307,7 +319,8 @@ def test_slurm_flags_need_the_slurm_executor(capsys):
 
     code = sweep_cli.main(["--model", "tiny-bert", "--slurm_partition", "gpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == "ftprof: error: --slurm_partition needs --executor slurm"
+    assert code == 2
+    assert err[-1] == "ftprof: error: --slurm_partition needs --executor slurm"
     assert sweep_cli.main(["--model", "tiny-bert", "--parallel", "0"]) == 2
     assert "--parallel must be at least 1, got 0" in capsys.readouterr().err
 

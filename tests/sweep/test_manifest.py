@@ -27,14 +27,17 @@ def test_other_settings_are_refused_with_each_difference(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_or_write(tmp_path, settings(model="gpt2", steps=10, ds_config_sha256="abc"))
     text = str(err.value)
-    assert "model: sweep has 'tiny-bert', now 'gpt2'" in text and "steps: sweep has 3, now 10" in text
-    assert "ds_config_sha256" in text and "pass another --out" in text
+    assert "model: sweep has 'tiny-bert', now 'gpt2'" in text
+    assert "steps: sweep has 3, now 10" in text
+    assert "ds_config_sha256" in text
+    assert "pass another --out" in text
 
 
 def test_a_ds_config_changes_the_settings():
     a = SweepSettings.of("m", 3, 1, 2.0, None, {"zero_optimization": {"stage": 2}}, ENV)
     b = SweepSettings.of("m", 3, 1, 2.0, None, {"zero_optimization": {"stage": 2, "overlap_comm": False}}, ENV)
-    assert a.differences(b) and a.ds_config_sha256 is not None
+    assert a.differences(b)
+    assert a.ds_config_sha256 is not None
 
 
 def test_results_without_settings_are_refused(tmp_path):
@@ -51,4 +54,5 @@ def test_resume_with_another_model_is_one_line_exit_2(tmp_path, capsys):
     (out / "results.jsonl").write_text("")
     assert sweep_cli.main(["--model", "tiny-bert", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("ftprof: error: ") and "model: sweep has 'tiny-gpt2', now 'tiny-bert'" in err[-1]
+    assert err[-1].startswith("ftprof: error: ")
+    assert "model: sweep has 'tiny-gpt2', now 'tiny-bert'" in err[-1]

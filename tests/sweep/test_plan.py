@@ -10,7 +10,8 @@ def test_grid_is_the_full_product_smallest_first():
     points = plan_grid([16, 8], [1, 4], ["bf16"], [256, 128], [0, 3], [1])
     assert len(points) == 2 * 2 * 2 * 2
     assert points[0] == Point(precision="bf16", zero=0, world_size=1, grad_accum=1, seq_len=128, batch_size=8)
-    assert points == sorted(points) and len({p.key for p in points}) == len(points)
+    assert points == sorted(points)
+    assert len({p.key for p in points}) == len(points)
 
 
 def test_effective_batch_derives_accumulation():
@@ -22,7 +23,7 @@ def test_effective_batch_derives_accumulation():
 
 
 @pytest.mark.parametrize(
-    "text, flag",
+    ("text", "flag"),
     [
         ("8,x", "--batch_sizes"),
         ("0,8", "--batch_sizes"),
@@ -46,7 +47,7 @@ def test_precision_and_zero_parsing():
 
 
 @pytest.mark.parametrize(
-    "text, expected",
+    ("text", "expected"),
     [
         ("24GiB", 24 * 2**30),
         ("24GB", 24 * 2**30),

@@ -60,7 +60,8 @@ def test_resume_runs_only_missing_points(tmp_path):
     done = {r.point.key: r for r in read_records(cfg.results_path)}
     list(iterate_sweep(cfg, done, run))
     keys = [r.point.key for r in read_records(cfg.results_path)]
-    assert sorted(keys) == sorted(p.key for p in points) and len(keys) == len(set(keys)) == 4
+    assert sorted(keys) == sorted(p.key for p in points)
+    assert len(keys) == len(set(keys)) == 4
     assert len(calls) == 4
 
 
@@ -101,7 +102,8 @@ def test_points_predicted_far_over_budget_are_skipped_with_the_figure(tmp_path):
     records = {r.point.batch_size: r for r in iterate_sweep(cfg, {}, run)}
     assert [records[b].status for b in (4, 8, 16)] == ["ok", "ok", "over_budget"]  # 16 GiB > 10 GiB + 50%
     assert records[16].reason == "not run: predicted 16.00 GiB exceeds the 10.0 GiB budget by more than 50%"
-    assert records[8].predicted_bytes == 8 * 2**30 and len(calls) == 2
+    assert records[8].predicted_bytes == 8 * 2**30
+    assert len(calls) == 2
 
 
 def test_a_prediction_never_stands_in_for_an_oom_when_bisecting(tmp_path):
@@ -147,7 +149,8 @@ def test_close_calls_are_measured_again_longer_and_replace_the_first_figures(tmp
     list(remeasure(cfg, close, run))
     assert sorted(w for w in windows if w[1] == 9) == [(8, 9, 3.0), (16, 9, 3.0)]
     latest_records = {r.point.batch_size: r for r in latest(read_records(cfg.results_path))}
-    assert latest_records[16].samples_per_s == 120.0 and len(latest_records) == 3
+    assert latest_records[16].samples_per_s == 120.0
+    assert len(latest_records) == 3
     assert latest_records[16].predicted_bytes == 16_000  # the prediction stays beside the new figures
     assert close_calls(read_records(cfg.results_path), None) == []  # separated now
 
@@ -207,7 +210,8 @@ def test_points_measured_while_others_used_the_cpus_are_measured_again_once(tmp_
     list(remeasure(cfg, again, run, window=1))  # the same window: the machine, not the length, was the problem
     assert sorted(runs) == [(4, 3), (8, 3), (8, 3), (16, 3), (16, 3)]
     latest_by_key = {r.point.batch_size: r for r in latest(read_records(cfg.results_path))}
-    assert not latest_by_key[8].profile.contended and latest_by_key[16].profile.contended
+    assert not latest_by_key[8].profile.contended
+    assert latest_by_key[16].profile.contended
     assert contended_points(read_records(cfg.results_path)) == []  # measured twice: reported as it is
 
 
@@ -269,7 +273,8 @@ def test_the_first_clean_point_is_repeated_once_and_its_drift_opens_close_calls(
     list(iterate_sweep(cfg, {}, run))
     assert close_calls(read_records(cfg.results_path), None) == []  # 100 vs 85: apart, as far as windows say
     first = repeat_point(read_records(cfg.results_path))
-    assert first is not None and first.batch_size == 8  # not the failed one, not the one short of CPUs
+    assert first is not None
+    assert first.batch_size == 8
     list(remeasure(cfg, [first], run, window=1, reason="repeat"))
     records = read_records(cfg.results_path)
     assert repeat_point(records) is None  # once per sweep, resumed or not

@@ -80,13 +80,15 @@ def test_a_forked_point_times_out_fails_and_is_killed_like_a_fresh_one(tmp_path)
         groups: list[int] = []
         cfg = config(tmp_path, "fork", timeout_s=3.0, min_seconds=600.0)
         r = run_point(cfg, cfg.points[0], started=groups.append)
-        assert r.status == "timeout" and r.reason == "no result after 3 s"
+        assert r.status == "timeout"
+        assert r.reason == "no result after 3 s"
         with pytest.raises(ProcessLookupError):
             os.killpg(groups[0], 0)
         # A crash in the point: an error with its output's last line.
         cfg = config(tmp_path, "fork", model="no-such-model-anywhere")
         r = run_point(cfg, cfg.points[0])
-        assert r.status == "error" and "no-such-model-anywhere" in r.stderr_tail
+        assert r.status == "error"
+        assert "no-such-model-anywhere" in r.stderr_tail
         # SIGKILL from outside (the kernel's OOM killer): an oom, as for a fresh process.
         cfg = config(tmp_path, "fork", min_seconds=600.0, timeout_s=120.0)
         groups.clear()
@@ -102,7 +104,9 @@ def test_a_forked_point_times_out_fails_and_is_killed_like_a_fresh_one(tmp_path)
         killer.start()
         r = run_point(cfg, cfg.points[0], started=groups.append)
         killer.join()
-        assert r.status == "oom" and "SIGKILL" in r.reason and r.run.worker == "fork"
+        assert r.status == "oom"
+        assert "SIGKILL" in r.reason
+        assert r.run.worker == "fork"
         assert fork_worker() is not None  # the worker itself lives on
     finally:
         close_fork_worker()

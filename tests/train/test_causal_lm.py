@@ -76,7 +76,8 @@ def test_documents_end_with_eos_and_empty_ones_are_skipped(bpe):
 def test_a_tokenizer_that_ends_documents_itself_gets_no_second_end():
     wordpiece = train_wordpiece(TEXTS, 200, 512)  # [CLS] text [SEP]: SEP ends a document when there is no EOS
     docs = tokenize_documents(Dataset.from_dict({"text": ["a good film"]}), "text", wordpiece)[:]["input_ids"]
-    assert docs[0][0] == wordpiece.cls_token_id and docs[0][-1] == wordpiece.sep_token_id
+    assert docs[0][0] == wordpiece.cls_token_id
+    assert docs[0][-1] == wordpiece.sep_token_id
     assert docs[0].count(wordpiece.sep_token_id) == 1
 
 
@@ -89,7 +90,9 @@ def test_packing_and_padding_datasets(bpe):
     padded_train, padded_eval = lm_datasets(corpus, bpe, 64, packing=False, with_length=True)
     assert (len(padded_train), len(padded_eval)) == (60, 30)  # one row per document
     lengths = [len(ids) for ids in padded_train[:]["input_ids"]]
-    assert max(lengths) == 64 and min(lengths) < 64 and padded_train[:]["length"] == lengths  # truncated, unpadded
+    assert max(lengths) == 64
+    assert min(lengths) < 64
+    assert padded_train[:]["length"] == lengths
 
 
 def test_a_split_too_small_for_one_block_is_one_clear_error(bpe):
@@ -120,9 +123,11 @@ def test_pads_are_found_by_position_so_eos_as_pad_still_trains():
 
 def test_packed_blocks_need_no_mask_and_padding_rounds_up():
     packed = CausalLMCollator(pad_token_id=0)([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5, 6]}])
-    assert set(packed) == {"input_ids", "labels"} and torch.equal(packed["input_ids"], packed["labels"])
+    assert set(packed) == {"input_ids", "labels"}
+    assert torch.equal(packed["input_ids"], packed["labels"])
     rounded = CausalLMCollator(pad_token_id=0, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3]}])
-    assert rounded["input_ids"].shape == (1, 8) and rounded["attention_mask"].sum() == 3
+    assert rounded["input_ids"].shape == (1, 8)
+    assert rounded["attention_mask"].sum() == 3
 
 
 # --- data files ----------------------------------------------------------------------------------------------
@@ -132,7 +137,8 @@ def test_txt_files_hold_one_document_per_line(tmp_path):
     (tmp_path / "train.txt").write_text("".join(f"document number {i}\n" for i in range(20)) + "\n")
     (tmp_path / "valid.txt").write_text("held out one\nheld out two\n")
     corpus = prepare_corpus(load_raw(str(tmp_path)), None)
-    assert corpus.text_column == "text" and len(corpus.eval) == 2
+    assert corpus.text_column == "text"
+    assert len(corpus.eval) == 2
     assert corpus.train["text"][:2] == ["document number 0", "document number 1"]
 
 
@@ -179,12 +185,13 @@ def test_offline_llama_style_configs_keep_their_shape():
     qwen = resolve_model_spec("Qwen/Qwen2.5-0.5B", random_init=True).config
     assert (qwen.num_key_value_heads, qwen.tie_word_embeddings, qwen.rope_parameters["rope_theta"]) == (2, True, 1e6)
     llama = resolve_model_spec("meta-llama/Llama-3.2-1B", random_init=True).config
-    assert llama.rope_parameters["rope_type"] == "llama3" and llama.max_position_embeddings == 131072
+    assert llama.rope_parameters["rope_type"] == "llama3"
+    assert llama.max_position_embeddings == 131072
     mistral = resolve_model_spec("mistralai/Mistral-7B-v0.1", random_init=True).config
     assert (mistral.sliding_window, mistral.tie_word_embeddings) == (4096, False)
 
 
-@pytest.mark.parametrize("name, tied", [("tiny-llama", False), ("tiny-qwen2", True)])
+@pytest.mark.parametrize(("name", "tied"), [("tiny-llama", False), ("tiny-qwen2", True)])
 def test_tiny_decoders_are_real_architectures_with_gqa(name, tied):
     model = AutoModelForCausalLM.from_config(resolve_model_spec(name).config)
     attention = model.model.layers[0].self_attn
@@ -214,7 +221,8 @@ def test_default_block_size_is_the_model_limit_at_most_1024(tmp_path):
 def test_preset_vocabulary_matches_the_trained_tokenizer_and_ties_hold():
     spec = resolve_model_spec("tiny-qwen2")
     tokenizer = load_tokenizer(spec, lambda: train_tokenizer_for(spec, TEXTS, causal_lm=True))
-    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token_id not in (tokenizer.eos_token_id, None)
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.pad_token_id not in (tokenizer.eos_token_id, None)
     model = build_causal_lm(spec, tokenizer)
     assert model.config.vocab_size == len(tokenizer) == model.get_input_embeddings().weight.shape[0] < 4096
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -282,7 +290,7 @@ def test_perplexity_as_best_metric_is_lower_is_better(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra, message",
+    ("extra", "message"),
     [
         (["--metric", "accuracy"], "--metric applies to --task classification only"),
         (["--label_column", "label"], "--label_column applies to --task classification only"),
@@ -304,7 +312,8 @@ def test_packing_flag_is_causal_lm_only(tmp_path):
     with pytest.raises(ConfigError, match="--packing applies to --task causal-lm only"):
         parse(["--model", "tiny-bert", "--no_packing", "--output_dir", str(tmp_path)])
     script, _ = parse_lm(tmp_path, "--packing", "false", "--group_by_length")
-    assert script.packing is False and script.group_by_length
+    assert script.packing is False
+    assert script.group_by_length
     assert parse_lm(tmp_path, "--no_packing")[0].packing is False
     assert parse_lm(tmp_path, "--packing")[0].packing is True
 
@@ -322,7 +331,8 @@ def test_padding_mode_trains_and_reports_perplexity_in_process(tmp_path):
             *("--output_dir", str(out), "--report_to", "none", "--disable_tqdm", "true"),
         ]
     )
-    assert metrics["eval_samples"] == 32 and "eval_accuracy" not in metrics
+    assert metrics["eval_samples"] == 32
+    assert "eval_accuracy" not in metrics
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-6)
     train = json.loads((out / "train_results.json").read_text())
     assert (train["packing"], train["block_size"], train["train_samples"]) == (False, 32, 64)
@@ -334,7 +344,6 @@ def test_hub_dataset_offline_is_one_line_error(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["--task", "causal-lm", "--model", "tiny-llama", "--dataset", "wikitext", "--output_dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith(
-        "ftprof: error: --dataset 'wikitext' can't be loaded from the Hugging Face Hub"
-    )
+    assert code == 2
+    assert err[-1].startswith("ftprof: error: --dataset 'wikitext' can't be loaded from the Hugging Face Hub")
     assert not out.exists()

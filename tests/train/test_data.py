@@ -81,7 +81,7 @@ def test_explicit_columns(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "rows, text_col, label_col, message",
+    ("rows", "text_col", "label_col", "message"),
     [
         ([{"sentence": "x", "score": 1}] * 4, None, None, "which column holds the labels.*--label_column"),
         ([{"sentence": "x", "label": 1}] * 4, None, "stars", "--label_column 'stars' is not a column"),
@@ -141,7 +141,8 @@ def test_tokenize_truncates_without_padding(tmp_path):
     tok = train_wordpiece(task.train["text"], 500, 512)
     train, evaluation = tokenize(task, tok, max_length=12, with_length=True)
     lengths = [len(ids) for ids in train["input_ids"]]
-    assert max(lengths) == 12 and min(lengths) < 12  # truncated, and not padded to max_length
+    assert max(lengths) == 12
+    assert min(lengths) < 12
     assert train["length"] == lengths
     assert train["labels"] == task.train["label"]
     assert set(evaluation.column_names) >= {"input_ids", "attention_mask", "labels"}

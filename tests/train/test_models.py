@@ -74,7 +74,8 @@ def test_local_pretrained_model_loads_weights_and_tokenizer(minilm_dir):
 def test_preset_gets_a_tokenizer_trained_on_the_data():
     spec = resolve_model_spec("tiny-gpt2")
     tokenizer = load_tokenizer(spec, fallback=lambda: train_tokenizer_for(spec, TEXTS))
-    assert tokenizer.pad_token == "[PAD]" and tokenizer("a good film")["input_ids"][0] == tokenizer.cls_token_id
+    assert tokenizer.pad_token == "[PAD]"
+    assert tokenizer("a good film")["input_ids"][0] == tokenizer.cls_token_id
     model = build_model(spec, tokenizer, ["0", "1"])
     assert isinstance(model, GPT2ForSequenceClassification)
     assert model.config.vocab_size == len(tokenizer) < 4096  # presets shrink to the trained vocabulary

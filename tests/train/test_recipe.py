@@ -85,7 +85,8 @@ def classification(sst2, tmp_path_factory) -> tuple[Recipe, Setup]:
 def test_classification_point_measures_the_batches_train_feeds(classification):
     point, train = classification
     trainer = train.trainer
-    assert type(point.trainer) is type(trainer) and type(point.model) is type(trainer.model)
+    assert type(point.trainer) is type(trainer)
+    assert type(point.model) is type(trainer.model)
     assert point.collator.pad_to_multiple_of == trainer.data_collator.pad_to_multiple_of == 8
     # The same tokenization (a tokenizer trained on the same texts: its ids of equally frequent pieces may differ
     # from run to run, its pieces do not), truncated to the same --max_length, in the same columns.
@@ -100,7 +101,8 @@ def test_classification_point_measures_the_batches_train_feeds(classification):
     # Train's collator makes exactly the point's batches from the same rows.
     for i, batch in point_batches:
         again = trainer.data_collator([point.train[j] for j in range(4 * i, 4 * i + 4)])
-        assert again.keys() == batch.keys() and all(torch.equal(again[k], batch[k]) for k in batch)
+        assert again.keys() == batch.keys()
+        assert all(torch.equal(again[k], batch[k]) for k in batch)
     # Train's own batches (in random order): each padded to its longest row, rounded up to 8, as the point pads.
     for batch in (b for _, b in zip(range(BATCHES), trainer.get_train_dataloader(), strict=False)):
         longest_row = int(batch["attention_mask"].sum(dim=1).max())

@@ -24,7 +24,7 @@ def test_defaults_keep_the_best_model_by_accuracy(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(
-    "extra, reason",
+    ("extra", "reason"),
     [
         (["--save_strategy", "no"], "--save_strategy 'no' saves no checkpoint to restore"),
         (["--eval_strategy", "no"], "--eval_strategy 'no' never evaluates during training"),
@@ -45,7 +45,8 @@ def test_strategies_that_rule_out_the_best_model_turn_it_off(tmp_path, caplog, e
     _, args = parse_with(tmp_path, *extra)
     assert args.load_best_model_at_end is False
     lines = [r.getMessage() for r in caplog.records if "load_best_model_at_end" in r.getMessage()]
-    assert len(lines) == 1 and reason in lines[0], caplog.text
+    assert len(lines) == 1, caplog.text
+    assert reason in lines[0], caplog.text
 
 
 def test_what_the_user_set_is_kept(tmp_path):
@@ -71,7 +72,7 @@ def test_matching_steps_keep_the_best_model(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra, pattern",
+    ("extra", "pattern"),
     [
         (
             ["--load_best_model_at_end", "--save_strategy", "no"],
@@ -117,4 +118,5 @@ def test_bf16_with_deepspeed_parses_on_a_cpu(tmp_path):
     """transformers accepts --bf16 only on a GPU or with use_cpu (which turns DeepSpeed off); DeepSpeed trains
     in bf16 on CPUs, so `--bf16 --ds_config ...` must parse here (it raised "Your setup doesn't support bf16/gpu")."""
     _, args = parse_with(tmp_path, "--bf16", "--ds_config", str(ROOT / "ds_configs" / "zero2.json"))
-    assert args.bf16 and args.hf_deepspeed_config.config["bf16"]["enabled"] is True
+    assert args.bf16
+    assert args.hf_deepspeed_config.config["bf16"]["enabled"] is True

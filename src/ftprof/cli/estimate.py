@@ -3,6 +3,7 @@
     ftprof estimate --model bert-base-uncased --batch_size 32 --seq_len 512 --precision bf16 --zero 2 \\
         --world_size 8 --gpu h100-80gb --margin 0.1                # keep 10% of the card free
     ftprof estimate --model bert-large-uncased --zero 0,2,3 --offload optimizer --gpu a10g-24gb  # side by side
+    ftprof estimate --model meta-llama/Llama-3.2-1B --task causal-lm --peft none,lora --lora_r 16   # LoRA vs full
     ftprof estimate --model gpt2 --grid --seq_lens 128,512,1024 --zero 0,2,3 --gpu a100-40gb --effective_batch 256
     ftprof estimate --calibrate profiles/h100-bert-base-uncased      # fit constants, report per-point error
 """
@@ -17,6 +18,7 @@ from rich.console import Console
 from ftprof.cli import flags
 from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
+from ftprof.estimate.adapters import LoraSpec
 from ftprof.estimate.estimator import GPUS
 from ftprof.estimate.request import (
     EstimateRequest,
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     levers.add_argument("--zeros", "--zero_stages", dest="zeros_alias", help=SUPPRESS)
     levers.add_argument("--offload_optimizer", action="store_true", help=SUPPRESS)
     levers.add_argument("--offload_param", action="store_true", help=SUPPRESS)
+    flags.add_peft_group(p)
     target = p.add_argument_group("target (what fits means)")
     target.add_argument("--gpu", help=f"target GPU: {', '.join(GPUS)} (or --budget)")
     target.add_argument("--cpu", action="store_true", help="target this host's process memory (RSS)")
@@ -104,6 +107,13 @@ def request_from_args(a: argparse.Namespace) -> EstimateRequest:
         checkpointing=tuple(a.gradient_checkpointing),
         grid_seq_lens=tuple(a.seq_lens) if a.grid else (),
         effective_batch=a.effective_batch,
+        peft=tuple(a.peft),
+        lora=LoraSpec(
+            r=a.lora_r,
+            alpha=a.lora_alpha,
+            dropout=a.lora_dropout,
+            target_modules=tuple(t.strip() for t in (a.lora_target_modules or "").split(",") if t.strip()),
+        ),
     )
 
 

@@ -104,3 +104,49 @@ def add_lever_group(p: argparse.ArgumentParser, *, defaults: dict[str, str | Non
 def note(text: str) -> None:
     """One line on stderr that doesn't stop the command (a deprecated flag, say)."""
     print(f"ftprof: note: {text}", file=sys.stderr)
+
+
+PEFT_CHOICES = ("none", "lora")
+
+
+def parse_peft(text: str) -> list[str]:
+    """``--peft``: a comma list of fine-tuning methods, ``none`` (full) and ``lora``.
+
+    >>> parse_peft("none,lora"), parse_peft("lora")
+    (['none', 'lora'], ['lora'])
+
+    Raises:
+        ConfigError: an unknown method.
+    """
+    from ftprof.errors import ConfigError
+
+    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not methods or any(m not in PEFT_CHOICES for m in methods):
+        raise ConfigError(f"--peft {text!r}: use none, lora, or none,lora (side by side)")
+    return list(dict.fromkeys(methods))
+
+
+parse_peft.__name__ = "--peft"
+
+
+def add_peft_group(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--peft`` and the LoRA adapter's flags (``--lora_r``, ``--lora_alpha``, ``--lora_dropout``,
+    ``--lora_target_modules``)."""
+    group = p.add_argument_group("parameter-efficient fine-tuning")
+    group.add_argument(
+        "--peft",
+        type=parse_peft,
+        default="none",
+        metavar="none,lora",
+        help="none (full fine-tuning, the default), lora (frozen weights plus low-rank adapters), or none,lora",
+    )
+    group.add_argument("--lora_r", type=int, default=16, help="LoRA rank (default: 16)")
+    group.add_argument("--lora_alpha", type=int, default=32, help="LoRA scale numerator, alpha / r (default: 32)")
+    group.add_argument(
+        "--lora_dropout", type=float, default=0.05, help="dropout on each adapter's input (default: 0.05)"
+    )
+    group.add_argument(
+        "--lora_target_modules",
+        help="comma list of Linear module names to adapt (default: the family's, as peft's: e.g. q_proj,v_proj)",
+    )
+    return group

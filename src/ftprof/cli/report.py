@@ -14,7 +14,7 @@ from rich.console import Console
 
 from ftprof.cli import flags
 from ftprof.cli.runner import run_command
-from ftprof.report.tables import print_report
+from ftprof.report.sweep_report import print_report
 from ftprof.units import parse_size
 
 

@@ -229,7 +229,7 @@ def run(argv: list[str], console: Console) -> None:
         raise SystemExit(130) from None
     console.print(f"sweep finished in {time.time() - view.started:.0f} s")
     if not a.no_report:
-        from ftprof.report.tables import print_report
+        from ftprof.report.sweep_report import print_report
 
         print_report(request.config.out_dir, console, request.budget)
 

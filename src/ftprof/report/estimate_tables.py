@@ -36,11 +36,14 @@ def verdict(used: int, budget: int, margin: float) -> tuple[bool, str]:
     )
 
 
-def setting_label(point: Point, varying: set[str]) -> str:
-    """A column's name: its ZeRO stage, and the other levers that differ between the columns.
+def setting_label(point: Point, varying: set[str], peft: str = "none") -> str:
+    """A column's name: its ZeRO stage, and the other levers that differ between the columns (``peft``: the
+    fine-tuning method, named when ``"peft"`` varies).
 
     >>> setting_label(Point(precision="bf16", zero=3, seq_len=8, batch_size=1, offload="optimizer"), {"offload"})
     'ZeRO-3 offload optimizer'
+    >>> setting_label(Point(precision="bf16", zero=2, seq_len=8, batch_size=1), {"peft"}, "lora")
+    'ZeRO-2 LoRA'
     """
     parts: list[str] = [point.precision] if "precision" in varying else []
     parts.append(f"ZeRO-{point.zero}")
@@ -48,7 +51,34 @@ def setting_label(point: Point, varying: set[str]) -> str:
         parts.append("no offload" if point.offload == "none" else f"offload {point.offload}")
     if "gradient_checkpointing" in varying:
         parts.append("checkpointing" if point.gradient_checkpointing else "no checkpointing")
+    if "peft" in varying:
+        parts.append("LoRA" if peft == "lora" else "full")
     return " ".join(parts)
+
+
+def _methods(result: Estimates | MaxBatchGrid) -> list[str]:
+    """Each column's fine-tuning method ("none" where the result names none)."""
+    count = len(result.points) if isinstance(result, Estimates) else len(result.settings)
+    return list(result.peft) or ["none"] * count
+
+
+def lora_line(result: Estimates | MaxBatchGrid) -> str | None:
+    """What the LoRA columns adapt and train, in one line; None without any.
+
+    Counts as peft builds the model: the adapters, and a classifier's head (a trainable copy; the original
+    stays among the frozen weights).
+    """
+    facts = result.lora
+    if facts is None:
+        return None
+    spec, total = facts.spec, facts.params
+    targets = ",".join(sorted({layer.name.rsplit(".", 1)[-1] for layer in facts.layers}))
+    head = f" + {facts.head_params:,} in the classifier head" if facts.head_params else ""
+    return (
+        f"LoRA r={spec.r}, alpha={spec.alpha}, dropout={spec.dropout:g} on {len(facts.layers)} layers ({targets}): "
+        f"{facts.trainable_params:,} trainable ({facts.adapter_params:,} in adapters{head}; "
+        f"{percent(facts.trainable_params / total)} of {total:,}), {facts.frozen_params:,} frozen"
+    )
 
 
 def varying_levers(points: list[Point]) -> set[str]:
@@ -94,8 +124,11 @@ def breakdown_table(
     table.add_column("item")
     table.add_column("GiB, fullest rank", justify="right")
     for name, value in est.items.items():
+        label = ITEM_LABELS[name]
+        if name == "parameters" and "frozen_parameters" in est.items:
+            label = "trainable parameters (LoRA)"
         if value or name != "zero_runtime":
-            table.add_row(ITEM_LABELS[name], f"{value / GIB:.3f}")
+            table.add_row(label, f"{value / GIB:.3f}")
         if name == "saved_activations":
             for part, nbytes in est.activation_parts.items():
                 table.add_row(f"[dim]  {part}[/]", f"[dim]{nbytes / GIB:.3f}[/]")
@@ -118,18 +151,20 @@ def breakdown_table(
 
 def comparison_table(result: Estimates, title: str) -> Table:
     """Several settings itemised side by side, a column each, with each one's verdict."""
-    points, ests = result.points, result.estimates
-    varying = varying_levers(points)
+    points, ests, methods = result.points, result.estimates, _methods(result)
+    varying = varying_levers(points) | ({"peft"} if len(set(methods)) > 1 else set())
     table = Table(title=title, header_style="bold")
     table.add_column("GiB, fullest rank")
-    for point in points:
-        table.add_column(setting_label(point, varying), justify="right")
+    for point, method in zip(points, methods, strict=True):
+        table.add_column(setting_label(point, varying, method), justify="right")
 
     def row(label: str, values: list[int], style: str = "") -> None:
         cells = [f"{v / GIB:.3f}" for v in values]
         table.add_row(f"[{style}]{label}[/]" if style else label, *(f"[{style}]{c}[/]" if style else c for c in cells))
 
     for name, label in ITEM_LABELS.items():
+        if name == "parameters" and "lora" in methods:
+            label = "trainable parameters (LoRA)"
         values = [e.items.get(name, 0) for e in ests]
         if any(values) or any(name in e.items and name != "zero_runtime" for e in ests):
             row(label, values)
@@ -157,14 +192,17 @@ def estimates_renderables(result: Estimates) -> list[RenderableType]:
     """What ``ftprof estimate`` prints for settings: one itemised table (columns for several settings)."""
     req, points = result.request, result.points
     head = f"{req.model}: {result.params / 1e6:.1f}M params, batch {req.batch_size} x seq {req.seq_len}"
+    lora = [Text(line)] if (line := lora_line(result)) else []
     if len(points) == 1:
         p = points[0]
-        title = f"{head}, {p.precision}, ZeRO-{p.zero}, {p.world_size} rank(s) — {_source(result)}"
+        method = ", LoRA" if _methods(result)[0] == "lora" else ""
+        title = f"{head}, {p.precision}, ZeRO-{p.zero}{method}, {p.world_size} rank(s) — {_source(result)}"
         budget, margin = req.target.budget, req.target.margin
-        return [breakdown_table(result.estimates[0], budget, title, margin, result.constants)]
+        return [breakdown_table(result.estimates[0], budget, title, margin, result.constants), *lora]
     common = _common(points)
     title = f"{head}, {common + ', ' if common else ''}{req.world_size} rank(s) — {_source(result)}"
-    return [comparison_table(result, title), *(Text.from_markup(line) for line in _constant_lines(result.constants))]
+    constants = (Text.from_markup(line) for line in _constant_lines(result.constants))
+    return [comparison_table(result, title), *lora, *constants]
 
 
 def _cell(cell: MaxBatchCell) -> str:
@@ -185,12 +223,14 @@ def grid_renderables(grid: MaxBatchGrid) -> list[RenderableType]:
         header_style="bold",
     )
     table.add_column("seq")
-    varying = varying_levers(grid.settings)
-    for point in grid.settings:
-        table.add_column(setting_label(point, varying), justify="right")
+    methods = _methods(grid)
+    varying = varying_levers(grid.settings) | ({"peft"} if len(set(methods)) > 1 else set())
+    for point, method in zip(grid.settings, methods, strict=True):
+        table.add_column(setting_label(point, varying, method), justify="right")
     for seq in req.grid_seq_lens:
         table.add_row(str(seq), *(_cell(grid.cells[seq, column]) for column in range(len(grid.settings))))
-    return [table, *(Text.from_markup(line) for line in _constant_lines(grid.constants))]
+    lora = [Text(line)] if (line := lora_line(grid)) else []
+    return [table, *lora, *(Text.from_markup(line) for line in _constant_lines(grid.constants))]
 
 
 def calibration_renderables(result: SweepCalibration) -> list[RenderableType]:

@@ -1,25 +1,20 @@
-"""Sweep reports: the records and recommendations of one sweep folder, as rich renderables for the
-terminal, md/json/csv exports, PNG plots and recommended ds_configs, all from the same objects."""
+"""A sweep's records and recommendations as rich renderables for the terminal: the results table, the Pareto
+front, the recommendations panel, where the peak goes, and the notes (:mod:`~ftprof.report.exports` writes the
+same objects as md/json/csv; :mod:`~ftprof.report.sweep_report` loads a folder and prints it)."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Group
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ftprof.errors import ConfigError
 from ftprof.records.profile import CONTENDED_STEAL, CONTENDED_WAIT, UNSTABLE_SPREAD, contention
-from ftprof.records.results import STATUSES, Record, latest, read_records, results_path
+from ftprof.records.results import STATUSES, Record
 from ftprof.report.recommend import (
     SAFETY_MARGIN,
     Cohort,
@@ -29,8 +24,6 @@ from ftprof.report.recommend import (
     lever_notes,
     pareto_front,
     per_rank_samples_per_s,
-    recommend,
-    worst_repeat,
 )
 from ftprof.units import gib
 
@@ -124,7 +117,7 @@ def row(record: Record) -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any) -> str:
+def fmt_cell(value: Any) -> str:
     return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -153,11 +146,11 @@ def results_table(records: list[Record], figure: str) -> Table:
             str(p.batch_size),
             str(p.grad_accum),
             status,
-            _fmt(d["peak_gib"]),
-            _fmt(round(d["predicted_gib"], 2) if d["predicted_gib"] else None),
-            _fmt(d["samples_per_s"]),
-            Text(_fmt(d["throughput_spread_pct"]), style="bold yellow" if d["unstable"] else ""),
-            _fmt(d["step_time_median_ms"]),
+            fmt_cell(d["peak_gib"]),
+            fmt_cell(round(d["predicted_gib"], 2) if d["predicted_gib"] else None),
+            fmt_cell(d["samples_per_s"]),
+            Text(fmt_cell(d["throughput_spread_pct"]), style="bold yellow" if d["unstable"] else ""),
+            fmt_cell(d["step_time_median_ms"]),
         )
     return table
 
@@ -174,7 +167,7 @@ def pareto_table(records: list[Record], cohort: Cohort | None) -> Table:
     for name in ("peak GiB", "samples/s", "setting"):
         table.add_column(name, justify="right" if name != "setting" else "left")
     for r in pareto_front(in_cohort(records, cohort) if cohort else []):
-        table.add_row(_fmt(gib(r.peak_bytes)), _fmt(round(r.samples_per_s, 1)), r.point.key)
+        table.add_row(fmt_cell(gib(r.peak_bytes)), fmt_cell(round(r.samples_per_s, 1)), r.point.key)
     return table
 
 
@@ -369,161 +362,3 @@ def render(records: list[Record], recs: list[Recommendation], budget: int | None
     if lines := memory_records(recs, folder):
         parts.append(Text("\n".join([MEMORY_RECORDS_TITLE + ":", *(f"  {line}" for line in lines)])))
     return Group(*parts, notes(records))
-
-
-def to_csv(records: list[Record]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
-    writer.writeheader()
-    for r in sorted(records, key=lambda r: r.point):
-        writer.writerow(row(r))
-    return buf.getvalue()
-
-
-def to_markdown(
-    records: list[Record], recs: list[Recommendation], budget: int | None, folder: Path | None = None
-) -> str:
-    cols = COLUMNS[:-1]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in sorted(records, key=lambda r: r.point):
-        d = row(r)
-        lines.append("| " + " | ".join(_fmt(d[c]) for c in cols) + " |")
-    lines += ["", f"## Recommendations (budget {gib(budget) if budget else 'none'} GiB)", ""]
-    for rec in recs:
-        lines += [
-            f"- **{rec.title}** (among {rec.cohort}): `{rec.record.point.key}`, {summary(rec)}",
-            *([f"  {noise}"] if (noise := noise_line(rec)) else []),
-            f"  `{rec.command}`",
-        ]
-    lines += [f"- {note}" for note in lever_notes(records, budget)]
-    if not recs:
-        lines.append("- nothing measured fits the budget")
-    measured, columns = breakdown_rows(recs)
-    if measured:
-        lines += ["", "## Where the peak goes (MiB, highest rank)", ""]
-        lines += ["| pick | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-        lines += [
-            f"| {kind} | " + " | ".join(f"{p.get(c, 0) / 2**20:.1f}" for c in columns) + " |" for kind, p in measured
-        ]
-    if files := memory_records(recs, folder):
-        lines += ["", f"## {MEMORY_RECORDS_TITLE}", "", *(f"- {line}" for line in files)]
-    return "\n".join(lines) + "\n"
-
-
-def to_json(records: list[Record], recs: list[Recommendation], budget: int | None) -> str:
-    return (
-        json.dumps(
-            {
-                "budget_bytes": budget,
-                "points": [
-                    row(r) | {"key": r.point.key, "peak_bytes": r.peak_bytes}
-                    for r in sorted(records, key=lambda r: r.point)
-                ],
-                "pareto": [r.point.key for r in pareto_front(in_cohort(records, recs[0].cohort))] if recs else [],
-                "recommendations": [
-                    {
-                        "kind": x.kind,
-                        "key": x.record.point.key,
-                        "cohort": {"seq_len": x.cohort.seq_len, "world_size": x.cohort.world_size},
-                        "within_noise_of": x.within_noise_of,
-                        "repeat": {"key": x.repeat.key, "first": x.repeat.first, "again": x.repeat.again}
-                        if x.repeat
-                        else None,
-                        "command": x.command,
-                        "ds_config": x.ds_config,
-                        "breakdown_bytes": breakdown(x.record),
-                        "memory_files": [f for r in x.record.profile.ranks for f in r.memory_files]
-                        if x.record.profile
-                        else [],
-                    }
-                    for x in recs
-                ],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-
-
-@dataclass
-class SweepReport:
-    """A sweep folder's records and the recommendations drawn from them."""
-
-    folder: Path
-    records: list[Record]
-    recommendations: list[Recommendation]
-    budget: int | None
-
-    @classmethod
-    def load(
-        cls,
-        sweep: Path,
-        budget: int | None = None,
-        seq_len: int | None = None,
-        world_size: int | None = None,
-        write_configs: bool = False,
-    ) -> SweepReport:
-        """Read ``sweep`` (a folder or its results.jsonl); the budget defaults to the measured device's memory.
-
-        Raises:
-            ConfigError: the folder holds no points yet.
-        """
-        results = results_path(sweep)
-        measured = read_records(results)
-        records = latest(measured)
-        if not records:
-            raise ConfigError(f"{results} holds no points yet; run or --resume the sweep")
-        if budget is None:
-            budget = next((r.device_memory_bytes for r in records if r.device_memory_bytes), None)
-        recs = recommend(
-            records, budget, seq_len, world_size, str(results.parent), write_configs, worst_repeat(measured)
-        )
-        return cls(results.parent, records, recs, budget)
-
-    def write_configs(self) -> list[Path]:
-        """Write each recommendation's ds_config where its command expects it (shipped files are left alone)."""
-        written = []
-        for rec in self.recommendations:
-            path = Path(rec.config_path)
-            if path.parent == self.folder:
-                path.write_text(json.dumps(rec.ds_config, indent=2) + "\n")
-                written.append(path)
-        return written
-
-    def render(self) -> Group:
-        return render(self.records, self.recommendations, self.budget, self.folder)
-
-    def export(self, fmt: str) -> str:
-        """The report as ``md``, ``json`` or ``csv`` text."""
-        if fmt == "md":
-            return to_markdown(self.records, self.recommendations, self.budget, self.folder)
-        if fmt == "json":
-            return to_json(self.records, self.recommendations, self.budget)
-        return to_csv(self.records)
-
-
-def print_report(
-    sweep: Path,
-    console: Console,
-    budget: int | None = None,
-    seq_len: int | None = None,
-    world_size: int | None = None,
-    fmt: str = "rich",
-    write_config: bool = False,
-    plots: bool = True,
-) -> None:
-    """Print a sweep's report and write its plots and the ds_configs its commands name."""
-    from ftprof.report.plots import save_breakdown, save_plots  # matplotlib: only when plotting
-
-    report = SweepReport.load(sweep, budget, seq_len, world_size, write_config)
-    written = save_plots(report.records, report.folder, report.budget) if plots else []
-    rows, _ = breakdown_rows(report.recommendations)
-    if plots and (path := save_breakdown(rows, report.folder)) is not None:
-        written.append(path)
-    written += report.write_configs()
-    if fmt != "rich":
-        sys.stdout.write(report.export(fmt))
-        return
-    console.print(report.render())
-    for path in written:
-        console.print(f"wrote {path}")
