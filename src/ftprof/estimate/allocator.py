@@ -497,7 +497,9 @@ class CachingAllocatorModel:
     def _garbage_collect(self) -> None:
         """garbage_collect_cached_blocks: above the threshold, free unsplit large blocks of above-mean age."""
         cfg = self.config
-        assert cfg.garbage_collection_threshold is not None and cfg.memory_fraction and cfg.capacity
+        assert cfg.garbage_collection_threshold is not None
+        assert cfg.memory_fraction
+        assert cfg.capacity
         threshold = int(cfg.garbage_collection_threshold * int(cfg.memory_fraction * cfg.capacity))
         if self._reserved.current <= threshold:
             return
@@ -625,7 +627,8 @@ def replay(events: Iterable[Event], config: AllocatorConfig | None = None) -> Al
             if event[1] in handles:
                 raise ValueError(f"alloc of {event[1]!r}: already allocated and not freed")
             size, stream = event[2], event[3] if len(event) > 3 else 0
-            assert isinstance(size, int) and isinstance(stream, int), event
+            assert isinstance(size, int), event
+            assert isinstance(stream, int), event
             handles[event[1]] = model.malloc(size, stream)
         elif kind == "free":
             if event[1] not in handles:

@@ -1,0 +1,403 @@
+"""A traced memory profile of one training step: the real model's forward, backward and optimizer step run
+under a dispatch-mode tracker, each storage's allocation and free recorded, so that saved activations and
+the phases' transients come from the model itself instead of a hand formula (the formulas in
+:mod:`ftprof.estimate.estimator` stay as the cross-check).
+
+How. :func:`trace_training_step` builds the model (by default under
+:class:`~torch._subclasses.fake_tensor.FakeTensorMode`: shapes and dtypes, no data, so a 7B config traces
+without its memory) and runs forward, ``loss.backward()`` and a torch AdamW step inside :class:`_Tracker`, a
+:class:`~torch.utils._python_dispatch.TorchDispatchMode`, as torch's
+``torch.distributed._tools.mem_tracker.MemTracker`` does: every op's output storage not seen before is an
+allocation; a weak reference on the untyped storage reports its free. Storages alive before the step
+(parameters, buffers, the batch) open the trace. Each storage is tagged with the phase and the innermost
+module (:class:`~torch.distributed._tools.mod_tracker.ModTracker`) that allocated it, the op, and a
+category: parameter, buffer, input, gradient (what becomes ``p.grad``), optimizer state (what the optimizer
+keeps in ``state``), activation (saved for backward: seen by ``saved_tensors_hooks``) or temporary. The
+event list is exactly what :func:`ftprof.estimate.allocator.replay` takes.
+
+Not seen: buffers a kernel allocates and frees inside itself (the CPU SDPA kernels' scratch, a reduction's
+workspace) never reach the dispatcher. Storages are counted at their byte size (no allocator rounding: the
+replay adds it). Not traced: DeepSpeed (ZeRO partitions, fp32 master weights beside bf16 parameters, its
+flat buffers) and autocast; the model runs in one dtype, as ``calibration.saved_activations_case`` casts it.
+Fake and real runs agree op for op (the tests check it) except where Python code branches on data, which
+transformers skips on fake tensors: its packed-sequence check is answered for both (:func:`_unpacked_rows`);
+``warn_if_padding_and_no_attention_mask`` (with a pad token set) still costs a real run a few bytes of
+``eq``/``any`` a fake one doesn't allocate (:func:`known_model_factory` sets no pad token on a causal LM).
+
+What differs on a GPU (the trace runs on CPU fake tensors: on this CPU-only torch, autograd over fake CUDA
+tensors aborts), as named adjustments a GPU profile would apply to a CPU trace; none is applied here, each
+names the traced storages it would touch:
+
+- ``SDPA_LOGSUMEXP``: on CUDA the flash and memory-efficient SDPA kernels save the output and a log-sum-exp
+  of ``batch x heads x seq`` fp32 (memory-efficient pads ``seq`` to a multiple of 32), with dropout too
+  (Philox seed and offset, no mask), never the ``batch x heads x seq x seq`` probabilities. The CPU's flash
+  kernel (``_scaled_dot_product_flash_attention_for_cpu``) already saves that log-sum-exp, but under
+  dropout the CPU falls back to the math path, whose ``_safe_softmax`` probabilities and their dropout mask
+  are saved. Mapping: replace each attention's saved ``_safe_softmax`` output and its mask by ``b x h x s x
+  4`` bytes when the GPU run would pick flash or memory-efficient.
+- ``DROPOUT_MASK``: the CPU's dropout (``empty_like(x).bernoulli_()`` then ``x * mask``) saves its mask
+  in the activation's dtype, 4 bytes an element in fp32 (the traced ``empty_like`` activations); CUDA's
+  ``native_dropout`` saves a bool mask, 1 byte an element. Mapping: scale those storages by
+  ``1 / element_size``.
+- ``FUSED_ADAMW``: the foreach AdamW (the default traced here) allocates a list of parameter-sized
+  temporaries in the step (``_foreach_sqrt(exp_avg_sqs)``, all tensors of a group at once: exactly the
+  parameter bytes at the step's peak); the for-loop holds one parameter's worth; ``fused=True`` updates in
+  place and allocates none, on CUDA as in the CPU kernel traced with ``optimizer="fused"``. Mapping: trace
+  with the implementation the run uses (:attr:`Trace.optimizer` records it).
+- ``FUSED_KERNELS``: fused GPU kernels (cross-entropy, RMSNorm, rotary in Liger or apex) save fewer tensors
+  than the eager ops traced here; such a model has to be traced with the kernels it will run.
+- ``ALLOCATOR``: every CUDA block is rounded to 512 bytes and cached: replay :attr:`Trace.events` through
+  :func:`ftprof.estimate.allocator.replay`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch.distributed._tools.mod_tracker import ModTracker
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers import PretrainedConfig
+
+from ftprof.estimate.allocator import Event
+from ftprof.point import Task
+
+Category = Literal["parameter", "buffer", "input", "gradient", "optimizer_state", "activation", "temporary"]
+Phase = Literal["setup", "forward", "backward", "optimizer_step"]
+Optimizer = Literal["foreach", "fused", "for-loop"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TracedStorage:
+    """One storage of the trace: its bytes, when, where and by which op it was allocated, and its role."""
+
+    id: int
+    nbytes: int
+    phase: Phase
+    module: str
+    op: str
+    category: Category
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The allocation events of one training step and what they add up to."""
+
+    storages: tuple[TracedStorage, ...]
+    """Every storage the step allocated (and those alive before it), indexed by id."""
+    events: tuple[Event, ...]
+    """``("alloc", id, nbytes)`` and ``("free", id)`` in order: :func:`ftprof.estimate.allocator.replay`'s input."""
+    phase_starts: Mapping[Phase, int]
+    """Index in ``events`` where each phase begins."""
+    optimizer: Optimizer
+    """Which AdamW implementation stepped: foreach, fused or the for-loop."""
+    saved_bytes: int
+    """Bytes saved for backward that are alive at the end of the forward (parameters excluded)."""
+    peak: int = 0
+    """Most bytes alive at once."""
+    peak_breakdown: Mapping[Category, int] = field(default_factory=dict)
+    """The bytes alive at the peak, by category."""
+    phase_peaks: Mapping[Phase, int] = field(default_factory=dict)
+    """Most bytes alive at once within each phase."""
+
+    def category_bytes(self, category: Category) -> int:
+        """Bytes of every storage of ``category`` the step allocated (alive at the end or not)."""
+        return sum(s.nbytes for s in self.storages if s.category == category)
+
+    def alloc_sizes(self) -> list[int]:
+        """The allocation sizes in order (fake and real runs of the same step must agree on them)."""
+        return [int(e[2]) for e in self.events if e[0] == "alloc"]  # type: ignore[call-overload]
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
+        return None
+
+
+class _Tracker(TorchDispatchMode):
+    """Records each new output storage of every op as an allocation and its finalizer as the free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: list[TracedStorage] = []
+        self.events: list[Event] = []
+        self.saved: set[int] = set()
+        self.saved_live: set[int] = set()
+        """The saved storages still alive at the end of the forward."""
+        self.phase: Phase = "setup"
+        self.mods = ModTracker()
+        self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
+        self._open = True
+
+    def track(self, t: torch.Tensor, category: Category, op: str = "") -> int | None:
+        """The id of ``t``'s storage, recording its allocation (as ``category``) when new."""
+        st = _storage(t)
+        if st is None:
+            return None
+        nbytes, known = st.nbytes(), self._ids.get(st)
+        if known is not None and self.storages[known].nbytes == nbytes:
+            return int(known)
+        if known is not None:  # resized (an out= op): a new block, then the old one's free, as on CUDA
+            category = self.storages[known].category
+        if nbytes == 0:
+            if known is not None:
+                self._free(known)
+                del self._ids[st]
+            return None
+        sid = len(self.storages)
+        module = max(self.mods.parents, key=len)
+        self.storages.append(TracedStorage(sid, nbytes, self.phase, module, op, category))
+        self._ids[st] = sid
+        self._refs[sid] = weakref.ref(st, functools.partial(self._free, sid))
+        self.events.append(("alloc", sid, nbytes))
+        if known is not None:
+            self._free(known)
+        return sid
+
+    def _free(self, sid: int, _: object = None) -> None:
+        if self._open:
+            self.events.append(("free", sid))
+        self._refs.pop(sid, None)
+
+    def close(self) -> None:
+        self._open = False
+
+    def recategorize(self, t: torch.Tensor, category: Category) -> None:
+        sid = self.track(t, category)
+        if sid is not None:
+            self.storages[sid].category = category
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """saved_tensors_hooks' pack: what autograd saves is an activation unless it is a parameter."""
+        parameter = isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+        if parameter or (t.is_leaf and t.requires_grad):
+            return t
+        sid = self.track(t, "activation")
+        if sid is not None:
+            self.saved.add(sid)
+            if self.storages[sid].category == "temporary":  # inputs stay inputs (saved all the same)
+                self.storages[sid].category = "activation"
+        return t
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t, "temporary", str(func.overloadpacket.__name__))
+        return out
+
+
+def _live_after(events: tuple[Event, ...] | list[Event], end: int) -> set[int]:
+    """Ids alive after the first ``end`` events."""
+    live: set[int] = set()
+    for event in events[:end]:
+        if event[0] == "alloc":
+            live.add(int(event[1]))  # type: ignore[call-overload]
+        else:
+            live.discard(int(event[1]))  # type: ignore[call-overload]
+    return live
+
+
+def _peaks(tracker: _Tracker, starts: dict[Phase, int]) -> tuple[int, dict[Category, int], dict[Phase, int]]:
+    """(peak bytes, the breakdown at the peak, each phase's peak) walked over the events."""
+    sizes = [s.nbytes for s in tracker.storages]
+    bounds = sorted((index, phase) for phase, index in starts.items())
+    total = peak = peak_at = 0
+    phase_peaks: dict[Phase, int] = {}
+    for index, event in enumerate(tracker.events):
+        phase = next(p for i, p in reversed(bounds) if i <= index)
+        sid = int(event[1])  # type: ignore[call-overload]
+        total += sizes[sid] if event[0] == "alloc" else -sizes[sid]
+        phase_peaks[phase] = max(phase_peaks.get(phase, 0), total)
+        if total > peak:
+            peak, peak_at = total, index + 1
+    breakdown: dict[Category, int] = {}
+    for sid in _live_after(tracker.events, peak_at):
+        category = tracker.storages[sid].category
+        breakdown[category] = breakdown.get(category, 0) + sizes[sid]
+    return peak, breakdown, phase_peaks
+
+
+def _adamw(model: torch.nn.Module, optimizer: Optimizer) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "fused":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    return torch.optim.AdamW(params, lr=1e-4, foreach=optimizer == "foreach")
+
+
+@contextlib.contextmanager
+def _unpacked_rows() -> Iterator[None]:
+    """Tell transformers the batch holds one sequence a row, as the traced batches do.
+
+    Without an attention mask and a cache (training under gradient checkpointing), transformers looks for
+    packed sequences in the position ids, a check on the data (``(mask[:, -1] == 0).all()``) that it skips
+    on fake tensors, building a ``batch x seq x seq`` mask and running masked attention a real run doesn't.
+    ``find_packed_sequence_indices`` returns None ("not packed") for such rows: it is made to say so on
+    fake and real runs alike, without the check's few small tensors.
+    """
+    masking: Any = importlib.import_module("transformers.masking_utils")
+    original = getattr(masking, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
+def _step(
+    tracker: _Tracker, model: torch.nn.Module, inputs: dict[str, torch.Tensor], optimizer: Optimizer
+) -> dict[Phase, int]:
+    """Forward, backward and an AdamW step under ``tracker``; returns where each phase's events begin."""
+    for p in model.parameters():
+        tracker.track(p, "parameter")
+    for b in model.buffers():
+        tracker.track(b, "buffer")
+    for t in inputs.values():
+        tracker.track(t, "input")
+    opt = _adamw(model, optimizer)
+    starts: dict[Phase, int] = {"setup": 0}
+    saved_hooks = torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t)
+    with warnings.catch_warnings(), _unpacked_rows(), tracker.mods, tracker:
+        # ModTracker warns when a module is re-entered while active (Llama's decoder calls its rotary module
+        # inside its own forward); the innermost module name stays right.
+        warnings.filterwarnings("ignore", "The module hierarchy tracking", UserWarning)
+        tracker.phase, starts["forward"] = "forward", len(tracker.events)
+        with saved_hooks:
+            loss = model(**inputs).loss
+        tracker.saved_live = {s for s in tracker.saved if s in _live_after(tracker.events, len(tracker.events))}
+        tracker.phase, starts["backward"] = "backward", len(tracker.events)
+        loss.backward()
+        del loss
+        for p in model.parameters():
+            if p.grad is not None:
+                tracker.recategorize(p.grad, "gradient")
+        tracker.phase, starts["optimizer_step"] = "optimizer_step", len(tracker.events)
+        opt.step()
+        for state in opt.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    tracker.recategorize(value, "optimizer_state")
+    tracker.close()  # what the step keeps (parameters, gradients, optimizer state) has no free in the trace
+    return starts
+
+
+def trace_training_step(
+    model_factory: Callable[[], torch.nn.Module],
+    inputs_factory: Callable[[], dict[str, torch.Tensor]],
+    optimizer: Optimizer = "foreach",
+    fake: bool = True,
+) -> Trace:
+    """Trace one training step of the model ``model_factory`` builds on the batch ``inputs_factory`` builds.
+
+    Args:
+        model_factory: builds the model in training mode, cast to the precision to trace; it must return an
+            output with ``.loss`` when called on the inputs (transformers models do, given labels).
+        inputs_factory: the batch, as keyword arguments of the model.
+        optimizer: the torch AdamW implementation that steps.
+        fake: build and run everything under ``FakeTensorMode`` (no data, no memory); False runs it for real.
+
+    Returns:
+        The events and their peaks; the step's storages are freed when this returns.
+    """
+    mode = torch._subclasses.fake_tensor.FakeTensorMode() if fake else contextlib.nullcontext()
+    tracker = _Tracker()
+    with mode:
+        model = model_factory()
+        inputs = inputs_factory()
+        starts = _step(tracker, model, inputs, optimizer)
+    peak, breakdown, phase_peaks = _peaks(tracker, starts)
+    return Trace(
+        storages=tuple(tracker.storages),
+        events=tuple(tracker.events),
+        phase_starts=starts,
+        optimizer=optimizer,
+        saved_bytes=sum(tracker.storages[s].nbytes for s in tracker.saved_live),
+        peak=peak,
+        peak_breakdown=breakdown,
+        phase_peaks=phase_peaks,
+    )
+
+
+def model_config(name: str) -> PretrainedConfig:
+    """``name``'s config: the offline copy of a known checkpoint or preset first (no Hub round trip)."""
+    from ftprof.known_configs import known_config_dict
+    from ftprof.train.models import config_from_dict, resolve_model_spec
+
+    known = known_config_dict(name)
+    return config_from_dict(known) if known else resolve_model_spec(name, random_init=True).config
+
+
+def known_model_factory(
+    name: str,
+    task: Task = "classification",
+    precision: str = "fp32",
+    attention: str = "sdpa",
+    dropout: bool = True,
+    checkpointing: bool = False,
+) -> Callable[[], torch.nn.Module]:
+    """A factory of the model ``name`` with random weights, as ``calibration.saved_activations_case`` builds it.
+
+    Args:
+        name: a tiny preset, known checkpoint, local directory or reachable Hub id.
+        task: a sequence classifier with 2 labels, or a causal LM.
+        precision: the dtype of parameters and activations (fp32, bf16, fp16), as DeepSpeed casts them.
+        attention: transformers' attention implementation (sdpa, eager).
+        dropout: False zeroes every dropout probability.
+        checkpointing: gradient checkpointing (non-reentrant) of every layer.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def build() -> torch.nn.Module:
+        config = model_config(name)
+        if not dropout:
+            for key, value in vars(config).items():
+                if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                    setattr(config, key, 0.0)
+        config._attn_implementation = attention
+        config.num_labels = 2
+        if config.pad_token_id is None and task == "classification":  # decoders' heads find a row's end by it
+            config.pad_token_id = config.eos_token_id
+        torch.manual_seed(0)
+        auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+        # built in its dtype: Module.to() can't swap fake parameters
+        model = auto.from_config(config, dtype=DTYPES[precision])
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    return build
+
+
+def batch_factory(
+    vocab: int, batch: int, seq: int, task: Task = "classification"
+) -> Callable[[], dict[str, torch.Tensor]]:
+    """A factory of a random batch of ``batch x seq`` token ids (and labels for ``task``)."""
+
+    def build() -> dict[str, torch.Tensor]:
+        ids = torch.randint(3, vocab, (batch, seq))
+        labels = ids if task == "causal-lm" else torch.randint(0, 2, (batch,))
+        return {"input_ids": ids, "labels": labels}
+
+    return build
