@@ -23,12 +23,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ftprof.point import Point, Precision
 from ftprof.units import GIB
+
+if TYPE_CHECKING:
+    from ftprof.estimate.adapters import LoraFacts
 
 Device = Literal["gpu", "cpu"]  # on a CPU, "offloaded" state still counts in the process
 
@@ -157,6 +160,7 @@ class Calibration:
 # and a measurement compare item by item, and labels for people.
 ITEM_LABELS: dict[str, str] = {
     "parameters": "parameters",
+    "frozen_parameters": "frozen weights (LoRA)",  # no gradients, master copy or moments
     "gradients": "gradients",
     "master_weights": "fp32 master weights",
     "optimizer_states": "Adam moments",
@@ -219,7 +223,7 @@ def bytes_per_element(precision: Precision) -> int:
 
 
 def model_states(
-    arch: Arch, s: Point, device: Device = "gpu", rank: int | None = None
+    arch: Arch, s: Point, device: Device = "gpu", rank: int | None = None, lora: LoraFacts | None = None
 ) -> tuple[dict[str, int], dict[str, int]]:
     """(on device, in host memory) bytes of parameters, gradients, master weights and Adam moments, and of
     the buffers optimizer offload adds, as DeepSpeed (0.19) holds them on each rank after a backward.
@@ -232,10 +236,18 @@ def model_states(
     Under ZeRO-1/2 on several ranks the gradients are those of every parameter that overlaps the rank's
     partition, whole (:func:`zero12_gradient_elements`); the figure is ``rank``'s, by default the largest.
 
+    With ``lora``, only the adapters (and a classifier's head) train: they get gradients, master weights and
+    moments; the frozen weights (``frozen_parameters``) are held in the training dtype alone, partitioned by
+    ZeRO-3 and offloaded with the parameters (see :func:`frozen_weights`).
+
     >>> arch = Arch("x", "encoder", 1000, 1, 8, 2, 32, 10)
     >>> model_states(arch, Point(batch_size=1, seq_len=8, precision="bf16", zero=2, world_size=4))[0]
     {'parameters': 2000, 'gradients': 500, 'master_weights': 1000, 'optimizer_states': 2000}
     """
+    frozen = 0
+    if lora is not None:
+        frozen = lora.frozen_params
+        arch = replace(arch, params=lora.trainable_params, param_sizes=lora.trainable_sizes)
     p, n, e = arch.params, s.world_size, bytes_per_element(s.precision)
     optimizer_split = n if s.zero >= 1 else 1
     if s.zero in (1, 2) and n > 1:
@@ -245,6 +257,7 @@ def model_states(
         gradients = math.ceil(e * p / (n if s.zero >= 2 else 1))
     held = {
         "parameters": math.ceil(e * p / (n if s.zero == 3 else 1)),
+        **frozen_weights(frozen, s),
         "gradients": gradients,
         # ZeRO 1-3 keep an fp32 copy of their partition even in fp32 training; mixed precision always does.
         "master_weights": math.ceil(4 * p / optimizer_split) if (s.zero >= 1 or e == 2) else 0,
@@ -266,11 +279,32 @@ def model_states(
             host["offload_buffers"] = e * arch.largest_param + math.ceil(e * p / optimizer_split)
     if s.offload_param:
         host["parameters"] = held.pop("parameters")
+        if "frozen_parameters" in held:  # ZeRO-3 partitions and offloads every parameter, frozen or not
+            host["frozen_parameters"] = held.pop("frozen_parameters")
     if device == "cpu":  # one memory: what is "host" on a GPU machine is this process too
         for k, v in host.items():
             held[k] = held.get(k, 0) + v
         host = {}
     return held, host
+
+
+def frozen_weights(frozen: int, s: Point) -> dict[str, int]:
+    """Bytes of ``frozen`` parameters per rank: ``{"frozen_parameters": ...}``, or nothing without any.
+
+    DeepSpeed (0.19) casts every parameter to the training dtype (``engine._cast_module_mixed_precision``);
+    transformers hands it only the trainable ones for the optimizer (``deepspeed_init``: ``requires_grad``
+    filter), and ZeRO-1/2's flat 16-bit groups, fp32 partitions and gradient hooks, and ZeRO-3's
+    ``_get_trainable_parameter_groups`` (``is_optimized_parameter``), take only those: a frozen weight gets no
+    gradient, master copy or moments. ZeRO-3 still converts every module parameter to a partitioned one
+    (``parameter_offload._convert_to_zero_parameters``), so frozen weights are split over the ranks there too.
+
+    >>> frozen_weights(1000, Point(batch_size=1, seq_len=8, precision="bf16", zero=3, world_size=4))
+    {'frozen_parameters': 500}
+    """
+    if not frozen:
+        return {}
+    e, split = bytes_per_element(s.precision), s.world_size if s.zero == 3 else 1
+    return {"frozen_parameters": math.ceil(e * frozen / split)}
 
 
 def zero12_gradient_elements(arch: Arch, world_size: int) -> list[int]:
@@ -390,6 +424,69 @@ def saved_activations(arch: Arch, s: Point, device: Device = "gpu") -> dict[str,
     return parts
 
 
+def lora_layer(arch: Arch, s: Point, lora: LoraFacts, device: Device = "gpu") -> tuple[int, int, int]:
+    """(what freezing saves, what the adapters add, what layer 0 saves besides) in bytes, for one layer.
+
+    Measured on real forwards (peft 0.21, torch 2.13): a frozen Linear keeps no input (autograd saves a
+    matmul operand only for the other's gradient), so a layer no longer keeps the input of its frozen
+    projections: the q/k/v input (unless an adapter reads it), eager attention's context for the output
+    projection, the MLP's input and its down projection's input; a frozen RMSNorm weight no longer needs the
+    normalised input. An adapter keeps its input for lora_A (shared by adapters that read the same tensor,
+    and by nothing else with lora_dropout > 0: lora_A reads the dropped copy), the r-wide output of lora_A,
+    and with dropout the dropped copy and its mask. Layer 0's input needs no gradient (the embeddings are
+    frozen): eager attention keeps q only if k needs a gradient (and k only if q does), and dropout on it
+    keeps no mask.
+    """
+    tokens, h, e = s.batch_size * s.seq_len, arch.hidden, bytes_per_element(s.precision)
+    mask, drop = (e if device == "cpu" else 1), lora.spec.dropout > 0
+    roles = lora.roles
+    block, n = [layer for layer in lora.layers if layer.role != "other"], max(arch.layers, 1)
+    kept = {role for role in roles if not drop}  # roles whose input lora_A keeps
+    freed = 0 if kept & {"q", "k", "v", "qkv"} else h
+    if materializes_scores(arch, device) and "o" not in kept:
+        freed += h  # the context only the output projection kept (fused kernels keep their output anyway)
+    freed += 0 if "fc1" in kept else h
+    freed += 0 if "fc2" in kept else arch.intermediate
+    if arch.mlp == "gated":
+        freed += 2 * h  # each RMSNorm's normalised input, kept for its (now frozen) weight
+    added = tokens * sum(lora.spec.r * e + (layer.fan_in * (e + mask) if drop else 0) for layer in block) // n
+    first = 0
+    if materializes_scores(arch, device):
+        q, k = bool(roles & {"q", "qkv"}), bool(roles & {"k", "qkv"})
+        first += h * e if q and not k else (arch.kv_dim * e if k and not q else 0)
+    if drop:
+        first += sum(layer.fan_in for layer in block if layer.role in ("q", "k", "v", "qkv")) // n * mask
+    return tokens * freed * e, added, tokens * first
+
+
+def lora_saved_activations(arch: Arch, s: Point, lora: LoraFacts, device: Device = "gpu") -> dict[str, int]:
+    """:func:`saved_activations` of a LoRA model: the same parts, less what frozen weights don't keep, and an
+    ``adapters`` part (each adapter's r-wide intermediate, and with lora_dropout its dropped input and mask).
+
+    Without checkpointing nothing before layer 0 needs a gradient: the embeddings keep nothing. With it,
+    transformers makes the embeddings' output require a gradient (``enable_input_require_grads``, so that the
+    checkpointed layers have one to pass back): they keep what full fine-tuning keeps, less the token ids.
+    A frozen head keeps no input: a causal LM's, and an encoder's behind a frozen pooler (BERT); peft trains a
+    classifier's head (``modules_to_save``), which keeps its input.
+    """
+    parts = saved_activations(arch, s, device)
+    tokens, h, e = s.batch_size * s.seq_len, arch.hidden, bytes_per_element(s.precision)
+    freed, added, first = lora_layer(arch, s, lora, device)
+    ids = tokens * (24 if arch.family == "encoder" else 8)
+    if s.gradient_checkpointing:
+        parts["embeddings"] = max(parts["embeddings"] - ids, 0)
+        adapters = 0  # recomputed in backward with the rest of the layer
+    else:
+        parts["layers"] -= arch.layers * freed + first
+        parts["embeddings"] = 0
+        adapters = arch.layers * added
+    if arch.family == "encoder":
+        parts["head"] = parts["head"] if lora.head_saves_input else 0
+    else:
+        parts["head"] -= tokens * h * e * ((0 if lora.head_saves_input else 1) + (arch.mlp == "gated"))
+    return {"layers": parts["layers"], "adapters": adapters, **{k: v for k, v in parts.items() if k != "layers"}}
+
+
 def live_logits(arch: Arch, s: Point) -> int:
     """Bytes of an LM head's logits, alive until the loss is taken but not saved: the logits in the data type
     and, under mixed precision, their fp32 copy. Classification heads' few logits are in ``loss``."""
@@ -400,7 +497,12 @@ def live_logits(arch: Arch, s: Point) -> int:
 
 
 def estimate(
-    arch: Arch, s: Point, cal: Calibration | None = None, device: Device = "gpu", rank: int | None = None
+    arch: Arch,
+    s: Point,
+    cal: Calibration | None = None,
+    device: Device = "gpu",
+    rank: int | None = None,
+    lora: LoraFacts | None = None,
 ) -> Estimate:
     """Predict the per-rank peaks of training ``arch`` at point ``s`` on a GPU or a CPU: those of ``rank``, by
     default of the rank that holds the most.
@@ -411,25 +513,34 @@ def estimate(
     (the fp32 gradients of this rank's partition). On a GPU the caching allocator reuses the first moment's
     blocks for the second, so the peak is the larger; on a CPU the heap keeps what the first moment grew, so
     the peak is their sum. Everything else (model states, buckets) is held throughout.
+
+    With ``lora`` (:func:`ftprof.estimate.adapters.lora_facts`), only the adapters and a classifier's head
+    train: see :func:`model_states` and :func:`lora_saved_activations`.
     """
     cal = cal or Calibration()
-    items, host = model_states(arch, s, device, rank)
+    # (called with the four arguments alone when no adapter is given: a test swaps in a four-argument stand-in)
+    items, host = model_states(arch, s, device, rank) if lora is None else model_states(arch, s, device, rank, lora)
     e = bytes_per_element(s.precision)
     if s.zero >= 1:
         # HF's "auto" reduce bucket is hidden² elements; overlap_comm (the shipped ZeRO-2/3 configs, on GPUs)
         # keeps two, CPU runs and ZeRO-1 one.
         items["gradient_buckets"] = (2 if device == "gpu" and s.zero >= 2 else 1) * arch.hidden**2 * e
         items["zero_runtime"] = math.ceil(cal.zero_runtime_bytes)
-    parts = saved_activations(arch, s, device)
+    parts = saved_activations(arch, s, device) if lora is None else lora_saved_activations(arch, s, lora, device)
     saved = sum(parts.values())
     items["saved_activations"] = saved
     if s.gradient_checkpointing:
-        items["recomputed_layer"] = layer_activations(arch, s, device)  # in backward, one layer at a time
+        layer = layer_activations(arch, s, device)  # in backward, one layer at a time
+        if lora is not None:
+            freed, added, _ = lora_layer(arch, s, lora, device)
+            layer += added - freed
+        items["recomputed_layer"] = layer
     items["temporaries"] = math.ceil(saved * (cal.activation_factor - 1)) + live_logits(arch, s)
-    if s.zero == 3:
-        items["gathered_parameters"] = e * min(arch.params, STAGE3_MAX_LIVE_PARAMETERS)
+    total, trained = (arch.params, arch.params) if lora is None else (lora.params, lora.trainable_params)
+    if s.zero == 3:  # every parameter, frozen ones too, is gathered for the forward and backward
+        items["gathered_parameters"] = e * min(total, STAGE3_MAX_LIVE_PARAMETERS)
     forward = sum(items[k] for k in FORWARD_ITEMS if k in items)
-    step = math.ceil(4 * arch.params / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
+    step = math.ceil(4 * trained / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
     if s.offload_optimizer and device == "gpu":
         step = 0  # the CPU optimizer steps in host memory
     if device == "cpu":
@@ -442,13 +553,19 @@ def estimate(
 
 
 def max_batch(
-    arch: Arch, s: Point, budget: int, cal: Calibration | None = None, device: Device = "gpu", limit: int = 1 << 16
+    arch: Arch,
+    s: Point,
+    budget: int,
+    cal: Calibration | None = None,
+    device: Device = "gpu",
+    limit: int = 1 << 16,
+    lora: LoraFacts | None = None,
 ) -> int:
     """The largest micro-batch whose predicted device-used peak fits ``budget`` (0 if none), by bisection
     over the model (monotonic in the batch), not by trial runs."""
 
     def fits(batch: int) -> bool:
-        return estimate(arch, s.with_batch(batch), cal, device).device_used <= budget
+        return estimate(arch, s.with_batch(batch), cal, device, lora=lora).device_used <= budget
 
     lo, hi = 0, 1
     while hi <= limit and fits(hi):

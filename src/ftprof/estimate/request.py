@@ -11,13 +11,18 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from ftprof.errors import ConfigError
+from ftprof.estimate.adapters import LoraFacts, LoraSpec
 from ftprof.estimate.calibration import load_calibration
 from ftprof.estimate.estimator import GPUS, Calibration, Device, Estimate, estimate, max_batch
 from ftprof.point import Offload, Point, Precision, Task, offload_within
 from ftprof.records.results import Record
 from ftprof.units import parse_size
+
+Peft = Literal["none", "lora"]
+PEFT_METHODS: tuple[Peft, ...] = ("none", "lora")
 
 
 def check_margin(margin: float) -> float:
@@ -96,6 +101,8 @@ class EstimateRequest:
     checkpointing: tuple[bool, ...] = (False,)
     grid_seq_lens: tuple[int, ...] = ()  # --grid: the largest micro-batch per these lengths (empty: no grid)
     effective_batch: int | None = None  # --grid: the accumulation that reaches this batch
+    peft: tuple[Peft, ...] = ("none",)  # "none": full fine-tuning; "lora": the adapters of ``lora``
+    lora: LoraSpec = field(default_factory=LoraSpec)
 
     def settings(self, seq_len: int | None = None, batch_size: int | None = None) -> list[Point]:
         """Every combination of the levers, in flag order, without repeats.
@@ -121,6 +128,15 @@ class EstimateRequest:
             points.setdefault(point)
         return list(points)
 
+    def columns(self, seq_len: int | None = None, batch_size: int | None = None) -> list[tuple[Point, Peft]]:
+        """Every setting, with each fine-tuning method (``peft``) side by side.
+
+        >>> t = Target("gpu")
+        >>> [(p.zero, m) for p, m in EstimateRequest("gpt2", t, zeros=(0, 2), peft=("none", "lora")).columns()]
+        [(0, 'none'), (0, 'lora'), (2, 'none'), (2, 'lora')]
+        """
+        return [(point, method) for point in self.settings(seq_len, batch_size) for method in self.peft]
+
 
 @dataclass(frozen=True)
 class Estimates:
@@ -131,6 +147,8 @@ class Estimates:
     calibration: Calibration
     points: list[Point]
     estimates: list[Estimate]
+    peft: list[Peft] = field(default_factory=list)  # per point; empty: full fine-tuning throughout
+    lora: LoraFacts | None = None  # what the LoRA columns adapt
 
     @property
     def constants(self) -> list[tuple[str, str, str]]:
@@ -155,6 +173,8 @@ class MaxBatchGrid:
     calibration: Calibration
     settings: list[Point]
     cells: dict[tuple[int, int], MaxBatchCell] = field(default_factory=dict)  # (seq_len, column) -> cell
+    peft: list[Peft] = field(default_factory=list)  # per setting; empty: full fine-tuning throughout
+    lora: LoraFacts | None = None
 
     @property
     def constants(self) -> list[tuple[str, str, str]]:
@@ -174,25 +194,31 @@ def accumulation_for(best: int, effective_batch: int, world_size: int) -> tuple[
 
 def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
     """The prediction ``request`` asks for: every setting itemised, or with ``grid_seq_lens`` the largest
-    micro-batch of each setting at each length.
+    micro-batch of each setting at each length; each with full fine-tuning and/or LoRA, as ``peft`` says.
 
     Raises:
-        ConfigError: an unknown model, an invalid setting, or a grid without a memory size.
+        ConfigError: an unknown model, an invalid setting, a grid without a memory size, or a LoRA target
+            that names no Linear layer of the model.
     """
+    from ftprof.estimate.adapters import lora_facts_for
     from ftprof.estimate.architecture import arch_for
 
     if request.grid_seq_lens and request.target.budget is None:
         raise ConfigError("--grid needs a memory size: --gpu NAME, --cpu or --budget SIZE")
-    points = request.settings(batch_size=1) if request.grid_seq_lens else request.settings()
+    columns = request.columns(batch_size=1) if request.grid_seq_lens else request.columns()
+    points, methods = [p for p, _ in columns], [m for _, m in columns]
     arch = arch_for(request.model, request.attention, request.task)
+    facts = lora_facts_for(request.model, request.lora, request.task) if "lora" in request.peft else None
+    adapters = [facts if m == "lora" else None for m in methods]
     cal = load_calibration(request.target.device)
     kind = request.target.kind
     if not request.grid_seq_lens:
-        return Estimates(request, arch.params, cal, points, [estimate(arch, p, cal, kind) for p in points])
-    grid = MaxBatchGrid(request, cal, points)
+        ests = [estimate(arch, p, cal, kind, lora=a) for p, a in zip(points, adapters, strict=True)]
+        return Estimates(request, arch.params, cal, points, ests, methods, facts)
+    grid = MaxBatchGrid(request, cal, points, peft=methods, lora=facts)
     usable = request.target.usable or 0
     for seq, (column, point) in itertools.product(request.grid_seq_lens, enumerate(points)):
-        best = max_batch(arch, replace(point, seq_len=seq), usable, cal, kind)
+        best = max_batch(arch, replace(point, seq_len=seq), usable, cal, kind, lora=adapters[column])
         if best and request.effective_batch:
             micro, accum = accumulation_for(best, request.effective_batch, request.world_size)
             grid.cells[seq, column] = MaxBatchCell(best, micro, accum)
