@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from transformers import TrainingArguments
@@ -117,6 +117,32 @@ class ScriptArguments:
             "help": "Also compute this `evaluate` metric on the eval predictions: a Hub name (accuracy, f1, "
             "matthews_correlation; needs network once, then its cache) or a local metric script path. "
             "Accuracy and F1 are always computed (numpy, no network). Classification only."
+        },
+    )
+    peft: Literal["none", "lora"] = field(
+        default="none",
+        metadata={
+            "help": "none: train every weight. lora: freeze the model and train LoRA adapters (peft) on "
+            "--lora_target_modules, plus a classifier's head; the output dir gets the adapter "
+            "(adapter_model.safetensors, adapter_config.json)."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of each adapter's update B @ A."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scale: the update is multiplied by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on each adapted layer's input."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma list of Linear module names to adapt (matched as a name or its last parts), or: "
+            "attention (the default: the family's query and value projections, as peft picks them), mlp "
+            "(the family's feed-forward layers; 'attention,mlp' for both), all-linear (every Linear but the head)."
+        },
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "--peft lora: also save the model with the adapters merged into its weights, with the "
+            "tokenizer, in <output_dir>/merged (not with ZeRO-3)."
         },
     )
 

@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from ftprof.profiler.breakdown import optimizer_chain
+from ftprof.train.adapters import adapted_modules, parameter_counts
 
 
 def innermost_optimizer(optimizer) -> torch.optim.Optimizer | None:
@@ -55,6 +56,9 @@ class FootprintCallback(TrainerCallback):
             "local_parameter_numel": local_parameter_numel(model),
             "total_parameter_numel": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
         }
+        # What really trains: everything, or (--peft lora) the adapters and a classifier's head.
+        record["trainable_parameter_numel"], record["frozen_parameter_numel"] = parameter_counts(model)
+        record["adapted_modules"] = adapted_modules(model)
         path = Path(args.output_dir) / f"footprint_rank{args.process_index}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")

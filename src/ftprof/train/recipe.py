@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 
+from ftprof.train.adapters import lora_config
 from ftprof.train.args import FtprofTrainingArguments, ScriptArguments
 from ftprof.train.models import ModelSpec, check_causal_lm, resolve_model_spec
 from ftprof.train.tasks import (
@@ -77,7 +78,7 @@ def build_trainer(
         measurement: a sweep point's rows and model size (None: a fine-tune).
 
     Raises:
-        ConfigError: ``--max_length`` above the model's limit.
+        ConfigError: ``--max_length`` above the model's limit, or a LoRA target that matches no Linear layer.
         ModelError: the model can't be resolved, or (causal-lm) has no causal-LM head.
         DataError: the data can't be loaded or has no usable rows.
     """
@@ -85,6 +86,7 @@ def build_trainer(
     if script.task == "causal-lm":
         check_causal_lm(spec)  # before any data is loaded
     max_length = max_length_for(script, spec)
+    lora = _lora_for(script, spec)  # before any data is loaded: a bad target module fails at once
     if measurement is not None and not measurement.with_data:
         data = tokenizer_only(script, args, spec)
     else:
@@ -92,7 +94,14 @@ def build_trainer(
     train, evaluation = data.train, data.eval
     if measurement is not None:
         train, evaluation = measurement.rows(data.train, spec), None
+    if lora is not None and spec.random_init:
+        set_seed(args.seed)  # the frozen random base must be the same on every rank and when a run resumes
     model = task_model(script, spec, data, shrink_vocab=measurement is None)
+    if lora is not None:
+        from peft import get_peft_model
+
+        # Trainer enables the inputs' gradients itself with --gradient_checkpointing (frozen embeddings).
+        model = get_peft_model(model, lora)
     collator = task_collator(script, args, data.tokenizer)
     compute_metrics, preprocess_logits = task_metrics(script, data)
     trainer = task_trainer_class(script)(
@@ -107,3 +116,18 @@ def build_trainer(
         callbacks=list(callbacks),
     )
     return Recipe(spec, max_length, data.tokenizer, model, train, evaluation, collator, trainer, data.rows, data.facts)
+
+
+def _lora_for(script: ScriptArguments, spec: ModelSpec) -> Any:
+    """peft's ``LoraConfig`` for ``--peft lora`` (None: full fine-tuning)."""
+    if script.peft != "lora":
+        return None
+    return lora_config(
+        spec.config,
+        spec.name,
+        script.task == "causal-lm",
+        r=script.lora_r,
+        alpha=script.lora_alpha,
+        dropout=script.lora_dropout,
+        target_modules=script.lora_target_modules,
+    )

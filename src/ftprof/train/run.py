@@ -30,6 +30,7 @@ from ftprof.profiler import add_profiler
 from ftprof.runtime.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_config
 from ftprof.runtime.distributed import adopt_slurm_env, ensure_single_process_env, shutdown
 from ftprof.runtime.ds_ops import check_no_stale_locks
+from ftprof.train.adapters import adapted_modules, check_peft_flags, parameter_counts
 from ftprof.train.args import (
     FtprofTrainingArguments,
     ScriptArguments,
@@ -58,6 +59,7 @@ class Setup:
     trainer: Trainer
     resume: str | None
     facts: dict[str, Any] = field(default_factory=dict)  # saved with the train metrics (causal-lm: the blocks)
+    merge_adapter: bool = False  # --peft lora --merge_adapter: also save <output_dir>/merged
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
@@ -184,13 +186,23 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
         value = getattr(script, flag)
         if value is not None and value <= 0:
             raise ConfigError(f"--{flag} must be positive, got {value}")
-    check_task_flags(script, args, passed={a[2:].split("=")[0] for a in argv if a.startswith("--")})
+    passed = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    check_task_flags(script, args, passed)
+    check_peft_flags(script.peft, passed, _zero_stage(args))
     script.precision, script.zero, script.offload = levers.precision, levers.zero, levers.offload
     if script.group_by_length:
         args.train_sampling_strategy = "group_by_length"
     if script.metric:
         load_metric(script.metric)  # fail now, not after the first epoch; setup() loads it again (cheap)
     return script, args
+
+
+def _zero_stage(args: FtprofTrainingArguments) -> int | None:
+    """DeepSpeed's ZeRO stage for this run (None: no DeepSpeed)."""
+    if not args.deepspeed:
+        return None
+    given = args.deepspeed
+    return (DeepSpeedConfig(given) if isinstance(given, dict) else load_ds_config(given)).zero_stage
 
 
 def last_complete_checkpoint(output_dir: Path) -> str | None:
@@ -254,7 +266,17 @@ def setup(script: ScriptArguments, args: FtprofTrainingArguments) -> Setup:
         recipe.max_length,
         args.world_size,
     )
-    return Setup(spec, recipe.trainer, resume, recipe.facts)
+    if script.peft == "lora":
+        trainable, frozen = parameter_counts(recipe.model)
+        logger.info(
+            "LoRA r=%d on %d layers (%s): %d trainable, %d frozen parameters",
+            script.lora_r,
+            len(adapted_modules(recipe.model)),
+            ", ".join(sorted({n.rsplit(".", 1)[-1] for n in adapted_modules(recipe.model)})),
+            trainable,
+            frozen,
+        )
+    return Setup(spec, recipe.trainer, resume, recipe.facts, merge_adapter=script.merge_adapter)
 
 
 def fit(s: Setup) -> dict[str, float]:
@@ -279,7 +301,25 @@ def fit(s: Setup) -> dict[str, float]:
     eval_metrics["random_init"] = s.spec.random_init
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
+    if s.merge_adapter:
+        save_merged(trainer)
     return eval_metrics
+
+
+def save_merged(trainer: Trainer) -> None:
+    """Save the model with its LoRA adapters merged into the weights, and the tokenizer, in ``<output_dir>/merged``.
+
+    Done last: merging replaces the adapted layers in place. ZeRO-3 never gets here (see ``check_peft_flags``).
+    """
+    if not trainer.args.should_save:
+        return
+    merged_dir = Path(str(trainer.args.output_dir)) / "merged"
+    peft_model: Any = trainer.model  # a PeftModel under --peft lora
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(merged_dir)
+    logger.info("saved the model with its adapters merged in %s", merged_dir)
 
 
 def _configure_logging(args: FtprofTrainingArguments | None = None) -> None:
