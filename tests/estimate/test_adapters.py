@@ -235,6 +235,6 @@ def test_cli_peft_none_lora_side_by_side(capsys):
     assert "frozen weights (LoRA)" in out
     assert "trainable parameters (LoRA)" in out
     assert "adapters" in out
-    assert "LoRA r=8, alpha=32, dropout=0.05 on 2 layers (c_attn): 4,224 trainable" in out
+    assert "LoRA r=8, alpha=16, dropout=0.05 on 2 layers (c_attn): 4,224 trainable" in out
     assert main([*flags, "--zero", "2"]) == 0
     assert "LoRA" not in capsys.readouterr().out

@@ -140,8 +140,8 @@ def add_peft_group(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         metavar="none,lora",
         help="none (full fine-tuning, the default), lora (frozen weights plus low-rank adapters), or none,lora",
     )
-    group.add_argument("--lora_r", type=int, default=16, help="LoRA rank (default: 16)")
-    group.add_argument("--lora_alpha", type=int, default=32, help="LoRA scale numerator, alpha / r (default: 32)")
+    group.add_argument("--lora_r", type=int, default=8, help="LoRA rank (default: 8, as ftprof train)")
+    group.add_argument("--lora_alpha", type=int, default=16, help="LoRA scale numerator, alpha / r (default: 16)")
     group.add_argument(
         "--lora_dropout", type=float, default=0.05, help="dropout on each adapter's input (default: 0.05)"
     )

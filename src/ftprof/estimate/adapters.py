@@ -19,27 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ftprof.errors import ConfigError
+from ftprof.train.adapters import attention_targets
 
 if TYPE_CHECKING:
     import torch
 
-# peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (utils/constants.py) for the families ftprof knows:
-# the query and value projections (GPT-2's fused c_attn holds all three). peft has no entry for DistilBERT;
-# its q_lin/v_lin follow the same rule.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "xlm-roberta": ("query", "value"),
-    "distilbert": ("q_lin", "v_lin"),
-    "gpt2": ("c_attn",),
-    "gpt_neo": ("q_proj", "v_proj"),
-    "opt": ("q_proj", "v_proj"),
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-}
 HEAD_MODULES = ("classifier", "score")  # peft's modules_to_save for task_type SEQ_CLS
 
 # Where an adapted layer sits in a transformer block, by the module's name: what its input is decides what
@@ -65,8 +49,8 @@ class LoraSpec:
     ('c_attn', 'c_proj')
     """
 
-    r: int = 16  # rank of the update B @ A
-    alpha: int = 32  # the update is scaled by alpha / r (no memory effect)
+    r: int = 8  # rank of the update B @ A (``ftprof train``'s default, so an estimate predicts what it runs)
+    alpha: int = 16  # the update is scaled by alpha / r (no memory effect)
     dropout: float = 0.05  # applied to each adapted layer's input before lora_A (its mask is saved)
     target_modules: tuple[str, ...] = ()  # module names (suffixes); empty: the family's default
 
@@ -84,11 +68,12 @@ class LoraSpec:
         """
         if self.target_modules:
             return self.target_modules
-        if model_type not in DEFAULT_TARGETS:
+        default = attention_targets(model_type)  # the one table ``ftprof train`` adapts by default
+        if default is None:
             raise ConfigError(
                 f"LoRA has no default target modules for {model_type!r}; name them with --lora_target_modules"
             )
-        return DEFAULT_TARGETS[model_type]
+        return default
 
 
 @dataclass(frozen=True)
