@@ -35,8 +35,14 @@ def test_ci_script_sets_ci():
 
 
 def test_every_requirement_gate_goes_through_skip_or_fail():
-    """No plain skip for Slurm, MiniLM or the shared data is left in the fixtures that provide them."""
-    for path in ("tests/conftest.py", "tests/slurm_cluster.py"):
-        text = (ROOT / path).read_text()
+    """No test skips on its own: every gate (Slurm, MiniLM, the shared data) goes through skip_or_fail, which
+    fails under CI. Only the GPU tests (never run by CI) may skip plainly."""
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path.parent.name == "gpu":
+            continue
+        text = path.read_text()
+        if path.name == "test_ci_requirements.py":
+            continue  # names the forbidden calls
         assert "pytest.skip(" not in text.replace("pytest.skip(missing)", ""), path
         assert "importorskip" not in text, path
+        assert "skipif" not in text, path

@@ -3,8 +3,8 @@
 Packages, in the order imports run (each imports only those below it):
 
 * :mod:`ftprof.cli`: one thin module per subcommand (parse, call one library function, print).
-* :mod:`ftprof.report`: recommendations, tables, exports and plots of a sweep's records.
 * :mod:`ftprof.sweep`: planning and running a grid of measured points, locally or on Slurm.
+* :mod:`ftprof.report`: recommendations, tables, exports and plots of a sweep's records (and the estimate's).
 * :mod:`ftprof.estimate`: predicting the per-rank peak from an architecture, and calibrating on sweeps.
 * :mod:`ftprof.train`: the fine-tuning recipe (arguments, data, models, tokenizers, metrics, Trainer).
 * :mod:`ftprof.profiler`: memory and throughput measured inside any Trainer run.

@@ -18,6 +18,8 @@ Task = Literal["classification", "causal-lm"]  # what the model learns: a sequen
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 OFFLOADS: tuple[Offload, ...] = get_args(Offload)
 TASKS: tuple[Task, ...] = get_args(Task)
+Peft = Literal["none", "lora"]  # how the weights train: all of them, or frozen under LoRA adapters (peft)
+PEFT_METHODS: tuple[Peft, ...] = get_args(Peft)
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -188,3 +190,15 @@ def parse_task(text: str) -> Task:
     if text not in TASKS:
         raise ConfigError(f"--task {text!r}: unknown task; use {' or '.join(TASKS)}")
     return cast(Task, text)
+
+
+def parse_peft(text: str) -> list[Peft]:
+    """``--peft``: a comma list of fine-tuning methods, ``none`` (full) and ``lora``.
+
+    >>> parse_peft("none,lora"), parse_peft("lora")
+    (['none', 'lora'], ['lora'])
+    """
+    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not methods or any(m not in PEFT_METHODS for m in methods):
+        raise ConfigError(f"--peft {text!r}: use none, lora, or none,lora (side by side)")
+    return [cast(Peft, m) for m in dict.fromkeys(methods)]  # checked against PEFT_METHODS just above

@@ -99,15 +99,12 @@ def saved_errors(families: list[tuple[str, Task]]) -> dict[str, float]:
     return errors
 
 
-def test_saved_activations_match_the_meter_on_real_forwards():
-    errors = saved_errors(FAMILIES)
-    assert all(e <= 0.02 for e in errors.values()), errors
-
-
-def test_saved_activations_of_the_held_out_family():
-    """distilbert, reported apart: nothing in the tracer was changed after looking at it."""
-    errors = saved_errors([HELD_OUT])
-    assert all(e <= 0.02 for e in errors.values()), errors
+def test_fake_trace_saves_exactly_what_the_meter_sees_on_real_forwards():
+    """A consistency check, not an accuracy figure: the trace and ``SavedActivationMeter`` count saved tensors
+    through the same hooks and the same packing rule, so the fake trace must agree exactly with a real
+    forward's meter. The independent checks are the exact model-state counts and the hand formula below."""
+    errors = saved_errors([*FAMILIES, HELD_OUT])
+    assert all(e == 0 for e in errors.values()), errors
 
 
 def test_storages_are_tagged_with_phase_and_module():
@@ -207,8 +204,19 @@ def formula_saved(name: str, task: Task, batch: int, seq: int) -> int:
 
 @pytest.mark.parametrize(("name", "task"), FAMILIES)
 def test_the_hand_formula_agrees_with_the_trace(name, task):
+    """Two independent derivations of the saved activations: the estimator's per-family formula, and the real
+    model's ops under fake tensors."""
     trace = traced(name, task)
     assert abs(formula_saved(name, task, B, S) - trace.saved_bytes) / trace.saved_bytes < 0.01
+
+
+def test_the_hand_formula_on_the_held_out_family():
+    """distilbert, which no formula change looked at, judged at the issue's 5% bound and reported apart: the
+    formula over-predicts it by 4.7% at batch 4 x 64 in fp32 with dropout (the trace is exact; see above)."""
+    trace = traced(*HELD_OUT)
+    error = (formula_saved(*HELD_OUT, B, S) - trace.saved_bytes) / trace.saved_bytes
+    print(f"held-out {HELD_OUT[0]}: formula {100 * error:+.2f}% against the trace")
+    assert abs(error) < 0.05
 
 
 class OutResize(torch.nn.Module):

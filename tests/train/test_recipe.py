@@ -24,7 +24,7 @@ from ftprof.train.causal_lm_data import CausalLMCollator
 from ftprof.train.recipe import Recipe
 from ftprof.train.run import Setup, parse, setup
 from ftprof.train.tasks import CausalLMTrainer
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, skip_or_fail
 
 SST2 = SHARED_DATA / "sst2"
 SEQ_LEN = 60  # not a multiple of 8: fp16/bf16 batches are padded to 64
@@ -69,7 +69,7 @@ def shapes(loader, n: int = BATCHES) -> list[dict[str, tuple[int, ...]]]:
 @pytest.fixture(scope="module")
 def sst2() -> Path:
     if not (SST2 / "train.tsv").is_file():
-        pytest.skip("../shared/data/sst2 is not beside the checkout")
+        skip_or_fail(f"SST-2 is not at {SST2}: put GLUE's SST-2 train.tsv and dev.tsv there")
     return SST2
 
 

@@ -15,7 +15,16 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from ftprof.point import TASKS, parse_int_list, parse_offloads, parse_precisions, parse_switch, parse_task, parse_zero
+from ftprof.point import (
+    TASKS,
+    parse_int_list,
+    parse_offloads,
+    parse_peft,
+    parse_precisions,
+    parse_switch,
+    parse_task,
+    parse_zero,
+)
 
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
@@ -104,29 +113,6 @@ def add_lever_group(p: argparse.ArgumentParser, *, defaults: dict[str, str | Non
 def note(text: str) -> None:
     """One line on stderr that doesn't stop the command (a deprecated flag, say)."""
     print(f"ftprof: note: {text}", file=sys.stderr)
-
-
-PEFT_CHOICES = ("none", "lora")
-
-
-def parse_peft(text: str) -> list[str]:
-    """``--peft``: a comma list of fine-tuning methods, ``none`` (full) and ``lora``.
-
-    >>> parse_peft("none,lora"), parse_peft("lora")
-    (['none', 'lora'], ['lora'])
-
-    Raises:
-        ConfigError: an unknown method.
-    """
-    from ftprof.errors import ConfigError
-
-    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
-    if not methods or any(m not in PEFT_CHOICES for m in methods):
-        raise ConfigError(f"--peft {text!r}: use none, lora, or none,lora (side by side)")
-    return list(dict.fromkeys(methods))
-
-
-parse_peft.__name__ = "--peft"
 
 
 def add_peft_group(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:

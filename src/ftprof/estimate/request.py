@@ -11,18 +11,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 from ftprof.errors import ConfigError
 from ftprof.estimate.adapters import LoraFacts, LoraSpec
 from ftprof.estimate.calibration import load_calibration
 from ftprof.estimate.estimator import GPUS, Calibration, Device, Estimate, estimate, max_batch
-from ftprof.point import Offload, Point, Precision, Task, offload_within
+from ftprof.point import Offload, Peft, Point, Precision, Task, offload_within
 from ftprof.records.results import Record
 from ftprof.units import parse_size
-
-Peft = Literal["none", "lora"]
-PEFT_METHODS: tuple[Peft, ...] = ("none", "lora")
 
 
 def check_margin(margin: float) -> float:

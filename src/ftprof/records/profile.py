@@ -19,7 +19,7 @@ UNSTABLE_SPREAD = 0.25
 # A window whose threads waited for a CPU more than this many seconds per second (other processes, or more
 # threads than cores), or during which the hypervisor took more than CONTENDED_STEAL of the machine,
 # measured the machine as much as the setting: "contended".
-CONTENDED_WAIT = 0.25  # alone, a sweep point waits ~0.01-0.08 s/s here; one busy process on 2 cores ~1
+CONTENDED_WAIT = 0.25  # alone a point waits a few hundredths of a second per second; beside a busy process, ~1
 CONTENDED_STEAL = 0.05
 
 

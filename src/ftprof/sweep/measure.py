@@ -4,7 +4,7 @@
 child forked from the pre-imported worker (:mod:`ftprof.sweep.worker`, the default for one rank), or a
 fresh process (several ranks, a Slurm step, an environment the worker can't give):
 
-    python -m ftprof.sweep.measure SPEC.json                          # world size 1
+    python .../ftprof/sweep/measure.py SPEC.json                      # world size 1, fresh
     deepspeed --num_gpus 2 .../ftprof/sweep/measure.py SPEC.json      # world size 2
 
 SPEC holds a :class:`MeasureSpec`; rank 0 writes the measured :class:`~ftprof.records.profile.Profile` to

@@ -28,7 +28,6 @@ from transformers.pytorch_utils import Conv1D
 
 from ftprof.errors import ConfigError
 
-PEFT_METHODS = ("none", "lora")
 ALL_LINEAR = "all-linear"  # peft's word for every Linear layer but the output head
 # Families peft's mapping lacks: the same rule (query and value projections).
 EXTRA_ATTENTION_TARGETS: dict[str, tuple[str, ...]] = {"distilbert": ("q_lin", "v_lin")}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from transformers import TrainingArguments
 
 from ftprof.errors import ConfigError
-from ftprof.point import Offload, Precision, Task, parse_offloads, parse_precisions, parse_task, parse_zero
+from ftprof.point import Offload, Peft, Precision, Task, parse_offloads, parse_precisions, parse_task, parse_zero
 from ftprof.runtime.deepspeed_config import DeepSpeedConfig, ds_config_for, shipped_config
 from ftprof.runtime.distributed import adopt_process_group, release_shm_buffer
 
@@ -119,7 +119,7 @@ class ScriptArguments:
             "Accuracy and F1 are always computed (numpy, no network). Classification only."
         },
     )
-    peft: Literal["none", "lora"] = field(
+    peft: Peft = field(
         default="none",
         metadata={
             "help": "none: train every weight. lora: freeze the model and train LoRA adapters (peft) on "
