@@ -30,7 +30,7 @@ def worker(with_profiler: bool, steps: int) -> None:
         default_data_collator,
     )
 
-    from ftprof.profiler import ProfilerCallback, TokenCountingCollator
+    from ftprof.profiler import ProfilerCallback
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(
@@ -45,7 +45,6 @@ def worker(with_profiler: bool, steps: int) -> None:
             "labels": [i % 2 for i in range(n)],
         }
     )
-    counter = TokenCountingCollator(default_data_collator)
     args = TrainingArguments(
         output_dir="/tmp/ftprof-bench-profiler",
         per_device_train_batch_size=16,
@@ -56,8 +55,10 @@ def worker(with_profiler: bool, steps: int) -> None:
         save_strategy="no",
         use_cpu=True,
     )
-    callbacks = [ProfilerCallback(warmup_steps=2, counter=counter)] if with_profiler else []
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counter, callbacks=callbacks)
+    callbacks = [ProfilerCallback(warmup_steps=2)] if with_profiler else []
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=default_data_collator, callbacks=callbacks
+    )
     start = time.perf_counter()
     trainer.train()
     print(json.dumps({"steps_per_s": steps / (time.perf_counter() - start)}))

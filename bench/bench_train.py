@@ -116,7 +116,7 @@ def worker(rows: int, out: Path, pad_to: int | None) -> None:
 
     train = task.train.map(encode, batched=True, remove_columns=task.train.column_names)
     evaluation = task.eval.map(encode, batched=True, remove_columns=task.eval.column_names)
-    from ftprof.profiler import TokenCountingCollator, add_profiler
+    from ftprof.profiler import add_profiler
 
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
     args = TrainingArguments(
@@ -131,17 +131,16 @@ def worker(rows: int, out: Path, pad_to: int | None) -> None:
         disable_tqdm=True,
         logging_steps=1000,
     )
-    counter = TokenCountingCollator(DataCollatorWithPadding(tokenizer))
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=counter,
+        data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids, 2),
         preprocess_logits_for_metrics=argmax_logits,
     )
-    profiler = add_profiler(trainer, counter=counter)  # the same steady-state measure as --profile
+    profiler = add_profiler(trainer)  # the same steady-state measure as --profile
     metrics = trainer.train().metrics
     accuracy = trainer.evaluate()["eval_accuracy"] if not pad_to else None
     (out / "bench.json").write_text(

@@ -190,6 +190,7 @@ def test_run_facts_and_machine_round_trip(tmp_path):
     [
         ({"worker": "fork", "gpu_count": 2}, r"results.jsonl:1: unknown run facts \['gpu_count'\]"),
         ({"remeasured": "bored"}, r"remeasured 'bored' is none of \['contended', 'repeat', 'close call'\]"),
+        ({"worker": "spawn"}, r"results.jsonl:1: worker 'spawn' is none of \['fork', 'fresh'\]"),
     ],
 )
 def test_unknown_run_facts_are_refused_by_name(tmp_path, run, message):
@@ -205,16 +206,51 @@ def test_results_path_takes_a_folder_or_its_file(tmp_path):
     assert results_path(str(tmp_path / "other.jsonl")) == tmp_path / "other.jsonl"
 
 
-@pytest.mark.parametrize(("model", "points"), [("tiny-bert", 12), ("tiny-gpt2", 12)])
-def test_the_committed_schema_2_sweeps_still_load(model, points):
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (
+            "status",
+            "napping",
+            r"results.jsonl:2: status 'napping' is none of \['ok', 'oom', 'error', 'timeout', 'skipped', "
+            r"'over_budget'\]; the file is corrupt",
+        ),
+        ("task", "translation", r"results.jsonl:2: task 'translation' is none of \['classification', 'causal-lm'\]"),
+    ],
+)
+def test_a_status_or_task_of_no_known_value_is_refused_by_line_and_field(tmp_path, field, value, message):
+    path = tmp_path / "results.jsonl"
+    append_record(path, rec(8))
+    path.write_text(path.read_text() + json.dumps({**rec(16).to_json(), field: value}) + "\n")
+    with pytest.raises(ResultsError, match=message):
+        read_records(path)
+
+
+def test_an_old_schema_task_of_no_known_value_is_refused(tmp_path):
+    line = {**rec(8).to_json(), "schema": "ftprof.sweep/2", "env": {"task": "translation", "worker": "fork"}}
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    with pytest.raises(ResultsError, match=r"results.jsonl:1: task 'translation' is none of"):
+        read_records(path)
+
+
+@pytest.mark.parametrize(
+    ("model", "points", "run", "memory"),
+    [
+        ("tiny-bert", 12, RunFacts(), 25276502016),  # one point at a time, nothing re-measured
+        ("tiny-gpt2", 12, RunFacts(), 25276502016),
+        ("tiny-distilbert", 12, RunFacts(worker="fork"), 25276194816),  # forked from the pre-imported worker
+    ],
+)
+def test_the_committed_schema_2_sweeps_still_load(model, points, run, memory):
     records = read_records(results_path(ROOT / "profiles" / f"cpu-2core-{model}"))
     assert {json.loads(x)["schema"] for x in (ROOT / "profiles" / f"cpu-2core-{model}" / RESULTS).open()} == {
         "ftprof.sweep/2"
     }
     assert len(latest(records)) == points
     assert {r.task for r in records} == {"classification"}
-    assert all(r.run == RunFacts() for r in records)  # one point at a time, nothing re-measured
+    assert all(r.run == run for r in records)
     assert {r.device for r in records} == {"cpu (x86_64)"}
-    assert {r.device_memory_bytes for r in records} == {25276502016}
+    assert {r.device_memory_bytes for r in records} == {memory}
     assert "world_size" not in records[0].machine
     assert "task" not in records[0].machine

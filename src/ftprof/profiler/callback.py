@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
@@ -49,6 +49,9 @@ from ftprof.profiler.samplers import MemorySampler, make_sampler
 from ftprof.profiler.timing import IntervalTimer, StepClock, summarize_periods
 from ftprof.profiler.tokens import BatchCounter
 from ftprof.records.profile import Profile, RankProfile
+
+if TYPE_CHECKING:
+    from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 FLOP_FORMULA = "6*N + 12*L*H*Q*T per token (PaLM), N = non-embedding parameters, on padded tokens"
 
@@ -163,10 +166,10 @@ class ProfilerCallback(TrainerCallback):
         inner.step = step
 
     # -- Trainer events --------------------------------------------------------------------------------
-    def on_init_end(self, args, state, control, **kwargs):
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._attach(args)
 
-    def _attach(self, args) -> None:
+    def _attach(self, args: TrainingArguments) -> None:
         """Start sampling; the first reading is the memory held once the model is loaded."""
         if self._sampler is None:
             index = args.device.index if args.device.type == "cuda" else None
@@ -174,7 +177,15 @@ class ProfilerCallback(TrainerCallback):
         self.phases["model_load"] = self.sampler.read()
         self._begin("setup")
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
         if "model_load" not in self.phases:  # added with trainer.add_callback after Trainer.__init__
             self._attach(args)
         self._model = model
@@ -204,12 +215,14 @@ class ProfilerCallback(TrainerCallback):
         self._window_counts = self.counter.snapshot()
         self.clock.start()
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self._profile_next and self.recorder is not None:
             self._profile_next, self._profiling = False, True
             self.recorder.begin_step()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._profiling:
             self._profiling = False
             assert self.recorder is not None
@@ -246,17 +259,26 @@ class ProfilerCallback(TrainerCallback):
         self._target_steps = int(_reduce_over_ranks([float(needed)], "max")[0])
         return steps >= self._target_steps
 
-    def on_prediction_step(self, args, state, control, **kwargs):
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not self._evaluating:
             self._evaluating = True
             self.sampler.start("evaluation")
 
-    def on_evaluate(self, args, state, control, **kwargs):
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._evaluating:
             self._evaluating = False
             self._merge("evaluation", self.sampler.stop("evaluation"))
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs is not None and len(self.clock) > 1:
             logs.update(
                 {
@@ -266,7 +288,14 @@ class ProfilerCallback(TrainerCallback):
                 }
             )
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self._window_counts is not None and self._window_end is None:
             self._end("steady")
         self.counter.detach()
@@ -277,11 +306,12 @@ class ProfilerCallback(TrainerCallback):
         if self._reference:  # after the window and every memory phase
             self._time_reference()
         self.profile = self._summarize(args, model or self._model)
-        state.log_history.append({"profile": self.profile.to_json(), "step": state.global_step})
+        entry: dict[str, Any] = {"profile": self.profile.to_json(), "step": state.global_step}
+        state.log_history.append(entry)  # transformers types log entries as float-valued; this one holds a dict
         self.sampler.close()
 
     # -- results ---------------------------------------------------------------------------------------
-    def _throughput(self, args, local_only: bool = False) -> dict[str, Any]:
+    def _throughput(self, args: TrainingArguments, local_only: bool = False) -> dict[str, Any]:
         """Steady-window figures: per-step counts over the median step period (rates summed over ranks)."""
         periods = self.clock.periods()
         if not periods or self._window_counts is None:
@@ -305,7 +335,7 @@ class ProfilerCallback(TrainerCallback):
             "padded_tokens_per_s": padded / total if padded else None,
         }
 
-    def _summarize(self, args, model) -> Profile:
+    def _summarize(self, args: TrainingArguments, model: torch.nn.Module | None) -> Profile:
         profile = Profile(
             sampler=self.sampler.kind,
             warmup_steps=self.warmup_steps,
@@ -387,7 +417,7 @@ def _gather_over_ranks(record: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(gathered, key=lambda r: r["rank"])
 
 
-def add_profiler(trainer, **kwargs) -> ProfilerCallback:
+def add_profiler(trainer: Trainer, **kwargs: Any) -> ProfilerCallback:
     """Put a :class:`ProfilerCallback` first in ``trainer``'s callbacks, so reporting integrations
     (TensorBoard, W&B) see the ``profile/*`` figures it adds to each log."""
     callback = ProfilerCallback(**kwargs)

@@ -8,7 +8,12 @@ padding) leaves out.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ftprof.known_configs import dims
+
+if TYPE_CHECKING:
+    import torch
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (no sparsity), and fp32 (non-tensor-core) peaks.
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -53,18 +58,19 @@ def training_flops_per_token(non_embedding_params: int, layers: int, heads: int,
     return 6.0 * non_embedding_params + 12.0 * layers * heads * head_dim * seq_len
 
 
-def model_shape(model) -> tuple[int, int, int, int]:
+def model_shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
     """(non-embedding parameters, layers, heads, head dim) of a transformers model, from its config.
 
     Embedding lookups cost no FLOPs, but an LM head tied to the input embedding is a real vocabulary-wide
     matmul: it counts (PaLM's N includes the output projection).
     """
     d = dims(model.config)
-    embedding = sum(
-        getattr(m, "ds_numel", m.weight.numel()) for m in model.modules() if type(m).__name__ == "Embedding"
-    )
+    # A transformers model's submodule weights and get_output_embeddings are attributes torch's types can't see.
+    embeddings: list[Any] = [m for m in model.modules() if type(m).__name__ == "Embedding"]
+    embedding = sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in embeddings)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    transformers_model: Any = model
+    head = transformers_model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and getattr(model.config, "tie_word_embeddings", False)
     tied_head = getattr(head.weight, "ds_numel", head.weight.numel()) if tied and head is not None else 0
     return total - embedding + tied_head, d.layers, d.heads, d.head_dim

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ftprof.errors import FtprofError
-from ftprof.point import Point, Task
+from ftprof.point import TASKS, Point, Task
 from ftprof.records.profile import Profile
 
 SCHEMA = "ftprof.sweep/3"
@@ -32,6 +32,7 @@ STATUSES: tuple[Status, ...] = get_args(Status)
 Remeasured = Literal["contended", "repeat", "close call"]
 REMEASURED: tuple[Remeasured, ...] = get_args(Remeasured)
 Worker = Literal["fork", "fresh"]  # forked from the sweep's pre-imported worker, or a fresh process
+WORKERS: tuple[Worker, ...] = get_args(Worker)
 
 
 class ResultsError(FtprofError):
@@ -73,9 +74,21 @@ class RunFacts:
         if unknown:
             raise ValueError(f"unknown run facts {sorted(unknown)}")
         facts = cls(**data)
-        if facts.remeasured not in (None, *REMEASURED):
-            raise ValueError(f"remeasured {facts.remeasured!r} is none of {list(REMEASURED)}")
+        _check_one_of("worker", facts.worker, (None, *WORKERS))
+        _check_one_of("remeasured", facts.remeasured, (None, *REMEASURED))
         return facts
+
+
+def _check_one_of(name: str, value: object, allowed: tuple[object, ...]) -> None:
+    """Refuse a field read back with a value its type doesn't allow (None among ``allowed``: optional).
+
+    >>> _check_one_of("status", "napping", ("ok", "oom"))
+    Traceback (most recent call last):
+    ...
+    ValueError: status 'napping' is none of ['ok', 'oom']
+    """
+    if value not in allowed:
+        raise ValueError(f"{name} {value!r} is none of {[a for a in allowed if a is not None]}")
 
 
 @dataclass
@@ -140,7 +153,8 @@ class Record:
 
         Raises:
             KeyError: a required field is missing.
-            ValueError: a field holds what it can't (unknown run facts).
+            ValueError: a field holds what it can't (unknown run facts, a status, task, worker or
+                ``remeasured`` of none of its values).
         """
         profile = data.get("profile")
         predicted = data.get("predicted_bytes")
@@ -152,6 +166,8 @@ class Record:
             task, run, machine = split_old_env(data.get("env") or {})
         else:
             task, run, machine = data["task"], RunFacts.from_json(data["run"]), data["machine"]
+        _check_one_of("status", data["status"], STATUSES)
+        _check_one_of("task", task, TASKS)
         return cls(
             point=Point.from_json(data),
             status=data["status"],

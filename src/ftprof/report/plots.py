@@ -11,6 +11,7 @@ from ftprof.records.results import Record
 from ftprof.units import GIB
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 Series = dict[str, list[tuple[int, Record]]]
@@ -112,7 +113,7 @@ def figure(name: str, records: list[Record], budget: int | None = None) -> Figur
     return fig
 
 
-def _mark_failures(ax, records: list[Record], budget: int | None) -> None:
+def _mark_failures(ax: Axes, records: list[Record], budget: int | None) -> None:
     """The budget as a dashed line (in the title when it is far above the peaks); OOM (red x) and skipped
     (orange triangle) points along the top edge."""
     if budget:

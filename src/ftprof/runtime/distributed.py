@@ -28,6 +28,10 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SHM_FOLDER = Path("/dev/shm")
@@ -101,7 +105,7 @@ def ensure_single_process_env() -> bool:
     return True
 
 
-def adopt_process_group(state) -> bool:
+def adopt_process_group(state: PartialState | None) -> bool:
     """Copy the initialized process group's size and ranks into an accelerate ``PartialState``.
 
     Returns True when ``state`` had to be corrected. A no-op on GPUs, where accelerate gets it right.

@@ -35,6 +35,7 @@ from ftprof.records.profile import Profile
 if TYPE_CHECKING:  # heavy imports wait for measure(): the sweep driver imports this module for MeasureSpec
     from collections.abc import Callable, Sequence
 
+    from datasets import Dataset
     from transformers import TrainerCallback
 
     from ftprof.train.args import FtprofTrainingArguments
@@ -79,7 +80,7 @@ class MeasureSpec:
         return cls(**{**data, "point": Point.from_json(data["point"])})
 
 
-def _token_dataset(spec: MeasureSpec, vocab_size: int, n_rows: int):
+def _token_dataset(spec: MeasureSpec, vocab_size: int, n_rows: int) -> Dataset:
     """Random token ids of exactly ``seq_len`` (the swept length) and random binary labels."""
     import torch
     from datasets import Dataset

@@ -182,7 +182,7 @@ class FtprofTrainingArguments(TrainingArguments):
             self.bf16 = True
 
     @cached_property
-    def _setup_devices(self):
+    def _setup_devices(self) -> torch.device:
         device = TrainingArguments._setup_devices.func(self)  # type: ignore[attr-defined]  # cached_property
         adopt_process_group(self.distributed_state)
         release_shm_buffer()  # DeepSpeed never unlinks its CPU collectives' 66 MiB per rank in /dev/shm

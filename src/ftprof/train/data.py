@@ -11,11 +11,15 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 
 from ftprof.errors import DataError
 from ftprof.train.synthetic import synthetic_dataset
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +218,9 @@ def _label_names(ds: Dataset, column: str, split_name: str) -> list[str]:
     return [str(i) for i in range(max(labels) + 1)]
 
 
-def tokenize(task: TaskData, tokenizer, max_length: int, with_length: bool = False) -> tuple[Dataset, Dataset]:
+def tokenize(
+    task: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int, with_length: bool = False
+) -> tuple[Dataset, Dataset]:
     """Tokenize both splits with truncation and no padding (the collator pads each batch to its longest).
 
     The ``datasets`` cache keys the result on the tokenizer and arguments, so a rerun skips this step.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
@@ -15,14 +16,17 @@ from transformers import TrainerCallback
 from ftprof.profiler.breakdown import optimizer_chain
 from ftprof.train.adapters import adapted_modules, parameter_counts
 
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
-def innermost_optimizer(optimizer) -> torch.optim.Optimizer | None:
+
+def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     """Unwrap accelerate's and DeepSpeed's optimizer wrappers down to the torch optimizer doing the step."""
     chain = optimizer_chain(optimizer)
     return chain[-1] if chain and isinstance(chain[-1], torch.optim.Optimizer) else None
 
 
-def optimizer_state_bytes(optimizer) -> int:
+def optimizer_state_bytes(optimizer: Any) -> int:
     """Bytes of tensors in the optimizer's state on this rank (Adam: exp_avg and exp_avg_sq)."""
     inner = innermost_optimizer(optimizer)
     if inner is None:
@@ -46,7 +50,15 @@ class FootprintCallback(TrainerCallback):
     def __init__(self) -> None:
         self.written = False
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if self.written or optimizer is None or model is None:
             return
         record = {
@@ -59,6 +71,7 @@ class FootprintCallback(TrainerCallback):
         # What really trains: everything, or (--peft lora) the adapters and a classifier's head.
         record["trainable_parameter_numel"], record["frozen_parameter_numel"] = parameter_counts(model)
         record["adapted_modules"] = adapted_modules(model)
+        assert args.output_dir is not None  # TrainingArguments.__post_init__ fills it in
         path = Path(args.output_dir) / f"footprint_rank{args.process_index}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")

@@ -22,6 +22,7 @@ from ftprof.errors import ConfigError
 from ftprof.hub import TRUTHY
 
 if TYPE_CHECKING:
+    import torch
     from evaluate import EvaluationModule
     from transformers import EvalPrediction
 
@@ -63,7 +64,7 @@ def add_perplexity(metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def argmax_logits(logits, labels):
+def argmax_logits(logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
     """``preprocess_logits_for_metrics``: keep class ids, not logits, across eval steps."""
     if isinstance(logits, tuple):
         logits = logits[0]

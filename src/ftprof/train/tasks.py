@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
 
@@ -20,6 +20,10 @@ from ftprof.train.causal_lm_data import CausalLMCollator, lm_datasets, prepare_c
 from ftprof.train.data import load_raw, prepare_task, tokenize
 from ftprof.train.metrics import add_perplexity, argmax_logits, make_compute_metrics
 from ftprof.train.models import ModelSpec, build_causal_lm, build_model, load_tokenizer, train_tokenizer_for
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from transformers.trainer_utils import EvalLoopOutput
 
 DEFAULT_MAX_LENGTH = 512  # longer inputs cost quadratic attention for little accuracy on classification
 # causal-lm block size: GPT-2's context. Activations grow with it (the fp32 logits alone are block x vocab x 4 B
@@ -47,7 +51,7 @@ class CausalLMTrainer(Trainer):
     """Trainer whose evaluations also report perplexity, ``exp(loss)``, wherever the loss goes (logs,
     ``trainer_state.json``, ``eval_results.json``, best-model tracking)."""
 
-    def evaluation_loop(self, *args, **kwargs):
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
         output = super().evaluation_loop(*args, **kwargs)
         if output.metrics is not None:
             add_perplexity(output.metrics)
@@ -203,7 +207,13 @@ def task_metrics(script: ScriptArguments, data: TaskData) -> tuple[Callable | No
     return make_compute_metrics(len(data.label_names), script.metric), argmax_logits
 
 
-def tokenizer_for(spec: ModelSpec, args: FtprofTrainingArguments, train_texts, resuming: bool, causal_lm: bool):
+def tokenizer_for(
+    spec: ModelSpec,
+    args: FtprofTrainingArguments,
+    train_texts: Callable[[], Iterable[str]],
+    resuming: bool,
+    causal_lm: bool,
+) -> PreTrainedTokenizerBase:
     """Load the model's tokenizer, or train one on rank 0 and share it through the output dir.
 
     Rank 0 goes first; other ranks (and a resumed run) load its saved copy, so every rank and every
@@ -211,7 +221,7 @@ def tokenizer_for(spec: ModelSpec, args: FtprofTrainingArguments, train_texts, r
     """
     saved = Path(args.output_dir) / "tokenizer"
 
-    def offline():
+    def offline() -> PreTrainedTokenizerBase:
         if saved.is_dir() and (resuming or args.process_index > 0):
             return AutoTokenizer.from_pretrained(saved)
         tokenizer = train_tokenizer_for(spec, train_texts(), causal_lm=causal_lm)
