@@ -23,6 +23,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+# What an in-process training run sets for itself (ftprof.runtime.distributed.ensure_single_process_env) and a
+# process started from this one must not inherit: its MASTER_PORT is held by this process's process group, so a
+# child training run would fail to listen on it (EADDRINUSE).
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env_leaks():
+    """Each test starts with the launcher variables the session started with, whatever an earlier test set."""
+    before = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def in_ci() -> bool:
     """Whether ``CI`` is set to a true value (``.ci/run`` sets ``CI=true``; so do GitHub Actions and GitLab)."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 from ftprof.runtime.distributed import SHM_FOLDER, SHM_PREFIX, free_port
-from tests.conftest import ROOT, run_group
+from tests.conftest import LAUNCHER_ENV, ROOT, run_group
 
 TINY = ["--model", "tiny-bert", "--dataset", "synthetic", "--disable_tqdm", "true", "--report_to", "none"]
 
 
 def train_env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    for key in LAUNCHER_ENV:  # a run's own launcher sets these; inherited ones name a port this process holds
+        env.pop(key, None)
     return env
 
 
