@@ -12,9 +12,9 @@ from ftprof.cli.estimate import main
 from ftprof.errors import ConfigError
 from ftprof.estimate.adapters import LoraSpec, lora_facts_for, role_of
 from ftprof.estimate.architecture import arch_for, arch_from_config
+from ftprof.estimate.calibration import measure_saved_bytes, zero_dropout
 from ftprof.estimate.estimator import estimate, lora_saved_activations, model_states, saved_activations
 from ftprof.point import Point
-from ftprof.profiler.breakdown import SavedActivationMeter
 from ftprof.train.models import resolve_model_spec
 
 
@@ -141,24 +141,15 @@ def lora_saved_activations_case(
     offline config, every dropout zeroed unless ``dropout``, cast to the point's precision as DeepSpeed does."""
     config = resolve_model_spec(model, random_init=True).config
     if not dropout:
-        for name, value in vars(config).items():
-            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
-                setattr(config, name, 0.0)
+        zero_dropout(config)
     config._attn_implementation = attention
     net = peft_model(model, spec, task, config).train()
     if point.precision != "fp32":
         net = net.to(torch.bfloat16)
-    if point.gradient_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = torch.randint(3, int(config.vocab_size), (point.batch_size, point.seq_len))
-    labels = ids if task == "causal-lm" else torch.randint(0, 2, (point.batch_size,))
-    meter = SavedActivationMeter()
-    meter.attach(net)
-    net(input_ids=ids, labels=labels).loss.backward()
+    measured = measure_saved_bytes(net, int(config.vocab_size), point, task)
     arch = arch_from_config(model, config, attention=attention, task=task)
     predicted = sum(lora_saved_activations(arch, point, lora_facts_for(model, spec, task), "cpu").values())
-    assert meter.saved_bytes is not None
-    return predicted, meter.saved_bytes
+    return predicted, measured
 
 
 FAMILIES = [

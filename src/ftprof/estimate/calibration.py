@@ -9,12 +9,16 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ftprof.estimate.estimator import Arch, Calibration, Device, estimate, gpu_key, saved_activations
 from ftprof.point import Point, Task
 from ftprof.records.results import Record
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -193,14 +197,11 @@ def saved_activations_case(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ftprof.estimate.architecture import arch_from_config
-    from ftprof.profiler.breakdown import SavedActivationMeter
     from ftprof.train.models import resolve_model_spec
 
     config = resolve_model_spec(model, random_init=True).config
     if not dropout:
-        for name, value in vars(config).items():
-            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
-                setattr(config, name, 0.0)
+        zero_dropout(config)
     config._attn_implementation = attention
     config.num_labels = 2
     if config.pad_token_id is None:  # decoders' classification heads find each row's last token by it
@@ -211,13 +212,31 @@ def saved_activations_case(
     net = auto.from_config(config).train()
     if point.precision != "fp32":
         net = net.to(torch.bfloat16 if point.precision == "bf16" else torch.float16)
+    predicted = sum(saved_activations(arch, point, "cpu").values())
+    return predicted, measure_saved_bytes(net, int(config.vocab_size), point, task)
+
+
+def zero_dropout(config: PretrainedConfig) -> None:
+    """Set every dropout probability of ``config`` to 0 (``*dropout*`` and GPT-2's ``*pdrop`` fields)."""
+    for name, value in vars(config).items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+
+
+def measure_saved_bytes(net: Any, vocab_size: int, point: Point, task: Task) -> int:
+    """Bytes ``net`` saves for backward in one training forward of ``point``'s random batch (gradient
+    checkpointing, non-reentrant, as ``point`` says), measured by
+    :class:`~ftprof.profiler.breakdown.SavedActivationMeter`."""
+    import torch
+
+    from ftprof.profiler.breakdown import SavedActivationMeter
+
     if point.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = torch.randint(3, int(config.vocab_size), (point.batch_size, point.seq_len))
+    ids = torch.randint(3, vocab_size, (point.batch_size, point.seq_len))
     labels = ids if task == "causal-lm" else torch.randint(0, 2, (point.batch_size,))
     meter = SavedActivationMeter()
     meter.attach(net)
     net(input_ids=ids, labels=labels).loss.backward()
-    predicted = sum(saved_activations(arch, point, "cpu").values())
     assert meter.saved_bytes is not None
-    return predicted, meter.saved_bytes
+    return meter.saved_bytes

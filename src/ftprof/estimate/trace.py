@@ -69,6 +69,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers import PretrainedConfig
 
 from ftprof.estimate.allocator import Event
+from ftprof.estimate.calibration import zero_dropout
 from ftprof.point import Task
 
 Category = Literal["parameter", "buffer", "input", "gradient", "optimizer_state", "activation", "temporary"]
@@ -368,9 +369,7 @@ def known_model_factory(
     def build() -> torch.nn.Module:
         config = model_config(name)
         if not dropout:
-            for key, value in vars(config).items():
-                if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-                    setattr(config, key, 0.0)
+            zero_dropout(config)
         config._attn_implementation = attention
         config.num_labels = 2
         if config.pad_token_id is None and task == "classification":  # decoders' heads find a row's end by it
