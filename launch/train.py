@@ -1,4 +1,4 @@
-"""Fine-tune a transformers text classifier with HF Trainer + DeepSpeed ZeRO.
+"""Fine-tune a transformers model (text classification or causal LM, all weights or LoRA) with HF Trainer + DeepSpeed.
 
     deepspeed launch/train.py --ds_config ds_configs/zero2.json --model bert-base-uncased --dataset imdb \\
         --per_device_train_batch_size 16 --num_train_epochs 2 --bf16 --output_dir outputs/imdb-bert
