@@ -234,6 +234,7 @@ def test_lever_axes_on_two_ranks_are_what_each_point_really_ran(tmp_path):
                 "offload_optimizer": offloaded,
                 "offload_param": offloaded,
                 "optimizer": "DeepSpeedCPUAdam" if offloaded else "FusedAdam",
+                "optimizer_impl": None,  # DeepSpeed's own kernels
             }
             b = rank.breakdown
             assert b["parameters_fp32"] == 4 * partition  # this rank's half, not the model

@@ -94,6 +94,7 @@ def test_plain_trainer_breakdown_matches_the_model_and_adam(tmp_path):
         "offload_optimizer": False,
         "offload_param": False,
         "optimizer": "AdamW",
+        "optimizer_impl": "fused" if trainer.args.optim == "adamw_torch_fused" else "auto",
     }
 
 

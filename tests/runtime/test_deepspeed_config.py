@@ -151,3 +151,34 @@ def test_a_users_block_is_used_as_written_at_its_own_stage():
     assert other["stage"] == 3
     assert other["reduce_bucket_size"] == 5e7
     assert "stage3_prefetch_bucket_size" in other
+
+
+def test_without_nvcc_deepspeed_steps_the_trainers_optimizer(monkeypatch, tmp_path):
+    from ftprof.runtime import deepspeed_config as dc
+
+    monkeypatch.setattr(dc.shutil, "which", lambda name: None)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # no bin/nvcc under it
+    monkeypatch.delenv(dc.TORCH_OPTIMIZER_ENV, raising=False)
+    shipped = dc.load_ds_config(ROOT / "ds_configs" / "zero2.json")
+    cfg, notes = dc.for_this_machine(shipped, cuda=True)
+    assert "optimizer" in shipped.config and "optimizer" not in cfg.config
+    assert cfg.config["zero_optimization"] == shipped.config["zero_optimization"]
+    assert len(notes) == 1 and "no nvcc" in notes[0] and "--optim" in notes[0]
+    # ZeRO-Offload keeps DeepSpeedCPUAdam (built by the host compiler, not nvcc).
+    offload = dc.load_ds_config(ROOT / "ds_configs" / "zero2_offload.json")
+    assert dc.for_this_machine(offload, cuda=True)[0].config["optimizer"] == offload.config["optimizer"]
+    # With nvcc there, FusedAdam is kept.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").touch()
+    assert dc.for_this_machine(shipped, cuda=True) == (shipped, [])
+
+
+def test_the_torch_optimizer_can_be_asked_for(monkeypatch):
+    from ftprof.runtime import deepspeed_config as dc
+
+    shipped = dc.load_ds_config(ROOT / "ds_configs" / "zero3.json")
+    monkeypatch.setenv(dc.TORCH_OPTIMIZER_ENV, "torch")
+    cfg, notes = dc.for_this_machine(shipped, cuda=False)
+    assert "optimizer" not in cfg.config and notes[-1].startswith(f"{dc.TORCH_OPTIMIZER_ENV}=torch")
+    monkeypatch.delenv(dc.TORCH_OPTIMIZER_ENV)
+    assert "optimizer" in dc.for_this_machine(shipped, cuda=False)[0].config  # the CPU builds its own Adam

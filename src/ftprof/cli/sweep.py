@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--find_max_batch", action="store_true", help="bisect the largest micro-batch that fits, per setting"
     )
     grid.add_argument("--max_batch", type=int, default=1024, help="upper bound for --find_max_batch")
+    grid.add_argument(
+        "--batch_step",
+        type=int,
+        default=1,
+        help="--find_max_batch to within this many samples (e.g. 8: multiples of 8)",
+    )
     levers = flags.add_lever_group(p, defaults={})  # device-sized: CPU_DEFAULTS / GPU_DEFAULTS
     levers.add_argument("--ds_config", help="base DeepSpeed config (offload etc.); its stage is replaced per point")
     _add_measurement_group(p)
@@ -112,7 +118,10 @@ def _add_measurement_group(p: argparse.ArgumentParser) -> None:
         "--budget", help="memory budget for recommendations, e.g. 24GiB (default: the device's memory)"
     )
     measure.add_argument("--timeout", type=float, default=900, help="seconds before a point counts as hung")
-    measure.add_argument("--child_memory_limit", help="address-space limit per point process (CPU testing), e.g. 6GiB")
+    measure.add_argument(
+        "--child_memory_limit",
+        help="memory limit per point, e.g. 6GiB: the address space of its processes on CPU, the CUDA allocator's cap on a GPU (to find what fits a smaller card)",
+    )
     measure.add_argument(
         "--no_skip",
         action="store_true",
@@ -181,7 +190,7 @@ def plan_from_args(
         raise ConfigError("--precision fp16 needs a CUDA GPU and this machine has none; use fp32 or bf16")
     if cuda and "bf16" in precisions and not bf16_ok:
         raise ConfigError("--precision bf16: this GPU has no bfloat16 support; use fp16 or fp32")
-    for flag in ("steps", "warmup", "effective_batch", "max_batch", "min_seconds"):
+    for flag in ("steps", "warmup", "effective_batch", "max_batch", "batch_step", "min_seconds"):
         value = getattr(a, flag)
         if value is not None and value <= (-1e-9 if flag in ("warmup", "min_seconds") else 0):
             kind = "non-negative" if flag in ("warmup", "min_seconds") else "positive"
@@ -270,6 +279,7 @@ def request_from_args(a: argparse.Namespace) -> SweepRequest:
         timeout_s=a.timeout,
         find_max_batch=a.find_max_batch,
         max_batch=a.max_batch,
+        batch_step=a.batch_step,
         child_memory_limit=child_limit,
         prune=not a.no_skip,
         worker="fresh" if a.worker == "fresh" or (a.worker == "auto" and cuda) else "fork",

@@ -253,4 +253,16 @@ def levers_in_use(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
         ),
         "offload_param": bool(zero and getattr(zero, "offload_param", False)),
         "optimizer": type(chain[-1]).__name__ if chain else None,
+        "optimizer_impl": _implementation(chain[-1]) if chain else None,
     }
+
+
+def _implementation(optimizer: Any) -> str | None:
+    """A torch optimizer's kernel choice: "fused", "foreach", or "auto" (torch picks foreach on CUDA, a loop
+    on CPU); None for an optimizer without these flags (DeepSpeed's FusedAdam, DeepSpeedCPUAdam, ...)."""
+    defaults = getattr(optimizer, "defaults", None)
+    if not isinstance(defaults, dict) or ("fused" not in defaults and "foreach" not in defaults):
+        return None
+    if defaults.get("fused"):
+        return "fused"
+    return "foreach" if defaults.get("foreach") else "auto" if defaults.get("foreach") is None else "for-loop"

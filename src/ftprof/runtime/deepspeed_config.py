@@ -7,6 +7,8 @@ process group is up; checking the file first turns those into one-line errors th
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,3 +217,61 @@ def cpu_adjusted(cfg: DeepSpeedConfig, cuda: bool) -> DeepSpeedConfig:
     config = json.loads(json.dumps(cfg.config))
     config["zero_optimization"]["overlap_comm"] = False
     return DeepSpeedConfig(config, cfg.path)
+
+
+#: ``FTPROF_DS_OPTIMIZER=torch``: under DeepSpeed, step with the Trainer's ``--optim`` even where DeepSpeed's
+#: FusedAdam could be built (to compare with a plain Trainer run, or to skip a JIT build's minutes).
+TORCH_OPTIMIZER_ENV = "FTPROF_DS_OPTIMIZER"
+
+
+def fused_adam_unavailable(cuda: bool) -> str | None:
+    """Why DeepSpeed's FusedAdam can't run here (None: it can). On a CUDA machine DeepSpeed JIT-builds it
+    with ``nvcc`` on first use unless the install shipped it prebuilt (``DS_BUILD_FUSED_ADAM=1``); a pip-only
+    CUDA environment has no ``nvcc`` and the build fails deep inside ``deepspeed.initialize``."""
+    if os.environ.get(TORCH_OPTIMIZER_ENV, "").lower() == "torch":
+        return f"{TORCH_OPTIMIZER_ENV}=torch"
+    if not cuda:
+        return None  # the CPU accelerator builds its Adam with the host's C++ compiler
+    try:
+        from deepspeed.git_version_info import installed_ops
+
+        if installed_ops.get("fused_adam"):
+            return None
+    except ImportError:
+        pass
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if shutil.which("nvcc") or Path(home, "bin", "nvcc").exists():
+        return None
+    return "no nvcc (CUDA compiler) here to build DeepSpeed's FusedAdam"
+
+
+def torch_optimizer_fallback(cfg: DeepSpeedConfig, cuda: bool) -> tuple[DeepSpeedConfig, str | None]:
+    """``cfg`` without its Adam/AdamW ``optimizer`` block where FusedAdam can't run, so DeepSpeed steps the
+    Trainer's ``--optim`` (torch's fused AdamW by default; transformers sets ``zero_allow_untested_optimizer``),
+    and the one-line note that says so; ``cfg`` itself and None otherwise. Offload keeps its block: ZeRO-Offload
+    needs DeepSpeedCPUAdam, which the host's C++ compiler builds.
+
+    >>> cfg = DeepSpeedConfig({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}})
+    >>> torch_optimizer_fallback(cfg, cuda=False)[0] is cfg
+    True
+    """
+    kind = str(cfg.get("optimizer.type", "")).lower()
+    if kind not in ("adam", "adamw") or cfg.offload_optimizer != "none":
+        return cfg, None
+    why = fused_adam_unavailable(cuda)
+    if why is None:
+        return cfg, None
+    config = {k: v for k, v in cfg.config.items() if k != "optimizer"}
+    note = f"{why}: DeepSpeed steps the Trainer's --optim (torch AdamW) instead of FusedAdam"
+    return DeepSpeedConfig(config, cfg.path), note
+
+
+def for_this_machine(cfg: DeepSpeedConfig, cuda: bool) -> tuple[DeepSpeedConfig, list[str]]:
+    """``cfg`` as it runs on this machine (:func:`cpu_adjusted`, :func:`torch_optimizer_fallback`), and a
+    one-line note for each change."""
+    notes = []
+    adjusted = cpu_adjusted(cfg, cuda)
+    if adjusted is not cfg:
+        notes.append("no CUDA device: zero_optimization.overlap_comm=false")
+    adjusted, note = torch_optimizer_fallback(adjusted, cuda)
+    return adjusted, notes + ([note] if note else [])

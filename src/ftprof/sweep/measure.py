@@ -53,7 +53,7 @@ class MeasureSpec:
     model: str
     steps: int
     warmup: int
-    ds_config: dict[str, Any]  # complete, for this point's ZeRO stage and offload
+    ds_config: dict[str, Any] | None  # complete, for this point's ZeRO stage and offload; None: plain Trainer
     result_path: str
     dataset: str | None = None
     seed: int = 0
@@ -62,6 +62,9 @@ class MeasureSpec:
     # ``sweep --memory_snapshot``: each rank writes <point key>-rank<r>.pickle / -timeline.* here (the sweep
     # folder's snapshots/), named in its profile relative to this folder's parent
     memory_snapshot_dir: str | None = None
+    # ``--child_memory_limit`` on a GPU: the CUDA caching allocator's cap (``set_per_process_memory_fraction``),
+    # so a point that would need more raises a real OOM, as on a card of that size (less its CUDA context)
+    device_memory_limit: int | None = None
 
     @property
     def max_steps(self) -> int:
@@ -135,10 +138,15 @@ def training_args(spec: MeasureSpec, output_dir: str) -> FtprofTrainingArguments
     """Trainer's arguments for the point: its axes, ``max_steps``, and no saving, evaluation or logging."""
     import torch
 
-    from ftprof.runtime.deepspeed_config import DeepSpeedConfig, cpu_adjusted
+    from ftprof.runtime.deepspeed_config import DeepSpeedConfig, for_this_machine
     from ftprof.train.args import FtprofTrainingArguments
 
     p = spec.point
+    ds_config, notes = None, []
+    if spec.ds_config is not None:
+        ds_config, notes = for_this_machine(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available())
+    for note in notes:
+        print(f"ftprof: {note}", file=sys.stderr)
     return FtprofTrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=p.batch_size,
@@ -147,7 +155,7 @@ def training_args(spec: MeasureSpec, output_dir: str) -> FtprofTrainingArguments
         bf16=p.precision == "bf16",
         fp16=p.precision == "fp16",
         gradient_checkpointing=p.gradient_checkpointing,
-        deepspeed=cpu_adjusted(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available()).config,
+        deepspeed=ds_config.config if ds_config else None,
         save_strategy="no",
         eval_strategy="no",
         load_best_model_at_end=False,
@@ -190,7 +198,9 @@ def measure(spec: MeasureSpec) -> Profile:
     from ftprof.profiler import ProfilerCallback
     from ftprof.runtime.distributed import ensure_single_process_env
 
-    ensure_single_process_env()
+    if spec.ds_config is not None:  # a plain Trainer in one process needs no process group
+        ensure_single_process_env()
+    _cap_device_memory(spec.device_memory_limit)
     p = spec.point
     with tempfile.TemporaryDirectory() as out:
         args = training_args(spec, out)
@@ -211,6 +221,17 @@ def measure(spec: MeasureSpec) -> Profile:
             for rank in profiler.profile.ranks:
                 rank.memory_files = [os.path.relpath(f, root) for f in rank.memory_files]
         return profiler.profile
+
+
+def _cap_device_memory(limit: int | None) -> None:
+    """Cap this rank's CUDA caching allocator at ``limit`` bytes (no-op without a limit or a GPU)."""
+    import torch
+
+    if not limit or not torch.cuda.is_available():
+        return
+    device = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,9 +87,10 @@ def must_oom(point: Point, oomed: list[Point]) -> Point | None:
     return None
 
 
-def next_batch_to_try(fits: set[int], ooms: set[int], start: int, cap: int) -> int | None:
+def next_batch_to_try(fits: set[int], ooms: set[int], start: int, cap: int, step: int = 1) -> int | None:
     """The next micro-batch of a doubling-then-bisection search for the largest that fits, or None when
-    the answer is known (``max(fits)``, or nothing fits).
+    the answer is known (``max(fits)``, or nothing fits). The bisection stops once the largest fitting batch
+    is known to within ``step`` and tries multiples of ``step`` only.
 
     >>> next_batch_to_try(set(), set(), 8, 1024), next_batch_to_try({8}, set(), 8, 1024)
     (8, 16)
@@ -97,6 +98,8 @@ def next_batch_to_try(fits: set[int], ooms: set[int], start: int, cap: int) -> i
     (24, 28)
     >>> next_batch_to_try({16}, {17}, 8, 1024) is None, next_batch_to_try(set(), {8}, 8, 1024)
     (True, 4)
+    >>> next_batch_to_try({64, 128}, {256}, 64, 1024, step=32), next_batch_to_try({128, 224}, {256}, 64, 1024, step=32)
+    (192, None)
     """
     if not fits and not ooms:
         return start
@@ -105,6 +108,7 @@ def next_batch_to_try(fits: set[int], ooms: set[int], start: int, cap: int) -> i
         return nxt if nxt <= cap else (cap if cap not in fits else None)
     lo = max((f for f in fits if f < min(ooms)), default=0)
     hi = min(ooms)
-    if hi - lo <= 1:
+    if hi - lo <= step:
         return None
-    return (lo + hi) // 2
+    mid = (lo + hi) // 2 // step * step
+    return mid if mid > lo else lo + step

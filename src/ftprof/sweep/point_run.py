@@ -64,6 +64,7 @@ class SweepConfig:
     timeout_s: float = 600.0
     find_max_batch: bool = False
     max_batch: int = 1024
+    batch_step: int = 1  # --find_max_batch: the answer to within this many samples (multiples of it)
     child_memory_limit: int | None = None  # RLIMIT_AS for each point's process(es), bytes
     prune: bool = True  # skip points that must OOM
     predict: Callable[[Point], int] | None = None  # the estimator's device-used bytes for a point
@@ -205,14 +206,27 @@ def _measure_spec(cfg: SweepConfig, p: Point, result_path: Path) -> measure.Meas
         min_seconds=cfg.min_seconds,
         task=cfg.task,
         memory_snapshot_dir=str(cfg.snapshots_dir.absolute()) if cfg.memory_snapshot else None,
+        device_memory_limit=cfg.child_memory_limit if _has_cuda() else None,
     )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _address_space_limit(cfg: SweepConfig) -> int | None:
+    """``--child_memory_limit`` as RLIMIT_AS: on CPU only (CUDA maps far more address space than it uses; on a
+    GPU the limit caps the caching allocator instead, :attr:`~ftprof.sweep.measure.MeasureSpec.device_memory_limit`)."""
+    return None if _has_cuda() else cfg.child_memory_limit
 
 
 def _run_fresh(
     cfg: SweepConfig, argv: list[str], env: dict[str, str], started: Callable[[int], None] | None
 ) -> tuple[int | None, str]:
     """Run the point's command in a fresh process group: (return code, or None on timeout; its output)."""
-    limit = cfg.child_memory_limit
+    limit = _address_space_limit(cfg)
 
     def preexec() -> None:
         os.setsid()  # own process group: a timeout kills every rank
@@ -252,7 +266,7 @@ def _run_forked(
 ) -> tuple[int | None, str]:
     """:func:`_run_fresh` for a one-rank point, forked from the pre-imported worker."""
     output_path = spec_path.with_name("output.txt")
-    pid = worker.start(spec_path, env, output_path, cfg.child_memory_limit)
+    pid = worker.start(spec_path, env, output_path, _address_space_limit(cfg))
     if started is not None:
         started(pid)
     try:

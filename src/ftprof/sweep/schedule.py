@@ -63,7 +63,9 @@ class _Bisection:
     def next(self, running: list[Point]) -> Point | None:
         for setting in self.settings:
             while setting not in self.busy and setting not in self.over:
-                batch = next_batch_to_try(self.fits[setting], self.ooms[setting], self.start_batch, self.cfg.max_batch)
+                batch = next_batch_to_try(
+                    self.fits[setting], self.ooms[setting], self.start_batch, self.cfg.max_batch, self.cfg.batch_step
+                )
                 if batch is None:
                     self.over.add(setting)
                     break

@@ -27,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ftprof.errors import ConfigError
 from ftprof.profiler import add_profiler
-from ftprof.runtime.deepspeed_config import DeepSpeedConfig, cpu_adjusted, load_ds_config
+from ftprof.runtime.deepspeed_config import DeepSpeedConfig, for_this_machine, load_ds_config
 from ftprof.runtime.distributed import adopt_slurm_env, ensure_single_process_env, shutdown
 from ftprof.runtime.ds_ops import check_no_stale_locks
 from ftprof.train.adapters import adapted_modules, check_peft_flags, parameter_counts
@@ -85,9 +85,10 @@ def _normalize_deepspeed_flags(argv: list[str]) -> list[str]:
             f"--ds_config {path!r} sets fp16.enabled true, but fp16 training needs a CUDA GPU and "
             'this machine has none; set it to "auto" (or use bf16)'
         )
-    effective = cpu_adjusted(cfg, torch.cuda.is_available())
+    effective, notes = for_this_machine(cfg, torch.cuda.is_available())
     if effective is not cfg:
-        logger.info("no CUDA device: running %s with zero_optimization.overlap_comm=false", path)
+        for note in notes:  # the optimizer's change is one the user should see; overlap_comm's is routine
+            (logger.info if note.startswith("no CUDA") else logger.warning)("%s: %s", path, note)
         path = _write_effective_config(effective)
         argv = _drop_flag(_drop_flag(argv, "--deepspeed"), "--ds_config")
         deepspeed = None
