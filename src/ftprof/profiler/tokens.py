@@ -23,6 +23,7 @@ class BatchCounter:
         self.padded_tokens = 0
         self.longest = 0  # the longest padded input of any training forward (the worst case that ran)
         self._handle: Any = None
+        self._real_on_device: torch.Tensor | None = None  # mask sums not read yet: reading one syncs the GPU
 
     def attach(self, model: torch.nn.Module) -> None:
         if self._handle is None:
@@ -46,7 +47,16 @@ class BatchCounter:
         self.padded_tokens += int(ids.numel())
         self.longest = max(self.longest, int(ids.shape[-1]))
         mask = kwargs.get("attention_mask")
-        self.real_tokens += int(mask.sum()) if isinstance(mask, torch.Tensor) else int(ids.numel())
+        if not isinstance(mask, torch.Tensor):
+            self.real_tokens += int(ids.numel())
+        elif mask.device.type == "cpu":
+            self.real_tokens += int(mask.sum())
+        else:  # summed on the device and read at the next snapshot: one sync per window, not one per step
+            total = mask.sum(dtype=torch.int64)
+            self._real_on_device = total if self._real_on_device is None else self._real_on_device + total
 
     def snapshot(self) -> tuple[int, int, int]:
+        if self._real_on_device is not None:
+            self.real_tokens += int(self._real_on_device)
+            self._real_on_device = None
         return self.samples, self.real_tokens, self.padded_tokens
