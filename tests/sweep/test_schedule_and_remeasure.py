@@ -79,6 +79,34 @@ def test_find_max_batch_bisects_per_setting(tmp_path):
     assert len(calls) < grid_cost * 0.4
 
 
+def test_find_max_batch_to_within_a_step_runs_fewer_points(tmp_path):
+    points = plan_grid([8], [1], ["fp32"], [128], [2], [1])
+    run, calls = fake_runner(limit_tokens=40 * 128)  # fits up to batch 40
+    exact = SweepConfig(model="m", points=points, out_dir=tmp_path / "exact", find_max_batch=True, max_batch=256)
+    list(iterate_sweep(exact, {}, run))
+    exact_calls, calls[:] = list(calls), []
+    coarse = SweepConfig(
+        model="m", points=points, out_dir=tmp_path / "coarse", find_max_batch=True, max_batch=256, batch_step=8
+    )
+    records = list(iterate_sweep(coarse, {}, run))
+    assert max(r.point.batch_size for r in records if r.status == "ok") == 40  # 40 is a multiple of 8
+    assert all(r.point.batch_size % 8 == 0 for r in records)
+    assert len(calls) < len(exact_calls)
+
+
+def test_on_a_gpu_the_memory_limit_caps_the_allocator_not_the_address_space(tmp_path, monkeypatch):
+    from ftprof.sweep import point_run
+
+    p = Point(precision="bf16", zero=2, seq_len=128, batch_size=8)
+    cfg = SweepConfig(model="tiny-bert", points=[p], out_dir=tmp_path, child_memory_limit=2**30)
+    monkeypatch.setattr(point_run, "_has_cuda", lambda: True)
+    assert point_run._measure_spec(cfg, p, tmp_path / "r.json").device_memory_limit == 2**30
+    assert point_run._address_space_limit(cfg) is None  # CUDA maps far more address space than it uses
+    monkeypatch.setattr(point_run, "_has_cuda", lambda: False)
+    assert point_run._measure_spec(cfg, p, tmp_path / "r.json").device_memory_limit is None
+    assert point_run._address_space_limit(cfg) == 2**30
+
+
 def test_classify_cpu_oom_and_errors():
     assert (
         classify(

@@ -120,7 +120,8 @@ def _add_measurement_group(p: argparse.ArgumentParser) -> None:
     measure.add_argument("--timeout", type=float, default=900, help="seconds before a point counts as hung")
     measure.add_argument(
         "--child_memory_limit",
-        help="memory limit per point, e.g. 6GiB: the address space of its processes on CPU, the CUDA allocator's cap on a GPU (to find what fits a smaller card)",
+        help="memory limit per point, e.g. 6GiB: its processes' address space on CPU, the CUDA allocator's cap on a "
+        "GPU (what fits a smaller card)",
     )
     measure.add_argument(
         "--no_skip",

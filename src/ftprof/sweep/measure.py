@@ -142,7 +142,8 @@ def training_args(spec: MeasureSpec, output_dir: str) -> FtprofTrainingArguments
     from ftprof.train.args import FtprofTrainingArguments
 
     p = spec.point
-    ds_config, notes = None, []
+    ds_config: DeepSpeedConfig | None = None
+    notes: list[str] = []
     if spec.ds_config is not None:
         ds_config, notes = for_this_machine(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available())
     for note in notes:
