@@ -122,7 +122,7 @@ def main() -> None:
     print_table(fitted + held_out)
     summary("fitted points (not a test of anything)", fitted)
     summary("held-out family, fitted constants", held_out)
-    summary("held-out family, default constants (what a user without a sweep gets)", default)
+    summary("held-out family, the uncalibrated constants ftprof had before (0.55 GiB runtime, factor 1.08)", default)
 
 
 if __name__ == "__main__":

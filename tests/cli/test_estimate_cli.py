@@ -9,7 +9,7 @@ import pytest
 
 from ftprof.cli.estimate import main
 from ftprof.estimate.architecture import arch_for
-from ftprof.estimate.calibration import calibration_path, fit_reserved_factor, reserved_ratios
+from ftprof.estimate.calibration import SHIPPED_GPU, calibration_path, fit_reserved_factor, reserved_ratios
 from ftprof.estimate.estimator import GPUS, Calibration, estimate, gpu_key, max_batch
 from ftprof.point import Point
 from ftprof.records.profile import Profile, RankProfile
@@ -44,9 +44,9 @@ def test_gpu_sizes_are_nvml_totals_in_one_unit():
 
 
 def predicted_used() -> int:
-    """The device-used bytes the CLI predicts for POINT_FLAGS on an uncalibrated GPU (no --gpu: "gpu")."""
+    """The device-used bytes the CLI predicts for POINT_FLAGS on an uncalibrated GPU (the shipped constants)."""
     point = Point(batch_size=32, seq_len=512, precision="bf16", zero=2, world_size=8)
-    return estimate(arch_for("bert-base-uncased"), point, Calibration(device="gpu"), "gpu").device_used
+    return estimate(arch_for("bert-base-uncased"), point, SHIPPED_GPU, "gpu").device_used
 
 
 def test_the_margin_decides_a_case_that_fits_only_without_it(capsys):
@@ -83,7 +83,7 @@ def test_grid_solves_for_the_budget_less_the_margin(capsys):
         title = f"fits 24.0 GiB with a {margin:.0%} margin kept free ({24 * (1 - margin):.1f} GiB)"
         assert title in " ".join(out.split())  # the title wraps to the table's width
         cells.append(grid_cell(out, 512))
-        assert cells[-1] == max_batch(arch, point, int(24 * 2**30 * (1 - margin)), Calibration(device="gpu"), "gpu")
+        assert cells[-1] == max_batch(arch, point, int(24 * 2**30 * (1 - margin)), SHIPPED_GPU, "gpu")
     assert cells[1] < cells[0]
 
 
@@ -97,11 +97,11 @@ def test_a_margin_outside_0_to_1_is_a_one_line_error(capsys, margin):
     assert captured.out == ""
 
 
-def test_an_uncalibrated_gpu_estimate_says_which_constants_are_assumed(capsys):
+def test_an_uncalibrated_gpu_estimate_says_its_constants_come_from_the_shipped_h200_sweep(capsys):
     assert main([*POINT_FLAGS, "--gpu", "h100-80gb"]) == 0
-    out = capsys.readouterr().out
-    assert "runtime 0.55 GiB — assumed (the CPU interpreter's RSS; no GPU has measured it)" in out
-    assert "allocator reserved/allocated factor 1.08 — assumed" in out
+    out = " ".join(capsys.readouterr().out.split())  # table cells wrap
+    assert "runtime 1.60 GiB — fitted on 11 points of an H200 sweep shipped with ftprof" in out
+    assert "allocator reserved/allocated factor 1.13 — fitted on 11 points of an H200 sweep" in out
     assert "of 79.6 GiB, 5% margin kept" in out  # 81559 MiB, in GiB
 
     fitted = Calibration(device="h100-80gb", runtime_bytes=0.8 * 2**30, reserved_factor=1.03, fitted_on=12)
@@ -124,7 +124,7 @@ def test_calibrations_fitted_to_the_older_estimator_are_set_aside(tmp_path, monk
     path.write_text(json.dumps({"device": "h100-80gb", "runtime_bytes": 1e9, "activation_factor": 0.6, "fitted_on": 5}))
     assert Calibration.load(path) is None
     cal = load_calibration("NVIDIA H100 80GB HBM3")
-    assert (cal.fitted_on, cal.activation_factor) == (0, 1.0)
+    assert cal == SHIPPED_GPU  # the constants shipped for GPUs, not the stale file's
     assert "older estimator" in caplog.text
     Calibration(device="h100-80gb", activation_factor=1.3, fitted_on=5).save(path)
     assert load_calibration("NVIDIA H100 80GB HBM3").activation_factor == 1.3
@@ -217,7 +217,7 @@ def test_a_list_of_stages_is_one_table_with_a_column_per_stage(capsys):
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if "ZeRO-0" in line)
     assert header.index("ZeRO-0") < header.index("ZeRO-2") < header.index("ZeRO-3")
-    arch, cal = arch_for("bert-base-uncased"), Calibration(device="h100-80gb")
+    arch, cal = arch_for("bert-base-uncased"), SHIPPED_GPU
     expected = [
         round(estimate(arch, Point(batch_size=8, seq_len=512, precision="bf16", zero=z), cal).device_used / 2**30, 3)
         for z in (0, 2, 3)
@@ -229,7 +229,7 @@ def test_a_list_of_stages_is_one_table_with_a_column_per_stage(capsys):
     assert main([*flags, "--zero", "2"]) == 0
     out = capsys.readouterr().out
     assert device_used_row(out) == expected[1:2]
-    assert "fits (predicted 3.6 GiB of 79.6 GiB, 5% margin kept)" in out
+    assert f"fits (predicted {expected[1]:.1f} GiB of 79.6 GiB, 5% margin kept)" in out
 
 
 def test_the_old_spellings_still_work_with_a_note(capsys):
@@ -250,3 +250,35 @@ def test_the_old_spellings_still_work_with_a_note(capsys):
     assert capsys.readouterr().err.splitlines()[-1] == (
         "ftprof: error: --zero_stages '0' and --zero both name the stages; pass --zero only"
     )
+
+
+def test_json_output_has_every_item_and_the_three_peaks_of_each_setting(capsys):
+    flags = ["--model", "bert-base-uncased", "--batch_size", "8", "--seq_len", "512", "--gpu", "h100-80gb"]
+    assert main([*flags, "--zero", "0,3", "--offload", "none", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema"] == "ftprof.estimate/1"
+    assert data["target"]["budget_bytes"] == GPUS["h100-80gb"]
+    arch = arch_for("bert-base-uncased")
+    assert data["params"] == arch.params
+    assert [s["point"]["zero"] for s in data["settings"]] == [0, 3]
+    for setting in data["settings"]:
+        est = estimate(arch, Point.from_json(setting["point"]), SHIPPED_GPU, "gpu")
+        assert setting["items"] == est.items
+        assert sum(setting["items"].values()) == setting["allocated_bytes"] == est.allocated
+        assert (setting["reserved_bytes"], setting["device_used_bytes"]) == (est.reserved, est.device_used)
+        assert setting["fits"] is True
+        assert setting["headroom_bytes"] == data["target"]["usable_bytes"] - est.device_used
+    assert {c["name"] for c in data["constants"]} >= {"runtime", "allocator reserved/allocated factor"}
+
+
+def test_json_grid_gives_the_largest_batch_per_length_and_setting(capsys):
+    flags = ["--model", "bert-base-uncased", "--grid", "--seq_lens", "128,512", "--zero", "0,2", "--budget", "24GiB"]
+    assert main([*flags, "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema"] == "ftprof.estimate-grid/1"
+    arch = arch_for("bert-base-uncased")
+    assert len(data["cells"]) == 4
+    for cell in data["cells"]:
+        point = Point.from_json(cell["setting"])
+        assert (point.seq_len, point.batch_size) == (cell["seq_len"], cell["max_batch_size"])
+        assert cell["max_batch_size"] == max_batch(arch, point, int(24 * 2**30 * 0.95), SHIPPED_GPU, "gpu")

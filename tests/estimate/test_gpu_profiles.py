@@ -66,3 +66,16 @@ def test_calibrated_on_bert_base_the_held_out_family_is_predicted_within_the_rep
     assert median["nvml"] < 0.07, median
     # The peers count model states only: both under-predict every measured point.
     assert all(r["e_deepspeed"] < -0.2 and r["e_accelerate"] < -0.6 for r in table)
+
+
+def test_the_shipped_gpu_constants_are_those_the_h200_sweep_fits():
+    from bench_gpu_profiles import fitted_calibration
+
+    from ftprof.estimate.calibration import SHIPPED_GPU
+
+    fit = records(H200["bert-base-uncased"])
+    cal = fitted_calibration(fit, {r.model: arch_for(r.model) for r in fit})
+    assert SHIPPED_GPU.runtime_bytes == pytest.approx(cal.runtime_bytes, rel=1e-3)
+    assert SHIPPED_GPU.reserved_factor == pytest.approx(cal.reserved_factor, rel=1e-3)
+    assert (SHIPPED_GPU.activation_factor, SHIPPED_GPU.zero_runtime_bytes) == (cal.activation_factor, 0.0)
+    assert SHIPPED_GPU.fitted_on == len(fit)

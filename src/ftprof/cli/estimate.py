@@ -5,12 +5,14 @@
     ftprof estimate --model bert-large-uncased --zero 0,2,3 --offload optimizer --gpu a10g-24gb  # side by side
     ftprof estimate --model meta-llama/Llama-3.2-1B --task causal-lm --peft none,lora --lora_r 16   # LoRA vs full
     ftprof estimate --model gpt2 --grid --seq_lens 128,512,1024 --zero 0,2,3 --gpu a100-40gb --effective_batch 256
+    ftprof estimate --model gpt2 --zero 0,2,3 --format json | jq '.settings[].device_used_bytes'   # for scripts
     ftprof estimate --calibrate profiles/h100-bert-base-uncased      # fit constants, report per-point error
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -29,6 +31,7 @@ from ftprof.estimate.request import (
     target_for,
 )
 from ftprof.point import parse_zero
+from ftprof.report.estimate_json import estimates_json, grid_json
 from ftprof.report.estimate_tables import calibration_renderables, estimates_renderables, grid_renderables
 
 SUPPRESS = argparse.SUPPRESS
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq_lens", type=flags.int_list("--seq_lens"), default="128,256,512", help="for --grid (default: 128,256,512)"
     )
     grid.add_argument("--effective_batch", type=int, help="with --grid: gradient accumulation to reach this batch")
+    output = p.add_argument_group("output")
+    output.add_argument(
+        "--format", choices=["rich", "json"], default="rich", help="rich tables, or one JSON object (every item)"
+    )
     calibration = p.add_argument_group("calibration")
     calibration.add_argument("--calibrate", metavar="SWEEP_DIR", help="fit constants to a sweep's measured points")
     return p
@@ -127,6 +134,10 @@ def run(argv: list[str], console: Console) -> None:
         raise ConfigError("--model is required (or --calibrate SWEEP_DIR)")
     else:
         result = answer(request_from_args(a))
+        if a.format == "json":
+            payload = estimates_json(result) if isinstance(result, Estimates) else grid_json(result)
+            print(json.dumps(payload, indent=1))
+            return
         renderables = estimates_renderables(result) if isinstance(result, Estimates) else grid_renderables(result)
     for renderable in renderables:
         console.print(renderable)

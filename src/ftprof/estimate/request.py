@@ -227,7 +227,7 @@ def constants_in_use(cal: Calibration, target: Device, zero: int) -> list[tuple[
     """(name, value, where it comes from) of each constant the estimate rests on: fitted on how many measured
     points of this device, or assumed (and what the assumed value is)."""
     gib = 2**30
-    fitted = f"fitted on {cal.fitted_on} points"
+    fitted = f"fitted on {cal.fitted_on} points of {cal.device}"
     if target == "gpu":
         runtime = "assumed (the CPU interpreter's RSS; no GPU has measured it)"
     else:
@@ -246,7 +246,7 @@ def constants_in_use(cal: Calibration, target: Device, zero: int) -> list[tuple[
     if target == "cpu":  # RSS has no caching allocator in between: the factor is 1 by definition
         return rows
     allocator = (
-        f"fitted on {cal.reserved_fitted_on} points"
+        f"fitted on {cal.reserved_fitted_on} points of {cal.device}"
         if cal.reserved_fitted_on
         else "assumed (no torch allocator figures measured on this device)"
     )
