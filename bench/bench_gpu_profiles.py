@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ftprof.estimate.architecture import arch_for
-from ftprof.estimate.calibration import calibrate, fit_reserved_factor, observations_from_records
+from ftprof.estimate.calibration import SHIPPED_GPU, calibrate, fit_reserved_factor, observations_from_records
 from ftprof.estimate.estimator import Arch, Calibration, estimate
 from ftprof.records.results import Record, latest, read_records, results_path
 
@@ -39,7 +39,7 @@ def ok_records(folder: Path) -> list[Record]:
 def fitted_calibration(records: list[Record], archs: dict[str, Arch]) -> Calibration:
     """The constants ``ftprof estimate --calibrate`` fits, from these records alone (nothing saved)."""
     device = records[0].device or "gpu"
-    base = Calibration()
+    base = Calibration(deepspeed_runtime_bytes=SHIPPED_GPU.deepspeed_runtime_bytes)  # measured apart (plain Trainer)
     factor = fit_reserved_factor(records)
     if factor is not None:
         base = replace(base, reserved_factor=factor, reserved_fitted_on=len(records))
@@ -114,7 +114,8 @@ def main() -> None:
     archs = {r.model: arch_for(r.model, task=r.task) for r in fit + judged}
     cal = fitted_calibration(fit, archs)
     print(
-        f"fitted on {len(fit)} points of {a.fit.name}: runtime {cal.runtime_bytes / GIB:.3f} GiB, activation factor "
+        f"fitted on {len(fit)} points of {a.fit.name} (DeepSpeed's NCCL runtime held at "
+        f"{cal.deepspeed_runtime_bytes / GIB:.2f} GiB): runtime {cal.runtime_bytes / GIB:.3f} GiB, activation factor "
         f"{cal.activation_factor:.3f}, ZeRO runtime {cal.zero_runtime_bytes / GIB:.3f} GiB, reserved/allocated "
         f"{cal.reserved_factor:.3f}"
     )

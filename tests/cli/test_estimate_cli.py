@@ -100,7 +100,8 @@ def test_a_margin_outside_0_to_1_is_a_one_line_error(capsys, margin):
 def test_an_uncalibrated_gpu_estimate_says_its_constants_come_from_the_shipped_h200_sweep(capsys):
     assert main([*POINT_FLAGS, "--gpu", "h100-80gb"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # table cells wrap
-    assert "runtime 1.60 GiB — fitted on 11 points of an H200 sweep shipped with ftprof" in out
+    assert "runtime 0.74 GiB — fitted on 11 points of an H200 sweep shipped with ftprof" in out
+    assert "DeepSpeed runtime (NCCL) 0.86 GiB — from an H200 sweep shipped with ftprof" in out
     assert "allocator reserved/allocated factor 1.13 — fitted on 11 points of an H200 sweep" in out
     assert "of 79.6 GiB, 5% margin kept" in out  # 81559 MiB, in GiB
 
@@ -282,3 +283,49 @@ def test_json_grid_gives_the_largest_batch_per_length_and_setting(capsys):
         point = Point.from_json(cell["setting"])
         assert (point.seq_len, point.batch_size) == (cell["seq_len"], cell["max_batch_size"])
         assert cell["max_batch_size"] == max_batch(arch, point, int(24 * 2**30 * 0.95), SHIPPED_GPU, "gpu")
+
+
+def test_zero_none_estimates_plain_trainer_with_the_optimizer_it_steps(capsys):
+    """--zero none --optim: no master copy, the optimizer's states and step temporaries, no NCCL runtime."""
+    from ftprof.estimate.optimizers import trainer_optimizer
+
+    flags = ["--model", "gpt2", "--task", "causal-lm", "--batch_size", "2", "--seq_len", "16", "--precision", "fp32"]
+    arch = arch_for("gpt2", task="causal-lm")
+    point = Point(precision="fp32", zero=0, seq_len=16, batch_size=2)
+    used = {}
+    for optim in ("adamw_torch", "adamw_torch_fused", "sgd"):
+        assert main([*flags, "--zero", "none", "--optim", optim, "--gpu", "a10g-24gb", "--format", "json"]) == 0
+        (setting,) = json.loads(capsys.readouterr().out)["settings"]
+        est = estimate(arch, point, SHIPPED_GPU, "gpu", trainer_optim=trainer_optimizer(optim))
+        assert setting["device_used_bytes"] == est.device_used
+        assert setting["items"]["master_weights"] == 0
+        used[optim] = setting
+    p = arch.params
+    assert used["adamw_torch"]["items"]["optimizer_states"] == 8 * p
+    assert used["sgd"]["items"]["optimizer_states"] == 0
+    # foreach AdamW's step holds one fp32 copy of the parameters (torch._foreach_sqrt of the second moments)
+    foreach, fused = used["adamw_torch"]["allocated_bytes"], used["adamw_torch_fused"]["allocated_bytes"]
+    assert foreach - fused == 4 * p - sum(
+        used["adamw_torch_fused"]["items"].get(k, 0) for k in ("saved_activations", "temporaries")
+    )
+    # DeepSpeed's ZeRO-0 of the same point carries its NCCL runtime on top of the allocator's figure
+    ds, plain = estimate(arch, point, SHIPPED_GPU, "gpu"), used["adamw_torch_fused"]
+    ds_outside = ds.device_used - ds.reserved
+    plain_outside = plain["device_used_bytes"] - plain["reserved_bytes"]
+    assert ds_outside - plain_outside == pytest.approx(SHIPPED_GPU.deepspeed_runtime_bytes, abs=1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--zero", "none,2"], "can't be listed with ZeRO stages"),
+        (["--zero", "none", "--precision", "bf16"], "autocast"),
+        (["--zero", "none", "--optim", "adafactor", "--precision", "fp32"], "not modelled by ftprof estimate yet"),
+        (["--zero", "none", "--world_size", "2", "--precision", "fp32"], "DDP"),
+    ],
+)
+def test_zero_none_refuses_what_it_does_not_model(capsys, extra, message):
+    assert main(["--model", "gpt2", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err

@@ -68,14 +68,26 @@ def test_calibrated_on_bert_base_the_held_out_family_is_predicted_within_the_rep
     assert all(r["e_deepspeed"] < -0.2 and r["e_accelerate"] < -0.6 for r in table)
 
 
-def test_the_shipped_gpu_constants_are_those_the_h200_sweep_fits():
+def test_the_shipped_gpu_constants_are_those_the_h200_measurements_give():
+    import json
+
     from bench_gpu_profiles import fitted_calibration
 
     from ftprof.estimate.calibration import SHIPPED_GPU
 
+    # Plain Trainer on the H200: NVML beyond the allocator's segments is the runtime, with no NCCL in it.
+    runs = {r["variant"]: r for r in map(json.loads, (ROOT / "profiles/h200-check/trainer_vs_deepspeed.jsonl").open())}
+    plain = runs["plain"]
+    assert SHIPPED_GPU.runtime_bytes == plain["peak_bytes"] - plain["torch_reserved_peak_bytes"]
+    # The DeepSpeed sweep, fitted with the NCCL term held: the same runtime again (to 5%), and the allocator factor.
     fit = records(H200["bert-base-uncased"])
     cal = fitted_calibration(fit, {r.model: arch_for(r.model) for r in fit})
+    assert cal.runtime_bytes + cal.deepspeed_runtime_bytes == pytest.approx(1_717_537_861, rel=1e-3)
     assert SHIPPED_GPU.runtime_bytes == pytest.approx(cal.runtime_bytes, rel=1e-3)
     assert SHIPPED_GPU.reserved_factor == pytest.approx(cal.reserved_factor, rel=1e-3)
     assert (SHIPPED_GPU.activation_factor, SHIPPED_GPU.zero_runtime_bytes) == (cal.activation_factor, 0.0)
     assert SHIPPED_GPU.fitted_on == len(fit)
+    # DeepSpeed's extra is what the launcher's ZeRO-0 shows beyond plain Trainer at the same point, to 10%.
+    zero0 = runs["zero0"]
+    extra = (zero0["peak_bytes"] - zero0["torch_reserved_peak_bytes"]) - SHIPPED_GPU.runtime_bytes
+    assert SHIPPED_GPU.deepspeed_runtime_bytes == pytest.approx(extra, rel=0.10)

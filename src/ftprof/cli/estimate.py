@@ -22,6 +22,7 @@ from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
 from ftprof.estimate.adapters import LoraSpec
 from ftprof.estimate.estimator import GPUS
+from ftprof.estimate.optimizers import DEFAULT_TRAINER_OPTIM
 from ftprof.estimate.request import (
     EstimateRequest,
     Estimates,
@@ -46,10 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (default: 512)")
     setting.add_argument("--world_size", type=int, default=1, help="ranks (default: 1)")
     levers = flags.add_lever_group(
-        p, defaults={"precision": "bf16", "zero": "2", "offload": None, "gradient_checkpointing": "off"}
+        p, defaults={"precision": "bf16", "zero": "2", "offload": None, "gradient_checkpointing": "off"}, zero_none=True
     )
     # Deprecated spellings, kept working with a note: --zeros / --zero_stages (now --zero, a list everywhere),
     # --offload_optimizer / --offload_param (now --offload optimizer / optimizer+param).
+    levers.add_argument(
+        "--optim",
+        help="without DeepSpeed (--zero none): TrainingArguments' --optim, e.g. adamw_torch (foreach), "
+        "adamw_torch_fused (the default), sgd",
+    )
     levers.add_argument("--zeros", "--zero_stages", dest="zeros_alias", help=SUPPRESS)
     levers.add_argument("--offload_optimizer", action="store_true", help=SUPPRESS)
     levers.add_argument("--offload_param", action="store_true", help=SUPPRESS)
@@ -100,6 +106,9 @@ def _deprecated_aliases(a: argparse.Namespace, argv: list[str]) -> None:
 
 def request_from_args(a: argparse.Namespace) -> EstimateRequest:
     """The request the flags describe."""
+    plain = a.zero == ["none"]
+    if a.optim and not plain:
+        flags.note("--optim applies without DeepSpeed (--zero none); the shipped DeepSpeed configs step FusedAdam")
     return EstimateRequest(
         model=a.model,
         target=target_for(a.gpu, a.cpu, a.budget, a.margin),
@@ -109,7 +118,9 @@ def request_from_args(a: argparse.Namespace) -> EstimateRequest:
         seq_len=a.seq_len,
         world_size=a.world_size,
         precisions=tuple(a.precision),
-        zeros=tuple(a.zero),
+        zeros=(0,) if plain else tuple(a.zero),
+        plain=plain,
+        optim=a.optim or DEFAULT_TRAINER_OPTIM,
         offloads=tuple(a.offload or ["none"]),
         checkpointing=tuple(a.gradient_checkpointing),
         grid_seq_lens=tuple(a.seq_lens) if a.grid else (),

@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from ftprof.errors import ConfigError
 from ftprof.point import (
     TASKS,
     parse_int_list,
@@ -67,9 +68,28 @@ def add_model_group(p: argparse.ArgumentParser, *, required: bool, model_help: s
     return group
 
 
-def add_lever_group(p: argparse.ArgumentParser, *, defaults: dict[str, str | None]) -> argparse._ArgumentGroup:
+def _zero_or_none(text: str) -> list[int] | list[str]:
+    """``--zero`` where ``none`` (no DeepSpeed) may stand alone: ``["none"]``, else :func:`parse_zero`'s stages.
+
+    >>> _zero_or_none("none"), _zero_or_none("0,2")
+    (['none'], [0, 2])
+    """
+    parts = {part.strip().lower() for part in text.split(",")}
+    if "none" not in parts:
+        return parse_zero(text)
+    if parts != {"none"}:
+        raise ConfigError(
+            f"--zero {text!r}: 'none' (no DeepSpeed) can't be listed with ZeRO stages yet; estimate it on its own"
+        )
+    return ["none"]
+
+
+def add_lever_group(
+    p: argparse.ArgumentParser, *, defaults: dict[str, str | None], zero_none: bool = False
+) -> argparse._ArgumentGroup:
     """The memory levers, each a comma list: ``--precision``, ``--zero``, ``--offload``,
-    ``--gradient_checkpointing``. ``defaults`` holds each one's default (None: the command decides)."""
+    ``--gradient_checkpointing``. ``defaults`` holds each one's default (None: the command decides);
+    ``zero_none``: ``--zero none`` (HF Trainer without DeepSpeed) is accepted, on its own."""
     group = p.add_argument_group("levers (each a comma list: every combination is a setting)")
 
     def default(flag: str, text: str) -> str:
@@ -84,10 +104,12 @@ def add_lever_group(p: argparse.ArgumentParser, *, defaults: dict[str, str | Non
     )
     group.add_argument(
         "--zero",
-        type=parse_zero,
+        type=_zero_or_none if zero_none else parse_zero,
         default=defaults.get("zero"),
-        metavar="0,1,2,3",
-        help=default("zero", "ZeRO stages, e.g. 2 or 0,2,3"),
+        metavar="none,0,1,2,3" if zero_none else "0,1,2,3",
+        help=default(
+            "zero", "ZeRO stages, e.g. 2 or 0,2,3" + ("; none: plain HF Trainer, no DeepSpeed" if zero_none else "")
+        ),
     )
     group.add_argument(
         "--offload",

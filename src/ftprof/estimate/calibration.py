@@ -34,19 +34,23 @@ class Observation:
         return estimate(self.arch, self.point, cal, self.device).device_used
 
 
-#: A GPU's constants until a sweep of it is calibrated: fitted on the 11 points of profiles/h200-bert-base-uncased
-#: (one NVIDIA H200, CUDA 13, torch 2.11, 2026-12-04; ``python bench/bench_gpu_profiles.py``). The runtime is what
-#: NVML counts beyond the allocator's segments: the CUDA context (0.51 GiB there, NVML before any tensor) and the
-#: kernel modules, cuBLAS workspaces and NCCL buffers loaded in the first steps. Other GPUs and CUDA versions
-#: differ; the held-out distilbert points are within 9.1% (NVML) with these.
+#: A GPU's constants until a sweep of it is calibrated, from one NVIDIA H200 (CUDA 13, torch 2.11, 2026-12-04).
+#: ``runtime_bytes`` is what NVML counts beyond the allocator's segments in plain HF Trainer (no DeepSpeed):
+#: 0.74 GiB measured (profiles/h200-check/trainer_vs_deepspeed.jsonl: NVML peak − max_memory_reserved; the CUDA
+#: context alone is 0.51 GiB, the rest kernel modules and cuBLAS workspaces). ``deepspeed_runtime_bytes`` is what
+#: a DeepSpeed run adds to it (its NCCL process group, even on one GPU): 0.86 GiB, the runtime fitted on the 11
+#: DeepSpeed points of profiles/h200-bert-base-uncased (1.60 GiB, ``python bench/bench_gpu_profiles.py``) less
+#: the plain-Trainer figure. The allocator factor is fitted on the same 11 points. Other GPUs and CUDA versions
+#: differ: ``ftprof estimate --calibrate`` on a sweep of yours replaces these.
 SHIPPED_GPU = Calibration(
     device="an H200 sweep shipped with ftprof; calibrate on a sweep of your GPU",
-    runtime_bytes=1_717_537_861,  # 1.60 GiB
+    runtime_bytes=794_820_608,  # 0.74 GiB
     activation_factor=1.0,
     zero_runtime_bytes=0.0,
     reserved_factor=1.1298,
     fitted_on=11,
     reserved_fitted_on=11,
+    deepspeed_runtime_bytes=1_717_537_861 - 794_820_608,  # 0.86 GiB
 )
 
 
@@ -128,7 +132,7 @@ def calibrate(observations: list[Observation], device: str, base: Calibration | 
             fixed, saved, zero = _terms(ob, cal)
             r = cal.reserved_factor
             rows.append([1.0, saved * r, zero * r])
-            targets.append(ob.measured - fixed * r)
+            targets.append(ob.measured - fixed * r - cal.deepspeed_runtime_bytes)  # sweeps run DeepSpeed
         solution, *_ = np.linalg.lstsq(np.array(rows, dtype=float), np.array(targets, dtype=float), rcond=None)
         runtime, act_factor, zero_runtime = (float(x) for x in solution)
         if act_factor < 1.0:  # pinned at 1: the other two are fitted again with it

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from ftprof.estimate.optimizers import TrainerOptimizer, check_plain_trainer
 from ftprof.point import Point, Precision
 from ftprof.units import GIB
 
@@ -136,6 +137,9 @@ class Calibration:
     activation_factor: float = 1.0  # allocator rounding and temporaries not itemised, relative to activations
     zero_runtime_bytes: float = 0.0  # what DeepSpeed's ZeRO optimizer adds beyond its buckets (ops, comm state)
     reserved_factor: float = 1.08  # caching allocator: reserved / allocated
+    # What a DeepSpeed run adds outside the allocator, beside ``runtime_bytes``: its process group's NCCL buffers
+    # (even on one GPU). 0 where a sweep's fitted runtime holds it (CPUs; calibrations fitted before it existed).
+    deepspeed_runtime_bytes: float = 0.0
     fitted_on: int = 0  # number of measured points behind these values
     reserved_fitted_on: int = 0  # points whose torch allocator figures gave reserved_factor (0: assumed)
     # 2: the activation factor scales saved activations only (at least 1) and the CPU peak adds the optimizer
@@ -163,7 +167,7 @@ ITEM_LABELS: dict[str, str] = {
     "frozen_parameters": "frozen weights (LoRA)",  # no gradients, master copy or moments
     "gradients": "gradients",
     "master_weights": "fp32 master weights",
-    "optimizer_states": "Adam moments",
+    "optimizer_states": "optimizer states (Adam moments)",
     "gradient_buckets": "DeepSpeed gradient buckets",
     "offload_buffers": "offload staging buffers",
     "zero_runtime": "DeepSpeed runtime",
@@ -171,7 +175,7 @@ ITEM_LABELS: dict[str, str] = {
     "saved_activations": "saved activations",
     "recomputed_layer": "recomputed layer (gradient checkpointing)",
     "temporaries": "temporaries (live logits; activation factor)",
-    "optimizer_step": "optimizer step (fp32 gradients)",
+    "optimizer_step": "optimizer step (fp32 gradients; without DeepSpeed: --optim's temporaries)",
 }
 MODEL_STATES = ("parameters", "gradients", "master_weights", "optimizer_states")
 # Alive in the forward/backward only; the optimizer step's fp32 gradients compete with them for the peak.
@@ -503,9 +507,13 @@ def estimate(
     device: Device = "gpu",
     rank: int | None = None,
     lora: LoraFacts | None = None,
+    trainer_optim: TrainerOptimizer | None = None,
 ) -> Estimate:
     """Predict the per-rank peaks of training ``arch`` at point ``s`` on a GPU or a CPU: those of ``rank``, by
     default of the rank that holds the most.
+
+    ``trainer_optim``: plain HF Trainer, no DeepSpeed (``--zero none``; fp32, one rank, ``s.zero`` 0), stepping
+    that optimizer: its states replace Adam's moments and its step's temporaries are the step's item.
 
     Two moments compete for the peak: the forward/backward (saved activations and temporaries, and under
     ZeRO-3 the gathered 16-bit weights, which the shipped configs' ``stage3_max_live_parameters`` and
@@ -541,6 +549,11 @@ def estimate(
         items["gathered_parameters"] = e * min(total, STAGE3_MAX_LIVE_PARAMETERS)
     forward = sum(items[k] for k in FORWARD_ITEMS if k in items)
     step = math.ceil(4 * trained / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
+    if trainer_optim is not None:
+        assert s.zero == 0, "a plain-Trainer point is ZeRO-0 in shape (no partitioning)"
+        check_plain_trainer(s.precision, s.world_size, s.offload, s.gradient_checkpointing)
+        items["optimizer_states"] = trainer_optim.state_bytes_per_param * trained
+        step = trainer_optim.temporaries(trained)
     if s.offload_optimizer and device == "gpu":
         step = 0  # the CPU optimizer steps in host memory
     if device == "cpu":
@@ -549,7 +562,8 @@ def estimate(
         items["optimizer_step"] = step - forward
     allocated = sum(items.values())
     reserved = math.ceil(allocated * cal.reserved_factor)
-    return Estimate(items, host, allocated, reserved, reserved + math.ceil(cal.runtime_bytes), parts)
+    runtime = cal.runtime_bytes + (0.0 if trainer_optim is not None else cal.deepspeed_runtime_bytes)
+    return Estimate(items, host, allocated, reserved, reserved + math.ceil(runtime), parts)
 
 
 def max_batch(
@@ -560,12 +574,16 @@ def max_batch(
     device: Device = "gpu",
     limit: int = 1 << 16,
     lora: LoraFacts | None = None,
+    trainer_optim: TrainerOptimizer | None = None,
 ) -> int:
     """The largest micro-batch whose predicted device-used peak fits ``budget`` (0 if none), by bisection
     over the model (monotonic in the batch), not by trial runs."""
 
     def fits(batch: int) -> bool:
-        return estimate(arch, s.with_batch(batch), cal, device, lora=lora).device_used <= budget
+        return (
+            estimate(arch, s.with_batch(batch), cal, device, lora=lora, trainer_optim=trainer_optim).device_used
+            <= budget
+        )
 
     lo, hi = 0, 1
     while hi <= limit and fits(hi):

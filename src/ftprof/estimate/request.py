@@ -16,6 +16,7 @@ from ftprof.errors import ConfigError
 from ftprof.estimate.adapters import LoraFacts, LoraSpec
 from ftprof.estimate.calibration import load_calibration
 from ftprof.estimate.estimator import GPUS, Calibration, Device, Estimate, estimate, max_batch
+from ftprof.estimate.optimizers import DEFAULT_TRAINER_OPTIM
 from ftprof.point import Offload, Peft, Point, Precision, Task, offload_within
 from ftprof.records.results import Record
 from ftprof.units import parse_size
@@ -99,6 +100,8 @@ class EstimateRequest:
     effective_batch: int | None = None  # --grid: the accumulation that reaches this batch
     peft: tuple[Peft, ...] = ("none",)  # "none": full fine-tuning; "lora": the adapters of ``lora``
     lora: LoraSpec = field(default_factory=LoraSpec)
+    plain: bool = False  # --zero none: HF Trainer without DeepSpeed (then ``zeros`` is (0,): nothing partitioned)
+    optim: str = DEFAULT_TRAINER_OPTIM  # --optim: what the Trainer steps without DeepSpeed
 
     def settings(self, seq_len: int | None = None, batch_size: int | None = None) -> list[Point]:
         """Every combination of the levers, in flag order, without repeats.
@@ -148,7 +151,8 @@ class Estimates:
 
     @property
     def constants(self) -> list[tuple[str, str, str]]:
-        return constants_in_use(self.calibration, self.request.target.kind, max(p.zero for p in self.points))
+        zero = max(p.zero for p in self.points)
+        return constants_in_use(self.calibration, self.request.target.kind, zero, self.request.plain)
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,8 @@ class MaxBatchGrid:
 
     @property
     def constants(self) -> list[tuple[str, str, str]]:
-        return constants_in_use(self.calibration, self.request.target.kind, max(p.zero for p in self.settings))
+        zero = max(p.zero for p in self.settings)
+        return constants_in_use(self.calibration, self.request.target.kind, zero, self.request.plain)
 
 
 def accumulation_for(best: int, effective_batch: int, world_size: int) -> tuple[int, int]:
@@ -198,6 +203,7 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
     """
     from ftprof.estimate.adapters import lora_facts_for
     from ftprof.estimate.architecture import arch_for
+    from ftprof.estimate.optimizers import trainer_optimizer
 
     if request.grid_seq_lens and request.target.budget is None:
         raise ConfigError("--grid needs a memory size: --gpu NAME, --cpu or --budget SIZE")
@@ -208,13 +214,18 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
     adapters = [facts if m == "lora" else None for m in methods]
     cal = load_calibration(request.target.device)
     kind = request.target.kind
+    optim = trainer_optimizer(request.optim) if request.plain else None
     if not request.grid_seq_lens:
-        ests = [estimate(arch, p, cal, kind, lora=a) for p, a in zip(points, adapters, strict=True)]
+        ests = [
+            estimate(arch, p, cal, kind, lora=a, trainer_optim=optim) for p, a in zip(points, adapters, strict=True)
+        ]
         return Estimates(request, arch.params, cal, points, ests, methods, facts)
     grid = MaxBatchGrid(request, cal, points, peft=methods, lora=facts)
     usable = request.target.usable or 0
     for seq, (column, point) in itertools.product(request.grid_seq_lens, enumerate(points)):
-        best = max_batch(arch, replace(point, seq_len=seq), usable, cal, kind, lora=adapters[column])
+        best = max_batch(
+            arch, replace(point, seq_len=seq), usable, cal, kind, lora=adapters[column], trainer_optim=optim
+        )
         if best and request.effective_batch:
             micro, accum = accumulation_for(best, request.effective_batch, request.world_size)
             grid.cells[seq, column] = MaxBatchCell(best, micro, accum)
@@ -223,7 +234,7 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
     return grid
 
 
-def constants_in_use(cal: Calibration, target: Device, zero: int) -> list[tuple[str, str, str]]:
+def constants_in_use(cal: Calibration, target: Device, zero: int, plain: bool = False) -> list[tuple[str, str, str]]:
     """(name, value, where it comes from) of each constant the estimate rests on: fitted on how many measured
     points of this device, or assumed (and what the assumed value is)."""
     gib = 2**30
@@ -240,6 +251,8 @@ def constants_in_use(cal: Calibration, target: Device, zero: int) -> list[tuple[
             fitted if cal.fitted_on else "assumed (no temporaries beyond the itemised tensors)",
         ),
     ]
+    if target == "gpu" and not plain and cal.deepspeed_runtime_bytes:
+        rows.append(("DeepSpeed runtime (NCCL)", f"{cal.deepspeed_runtime_bytes / gib:.2f} GiB", f"from {cal.device}"))
     if zero >= 1:
         zero_runtime = fitted if cal.fitted_on else "assumed (nothing beyond the buckets)"
         rows.append(("ZeRO runtime", f"{cal.zero_runtime_bytes / gib:.2f} GiB", zero_runtime))

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ftprof.estimate.estimator import ITEM_LABELS, Estimate
-from ftprof.estimate.request import Estimates, MaxBatchCell, MaxBatchGrid, SweepCalibration
+from ftprof.estimate.request import EstimateRequest, Estimates, MaxBatchCell, MaxBatchGrid, SweepCalibration
 from ftprof.point import Point
 from ftprof.units import GIB
 
@@ -103,6 +103,11 @@ def _common(points: list[Point]) -> str:
     return ", ".join(parts)
 
 
+def _plain(common: str, req: EstimateRequest) -> str:
+    """``common`` naming plain Trainer instead of ZeRO-0 for ``--zero none``."""
+    return common.replace("ZeRO-0", f"no DeepSpeed, --optim {req.optim}") if req.plain else common
+
+
 def _source(result: Estimates | MaxBatchGrid) -> str:
     cal = result.calibration
     return f"calibrated on {cal.fitted_on} points" if cal.fitted_on else "default constants (uncalibrated)"
@@ -156,7 +161,7 @@ def comparison_table(result: Estimates, title: str) -> Table:
     table = Table(title=title, header_style="bold")
     table.add_column("GiB, fullest rank")
     for point, method in zip(points, methods, strict=True):
-        table.add_column(setting_label(point, varying, method), justify="right")
+        table.add_column(_plain(setting_label(point, varying, method), result.request), justify="right")
 
     def row(label: str, values: list[int], style: str = "") -> None:
         cells = [f"{v / GIB:.3f}" for v in values]
@@ -196,10 +201,11 @@ def estimates_renderables(result: Estimates) -> list[RenderableType]:
     if len(points) == 1:
         p = points[0]
         method = ", LoRA" if _methods(result)[0] == "lora" else ""
-        title = f"{head}, {p.precision}, ZeRO-{p.zero}{method}, {p.world_size} rank(s) — {_source(result)}"
+        engine = f"no DeepSpeed, --optim {req.optim}" if req.plain else f"ZeRO-{p.zero}"
+        title = f"{head}, {p.precision}, {engine}{method}, {p.world_size} rank(s) — {_source(result)}"
         budget, margin = req.target.budget, req.target.margin
         return [breakdown_table(result.estimates[0], budget, title, margin, result.constants), *lora]
-    common = _common(points)
+    common = _plain(_common(points), req)
     title = f"{head}, {common + ', ' if common else ''}{req.world_size} rank(s) — {_source(result)}"
     constants = (Text.from_markup(line) for line in _constant_lines(result.constants))
     return [comparison_table(result, title), *lora, *constants]
@@ -215,7 +221,7 @@ def grid_renderables(grid: MaxBatchGrid) -> list[RenderableType]:
     """``--grid``: the largest micro-batch per rank, a row per sequence length and a column per setting."""
     req, target = grid.request, grid.request.target
     budget, usable = target.budget or 0, target.usable or 0
-    common = _common(grid.settings)
+    common = _plain(_common(grid.settings), req)
     table = Table(
         title=f"Largest micro-batch per rank that fits {budget / GIB:.1f} GiB with a {percent(target.margin)} margin "
         f"kept free ({usable / GIB:.1f} GiB) — {req.model}, {common + ', ' if common else ''}"
@@ -226,7 +232,7 @@ def grid_renderables(grid: MaxBatchGrid) -> list[RenderableType]:
     methods = _methods(grid)
     varying = varying_levers(grid.settings) | ({"peft"} if len(set(methods)) > 1 else set())
     for point, method in zip(grid.settings, methods, strict=True):
-        table.add_column(setting_label(point, varying, method), justify="right")
+        table.add_column(_plain(setting_label(point, varying, method), req), justify="right")
     for seq in req.grid_seq_lens:
         table.add_row(str(seq), *(_cell(grid.cells[seq, column]) for column in range(len(grid.settings))))
     lora = [Text(line)] if (line := lora_line(grid)) else []
