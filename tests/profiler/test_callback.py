@@ -177,3 +177,80 @@ def test_the_window_records_how_long_its_threads_waited_for_a_cpu(tmp_path):
     assert quiet.profile.cpu_wait_share < contended.profile.cpu_wait_share / 3
     waited = (contended.profile.cpu_wait_share, quiet.profile.cpu_wait_share)
     print(f"waited {waited[0]:.3f} s/s with every core busy, {waited[1]:.3f} alone")
+
+
+class ConstantSampler:
+    """A sampler whose readings never change (or, with ``rising``, grow at every reading); counts its starts."""
+
+    kind = "fake"
+    figure = "rss"
+
+    def __init__(self, rising: bool = False) -> None:
+        self.rising, self.readings, self.starts = rising, 0, {}
+
+    def read(self):
+        self.readings += 1
+        return {"rss_bytes": 1000 + (self.readings if self.rising else 0)}
+
+    def start(self, name):
+        self.starts[name] = self.starts.get(name, 0) + 1
+
+    def stop(self, name):
+        return self.read()
+
+    def close(self):
+        pass
+
+
+def profiler_hooks(model) -> int:
+    """Forward hooks of ftprof's meters still on ``model``'s modules."""
+    hooks = [h for m in model.modules() for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())]
+    return sum(type(getattr(h, "__self__", None)).__module__.startswith("ftprof.profiler") for h in hooks)
+
+
+class StepRecorder(TrainerCallback):
+    """After the profiler's on_step_end: its hooks on the model and the optimizer phases it sampled so far."""
+
+    def __init__(self, model, sampler):
+        self.model, self.sampler, self.steps = model, sampler, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append((profiler_hooks(self.model), self.sampler.starts.get("optimizer", 0)))
+
+
+@pytest.mark.parametrize("rising", [False, True])
+def test_per_step_hooks_and_optimizer_sampling_stop_once_their_figures_are_taken(tmp_path, rising):
+    """The saved-activation and (ZeRO-3) gathered-parameter meters hook every forward while they measure: after
+    ``measuring_steps`` only the batch counter's pre-hook is left. The optimizer phase is sampled until the
+    window is open and OPTIMIZER_QUIET_STEPS steps in a row raised nothing; as long as figures rise, every step."""
+    from ftprof.profiler.callback import OPTIMIZER_QUIET_STEPS
+
+    trainer = make_trainer(tmp_path)
+    trainer.args.max_steps = 10
+    model = trainer.model
+    for p in model.parameters():  # ZeRO-3's mark: the gathered-parameter meter attaches
+        p.ds_tensor = p.data
+    sampler = ConstantSampler(rising=rising)
+    profiler = ProfilerCallback(warmup_steps=2, sampler=sampler)
+    recorder = StepRecorder(model, sampler)
+    trainer.add_callback(profiler)
+    trainer.add_callback(recorder)
+    trainer.train()
+
+    hooks = [h for h, _ in recorder.steps]
+    assert hooks[0] == 2  # step 1: the batch counter and the gathered-parameter meter (saved activations: done)
+    assert hooks[1:] == [1] * 9, hooks  # from step 2's end on: the batch counter only
+    assert profiler_hooks(model) == 0  # and none after training
+    assert profiler.measuring_steps == 2
+    sampled = [n for _, n in recorder.steps]
+    if rising:
+        assert sampled == list(range(1, 11))
+    else:  # steps 1-2 (warm-up; step 1 is new), then until 3 quiet steps: 4 of 10 steps
+        assert sampled[-1] == 1 + OPTIMIZER_QUIET_STEPS == 4, sampled
+    # The figures those steps measured are all there.
+    rank = profiler.profile.ranks[0]
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert rank.breakdown["gathered_parameters"] == parameter_bytes
+    assert rank.breakdown["saved_activations"] > 0
+    assert rank.phases["optimizer"]["rss_bytes"] >= 1000
+    assert profiler.profile.optimizer_step_median_s > 0  # timed every step regardless

@@ -216,3 +216,77 @@ def test_environment_device_memory_is_torch_device_0s(fake_torch_cuda):
     assert env["device_memory_bytes"] == 48 * GiB  # physical 2's, not NVML index 0's 16 GiB
     assert env["driver"] == "550.54.15"
     assert env["device_count"] == 2
+
+
+# -- cost of a reading ----------------------------------------------------------------------------------------
+class CountingNvml(FakeNvml):
+    """Counts NVML's calls: each real one hands the GIL over and back, which training feels."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_infos = self.process_lists = 0
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        self.memory_infos += 1
+        return super().nvmlDeviceGetMemoryInfo(handle)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        self.process_lists += 1
+        return super().nvmlDeviceGetComputeRunningProcesses(handle)
+
+
+@pytest.mark.parametrize("refresh", [1000, 4])
+def test_the_thread_reads_the_process_list_only_when_used_memory_moves_or_to_refresh(refresh):
+    fake = CountingNvml(gpus=1)
+    fake.create_context(0)
+    fake.allocate(0, GiB)
+    sampler = NvmlSampler(
+        device_index=0,
+        interval=0.001,
+        nvml=fake,
+        device_properties=fake.cuda_get_device_properties,
+        has_context=fake.cuda_has_primary_context,
+        settle_s=0.0,
+        refresh_readings=refresh,
+    )
+    try:
+        assert sampler.read()["nvml_process_bytes"] == CONTEXT_BYTES + GiB
+        sampler.start("x")
+        infos, lists = fake.memory_infos, fake.process_lists
+        time.sleep(0.1)  # memory stands still
+        readings, listed = fake.memory_infos - infos, fake.process_lists - lists
+        assert readings >= 10
+        if refresh == 1000:
+            assert listed <= 1  # the thread's first reading only
+        else:  # one full reading in every refresh + 1
+            assert readings / (refresh + 1) - 2 <= listed <= readings / (refresh + 1) + 2
+        fake.allocate(0, 4 * GiB)  # a transient peak: used moves, so the thread reads the process list
+        time.sleep(0.02)
+        fake.allocate(0, -4 * GiB)
+        time.sleep(0.02)
+        assert sampler.read()["nvml_process_bytes"] == CONTEXT_BYTES + GiB
+        peaks = sampler.stop("x")
+        assert peaks["nvml_process_bytes"] == CONTEXT_BYTES + 5 * GiB
+        assert sampler.figure == "process"
+    finally:
+        sampler.close()
+
+
+def test_rss_reads_what_psutil_reads_and_falls_back_to_it_once_closed():
+    import os
+
+    import psutil
+
+    sampler = RssSampler(interval=10.0)
+    try:
+        assert sampler._statm is not None  # Linux: /proc/<pid>/statm, kept open
+        block = bytearray(100 * 2**20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        rss = psutil.Process(os.getpid()).memory_info().rss
+        assert abs(sampler.read()["rss_bytes"] - rss) < 8 * 2**20
+        del block
+    finally:
+        sampler.close()
+    assert sampler._statm is None
+    assert sampler.read()["rss_bytes"] > 0

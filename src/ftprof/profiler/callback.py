@@ -5,9 +5,17 @@
 
 Phases: ``setup`` (Trainer and DeepSpeed initialisation up to the first step), ``first_step`` (includes the
 optimizer state allocation), ``steady`` (steps after ``warmup_steps``), ``optimizer`` (inside the real
-optimizer step: under DeepSpeed that is the engine's, which accelerate runs inside ``backward``) and
+optimizer step: under DeepSpeed that is the engine's, which accelerate runs inside ``backward``; the highest
+of the steps up to the window's and until :data:`OPTIMIZER_QUIET_STEPS` steps in a row raised nothing) and
 ``evaluation``. Each phase records the sampler's peaks (RSS, or NVML device/process) and, on CUDA, torch's
 ``max_memory_allocated`` / ``max_memory_reserved``.
+
+Per steady step the callback does little, so that it doesn't slow what it measures: the model hooks that
+measure saved activations and ZeRO-3's gathered parameters are gone after the first step(s)
+(:attr:`ProfilerCallback.measuring_steps`), nothing synchronises the GPU, and the allocator's statistics are
+read per phase, not per step. What remains per step: the batch counter's forward pre-hook (one reduction
+launched, on the device), a CUDA event at each step end and two around the optimizer step, and the sampler
+thread's readings.
 
 Throughput is measured over a window after the warm-up: samples and tokens are counted as the model
 consumes them (:class:`~ftprof.profiler.tokens.BatchCounter`), step periods are timed without
@@ -54,6 +62,11 @@ if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 FLOP_FORMULA = "6*N + 12*L*H*Q*T per token (PaLM), N = non-embedding parameters, on padded tokens"
+
+# The ``optimizer`` phase is sampled on every optimizer step until the window has opened and this many steps
+# in a row raised none of its figures: steady steps repeat the same allocations, and its start/stop (two
+# readings, each a GIL hand-off to and from NVML or /proc) would otherwise cost every measured step.
+OPTIMIZER_QUIET_STEPS = 3
 
 
 class ProfilerCallback(TrainerCallback):
@@ -104,6 +117,8 @@ class ProfilerCallback(TrainerCallback):
         self._cpu_run = False
         self._profile_next = False  # the step after the window is profiled
         self._profiling = False
+        self._optimizer_quiet = 0  # optimizer steps in a row whose sampled phase raised no figure
+        self._meters_attached = False  # the saved-activation and gathered-parameter meters' hooks
 
     @property
     def sampler(self) -> MemorySampler:
@@ -126,10 +141,34 @@ class ProfilerCallback(TrainerCallback):
                 self.allocator[k] = max(v, self.allocator.get(k, 0))
         self._merge(name, peaks)
 
-    def _merge(self, name: str, peaks: dict[str, int]) -> None:
-        """Keep the highest figures seen for phase ``name`` (phases like ``optimizer`` recur every step)."""
-        previous = self.phases.get(name, {})
-        self.phases[name] = {k: max(v, previous.get(k, 0)) for k, v in peaks.items()}
+    def _merge(self, name: str, peaks: dict[str, int]) -> bool:
+        """Keep the highest figures seen for phase ``name`` (phases like ``optimizer`` recur every step);
+        whether any figure rose (or is new)."""
+        previous = self.phases.get(name)
+        if previous is None:
+            self.phases[name] = dict(peaks)
+            return True
+        raised = False
+        for k, v in peaks.items():
+            if v > previous.get(k, -1):
+                previous[k], raised = v, True
+        return raised
+
+    @property
+    def measuring_steps(self) -> int:
+        """The optimizer steps the per-step meters (saved activations, ZeRO-3 gathered parameters) run for:
+        the warm-up, and at least two (ZeRO-3 traces the module order in the first, prefetches from the
+        second on). Their hooks are removed at the end of the last."""
+        return max(2, self.warmup_steps)
+
+    def _detach_meters(self) -> None:
+        self.activations.detach()
+        self.gathered.detach()
+        self._meters_attached = False
+
+    def _sampling_optimizer(self) -> bool:
+        """Whether this optimizer step's ``optimizer`` phase is sampled (see :data:`OPTIMIZER_QUIET_STEPS`)."""
+        return self._window_counts is None or self._optimizer_quiet < OPTIMIZER_QUIET_STEPS
 
     def _wrap_optimizer_step(self, optimizer: Any) -> None:
         """Record the ``optimizer`` phase around the optimizer step that really runs.
@@ -150,13 +189,17 @@ class ProfilerCallback(TrainerCallback):
             if first:  # gradients exist now (ZeRO-1/2 free them in the step); states after it
                 before = model_state_bytes(self._model, optimizer)
                 gradients = {k: v for k, v in before.items() if k.startswith("gradients")}
-            self.sampler.start("optimizer")
+            sampled = self._sampling_optimizer()
+            if sampled:
+                self.sampler.start("optimizer")
             self.optimizer_timer.begin()
             try:
                 return original(*args, **kwargs)
             finally:
                 self.optimizer_timer.end()
-                self._merge("optimizer", self.sampler.stop("optimizer"))
+                if sampled:
+                    raised = self._merge("optimizer", self.sampler.stop("optimizer"))
+                    self._optimizer_quiet = 0 if raised else self._optimizer_quiet + 1
                 if first:
                     after = model_state_bytes(self._model, optimizer)
                     self.breakdown = {**{k: v for k, v in after.items() if not k.startswith("gradients")}, **gradients}
@@ -193,6 +236,7 @@ class ProfilerCallback(TrainerCallback):
             self.counter.attach(model)
             self.activations.attach(model)
             self.gathered.attach(model)
+            self._meters_attached = True
         if optimizer is not None:
             self._wrap_optimizer_step(optimizer)
         self._end("setup")
@@ -231,6 +275,8 @@ class ProfilerCallback(TrainerCallback):
             return
         if state.global_step == 1:
             self._end("first_step")
+        if self._meters_attached and state.global_step >= self.measuring_steps:  # (>=: a resumed run)
+            self._detach_meters()  # their figures are taken: no more hooks per forward
         if self._window_counts is None:
             if state.global_step >= self.warmup_steps:
                 self._open_window()
@@ -299,8 +345,7 @@ class ProfilerCallback(TrainerCallback):
         if self._window_counts is not None and self._window_end is None:
             self._end("steady")
         self.counter.detach()
-        self.activations.detach()
-        self.gathered.detach()
+        self._detach_meters()
         if self.recorder is not None:
             self.recorder.finish()
         if self._reference:  # after the window and every memory phase

@@ -53,7 +53,13 @@ class MemorySampler(Protocol):
 
 
 class _ThreadedSampler:
-    """Shared machinery: a daemon thread calls :meth:`read` every ``interval`` seconds."""
+    """Shared machinery: a daemon thread takes a reading (:meth:`_background_read`, :meth:`read` unless a
+    sampler has a cheaper one) every ``interval`` seconds.
+
+    The thread shares the GIL with training: each reading takes it from the training thread once per call
+    that releases it (system calls, NVML's C calls), and a launch-bound GPU step feels every hand-off, so
+    readings are kept to as few such calls, and as little Python, as they can be.
+    """
 
     kind = "base"
 
@@ -75,9 +81,21 @@ class _ThreadedSampler:
                     if value > mark.get(key, -1):
                         mark[key] = value
 
+    def _background_read(self) -> dict[str, int]:
+        return self.read()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._update(self.read())
+        # time.sleep, not Event.wait(interval): Condition.wait's Python (a lock allocated per call, a waiter
+        # queue) held the GIL for as long as the reading itself. close() is seen within 0.1 s.
+        sleep, stopped = time.sleep, self._stop.is_set
+        while True:
+            remaining = self.interval
+            while remaining > 0:
+                sleep(min(remaining, 0.1))
+                remaining -= 0.1
+                if stopped():
+                    return
+            self._update(self._background_read())
 
     def start(self, name: str) -> None:
         sample = self.read()
@@ -101,6 +119,10 @@ class RssSampler(_ThreadedSampler):
     The default interval is long (50 ms) on purpose: on a CPU the sampling thread competes with torch's
     compute threads for the same cores, and waking every 5 ms slowed training measurably on a 2-core machine
     (docs/benchmarks.md, "Profiler overhead"). ``ru_maxrss`` still records the exact peak the kernel saw.
+
+    On Linux a reading is one ``pread`` of ``/proc/<pid>/statm`` (resident pages, the figure psutil reports)
+    on a descriptor kept open, and ``getrusage``: a few microseconds, where psutil's ``memory_info`` opens,
+    reads and closes the file each time (~30 us, and three GIL hand-offs, on a slow CPU).
     """
 
     kind = "rss"
@@ -108,13 +130,35 @@ class RssSampler(_ThreadedSampler):
 
     def __init__(self, interval: float = 0.05) -> None:
         self._process = psutil.Process(os.getpid())
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+        self._statm: int | None = None
+        try:
+            self._statm = os.open(f"/proc/{os.getpid()}/statm", os.O_RDONLY)
+            self._rss()
+        except (OSError, ValueError, IndexError):  # no procfs (macOS), or an unexpected format: psutil
+            self._close_statm()
         super().__init__(interval)
+
+    def _rss(self) -> int:
+        if self._statm is None:
+            return int(self._process.memory_info().rss)
+        return int(os.pread(self._statm, 256, 0).split()[1]) * self._page
+
+    def _close_statm(self) -> None:
+        if self._statm is not None:
+            fd, self._statm = self._statm, None
+            os.close(fd)
 
     def read(self) -> dict[str, int]:
         return {
-            "rss_bytes": self._process.memory_info().rss,
+            "rss_bytes": self._rss(),
             "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+
+    def close(self) -> None:
+        super().close()
+        if not self._thread.is_alive():  # a reading still under way would read a closed (or reused) descriptor
+            self._close_statm()
 
 
 @dataclass(frozen=True)
@@ -273,6 +317,11 @@ class NvmlSampler(_ThreadedSampler):
         has_context: whether this process has a CUDA context on a torch device (:func:`torch_has_context`).
         settle_s: how long after the context appears the PID is still looked for before settling on
             device deltas; a margin for a process list that lags the context by a reading or two.
+        refresh_readings: the background thread reads the process list (two NVML calls and Python objects
+            per process) only when the device's used memory moved since its last reading, and at least every
+            this many readings: while ``used`` stands still, so does this process's figure (short of another
+            tenant freeing exactly what this one allocates, which the refresh bounds). :meth:`read`, and so
+            :meth:`start` / :meth:`stop`, always read it.
 
     Raises:
         ProfilerUnavailable: NVML is missing, finds no GPU, or has none matching the torch device.
@@ -288,6 +337,7 @@ class NvmlSampler(_ThreadedSampler):
         device_properties: Callable[[int], Any] | None = None,
         has_context: Callable[[int], bool] = torch_has_context,
         settle_s: float = 1.0,
+        refresh_readings: int = 20,
     ) -> None:
         if nvml is None:
             try:
@@ -322,6 +372,9 @@ class NvmlSampler(_ThreadedSampler):
         self._settled = False
         self._context_since: float | None = None
         self._figure_lock = threading.Lock()
+        self.refresh_readings = refresh_readings
+        self._last: dict[str, int] | None = None  # the background thread's last reading with a process figure
+        self._reused = 0  # ... and how many readings since reused it
         super().__init__(interval)
 
     @property
@@ -354,7 +407,19 @@ class NvmlSampler(_ThreadedSampler):
                 self._settled = True
 
     def read(self) -> dict[str, int]:
+        return self._reading(int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used))
+
+    def _background_read(self) -> dict[str, int]:
         used = int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        last = self._last
+        if last is not None and last["nvml_device_used_bytes"] == used and self._reused < self.refresh_readings:
+            self._reused += 1
+            return last
+        sample = self._reading(used)
+        self._last, self._reused = (sample, 0) if "nvml_process_bytes" in sample else (None, 0)
+        return sample
+
+    def _reading(self, used: int) -> dict[str, int]:
         sample = {"nvml_device_used_bytes": used, "nvml_device_delta_bytes": max(0, used - self.baseline)}
         if self._settled and self.figure != "process":
             return sample

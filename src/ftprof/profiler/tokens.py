@@ -17,13 +17,17 @@ class BatchCounter:
     Counts are per process; :class:`~ftprof.profiler.ProfilerCallback` sums them over ranks.
     """
 
+    FOLD = 64
+
     def __init__(self) -> None:
         self.samples = 0
         self.real_tokens = 0
         self.padded_tokens = 0
         self.longest = 0  # the longest padded input of any training forward (the worst case that ran)
         self._handle: Any = None
-        self._real_on_device: torch.Tensor | None = None  # mask sums not read yet: reading one syncs the GPU
+        # Mask sums on the device, not read yet (reading one syncs the GPU): one reduction launched per
+        # forward, folded into one tensor every FOLD of them (no per-forward addition).
+        self._real_on_device: list[torch.Tensor] = []
 
     def attach(self, model: torch.nn.Module) -> None:
         if self._handle is None:
@@ -52,11 +56,13 @@ class BatchCounter:
         elif mask.device.type == "cpu":
             self.real_tokens += int(mask.sum())
         else:  # summed on the device and read at the next snapshot: one sync per window, not one per step
-            total = mask.sum(dtype=torch.int64)
-            self._real_on_device = total if self._real_on_device is None else self._real_on_device + total
+            sums = self._real_on_device
+            sums.append(mask.sum(dtype=torch.int64))
+            if len(sums) >= self.FOLD:
+                self._real_on_device = [torch.stack(sums).sum()]
 
     def snapshot(self) -> tuple[int, int, int]:
-        if self._real_on_device is not None:
-            self.real_tokens += int(self._real_on_device)
-            self._real_on_device = None
+        if self._real_on_device:
+            self.real_tokens += int(torch.stack(self._real_on_device).sum())
+            self._real_on_device = []
         return self.samples, self.real_tokens, self.padded_tokens

@@ -210,14 +210,63 @@ def remove_stale_shm_buffers(folder: Path = SHM_FOLDER) -> tuple[int, int]:
     return count, size
 
 
-def shutdown() -> None:
-    """Leave the process group cleanly: wait for every rank, then destroy it.
+def shutdown() -> int:
+    """Leave the process group cleanly: wait for every rank, then destroy it; returns the world size it had
+    (0 when there was no group). A process that was one of several ranks then calls :func:`exit_rank`.
 
-    Exiting with the group alive lets C++ threads of the comm backend be torn down mid-flight, which can
-    abort a rank (``terminate called without an active exception``) after a run that succeeded.
+    The barrier is skipped for a world of one: there is no peer to wait for, and a gloo barrier keeps the
+    collectives still in flight alive until a worker thread releases it, which is what :func:`exit_rank` is
+    about.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    world_size = dist.get_world_size()
+    if world_size > 1:
         dist.barrier()
-        dist.destroy_process_group()
+    dist.destroy_process_group()
+    return world_size
+
+
+def exit_rank(world_size: int) -> None:
+    """After :func:`shutdown` of a group of several ranks, end this process now: flush, then ``os._exit(0)``.
+
+    Interpreter finalization is not safe while gloo's worker threads live, and nothing lets them end sooner:
+    ``destroy_process_group`` only forgets the group (gloo's ``shutdown``/``abort`` leave the threads running),
+    and the threads stop only when the backend object is freed, which DeepSpeed prevents (module-level
+    ``FWD_MODULE_STACK`` and a class-level ``lru_cache`` in the ZeRO-3 parameter coordinator keep the model,
+    whose parameters hold the groups). A worker releases each finished collective after the caller has moved
+    on, and the gloo barrier holds every collective in flight when it was issued; when those hold tensors
+    whose Python objects DeepSpeed already dropped, the release must take the GIL. Once finalization has
+    begun, Python ends such a thread with ``pthread_exit``, whose unwinding crosses a ``noexcept`` C++
+    destructor: ``terminate called without an active exception``, SIGABRT, after a run that succeeded
+    (seen in CI; the core's aborting thread is ``ProcessGroupGloo::runLoop`` → ``~AsyncBarrierWork`` →
+    ``~AsyncAllgatherWork`` → ``TensorImpl::decref_pyobject`` → ``take_gil`` → ``PyThread_exit_thread``).
+
+    Only a process started as one rank of several reaches the exit: a launcher (deepspeed, torchrun, srun)
+    started it for this run alone, and every rank has passed the barrier, so nothing is left to do but leave.
+    A world of one (an in-process run, or ``python launch/train.py``) returns here and exits as usual.
+    Failures never get here: they raise before :func:`shutdown`.
+    """
+    if world_size <= 1:
+        return
+    import logging
+
+    logging.shutdown()  # what atexit would have flushed
+    _flush_stdio()
+    os._exit(0)
+
+
+def _flush_stdio() -> None:
+    """Flush Python's and C's output buffers (``os._exit`` skips both; C++ ops print through stdio)."""
+    import contextlib
+    import sys
+
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)

@@ -239,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     spec = MeasureSpec.read(Path(argv[0]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ftprof.runtime.distributed import shutdown
+    from ftprof.runtime.distributed import exit_rank, shutdown
 
     profile = measure(spec)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec.result_path).write_text(json.dumps(profile.to_json()))
-    shutdown()
+    exit_rank(shutdown())  # several ranks: exits 0 here, past interpreter finalization (see exit_rank)
     return 0
 
 

@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ftprof.errors import ConfigError
 from ftprof.profiler import add_profiler
 from ftprof.runtime.deepspeed_config import DeepSpeedConfig, for_this_machine, load_ds_config
-from ftprof.runtime.distributed import adopt_slurm_env, ensure_single_process_env, shutdown
+from ftprof.runtime.distributed import adopt_slurm_env, ensure_single_process_env, exit_rank, shutdown
 from ftprof.runtime.ds_ops import check_no_stale_locks
 from ftprof.train.adapters import adapted_modules, check_peft_flags, parameter_counts
 from ftprof.train.args import (
@@ -338,12 +338,15 @@ def _configure_logging(args: FtprofTrainingArguments | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), train and evaluate; returns the eval metrics."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), train and evaluate; returns the eval metrics.
+
+    One rank of several ends its process here once every rank is done (:func:`~ftprof.runtime.distributed.exit_rank`).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked dataloader workers would deadlock
     _configure_logging()
     script, args = parse(argv)
     _configure_logging(args)
     metrics = fit(setup(script, args))
-    shutdown()
+    exit_rank(shutdown())  # several ranks: exits 0 here
     return metrics
