@@ -55,9 +55,9 @@ class Stopwatch(TrainerCallback):
             self.seconds, self.steps = time.perf_counter() - self.t0, state.global_step - self.start
 
 
-def run(model: Any, data: list[dict], a: argparse.Namespace, callbacks: list) -> float:
-    watch = Stopwatch(a.warmup)
-    args = TrainingArguments(
+def training_args(a: argparse.Namespace) -> TrainingArguments:
+    """Plain Trainer's arguments for a timed run: no logging, saving or data workers in the way."""
+    return TrainingArguments(
         output_dir="/tmp/ftprof-bench-overhead",
         per_device_train_batch_size=a.batch_size,
         max_steps=a.steps,
@@ -68,6 +68,11 @@ def run(model: Any, data: list[dict], a: argparse.Namespace, callbacks: list) ->
         save_strategy="no",
         dataloader_num_workers=0,
     )
+
+
+def run(model: Any, data: list[dict], a: argparse.Namespace, callbacks: list) -> float:
+    watch = Stopwatch(a.warmup)
+    args = training_args(a)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[*callbacks, watch]).train()
     return watch.steps * a.batch_size / watch.seconds
 
@@ -213,17 +218,7 @@ def cost(
             del p.ds_tensor
     profiler = make_profiler()
     probe = CostProbe(profiler, a.warmup)
-    args = TrainingArguments(
-        output_dir="/tmp/ftprof-bench-overhead",
-        per_device_train_batch_size=a.batch_size,
-        max_steps=a.steps,
-        bf16=a.precision == "bf16",
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=10_000,
-        save_strategy="no",
-        dataloader_num_workers=0,
-    )
+    args = training_args(a)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[probe, profiler]).train()
     return probe.per_step()
 

@@ -254,11 +254,11 @@ def exit_rank(world_size: int) -> None:
     import logging
 
     logging.shutdown()  # what atexit would have flushed
-    _flush_stdio()
+    flush_stdio()
     os._exit(0)
 
 
-def _flush_stdio() -> None:
+def flush_stdio() -> None:
     """Flush Python's and C's output buffers (``os._exit`` skips both; C++ ops print through stdio)."""
     import contextlib
     import sys

@@ -40,6 +40,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ftprof.runtime.distributed import flush_stdio
+
 READY_TIMEOUT_S = 600.0  # the first start may JIT-compile DeepSpeed's CPU ops, which takes minutes on small CPUs
 
 
@@ -159,19 +161,8 @@ def _fork(request: dict[str, Any], protocol: int, pages: list[tuple[int, int]]) 
     except BaseException:
         traceback.print_exc()
     finally:
-        _flush_all()
+        flush_stdio()
         os._exit(code)
-
-
-def _flush_all() -> None:
-    """Flush Python's and C's output buffers (``os._exit`` skips both; C++ ops print through stdio)."""
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).fflush(None)
 
 
 def serve() -> int:
@@ -186,7 +177,7 @@ def serve() -> int:
 
     if torch.cuda.is_initialized():  # a forked child could not use CUDA
         raise RuntimeError("CUDA was initialised while preloading: the worker cannot fork points")
-    _flush_all()  # nothing buffered may be copied into the children's output
+    flush_stdio()  # nothing buffered may be copied into the children's output
     pages = resident_file_pages()
 
     def say(message: dict[str, Any]) -> None:
