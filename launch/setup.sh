@@ -19,11 +19,35 @@ quiet() {
     grep -v '^WARNING: Location' "$log" || true  # grep exits 1 when nothing is left to show
 }
 
+# pip's own settings (find-links, extra indexes: where a CPU torch wheel may lie), as uv options.
+uv_options() {
+    local key value
+    for key in index-url extra-index-url find-links; do
+        value=$(.venv/bin/python -m pip config get "global.$key" 2>/dev/null || true)
+        for value in $value; do printf -- '--%s\n%s\n' "$key" "$value"; done
+    done
+    for value in ${PIP_FIND_LINKS:-}; do printf -- '--find-links\n%s\n' "$value"; done
+    for value in ${PIP_EXTRA_INDEX_URL:-}; do printf -- '--extra-index-url\n%s\n' "$value"; done
+}
+
+# Install with uv (the same resolution as pip, several times faster), or with pip where uv can't be had or
+# fails (FTPROF_PIP=1 forces pip). torch goes in the same call so that its pinned build is the one resolved.
+install() {
+    if [ -z "${FTPROF_PIP:-}" ] && .venv/bin/python -m pip install -q uv >/dev/null 2>&1; then
+        mapfile -t options < <(uv_options)
+        if SSL_CERT_FILE=${SSL_CERT_FILE:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}} .venv/bin/uv pip install \
+            -q --python .venv/bin/python --index-strategy unsafe-best-match "${options[@]}" "$@" >"$log" 2>&1; then
+            return
+        fi
+        echo "setup.sh: uv failed, installing with pip instead: $(tail -n 1 "$log")" >&2
+    fi
+    quiet .venv/bin/python -m pip install -q --upgrade pip
+    quiet .venv/bin/python -m pip install -q "$@"
+}
+
 [ -x .venv/bin/python ] || quiet "$PYTHON" -m venv .venv
-quiet .venv/bin/python -m pip install -q --upgrade pip
-# torch first: a plain `torch` requirement would otherwise pull a multi-GB CUDA build onto CPU machines.
-quiet .venv/bin/python -m pip install -q "${FTPROF_TORCH:-torch==2.13.0}"
-quiet .venv/bin/python -m pip install -q -e '.[test]'
+# torch pinned: a plain `torch` requirement would otherwise pull a multi-GB CUDA build onto CPU machines.
+install "${FTPROF_TORCH:-torch==2.13.0}" -e '.[test]'
 # DeepSpeed builds its CPU ops on first use (~2 min on 2 cores in all). Build them here, in one process with no
 # timeout, into this venv (the tests use the same folder): a test timing out mid-build would leave a lock file
 # that every later DeepSpeed run waits on forever. Re-runs only load them; stale locks are removed first.

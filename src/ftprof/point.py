@@ -31,6 +31,8 @@ class Point:
     'bf16-z2-w1-ga1-s128-b8'
     >>> Point(precision="bf16", zero=3, seq_len=128, batch_size=8, offload="optimizer+param").key
     'bf16-z3-w1-ga1-s128-b8-off_optimizer+param'
+    >>> Point(precision="bf16", zero=2, seq_len=128, batch_size=8, peft="lora", lora_r=16).key
+    'bf16-z2-w1-ga1-s128-b8-lora_r16'
     """
 
     precision: Precision
@@ -41,6 +43,8 @@ class Point:
     batch_size: int
     offload: Offload = "none"
     gradient_checkpointing: bool = False
+    peft: Peft = "none"  # "lora": the weights frozen under LoRA adapters of rank ``lora_r`` (peft)
+    lora_r: int = 0  # 0 without adapters
 
     def __post_init__(self) -> None:
         for name in ("world_size", "grad_accum", "seq_len", "batch_size"):
@@ -57,6 +61,12 @@ class Point:
             raise ConfigError(f"--offload optimizer+param needs ZeRO stage 3, not {self.zero}; use --offload optimizer")
         if self.offload == "optimizer" and self.zero == 0:
             raise ConfigError("--offload optimizer needs ZeRO stage 1, 2 or 3, not 0")
+        if self.peft not in PEFT_METHODS:
+            raise ConfigError(f"--peft {self.peft!r}: use none or lora")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise ConfigError(f"--lora_r must be a positive integer, got {self.lora_r!r}")
+        if (self.peft == "lora") != (self.lora_r > 0):
+            raise ConfigError(f"--peft {self.peft} with --lora_r {self.lora_r}: LoRA takes a rank, full fine-tuning 0")
 
     @property
     def key(self) -> str:
@@ -64,7 +74,8 @@ class Point:
         key = f"{self.precision}-z{self.zero}-w{self.world_size}-ga{self.grad_accum}-s{self.seq_len}-b{self.batch_size}"
         if self.offload != "none":
             key += f"-off_{self.offload}"
-        return key + ("-gc" if self.gradient_checkpointing else "")
+        key += "-gc" if self.gradient_checkpointing else ""
+        return key + (f"-lora_r{self.lora_r}" if self.peft == "lora" else "")
 
     @property
     def offload_optimizer(self) -> bool:
@@ -96,8 +107,35 @@ class Point:
             "batch_size",
             "offload",
             "gradient_checkpointing",
+            "peft",
+            "lora_r",
         )
         return cls(**{n: data[n] for n in names if n in data})
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The LoRA settings a sweep holds fixed (the rank, ``lora_r``, is a point's axis), as ``ftprof train``'s
+    flags name them; the defaults are train's."""
+
+    alpha: int = 16  # --lora_alpha: the update is scaled by alpha / r (no memory effect)
+    dropout: float = 0.05  # --lora_dropout on each adapted layer's input (its mask is saved)
+    target_modules: str | None = None  # --lora_target_modules; None: the family's attention projections
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int) or self.alpha <= 0:
+            raise ConfigError(f"--lora_alpha must be a positive integer, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--lora_dropout {self.dropout!r}: must be >= 0 and < 1")
+
+    def train_flags(self) -> list[str]:
+        """The ``ftprof train`` flags that set these, after ``--peft lora --lora_r N``.
+
+        >>> LoraOptions(target_modules="attention,mlp").train_flags()
+        ['--lora_alpha', '16', '--lora_dropout', '0.05', '--lora_target_modules', 'attention,mlp']
+        """
+        flags = ["--lora_alpha", str(self.alpha), "--lora_dropout", str(self.dropout)]
+        return flags + (["--lora_target_modules", self.target_modules] if self.target_modules else [])
 
 
 def offload_within(offload: Offload, zero: int) -> Offload:

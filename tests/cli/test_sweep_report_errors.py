@@ -33,6 +33,14 @@ def one_line_error(capsys, fn, argv, pattern):
         (["--model", "tiny-bert", "--offload", "gpu"], "unknown offload 'gpu'"),
         (["--model", "tiny-bert", "--zero", "0,2", "--offload", "optimizer+param"], "needs ZeRO stage 3"),
         (["--model", "tiny-bert", "--gradient_checkpointing", "maybe"], "'maybe' is not on or off"),
+        (["--model", "tiny-bert", "--lora_r", "8"], "--lora_r applies to --peft lora only; add --peft lora"),
+        (["--model", "tiny-bert", "--peft", "qlora"], "--peft 'qlora': use none, lora, or none,lora"),
+        (["--model", "tiny-bert", "--peft", "lora", "--lora_r", "8,0"], "--lora_r '8,0': '0' is not a positive"),
+        (["--model", "tiny-bert", "--peft", "lora", "--lora_dropout", "1.5"], "--lora_dropout 1.5: must be >= 0"),
+        (
+            ["--model", "tiny-bert", "--peft", "none,lora", "--lora_target_modules", "q_proj"],
+            r"--lora_target_modules.*q_proj.*(query|value)",
+        ),
         (
             ["--model", "tiny-bert", "--ds_config", "ds_configs/zero2_offload.json", "--offload", "none"],
             "offloads already",

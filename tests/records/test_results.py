@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from ftprof.point import Point
-from ftprof.records.profile import Profile
+from ftprof.errors import ConfigError
+from ftprof.point import LoraOptions, Point
+from ftprof.records.profile import Profile, RankProfile
 from ftprof.records.results import (
     RESULTS,
     SCHEMA,
@@ -183,6 +184,47 @@ def test_run_facts_and_machine_round_trip(tmp_path):
     (back,) = read_records(path)
     assert back == record
     assert (back.run.concurrent_points, back.run.slurm_job_id, back.device) == (1, None, "cpu (x86_64)")
+
+
+def test_a_lora_point_round_trips_with_its_adapters_and_what_each_rank_trained(tmp_path):
+    path = tmp_path / "results.jsonl"
+    point = Point(precision="bf16", zero=3, world_size=2, seq_len=64, batch_size=4, peft="lora", lora_r=16)
+    ranks = [
+        RankProfile(rank=r, trainable_parameters=3584, frozen_parameters=90_000, adapted_modules=["l.0.q_proj"])
+        for r in (0, 1)
+    ]
+    record = Record(
+        point=point,
+        status="ok",
+        model="tiny-llama",
+        task="causal-lm",
+        peak_bytes=1,
+        profile=Profile(sampler="rss", ranks=ranks),
+        lora=LoraOptions(alpha=8, dropout=0.0, target_modules="attention,mlp"),
+    )
+    append_record(path, record)
+    (back,) = read_records(path)
+    assert back == record
+    assert back.point.key.endswith("-lora_r16")
+    line = json.loads(path.read_text())
+    assert (line["peft"], line["lora_r"], line["lora"]["target_modules"]) == ("lora", 16, "attention,mlp")
+    # Full fine-tuning: no adapters; a record written before the peft axis reads as full fine-tuning.
+    del line["peft"], line["lora_r"], line["lora"]
+    old = Record.from_json(line)
+    assert (old.point.peft, old.point.lora_r, old.lora) == ("none", 0, None)
+
+
+@pytest.mark.parametrize(
+    ("point", "message"),
+    [
+        ({"peft": "lora"}, "--peft lora with --lora_r 0: LoRA takes a rank"),
+        ({"lora_r": 8}, "--peft none with --lora_r 8"),
+        ({"peft": "prefix", "lora_r": 8}, "--peft 'prefix': use none or lora"),
+    ],
+)
+def test_a_point_with_adapters_that_do_not_add_up_is_refused(point, message):
+    with pytest.raises(ConfigError, match=message):
+        Point(precision="fp32", zero=0, seq_len=8, batch_size=1, **point)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@ import pytest
 
 from ftprof.errors import ConfigError
 from ftprof.point import Point, parse_int_list, parse_precisions, parse_zero
-from ftprof.sweep.plan import must_oom, next_batch_to_try, plan_grid
+from ftprof.sweep.plan import adapter_axis, must_oom, next_batch_to_try, plan_grid
 from ftprof.units import parse_size
 
 
@@ -122,3 +122,14 @@ def test_lever_axes_sweep_where_each_stage_supports_them():
     assert len({p.key for p in points}) == len(points) == 12
     with pytest.raises(ConfigError, match="--offload optimizer needs ZeRO stage 1, 2 or 3"):
         plan_grid([8], [1], ["bf16"], [128], [0], [1], offloads=["optimizer"])
+
+
+def test_the_peft_axis_adds_each_lora_rank_beside_full_fine_tuning():
+    points = plan_grid([4, 8], [1], ["bf16"], [64], [2, 3], [1], adapters=adapter_axis(["none", "lora"], [8, 64]))
+    assert len(points) == 2 * 2 * 3
+    assert sorted({(p.peft, p.lora_r) for p in points}) == [("lora", 8), ("lora", 64), ("none", 0)]
+    assert len({p.key for p in points}) == len(points)
+    assert must_oom(points[0].with_batch(8), [points[0]]) == points[0]  # same adapters: proof
+    lora = next(p for p in points if p.peft == "lora")
+    assert must_oom(lora.with_batch(8), [p for p in points if p.peft == "none"]) is None  # another model
+    assert {p.peft for p in plan_grid([4], [1], ["bf16"], [64], [2], [1])} == {"none"}  # no axis: full

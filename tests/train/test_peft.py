@@ -11,11 +11,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from ftprof.cli.train import main as cli_main
 from ftprof.errors import ConfigError
 from ftprof.known_configs import TINY_PRESETS
+from ftprof.profiler.breakdown import adapted_modules, parameter_counts
 from ftprof.train.adapters import (
-    adapted_modules,
     attention_targets,
     lora_config,
-    parameter_counts,
     parse_target_modules,
     resolve_targets,
     skeleton,

@@ -137,9 +137,10 @@ def note(text: str) -> None:
     print(f"ftprof: note: {text}", file=sys.stderr)
 
 
-def add_peft_group(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+def add_peft_group(p: argparse.ArgumentParser, *, grid: bool = False) -> argparse._ArgumentGroup:
     """``--peft`` and the LoRA adapter's flags (``--lora_r``, ``--lora_alpha``, ``--lora_dropout``,
-    ``--lora_target_modules``)."""
+    ``--lora_target_modules``). ``grid`` (sweep): ``--lora_r`` is a list, and the LoRA flags default to None,
+    so that a command can tell they were given (:func:`check_lora_flags`)."""
     group = p.add_argument_group("parameter-efficient fine-tuning")
     group.add_argument(
         "--peft",
@@ -148,13 +149,38 @@ def add_peft_group(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         metavar="none,lora",
         help="none (full fine-tuning, the default), lora (frozen weights plus low-rank adapters), or none,lora",
     )
-    group.add_argument("--lora_r", type=int, default=8, help="LoRA rank (default: 8, as ftprof train)")
-    group.add_argument("--lora_alpha", type=int, default=16, help="LoRA scale numerator, alpha / r (default: 16)")
+    if grid:
+        group.add_argument("--lora_r", type=int_list("--lora_r"), help="LoRA ranks, e.g. 8,64 (default: 8)")
+    else:
+        group.add_argument("--lora_r", type=int, default=8, help="LoRA rank (default: 8, as ftprof train)")
     group.add_argument(
-        "--lora_dropout", type=float, default=0.05, help="dropout on each adapter's input (default: 0.05)"
+        "--lora_alpha",
+        type=int,
+        default=None if grid else 16,
+        help="LoRA scale numerator, alpha / r (default: 16)",
+    )
+    group.add_argument(
+        "--lora_dropout",
+        type=float,
+        default=None if grid else 0.05,
+        help="dropout on each adapter's input (default: 0.05)",
     )
     group.add_argument(
         "--lora_target_modules",
         help="comma list of Linear module names to adapt (default: the family's, as peft's: e.g. q_proj,v_proj)",
     )
     return group
+
+
+LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def check_lora_flags(a: argparse.Namespace) -> None:
+    """LoRA flags given (not None) without ``lora`` in ``--peft``: they would do nothing.
+
+    Raises:
+        ConfigError: naming the first such flag.
+    """
+    given = [f"--{name}" for name in LORA_FLAGS if getattr(a, name) is not None]
+    if given and "lora" not in a.peft:
+        raise ConfigError(f"{given[0]} applies to --peft lora only; add --peft lora (or none,lora), or drop it")

@@ -4,6 +4,7 @@ ftprof sweep --model bert-base-uncased --batch_sizes 8,16,32 --precision bf16 --
 ftprof sweep --model tiny-bert                      # device-sized defaults (a few minutes on a CPU)
 ftprof sweep --model gpt2 --find_max_batch --zero 2,3 --out profiles/gpt2-maxbatch
 ftprof sweep --model tiny-bert --memory_snapshot     # + where each peak comes from, in <out>/snapshots/
+ftprof sweep --model gpt2 --task causal-lm --peft none,lora --lora_r 8,64   # full fine-tuning beside LoRA
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from rich.progress import (
 from ftprof.cli import flags
 from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
-from ftprof.point import Offload, Point, parse_int_list, parse_precisions, parse_zero
+from ftprof.point import LoraOptions, Offload, Point, parse_int_list, parse_precisions, parse_zero
 from ftprof.records.profile import contention
 from ftprof.records.results import Record
-from ftprof.sweep.plan import plan_grid
+from ftprof.sweep.plan import adapter_axis, plan_grid
 from ftprof.units import GIB, parse_size
 
 if TYPE_CHECKING:  # the driver is imported when a sweep runs, not for --help
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     levers = flags.add_lever_group(p, defaults={})  # device-sized: CPU_DEFAULTS / GPU_DEFAULTS
     levers.add_argument("--ds_config", help="base DeepSpeed config (offload etc.); its stage is replaced per point")
+    flags.add_peft_group(p, grid=True)
     _add_measurement_group(p)
     _add_execution_groups(p)
     output = p.add_argument_group("output")
@@ -217,6 +219,7 @@ def plan_from_args(
         offload,
         offloads=a.offload,
         checkpointing=a.gradient_checkpointing,
+        adapters=adapter_axis(a.peft, a.lora_r or [8]),
     )
     window = {
         flag: getattr(a, flag) if getattr(a, flag) is not None else defaults[flag]
@@ -256,6 +259,12 @@ def request_from_args(a: argparse.Namespace) -> SweepRequest:
     from ftprof.sweep.point_run import SweepConfig
 
     _check_executor_flags(a)
+    flags.check_lora_flags(a)
+    lora = LoraOptions(
+        alpha=a.lora_alpha if a.lora_alpha is not None else LoraOptions.alpha,
+        dropout=a.lora_dropout if a.lora_dropout is not None else LoraOptions.dropout,
+        target_modules=a.lora_target_modules,
+    )
     budget = parse_size(a.budget) if a.budget else None
     child_limit = parse_size(a.child_memory_limit, "--child_memory_limit") if a.child_memory_limit else None
     device, cuda, bf16_ok = device_kind()
@@ -285,6 +294,7 @@ def request_from_args(a: argparse.Namespace) -> SweepRequest:
         prune=not a.no_skip,
         worker="fresh" if a.worker == "fresh" or (a.worker == "auto" and cuda) else "fork",
         memory_snapshot=a.memory_snapshot,
+        lora=lora,
     )
     return SweepRequest(
         config,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,8 @@ from ftprof.records.results import Record
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+    from ftprof.estimate.adapters import LoraFacts
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,23 @@ def load_calibration(device: str, memory_bytes: int | None = None) -> Calibratio
 
 
 def predictor(
-    arch: Arch, device_name: str, cuda: bool, memory_bytes: int | None = None
+    arch: Arch,
+    device_name: str,
+    cuda: bool,
+    memory_bytes: int | None = None,
+    lora: Mapping[int, LoraFacts] | None = None,
 ) -> tuple[Callable[[Point], int], bool]:
     """The estimator's device-used bytes per rank for points on this device (with its saved calibration),
-    and whether that calibration was fitted to measurements of this device."""
+    and whether that calibration was fitted to measurements of this device. ``lora``: the adapters of each
+    LoRA rank a point may have (``point.lora_r``)."""
     cal = load_calibration(device_name if cuda else "cpu", memory_bytes)
     device: Device = "gpu" if cuda else "cpu"
-    return (lambda p: estimate(arch, p, cal, device).device_used), cal.fitted_on > 0
+    adapters = lora or {}
+
+    def predict(p: Point) -> int:
+        return estimate(arch, p, cal, device, lora=adapters[p.lora_r] if p.peft == "lora" else None).device_used
+
+    return predict, cal.fitted_on > 0
 
 
 def _terms(ob: Observation, cal: Calibration) -> tuple[float, float, float]:
@@ -165,10 +177,11 @@ def error_summary(errs: list[float]) -> dict[str, float]:
 
 
 def observations_from_records(records: Iterable[Record], arch_of: Callable[[str], Arch]) -> list[Observation]:
-    """Measured sweep points (``ok`` with a peak) as observations; ``arch_of(model_name) -> Arch``."""
+    """Measured sweep points (``ok`` with a peak) as observations; ``arch_of(model_name) -> Arch``. The
+    constants are fitted on full fine-tuning: LoRA points are left out (judged, not fitted)."""
     out = []
     for r in records:
-        if r.status != "ok" or not r.peak_bytes:
+        if r.status != "ok" or not r.peak_bytes or r.point.peft != "none":
             continue
         device: Device = "cpu" if (r.device or "").startswith("cpu") else "gpu"
         out.append(Observation(arch=arch_of(r.model), point=r.point, device=device, measured=r.peak_bytes))

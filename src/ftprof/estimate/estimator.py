@@ -186,6 +186,7 @@ STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # the shipped ZeRO-3 configs' stage3
 # not compared: DeepSpeed frees ZeRO-1/2's after the backward, before the breakdown is read.
 MEASURED_AS: dict[str, tuple[str, ...]] = {
     "parameters": ("parameters_fp32", "parameters_bf16", "parameters_fp16"),
+    "frozen_parameters": ("frozen_parameters_fp32", "frozen_parameters_bf16", "frozen_parameters_fp16"),
     "gradients": ("gradients",),
     "master_weights": ("master_weights",),
     "optimizer_states": ("optimizer_states",),
@@ -259,8 +260,14 @@ def model_states(
         gradients = e * (max(per_rank) if rank is None else per_rank[rank])
     else:
         gradients = math.ceil(e * p / (n if s.zero >= 2 else 1))
+    parameters = math.ceil(e * p / (n if s.zero == 3 else 1))
+    if lora is not None and s.zero == 3:
+        # ZeRO-3 builds the model under zero.Init in the training dtype, and the engine skips its cast for such a
+        # model (engine._configure_distributed_model: _cast_module_mixed_precision(..., is_zero_init_model)), so
+        # peft's adapters, created afterwards in fp32, stay fp32; the head's trainable copy is the base's dtype.
+        parameters = math.ceil((4 * lora.adapter_params + e * lora.head_params) / n)
     held = {
-        "parameters": math.ceil(e * p / (n if s.zero == 3 else 1)),
+        "parameters": parameters,
         **frozen_weights(frozen, s),
         "gradients": gradients,
         # ZeRO 1-3 keep an fp32 copy of their partition even in fp32 training; mixed precision always does.
@@ -546,7 +553,8 @@ def estimate(
     items["temporaries"] = math.ceil(saved * (cal.activation_factor - 1)) + live_logits(arch, s)
     total, trained = (arch.params, arch.params) if lora is None else (lora.params, lora.trainable_params)
     if s.zero == 3:  # every parameter, frozen ones too, is gathered for the forward and backward
-        items["gathered_parameters"] = e * min(total, STAGE3_MAX_LIVE_PARAMETERS)
+        gathered = e * min(total, STAGE3_MAX_LIVE_PARAMETERS)
+        items["gathered_parameters"] = gathered + (4 - e) * lora.adapter_params if lora is not None else gathered
     forward = sum(items[k] for k in FORWARD_ITEMS if k in items)
     step = math.ceil(4 * trained / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
     if trainer_optim is not None:

@@ -17,6 +17,7 @@ On CUDA the callback keeps, beside the breakdown, the caching allocator's figure
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -187,7 +188,8 @@ class _Ledger:
 def model_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     """This rank's model-state bytes by item.
 
-    Items: ``parameters_<dtype>`` (the model's parameters as this rank stores them: ZeRO-3 its partition),
+    Items: ``parameters_<dtype>`` (the model's parameters as this rank stores them: ZeRO-3 its partition;
+    ``frozen_parameters_<dtype>`` those that don't train, e.g. the base weights under LoRA),
     ``master_weights`` (the fp32 copies DeepSpeed's optimizer steps, where they are a copy),
     ``optimizer_states`` (the stepping optimizer's state tensors: Adam's moments), ``gradients`` (every
     ``.grad`` and DeepSpeed's gradient partitions), ``gradient_buckets`` (its reduction buckets) and
@@ -198,7 +200,8 @@ def model_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     params = list(model.parameters())
     for p in params:
         local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-        ledger.claim(f"parameters_{DTYPE_NAMES.get(local.dtype, str(local.dtype).removeprefix('torch.'))}", [local])
+        dtype = DTYPE_NAMES.get(local.dtype, str(local.dtype).removeprefix("torch."))
+        ledger.claim(f"{'' if p.requires_grad else 'frozen_'}parameters_{dtype}", [local])
     chain = optimizer_chain(optimizer)
     inner = chain[-1] if chain and isinstance(chain[-1], torch.optim.Optimizer) else None
     wrappers = [vars(w) for w in chain if w is not inner]
@@ -266,3 +269,26 @@ def _implementation(optimizer: Any) -> str | None:
     if defaults.get("fused"):
         return "fused"
     return "foreach" if defaults.get("foreach") else "auto" if defaults.get("foreach") is None else "for-loop"
+
+
+def parameter_counts(model: Any) -> tuple[int, int]:
+    """(trainable, frozen) parameter elements, whole (ZeRO-3's ``ds_numel``, not this rank's share)."""
+    trainable = frozen = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        if p.requires_grad:
+            trainable += n
+        else:
+            frozen += n
+    return trainable, frozen
+
+
+def adapted_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the layers that got a LoRA adapter (peft's ``LoraLayer``), as the base model names them;
+    empty when peft was never imported (no model can hold its layers then)."""
+    if "peft" not in sys.modules:
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    names = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    return [n.removeprefix("base_model.model.") for n in names]

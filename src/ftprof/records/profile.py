@@ -51,6 +51,12 @@ class RankProfile:
     breakdown: dict[str, int] = field(default_factory=dict)
     # What the run really did: gradient_checkpointing, offload_optimizer, offload_param, optimizer (class name).
     levers: dict[str, Any] = field(default_factory=dict)
+    # What it trained: parameter elements whole (ZeRO-3's ds_numel, not this rank's share), and the layers that
+    # got a LoRA adapter (``--peft lora``; empty for full fine-tuning), as the base model names them. None and
+    # empty in old records.
+    trainable_parameters: int | None = None
+    frozen_parameters: int | None = None
+    adapted_modules: list[str] = field(default_factory=list)
     # CUDA: the caching allocator's figures the phases don't carry (ftprof.profiler.breakdown.ALLOCATOR_STATS):
     # active_peak_bytes, requested_peak_bytes, inactive_split_peak_bytes, alloc_retries; empty elsewhere.
     allocator: dict[str, int] = field(default_factory=dict)

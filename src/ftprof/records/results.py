@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ftprof.errors import FtprofError
-from ftprof.point import TASKS, Point, Task
+from ftprof.point import TASKS, LoraOptions, Point, Task
 from ftprof.records.profile import Profile
 
 SCHEMA = "ftprof.sweep/3"
@@ -109,6 +109,7 @@ class Record:
     run: RunFacts = field(default_factory=RunFacts)
     # Where it ran: devices, memory, library versions (:func:`ftprof.profiler.environment.environment`).
     machine: dict[str, Any] = field(default_factory=dict)
+    lora: LoraOptions | None = None  # a LoRA point's adapter settings besides its rank (``point.lora_r``)
 
     @property
     def samples_per_s(self) -> float:
@@ -145,6 +146,7 @@ class Record:
             "wall_s": self.wall_s,
             "run": asdict(self.run),
             "machine": self.machine,
+            "lora": asdict(self.lora) if self.lora else None,
         }
 
     @classmethod
@@ -182,6 +184,7 @@ class Record:
             wall_s=data.get("wall_s"),
             run=run,
             machine=machine,
+            lora=LoraOptions(**data["lora"]) if data.get("lora") else None,
         )
 
 

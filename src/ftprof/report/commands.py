@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import shlex
 
-from ftprof.point import Point
+from ftprof.point import LoraOptions, Point
 
 PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}
 
 
-def train_command(model: str, point: Point, config_path: str, task: str = "classification") -> str:
+def train_command(
+    model: str, point: Point, config_path: str, task: str = "classification", lora: LoraOptions | None = None
+) -> str:
     """The ``deepspeed launch/train.py`` command that trains ``model`` as ``point`` was measured, rank count
-    pinned (a bare ``deepspeed`` would start one rank per visible GPU).
+    pinned (a bare ``deepspeed`` would start one rank per visible GPU); a LoRA point's adapters as ``lora``
+    (default: train's) set them.
 
     >>> train_command("gpt2", Point(precision="bf16", zero=2, seq_len=512, batch_size=8), "ds_configs/zero2.json")
     'deepspeed --num_gpus 1 launch/train.py --ds_config ds_configs/zero2.json --model gpt2 \
@@ -38,4 +41,6 @@ def train_command(model: str, point: Point, config_path: str, task: str = "class
         args.append("--gradient_checkpointing")
     if task != "classification":
         args += ["--task", task]  # for a causal LM, --max_length is the packed block size
+    if point.peft == "lora":
+        args += ["--peft", "lora", "--lora_r", str(point.lora_r), *(lora or LoraOptions()).train_flags()]
     return shlex.join(args)

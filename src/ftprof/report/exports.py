@@ -7,9 +7,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from ftprof.records.results import Record
+from ftprof.report.adapters import comparison
 from ftprof.report.recommend import Recommendation, in_cohort, lever_notes, pareto_front
 from ftprof.report.tables import (
     COLUMNS,
@@ -52,6 +54,16 @@ def to_markdown(
     lines += [f"- {note}" for note in lever_notes(records, budget)]
     if not recs:
         lines.append("- nothing measured fits the budget")
+    if methods := comparison(records, budget):
+        lines += ["", "## Full fine-tuning beside LoRA (ratios at the largest batch every method fits)", ""]
+        lines += ["| setting | method | max batch | peak GiB | samples/s | at batch | peak × | speed × |"]
+        lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"| {x.setting} | {x.method} | {fmt_cell(x.max_batch) or 'none fits'} | {fmt_cell(gib(x.peak_bytes))} | "
+            f"{_rounded(x.samples_per_s, 1)} | {fmt_cell(x.common_batch)} | {_rounded(x.peak_vs_full, 2)} | "
+            f"{_rounded(x.speed_vs_full, 2)} |"
+            for x in methods
+        ]
     measured, columns = breakdown_rows(recs)
     if measured:
         lines += ["", "## Where the peak goes (MiB, highest rank)", ""]
@@ -64,6 +76,10 @@ def to_markdown(
     return "\n".join(lines) + "\n"
 
 
+def _rounded(value: float | None, digits: int) -> str:
+    return fmt_cell(round(value, digits) if value else None)
+
+
 def to_json(records: list[Record], recs: list[Recommendation], budget: int | None) -> str:
     return (
         json.dumps(
@@ -73,6 +89,7 @@ def to_json(records: list[Record], recs: list[Recommendation], budget: int | Non
                     row(r) | {"key": r.point.key, "peak_bytes": r.peak_bytes}
                     for r in sorted(records, key=lambda r: r.point)
                 ],
+                "peft_comparison": [asdict(x) for x in comparison(records, budget)],
                 "pareto": [r.point.key for r in pareto_front(in_cohort(records, recs[0].cohort))] if recs else [],
                 "recommendations": [
                     {

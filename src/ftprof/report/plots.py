@@ -24,7 +24,8 @@ def label(record: Record) -> str:
     text += f" x{p.world_size}" if p.world_size > 1 else ""
     text += f" ga{p.grad_accum}" if p.grad_accum > 1 else ""
     text += f" off:{p.offload}" if p.offload != "none" else ""
-    return text + (" ckpt" if p.gradient_checkpointing else "")
+    text += " ckpt" if p.gradient_checkpointing else ""
+    return text + (f" LoRA r{p.lora_r}" if p.peft == "lora" else "")
 
 
 def _series(records: list[Record]) -> Series:

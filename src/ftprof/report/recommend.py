@@ -103,7 +103,8 @@ class Recommendation:
 
     @property
     def command(self) -> str:
-        return train_command(self.record.model, self.record.point, self.config_path, self.record.task)
+        record = self.record
+        return train_command(record.model, record.point, self.config_path, record.task, record.lora)
 
     @property
     def title(self) -> str:

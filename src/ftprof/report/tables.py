@@ -15,6 +15,7 @@ from rich.text import Text
 
 from ftprof.records.profile import CONTENDED_STEAL, CONTENDED_WAIT, UNSTABLE_SPREAD, contention
 from ftprof.records.results import STATUSES, Record
+from ftprof.report.adapters import comparison
 from ftprof.report.recommend import (
     SAFETY_MARGIN,
     Cohort,
@@ -52,6 +53,11 @@ COLUMNS = [
     "batch_size",
     "grad_accum",
     "effective_batch",
+    "offload",
+    "gradient_checkpointing",
+    "peft",
+    "lora_r",
+    "trainable_params",
     "status",
     "peak_gib",
     "predicted_gib",
@@ -96,6 +102,11 @@ def row(record: Record) -> dict[str, Any]:
         "batch_size": p.batch_size,
         "grad_accum": p.grad_accum,
         "effective_batch": p.effective_batch(),
+        "offload": p.offload,
+        "gradient_checkpointing": p.gradient_checkpointing,
+        "peft": p.peft,
+        "lora_r": p.lora_r or None,
+        "trainable_params": next((r.trainable_parameters for r in prof.ranks), None) if prof else None,
         "status": record.status,
         "peak_gib": gib(record.peak_bytes),
         "torch_allocated_gib": gib(prof.peak("torch_allocated_bytes")) if prof else None,
@@ -139,6 +150,8 @@ def results_table(records: list[Record], figure: str) -> Table:
     for r in sorted(records, key=lambda r: r.point):
         d, p = row(r), r.point
         setting = f"{p.precision} z{p.zero}" + (f" x{p.world_size}" if p.world_size > 1 else "")
+        setting += (" gc" if p.gradient_checkpointing else "") + (f" off:{p.offload}" if p.offload != "none" else "")
+        setting += f" lora{p.lora_r}" if p.peft == "lora" else ""
         status = Text(r.status if r.status == "ok" else r.status.upper(), style=STATUS_STYLE[r.status])
         table.add_row(
             setting,
@@ -194,7 +207,7 @@ def breakdown(record: Record) -> dict[str, int] | None:
     if not rank.breakdown:
         return None
     on_device = {k: v for k, v in rank.breakdown.items() if not k.endswith("_host")}
-    parts = {"params": sum(v for k, v in on_device.items() if k.startswith("parameters_"))}
+    parts = {"params": sum(v for k, v in on_device.items() if k.startswith(("parameters_", "frozen_parameters_")))}
     parts |= {column: sum(on_device.get(item, 0) for item in items) for column, items in BREAKDOWN_COLUMNS.items()}
     if not parts["gathered"]:  # ZeRO-3 only
         del parts["gathered"]
@@ -349,6 +362,34 @@ def notes(records: list[Record]) -> Text:
     return Text("\n".join(lines))
 
 
+def adapters_table(records: list[Record], budget: int | None) -> Table | None:
+    """Full fine-tuning beside LoRA, per setting measured with both (:func:`ftprof.report.adapters.comparison`)."""
+    rows = comparison(records, budget)
+    if not rows:
+        return None
+    table = Table(
+        title="Full fine-tuning beside LoRA, measured (largest micro-batch that fits; ratios at the largest batch "
+        "every method fits)",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for name in ("setting", "method", "max batch", "peak GiB", "samples/s", "at batch", "peak ×", "speed ×"):
+        table.add_column(name, justify="left" if name in ("setting", "method") else "right")
+    for x in rows:
+        table.add_row(
+            x.setting,
+            x.method,
+            fmt_cell(x.max_batch) or "none fits",
+            fmt_cell(gib(x.peak_bytes)),
+            fmt_cell(round(x.samples_per_s, 1) if x.samples_per_s else None),
+            fmt_cell(x.common_batch),
+            fmt_cell(round(x.peak_vs_full, 2) if x.peak_vs_full else None),
+            fmt_cell(round(x.speed_vs_full, 2) if x.speed_vs_full else None),
+        )
+    return table
+
+
 def render(records: list[Record], recs: list[Recommendation], budget: int | None, folder: Path | None = None) -> Group:
     """The whole terminal report (``folder``: the sweep's, where its memory records are)."""
     figures = {r.profile.figure for r in records if r.profile}
@@ -356,9 +397,9 @@ def render(records: list[Record], recs: list[Recommendation], budget: int | None
     cohort = recs[0].cohort if recs else choose_cohort(records, None)
     parts: list[Any] = [results_table(records, figure), pareto_table(records, cohort)]
     parts.append(recommendations_panel(recs, budget, records))
-    table = breakdown_table(recs)
-    if table is not None:
-        parts.append(table)
+    for table in (adapters_table(records, budget), breakdown_table(recs)):
+        if table is not None:
+            parts.append(table)
     if lines := memory_records(recs, folder):
         parts.append(Text("\n".join([MEMORY_RECORDS_TITLE + ":", *(f"  {line}" for line in lines)])))
     return Group(*parts, notes(records))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ftprof.errors import ConfigError
 from ftprof.point import Point
@@ -34,6 +34,9 @@ from ftprof.sweep.executors.slurm_jobs import JOBS, JobEntry, JobLog
 from ftprof.sweep.point_run import SweepConfig, close_fork_worker, run_point
 from ftprof.sweep.remeasure import close_calls, contended_points, remeasure, repeat_point
 from ftprof.sweep.schedule import iterate_sweep
+
+if TYPE_CHECKING:
+    from ftprof.estimate.adapters import LoraFacts
 
 # The estimator's headroom before a grid point is called over budget unrun: wide until it is calibrated on
 # this device, since an uncalibrated prediction can be off by tens of percent.
@@ -208,7 +211,8 @@ def _ready_config(request: SweepRequest) -> tuple[SweepConfig, str]:
     machine = environment()
     memory = machine.get("device_memory_bytes")
     arch = arch_from_config(spec.name, spec.config, task=cfg.task)
-    predict, calibrated = predictor(arch, str(machine["device"]), request.cuda, memory)
+    lora = _lora_facts(cfg)  # before any point runs: a target module the model lacks fails here
+    predict, calibrated = predictor(arch, str(machine["device"]), request.cuda, memory, lora)
     ready = replace(
         cfg,
         machine=machine,
@@ -217,6 +221,21 @@ def _ready_config(request: SweepRequest) -> tuple[SweepConfig, str]:
         margin=MARGIN_CALIBRATED if calibrated else MARGIN_UNCALIBRATED,
     )
     return ready, str(spec.config.model_type)
+
+
+def _lora_facts(cfg: SweepConfig) -> dict[int, LoraFacts]:
+    """The adapters of each LoRA rank on the grid, on a meta-device model (as the points build theirs).
+
+    Raises:
+        ConfigError: a ``--lora_target_modules`` name that matches no Linear layer of the model.
+    """
+    from ftprof.estimate.adapters import LoraSpec, lora_facts_for
+
+    ranks = sorted({p.lora_r for p in cfg.points if p.peft == "lora"})
+    targets = tuple(t.strip() for t in (cfg.lora.target_modules or "").split(",") if t.strip())
+    return {
+        r: lora_facts_for(cfg.model, LoraSpec(r, cfg.lora.alpha, cfg.lora.dropout, targets), cfg.task) for r in ranks
+    }
 
 
 def _resume(request: SweepRequest, cfg: SweepConfig) -> tuple[dict[str, Record], list[JobEntry]]:

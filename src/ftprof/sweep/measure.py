@@ -25,11 +25,11 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftprof.point import Point, Task
+from ftprof.point import LoraOptions, Point, Task
 from ftprof.records.profile import Profile
 
 if TYPE_CHECKING:  # heavy imports wait for measure(): the sweep driver imports this module for MeasureSpec
@@ -59,6 +59,7 @@ class MeasureSpec:
     seed: int = 0
     min_seconds: float = 0.0  # the throughput window lasts at least ``steps`` steps and this long
     task: Task = "classification"  # or "causal-lm": blocks of exactly seq_len tokens, labels = input_ids
+    lora: LoraOptions = field(default_factory=LoraOptions)  # a LoRA point's adapters (rank: point.lora_r)
     # ``sweep --memory_snapshot``: each rank writes <point key>-rank<r>.pickle / -timeline.* here (the sweep
     # folder's snapshots/), named in its profile relative to this folder's parent
     memory_snapshot_dir: str | None = None
@@ -80,7 +81,7 @@ class MeasureSpec:
     @classmethod
     def read(cls, path: Path) -> MeasureSpec:
         data = json.loads(path.read_text())
-        return cls(**{**data, "point": Point.from_json(data["point"])})
+        return cls(**{**data, "point": Point.from_json(data["point"]), "lora": LoraOptions(**data["lora"])})
 
 
 def _token_dataset(spec: MeasureSpec, vocab_size: int, n_rows: int) -> Dataset:
@@ -185,6 +186,11 @@ def build_point(spec: MeasureSpec, args: FtprofTrainingArguments, callbacks: Seq
         dataset=spec.dataset or "",  # unread without a dataset (Measurement.with_data)
         max_length=p.seq_len,
         random_init=True,  # memory and speed don't depend on weight values; no download needed
+        peft=p.peft,
+        lora_r=p.lora_r or ScriptArguments.lora_r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        lora_target_modules=spec.lora.target_modules,
     )
     global_batch = p.batch_size * p.grad_accum * args.world_size
     # Synthetic rows all have the swept length, so Trainer may loop over a few of them; real rows are index

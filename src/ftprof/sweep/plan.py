@@ -11,7 +11,7 @@ import itertools
 from dataclasses import replace
 
 from ftprof.errors import ConfigError
-from ftprof.point import Offload, Point, Precision, offload_within
+from ftprof.point import Offload, Peft, Point, Precision, offload_within
 
 
 def plan_grid(
@@ -25,6 +25,7 @@ def plan_grid(
     offload: Offload = "none",
     offloads: list[Offload] | None = None,
     checkpointing: list[bool] | None = None,
+    adapters: list[tuple[Peft, int]] | None = None,
 ) -> list[Point]:
     """All points of the grid, smallest first.
 
@@ -32,7 +33,8 @@ def plan_grid(
     so every point trains with the same effective batch; micro-batches that don't divide it are dropped.
     ``offload`` (a base ds_config's) applies to each stage as far as it supports it. ``offloads`` (the
     ``--offload`` axis) is swept where each stage supports it; an offload no listed stage supports is an error.
-    ``checkpointing`` is the ``--gradient_checkpointing`` axis.
+    ``checkpointing`` is the ``--gradient_checkpointing`` axis; ``adapters`` the ``--peft`` axis, as
+    (method, LoRA rank) pairs (:func:`adapter_axis`).
     """
     if offloads is not None:
         for o in offloads:
@@ -43,9 +45,9 @@ def plan_grid(
                     "add a stage that supports it or drop that offload"
                 )
     points = []
-    levers = itertools.product(offloads or [offload], checkpointing or [False])
+    levers = itertools.product(offloads or [offload], checkpointing or [False], adapters or [("none", 0)])
     axes = itertools.product(precisions, zeros, world_sizes, seq_lens, batch_sizes, levers)
-    for precision, zero, world, seq, batch, (off, ckpt) in axes:
+    for precision, zero, world, seq, batch, (off, ckpt, (peft, rank)) in axes:
         if offloads is not None and offload_within(off, zero) != off:
             continue  # this stage can't offload that much; another listed stage does
         if effective_batch is not None:
@@ -64,6 +66,8 @@ def plan_grid(
                 batch_size=batch,
                 offload=offload_within(off, zero),
                 gradient_checkpointing=ckpt,
+                peft=peft,
+                lora_r=rank,
             )
             for ga in accums
         ]
@@ -73,6 +77,15 @@ def plan_grid(
             f"size {world_sizes} divides it"
         )
     return sorted(points)
+
+
+def adapter_axis(methods: list[Peft], lora_ranks: list[int]) -> list[tuple[Peft, int]]:
+    """The ``--peft`` axis: full fine-tuning and/or LoRA at each rank of ``--lora_r``.
+
+    >>> adapter_axis(["none", "lora"], [8, 64]), adapter_axis(["lora"], [16])
+    ([('none', 0), ('lora', 8), ('lora', 64)], [('lora', 16)])
+    """
+    return [(m, 0) for m in methods if m == "none"] + [("lora", r) for r in lora_ranks if "lora" in methods]
 
 
 def must_oom(point: Point, oomed: list[Point]) -> Point | None:

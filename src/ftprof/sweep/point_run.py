@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftprof.point import Point, Task
+from ftprof.point import LoraOptions, Point, Task
 from ftprof.records.profile import Profile
 from ftprof.records.results import Record, RunFacts, Status, results_path
 from ftprof.runtime.deepspeed_config import DeepSpeedConfig, ds_config_for, for_point
@@ -73,6 +73,7 @@ class SweepConfig:
     machine: dict[str, Any] = field(default_factory=dict)  # where the sweep runs: every record gets a copy
     worker: str = "fresh"  # "fork": one-rank local points fork from a pre-imported worker (ftprof.sweep.worker)
     memory_snapshot: bool = False  # each point's ranks write memory records under out_dir/snapshots
+    lora: LoraOptions = field(default_factory=LoraOptions)  # the LoRA points' adapters (their rank is the point's)
 
     @property
     def snapshots_dir(self) -> Path:
@@ -91,6 +92,7 @@ class SweepConfig:
             task=self.task,
             run=run or RunFacts(),
             machine=dict(self.machine),
+            lora=self.lora if p.peft == "lora" else None,
             **fields,
         )
 
@@ -205,6 +207,7 @@ def _measure_spec(cfg: SweepConfig, p: Point, result_path: Path) -> measure.Meas
         dataset=cfg.dataset,
         min_seconds=cfg.min_seconds,
         task=cfg.task,
+        lora=cfg.lora,
         memory_snapshot_dir=str(cfg.snapshots_dir.absolute()) if cfg.memory_snapshot else None,
         device_memory_limit=cfg.child_memory_limit if _has_cuda() else None,
     )

@@ -135,26 +135,6 @@ def _no_default(word: str, model_name: str, model_type: str, linears: list[str])
     )
 
 
-def adapted_modules(model: torch.nn.Module) -> list[str]:
-    """Names of the layers that got a LoRA adapter (peft's ``LoraLayer``), as the base model names them."""
-    from peft.tuners.lora import LoraLayer
-
-    names = [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-    return [n.removeprefix("base_model.model.") for n in names]
-
-
-def parameter_counts(model: Any) -> tuple[int, int]:
-    """(trainable, frozen) parameter elements, whole (ZeRO-3's ``ds_numel``, not this rank's share)."""
-    trainable = frozen = 0
-    for p in model.parameters():
-        n = getattr(p, "ds_numel", p.numel())
-        if p.requires_grad:
-            trainable += n
-        else:
-            frozen += n
-    return trainable, frozen
-
-
 def check_peft_flags(peft: str, passed: set[str], zero_stage: int | None) -> None:
     """LoRA flags without ``--peft lora``, and ``--merge_adapter`` where the weights are partitioned.
 

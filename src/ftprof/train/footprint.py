@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
-from ftprof.profiler.breakdown import optimizer_chain
-from ftprof.train.adapters import adapted_modules, parameter_counts
+from ftprof.profiler.breakdown import adapted_modules, optimizer_chain, parameter_counts
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments

@@ -27,10 +27,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ftprof.errors import ConfigError
 from ftprof.profiler import add_profiler
+from ftprof.profiler.breakdown import adapted_modules, parameter_counts
 from ftprof.runtime.deepspeed_config import DeepSpeedConfig, for_this_machine, load_ds_config
 from ftprof.runtime.distributed import adopt_slurm_env, ensure_single_process_env, exit_rank, shutdown
 from ftprof.runtime.ds_ops import check_no_stale_locks
-from ftprof.train.adapters import adapted_modules, check_peft_flags, parameter_counts
+from ftprof.train.adapters import check_peft_flags
 from ftprof.train.args import (
     FtprofTrainingArguments,
     ScriptArguments,
