@@ -45,7 +45,8 @@ def plan_grid(
                     "add a stage that supports it or drop that offload"
                 )
     points = []
-    levers = itertools.product(offloads or [offload], checkpointing or [False], adapters or [("none", 0)])
+    full: list[tuple[Peft, int]] = [("none", 0)]
+    levers = itertools.product(offloads or [offload], checkpointing or [False], adapters or full)
     axes = itertools.product(precisions, zeros, world_sizes, seq_lens, batch_sizes, levers)
     for precision, zero, world, seq, batch, (off, ckpt, (peft, rank)) in axes:
         if offloads is not None and offload_within(off, zero) != off:
