@@ -12,7 +12,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # nothing in ~/.cache from other installs can hang the suite on a stale lock).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
-import fcntl  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -40,20 +39,6 @@ def _no_launcher_env_leaks():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-@pytest.fixture(autouse=True)
-def _alone_when_marked(request):
-    """Under ``pytest -n`` (xdist), a test marked ``alone`` runs with no other test beside it: every test holds
-    a shared lock on a file of this test run, an ``alone`` one an exclusive lock. Without xdist it does nothing."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:
-        yield
-        return
-    exclusive = request.node.get_closest_marker("alone") is not None
-    with open(Path(os.environ.get("TMPDIR", "/tmp")) / f"ftprof-tests-{run}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
 
 
 def in_ci() -> bool:

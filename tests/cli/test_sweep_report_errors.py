@@ -33,6 +33,7 @@ def one_line_error(capsys, fn, argv, pattern):
         (["--model", "tiny-bert", "--offload", "gpu"], "unknown offload 'gpu'"),
         (["--model", "tiny-bert", "--zero", "0,2", "--offload", "optimizer+param"], "needs ZeRO stage 3"),
         (["--model", "tiny-bert", "--gradient_checkpointing", "maybe"], "'maybe' is not on or off"),
+        (["--model", "tiny-llama", "--seq_lens", "256,1024"], "--seq_lens 1024 is above 'tiny-llama''s limit of 512"),
         (["--model", "tiny-bert", "--lora_r", "8"], "--lora_r applies to --peft lora only; add --peft lora"),
         (["--model", "tiny-bert", "--peft", "qlora"], "--peft 'qlora': use none, lora, or none,lora"),
         (["--model", "tiny-bert", "--peft", "lora", "--lora_r", "8,0"], "--lora_r '8,0': '0' is not a positive"),

@@ -16,7 +16,7 @@ from ftprof.runtime.distributed import free_port
 from tests.conftest import ROOT, run_group
 from tests.integration.conftest import TINY, read_json, train_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one cluster: one pytest -n worker
+pytestmark = pytest.mark.slow
 
 COMMON = TINY + [
     "--ds_config",

@@ -40,7 +40,11 @@ def test_full_and_lora_side_by_side_with_what_each_trained(tmp_path):
         + ["--batch_sizes", "2", "--seq_lens", "32", "--out", str(out), "--no_report", "--no_remeasure"]
     )
     records = {r.point.key: r for r in latest(read_records(out / "results.jsonl"))}
-    assert sorted(records) == ["fp32-z0-w1-ga1-s32-b2", "fp32-z0-w1-ga1-s32-b2-lora_r4", "fp32-z0-w1-ga1-s32-b2-lora_r8"]
+    assert sorted(records) == [
+        "fp32-z0-w1-ga1-s32-b2",
+        "fp32-z0-w1-ga1-s32-b2-lora_r4",
+        "fp32-z0-w1-ga1-s32-b2-lora_r8",
+    ]
     assert {r.status for r in records.values()} == {"ok"}
 
     full = records["fp32-z0-w1-ga1-s32-b2"].profile.ranks[0]

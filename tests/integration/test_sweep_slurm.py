@@ -21,7 +21,7 @@ from ftprof.records.results import latest, read_records
 from tests.conftest import ROOT, run_group
 from tests.integration.conftest import train_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one cluster: one pytest -n worker
+pytestmark = pytest.mark.slow
 
 SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--model", "tiny-bert", "--no_report", "--no_remeasure"]
 WINDOW = ["--steps", "2", "--warmup", "1", "--min_seconds", "0"]

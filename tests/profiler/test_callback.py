@@ -150,7 +150,6 @@ def hogs() -> list[subprocess.Popen]:
     ]
 
 
-@pytest.mark.alone
 def test_the_window_records_how_long_its_threads_waited_for_a_cpu(tmp_path):
     """With every core taken by other processes, torch's threads wait for a CPU through the window: that is
     recorded (seconds waited per second, from the threads' schedstat) and marks the throughput contended.

@@ -204,6 +204,11 @@ def _ready_config(request: SweepRequest) -> tuple[SweepConfig, str]:
 
     cfg = request.config
     spec = resolve_model_spec(cfg.model, random_init=True)  # shapes only: fails fast on an unknown model
+    limit, longest = spec.max_positions(), max(p.seq_len for p in cfg.points)
+    if limit is not None and longest > limit:  # here, not as an error in every point of that length
+        raise ConfigError(
+            f"--seq_lens {longest} is above {cfg.model!r}'s limit of {limit} positions; use lengths up to {limit}"
+        )
     if cfg.dataset:
         from ftprof.train.data import load_raw
 
