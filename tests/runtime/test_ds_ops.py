@@ -78,3 +78,20 @@ def test_an_explicit_build_removes_stale_locks_or_refuses_them(ext_root, capsys)
     assert ds_ops.build(ops=()) == []
     assert not lock.exists()
     assert f"removing stale build lock {lock}" in capsys.readouterr().err
+
+
+def test_cpu_info_is_asked_once_per_process_and_deepspeed_reads_the_answer(monkeypatch):
+    import cpuinfo
+    from deepspeed.accelerator import get_accelerator
+
+    from ftprof.runtime.ds_ops import remember_cpu_info
+
+    calls = []
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: calls.append(1) or {"arch": "X86_64", "flags": ["avx2"]})
+    remember_cpu_info()
+    remember_cpu_info()  # idempotent: not wrapped twice
+    builder = get_accelerator().create_op_builder("CPUAdamBuilder")
+    flags = (builder.cpu_arch(), builder.simd_width(), builder.cpu_arch())  # what a load computes, per op
+    assert flags[0] == "-march=native"
+    assert "AVX256" in flags[1]  # the answer's avx2, as DeepSpeed reads it
+    assert len(calls) == 1

@@ -132,4 +132,6 @@ def test_the_peft_axis_adds_each_lora_rank_beside_full_fine_tuning():
     assert must_oom(points[0].with_batch(8), [points[0]]) == points[0]  # same adapters: proof
     lora = next(p for p in points if p.peft == "lora")
     assert must_oom(lora.with_batch(8), [p for p in points if p.peft == "none"]) is None  # another model
+    r64 = next(p for p in points if p.lora_r == 64 and p.batch_size == 4)
+    assert must_oom(r64.with_batch(8), [lora]) is None  # another rank: no proof either
     assert {p.peft for p in plan_grid([4], [1], ["bf16"], [64], [2], [1])} == {"none"}  # no axis: full

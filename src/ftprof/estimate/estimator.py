@@ -532,6 +532,8 @@ def estimate(
     With ``lora`` (:func:`ftprof.estimate.adapters.lora_facts`), only the adapters and a classifier's head
     train: see :func:`model_states` and :func:`lora_saved_activations`.
     """
+    if s.peft == "lora" and lora is None:
+        raise ValueError(f"{s.key} is a LoRA point: pass its adapters (lora=), or it is estimated as full fine-tuning")
     cal = cal or Calibration()
     # (called with the four arguments alone when no adapter is given: a test swaps in a four-argument stand-in)
     items, host = model_states(arch, s, device, rank) if lora is None else model_states(arch, s, device, rank, lora)

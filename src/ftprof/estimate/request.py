@@ -300,9 +300,14 @@ def calibrate_on_sweep(profile: Path) -> SweepCalibration:
     from ftprof.records.results import latest, read_records, results_path
 
     results = results_path(profile)
-    records = [r for r in latest(read_records(results)) if r.status == "ok" and r.peak_bytes]
+    measured = [r for r in latest(read_records(results)) if r.status == "ok" and r.peak_bytes]
+    records = [r for r in measured if r.point.peft == "none"]  # the constants are fitted on full fine-tuning
     if len(records) < 3:
-        raise ConfigError(f"{results}: {len(records)} measured points; calibration needs at least 3")
+        skipped = len(measured) - len(records)
+        lora = f" ({skipped} LoRA points are not fitted on)" if skipped else ""
+        raise ConfigError(
+            f"{results}: {len(records)} measured points of full fine-tuning{lora}; calibration needs at least 3"
+        )
     device = records[0].device or "unknown"
     memory = records[0].device_memory_bytes
     on_cpu = device.startswith("cpu")

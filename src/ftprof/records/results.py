@@ -17,10 +17,10 @@ from ftprof.errors import FtprofError
 from ftprof.point import TASKS, LoraOptions, Point, Task
 from ftprof.records.profile import Profile
 
-SCHEMA = "ftprof.sweep/3"
-# Read, never written. 2: the run's facts and the machine in one flat "env" dict; 1: a flat "metrics" dict
-# holds the profile's fields too.
-OLD_SCHEMAS = ("ftprof.sweep/2", "ftprof.sweep/1")
+SCHEMA = "ftprof.sweep/4"
+# Read, never written. 3: no peft axis (every point full fine-tuning); 2: the run's facts and the machine in one
+# flat "env" dict; 1: a flat "metrics" dict holds the profile's fields too.
+OLD_SCHEMAS = ("ftprof.sweep/3", "ftprof.sweep/2", "ftprof.sweep/1")
 RESULTS = "results.jsonl"  # a sweep folder's results file
 # skipped: a smaller point of the same setting ran out of memory (proof); over_budget: the estimator predicts
 # more than the budget with a margin (a prediction, never used as an OOM by --find_max_batch).
@@ -164,7 +164,7 @@ class Record:
             metrics = data.get("metrics") or {}
             profile = metrics or None
             predicted = metrics.get("predicted_bytes")
-        if data.get("schema") in OLD_SCHEMAS:
+        if data.get("schema") in ("ftprof.sweep/2", "ftprof.sweep/1"):  # one flat "env"
             task, run, machine = split_old_env(data.get("env") or {})
         else:
             task, run, machine = data["task"], RunFacts.from_json(data["run"]), data["machine"]

@@ -267,6 +267,7 @@ def lever_notes(records: list[Record], budget: int | None) -> list[str]:
                 where = f"{base.precision} ZeRO-{base.zero} seq {base.seq_len}" + (
                     f" x{base.world_size}" if base.world_size > 1 else ""
                 )
+                where += f" LoRA r={base.lora_r}" if base.peft == "lora" else ""
                 if max_on and not max_off:
                     text = f"{where}: fits only with {label} (batch {max_on}){speed}"
                 elif max_on > max_off:

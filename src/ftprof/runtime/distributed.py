@@ -177,7 +177,7 @@ def age_s(path: Path) -> float | None:
         return None
 
 
-def mapped_shm_buffers() -> set[str] | None:
+def _mapped_shm_buffers() -> set[str] | None:
     """The DeepSpeed shm buffers any process we can see maps (/proc/*/maps); None where /proc can't tell."""
     maps = each_process(lambda entry: (entry / "maps").read_text())
     if maps is None:
@@ -189,7 +189,7 @@ def stale_shm_buffers(folder: Path = SHM_FOLDER, older_than_s: float = SHM_STALE
     """This user's DeepSpeed shm buffers that no process maps, older than ``older_than_s``: what finished or
     killed runs left."""
     candidates = [p for p in folder.glob(f"{SHM_PREFIX}_{os.getuid()}_*") if (age_s(p) or 0) > older_than_s]
-    mapped = mapped_shm_buffers() if candidates else set()
+    mapped = _mapped_shm_buffers() if candidates else set()
     if mapped is None:
         return []
     return sorted(p for p in candidates if str(p) not in mapped)

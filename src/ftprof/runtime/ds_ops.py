@@ -9,6 +9,7 @@ finds such files; :func:`build` builds the ops once, in one process with no time
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -102,3 +103,17 @@ if __name__ == "__main__":
     built = build()
     where = extensions_root()
     print(f"DeepSpeed ops ready in {where} ({time.perf_counter() - start:.0f} s): {', '.join(built) or 'none'}")
+
+
+def remember_cpu_info() -> None:
+    """Make py-cpuinfo's ``get_cpu_info`` answer once per process. Each call takes about a second (it times
+    the clock in a subprocess), and DeepSpeed calls it twice for every op it loads, built or not
+    (``op_builder/builder.py``: ``cpu_arch`` and ``simd_width`` for the compile flags), and once per
+    ``DeepSpeedCPUAdam``: seconds of every run's start. The CPU does not change while a process runs. Call it
+    before DeepSpeed loads an op; a forked child inherits the answer."""
+    try:
+        import cpuinfo
+    except ImportError:  # DeepSpeed then asks lscpu instead
+        return
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -257,8 +257,9 @@ def _resume(request: SweepRequest, cfg: SweepConfig) -> tuple[dict[str, Record],
     if results.exists() and not request.resume:
         raise ConfigError(f"{results} already exists; pass --resume to continue that sweep, or another --out")
     base = cfg.base_ds_config.config if cfg.base_ds_config else None
+    lora = asdict(cfg.lora) if any(p.peft == "lora" for p in cfg.points) else None
     settings = SweepSettings.of(
-        cfg.model, cfg.steps, cfg.warmup, cfg.min_seconds, cfg.dataset, base, cfg.machine, cfg.task
+        cfg.model, cfg.steps, cfg.warmup, cfg.min_seconds, cfg.dataset, base, cfg.machine, cfg.task, lora
     )
     check_or_write(cfg.out_dir, settings)
     records = read_records(results) if results.exists() else []

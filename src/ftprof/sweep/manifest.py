@@ -37,6 +37,9 @@ class SweepSettings:
     deepspeed: str
     accelerate: str
     ftprof: str
+    # The LoRA points' adapters besides their rank (alpha, dropout, target_modules); None while the sweep has
+    # measured no LoRA point (the first that does fixes them).
+    lora: dict[str, Any] | None = None
 
     @classmethod
     def of(
@@ -49,6 +52,7 @@ class SweepSettings:
         ds_config: dict[str, Any] | None,
         env: dict[str, Any],
         task: str = "classification",
+        lora: dict[str, Any] | None = None,
     ) -> SweepSettings:
         import accelerate
 
@@ -68,6 +72,7 @@ class SweepSettings:
             ds_config_sha256=digest,
             device=str(env.get("device")),
             ftprof=__version__,
+            lora=lora,
             **versions,
         )
 
@@ -84,6 +89,7 @@ class SweepSettings:
             f"{f.name}: sweep has {getattr(stored, f.name)!r}, now {getattr(self, f.name)!r}"
             for f in fields(self)
             if getattr(self, f.name) != getattr(stored, f.name)
+            and not (f.name == "lora" and None in (self.lora, stored.lora))  # one side has no LoRA points
         ]
 
 
@@ -107,6 +113,8 @@ def check_or_write(folder: Path, settings: SweepSettings) -> None:
                 f"{str(folder)!r} holds a sweep measured with other settings ({'; '.join(diff)}); "
                 "resume with the same flags, or pass another --out"
             )
+        if stored.lora is None and settings.lora is not None:  # its first LoRA points: their adapters count now
+            path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
         return
     if results_path(folder).is_file():
         raise ConfigError(

@@ -204,6 +204,9 @@ def measure(spec: MeasureSpec) -> Profile:
     """Run ``warmup + steps`` optimizer steps and return the profile (on every rank)."""
     from ftprof.profiler import ProfilerCallback
     from ftprof.runtime.distributed import ensure_single_process_env
+    from ftprof.runtime.ds_ops import remember_cpu_info
+
+    remember_cpu_info()
 
     if spec.ds_config is not None:  # a plain Trainer in one process needs no process group
         ensure_single_process_env()

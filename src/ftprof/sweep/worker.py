@@ -47,6 +47,9 @@ READY_TIMEOUT_S = 600.0  # the first start may JIT-compile DeepSpeed's CPU ops, 
 
 def _preload() -> None:
     """Import what :func:`ftprof.sweep.measure.measure` imports, and load DeepSpeed's CPU optimizer ops."""
+    from ftprof.runtime.ds_ops import remember_cpu_info
+
+    remember_cpu_info()  # asked while the ops load: once here, then every forked point has the answer
     import datasets  # noqa: F401
     import deepspeed  # noqa: F401
     import torch  # noqa: F401

@@ -30,7 +30,7 @@ from ftprof.profiler import add_profiler
 from ftprof.profiler.breakdown import adapted_modules, parameter_counts
 from ftprof.runtime.deepspeed_config import DeepSpeedConfig, for_this_machine, load_ds_config
 from ftprof.runtime.distributed import adopt_slurm_env, ensure_single_process_env, exit_rank, shutdown
-from ftprof.runtime.ds_ops import check_no_stale_locks
+from ftprof.runtime.ds_ops import check_no_stale_locks, remember_cpu_info
 from ftprof.train.adapters import check_peft_flags
 from ftprof.train.args import (
     FtprofTrainingArguments,
@@ -174,6 +174,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
     if _flag_value(argv, "--deepspeed"):
         ensure_single_process_env()
         check_no_stale_locks()
+        remember_cpu_info()
     parser = HfArgumentParser((ScriptArguments, FtprofTrainingArguments))  # type: ignore[arg-type]  # NewType
     if _flag_value(argv, "--task") == "causal-lm":
         parser.set_defaults(metric_for_best_model="eval_loss")  # no accuracy without labels; lower is better
