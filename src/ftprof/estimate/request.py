@@ -300,10 +300,10 @@ def calibrate_on_sweep(profile: Path) -> SweepCalibration:
     from ftprof.records.results import latest, read_records, results_path
 
     results = results_path(profile)
-    measured = [r for r in latest(read_records(results)) if r.status == "ok" and r.peak_bytes]
-    records = [r for r in measured if r.point.peft == "none"]  # the constants are fitted on full fine-tuning
+    ok = [r for r in latest(read_records(results)) if r.status == "ok" and r.peak_bytes]
+    records = [r for r in ok if r.point.peft == "none"]  # the constants are fitted on full fine-tuning
     if len(records) < 3:
-        skipped = len(measured) - len(records)
+        skipped = len(ok) - len(records)
         lora = f" ({skipped} LoRA points are not fitted on)" if skipped else ""
         raise ConfigError(
             f"{results}: {len(records)} measured points of full fine-tuning{lora}; calibration needs at least 3"
