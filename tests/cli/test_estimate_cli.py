@@ -329,3 +329,21 @@ def test_zero_none_refuses_what_it_does_not_model(capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err, err
     assert "Traceback" not in err
+
+
+def test_calibration_fits_full_fine_tuning_and_leaves_lora_points_out(tmp_path, capsys):
+    """LoRA points are judged, never fitted: 2 full points beside 10 LoRA ones are too few to calibrate on,
+    and the message says why; the calibration file is not touched."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    lines = []
+    for i, r in enumerate(read_records(ROOT / "profiles" / "cpu-2core-tiny-bert" / "results.jsonl")):
+        if i >= 2:
+            r = replace(r, point=replace(r.point, peft="lora", lora_r=8))
+        lines.append(json.dumps(r.to_json()))
+    (sweep / "results.jsonl").write_text("\n".join(lines) + "\n")
+    before = calibration_path("cpu").read_bytes() if calibration_path("cpu").exists() else None
+    assert main(["--calibrate", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert "2 measured points of full fine-tuning (10 LoRA points are not fitted on); calibration needs" in err
+    assert (calibration_path("cpu").read_bytes() if calibration_path("cpu").exists() else None) == before
