@@ -56,3 +56,13 @@ def test_resume_with_another_model_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ftprof: error: ")
     assert "model: sweep has 'tiny-gpt2', now 'tiny-bert'" in err[-1]
+
+
+def test_lora_adapters_are_fixed_by_the_first_lora_points(tmp_path):
+    qv = {"alpha": 16, "dropout": 0.05, "target_modules": None}
+    check_or_write(tmp_path, settings())  # full fine-tuning only
+    check_or_write(tmp_path, settings(lora=qv))  # its first LoRA points: they fix the adapters
+    assert json.loads((tmp_path / MANIFEST).read_text())["lora"] == qv
+    check_or_write(tmp_path, settings())  # resumed without LoRA points: nothing to compare
+    with pytest.raises(ConfigError, match="lora: sweep has .*'target_modules': None.*now .*'attention,mlp'"):
+        check_or_write(tmp_path, settings(lora={**qv, "target_modules": "attention,mlp"}))
