@@ -87,8 +87,9 @@ def test_full_and_lora_side_by_side_with_what_each_trained(tmp_path):
 def test_lora_model_states_match_each_ranks_measured_breakdown_on_two_ranks(tmp_path):
     """ZeRO-2 and ZeRO-3, bf16, on two ranks, a classifier (its head's trainable copy beside the adapters):
     each rank's trainable and frozen parameters, gradients, master weights and optimizer states as the
-    estimator predicts them for LoRA, within 1% of what the rank holds. Under ZeRO-3 the adapters stay fp32
-    (DeepSpeed does not cast a zero.Init model) while the head's copy is bf16: the parameters item says which."""
+    estimator predicts them for LoRA, within 1% of what the rank holds. Under ZeRO-3 DeepSpeed does not cast a
+    zero.Init model, and a classifier's adapters (fp32, as peft makes them) beside its head's bf16 copy made
+    ZeRO-3 fail (one dtype per group): the recipe casts them, and the parameters item checks the dtype."""
     out = tmp_path / "lora2"
     sweep(
         ["--model", "tiny-bert", "--peft", "lora", "--lora_r", "8", "--zero", "2,3", "--world_size", "2"]

@@ -260,14 +260,8 @@ def model_states(
         gradients = e * (max(per_rank) if rank is None else per_rank[rank])
     else:
         gradients = math.ceil(e * p / (n if s.zero >= 2 else 1))
-    parameters = math.ceil(e * p / (n if s.zero == 3 else 1))
-    if lora is not None and s.zero == 3:
-        # ZeRO-3 builds the model under zero.Init in the training dtype, and the engine skips its cast for such a
-        # model (engine._configure_distributed_model: _cast_module_mixed_precision(..., is_zero_init_model)), so
-        # peft's adapters, created afterwards in fp32, stay fp32; the head's trainable copy is the base's dtype.
-        parameters = math.ceil((4 * lora.adapter_params + e * lora.head_params) / n)
     held = {
-        "parameters": parameters,
+        "parameters": math.ceil(e * p / (n if s.zero == 3 else 1)),
         **frozen_weights(frozen, s),
         "gradients": gradients,
         # ZeRO 1-3 keep an fp32 copy of their partition even in fp32 training; mixed precision always does.
@@ -555,8 +549,7 @@ def estimate(
     items["temporaries"] = math.ceil(saved * (cal.activation_factor - 1)) + live_logits(arch, s)
     total, trained = (arch.params, arch.params) if lora is None else (lora.params, lora.trainable_params)
     if s.zero == 3:  # every parameter, frozen ones too, is gathered for the forward and backward
-        gathered = e * min(total, STAGE3_MAX_LIVE_PARAMETERS)
-        items["gathered_parameters"] = gathered + (4 - e) * lora.adapter_params if lora is not None else gathered
+        items["gathered_parameters"] = e * min(total, STAGE3_MAX_LIVE_PARAMETERS)
     forward = sum(items[k] for k in FORWARD_ITEMS if k in items)
     step = math.ceil(4 * trained / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
     if trainer_optim is not None:

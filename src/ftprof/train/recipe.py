@@ -102,6 +102,7 @@ def build_trainer(
 
         # Trainer enables the inputs' gradients itself with --gradient_checkpointing (frozen embeddings).
         model = get_peft_model(model, lora)
+        _adapters_in_the_training_dtype(model, args)
     collator = task_collator(script, args, data.tokenizer)
     compute_metrics, preprocess_logits = task_metrics(script, data)
     trainer = task_trainer_class(script)(
@@ -116,6 +117,24 @@ def build_trainer(
         callbacks=list(callbacks),
     )
     return Recipe(spec, max_length, data.tokenizer, model, train, evaluation, collator, trainer, data.rows, data.facts)
+
+
+def _adapters_in_the_training_dtype(model: Any, args: FtprofTrainingArguments) -> None:
+    """Under ZeRO-3 with bf16/fp16, cast peft's new adapters to the training dtype, as DeepSpeed casts every
+    parameter at the other stages. ZeRO-3 builds the model under ``zero.Init`` in that dtype and the engine
+    then casts nothing (``engine._configure_distributed_model``: ``_cast_module_mixed_precision`` skips a
+    zero.Init model), so the adapters, created afterwards in fp32, would stay fp32 beside a classifier head's
+    16-bit trainable copy, and ZeRO-3 refuses trainable parameters of two dtypes (``zero/utils.py``
+    ``defragment``: ``assert len(set(t.dtype for t in tensors)) == 1``)."""
+    import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    if dtype is None or not is_deepspeed_zero3_enabled():
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.float32 and not hasattr(p, "ds_id"):
+            p.data = p.data.to(dtype)
 
 
 def _lora_for(script: ScriptArguments, spec: ModelSpec) -> Any:
