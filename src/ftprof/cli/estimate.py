@@ -126,12 +126,7 @@ def request_from_args(a: argparse.Namespace) -> EstimateRequest:
         grid_seq_lens=tuple(a.seq_lens) if a.grid else (),
         effective_batch=a.effective_batch,
         peft=tuple(a.peft),
-        lora=LoraSpec(
-            r=a.lora_r,
-            alpha=a.lora_alpha,
-            dropout=a.lora_dropout,
-            target_modules=tuple(t.strip() for t in (a.lora_target_modules or "").split(",") if t.strip()),
-        ),
+        lora=LoraSpec.from_flags(a.lora_r, a.lora_alpha, a.lora_dropout, a.lora_target_modules),
     )
 
 

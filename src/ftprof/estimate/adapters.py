@@ -60,6 +60,17 @@ class LoraSpec:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--lora_dropout {self.dropout!r}: must be >= 0 and < 1")
 
+    @classmethod
+    def from_flags(cls, r: int, alpha: int, dropout: float, target_modules: str | None) -> LoraSpec:
+        """The spec of ``--lora_r``, ``--lora_alpha``, ``--lora_dropout`` and ``--lora_target_modules`` (a comma
+        list; empty or None: the family's default).
+
+        >>> LoraSpec.from_flags(16, 32, 0.0, " q_proj, v_proj").target_modules
+        ('q_proj', 'v_proj')
+        """
+        targets = tuple(t.strip() for t in (target_modules or "").split(",") if t.strip())
+        return cls(r=r, alpha=alpha, dropout=dropout, target_modules=targets)
+
     def targets_for(self, model_type: str) -> tuple[str, ...]:
         """The modules this spec adapts in a model of ``model_type``: its own, or the family's default.
 

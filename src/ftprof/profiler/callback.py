@@ -110,7 +110,7 @@ class ProfilerCallback(TrainerCallback):
         self.gathered = GatheredParameterMeter()
         self.breakdown: dict[str, int] = {}
         self.levers: dict[str, Any] = {}
-        self.trained: tuple[int | None, int | None, list[str]] = (None, None, [])  # trainable, frozen, adapted
+        self.trained: dict[str, Any] = {}  # RankProfile's trainable_parameters, frozen_parameters, adapted_modules
         self.allocator: dict[str, int] = {}  # CUDA: allocator figures not in the phases (max over phases)
         self.recorder = memory_recorder
         self._window_end: tuple[int, int, int] | None = None  # the counts when the window closed early
@@ -207,7 +207,12 @@ class ProfilerCallback(TrainerCallback):
                     after = model_state_bytes(self._model, optimizer)
                     self.breakdown = {**{k: v for k, v in after.items() if not k.startswith("gradients")}, **gradients}
                     self.levers = levers_in_use(self._model, optimizer)
-                    self.trained = (*parameter_counts(self._model), adapted_modules(self._model))
+                    trainable, frozen = parameter_counts(self._model)
+                    self.trained = {
+                        "trainable_parameters": trainable,
+                        "frozen_parameters": frozen,
+                        "adapted_modules": adapted_modules(self._model),
+                    }
 
         step._ftprof_wrapped = True  # type: ignore[attr-defined]
         inner.step = step
@@ -430,9 +435,7 @@ class ProfilerCallback(TrainerCallback):
             "phases": self.phases,
             "breakdown": breakdown,
             "levers": self.levers,
-            "trainable_parameters": self.trained[0],
-            "frozen_parameters": self.trained[1],
-            "adapted_modules": self.trained[2],
+            **self.trained,
             "allocator": self.allocator,
             "memory_files": [str(f) for f in self.recorder.files] if self.recorder else [],
             "memory_notes": list(self.recorder.notes) if self.recorder else [],

@@ -83,6 +83,7 @@ def build(ops: tuple[str, ...] | None = None, clear_stale: bool = True) -> list[
         lock.unlink(missing_ok=True)
     from deepspeed.accelerator import get_accelerator
 
+    remember_cpu_info()  # each op's load asks it twice
     names = []
     for op in accelerator_ops() if ops is None else ops:
         builder = get_accelerator().create_op_builder(op)
@@ -91,18 +92,6 @@ def build(ops: tuple[str, ...] | None = None, clear_stale: bool = True) -> list[
         builder.load(verbose=False)
         names.append(builder.absolute_name())
     return names
-
-
-if __name__ == "__main__":
-    from ftprof.runtime.distributed import remove_stale_shm_buffers
-
-    start = time.perf_counter()
-    count, size = remove_stale_shm_buffers()
-    if count:
-        print(f"removed {count} DeepSpeed shm buffers ({size / 2**30:.1f} GiB) earlier runs left in /dev/shm")
-    built = build()
-    where = extensions_root()
-    print(f"DeepSpeed ops ready in {where} ({time.perf_counter() - start:.0f} s): {', '.join(built) or 'none'}")
 
 
 def remember_cpu_info() -> None:
@@ -117,3 +106,15 @@ def remember_cpu_info() -> None:
         return
     if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
         cpuinfo.get_cpu_info = functools.lru_cache(maxsize=1)(cpuinfo.get_cpu_info)
+
+
+if __name__ == "__main__":
+    from ftprof.runtime.distributed import remove_stale_shm_buffers
+
+    start = time.perf_counter()
+    count, size = remove_stale_shm_buffers()
+    if count:
+        print(f"removed {count} DeepSpeed shm buffers ({size / 2**30:.1f} GiB) earlier runs left in /dev/shm")
+    built = build()
+    where = extensions_root()
+    print(f"DeepSpeed ops ready in {where} ({time.perf_counter() - start:.0f} s): {', '.join(built) or 'none'}")

@@ -237,9 +237,10 @@ def _lora_facts(cfg: SweepConfig) -> dict[int, LoraFacts]:
     from ftprof.estimate.adapters import LoraSpec, lora_facts_for
 
     ranks = sorted({p.lora_r for p in cfg.points if p.peft == "lora"})
-    targets = tuple(t.strip() for t in (cfg.lora.target_modules or "").split(",") if t.strip())
+    lora = cfg.lora
     return {
-        r: lora_facts_for(cfg.model, LoraSpec(r, cfg.lora.alpha, cfg.lora.dropout, targets), cfg.task) for r in ranks
+        r: lora_facts_for(cfg.model, LoraSpec.from_flags(r, lora.alpha, lora.dropout, lora.target_modules), cfg.task)
+        for r in ranks
     }
 
 
