@@ -21,6 +21,7 @@ TASKS: tuple[Task, ...] = get_args(Task)
 Peft = Literal["none", "lora"]  # how the weights train: all of them, or frozen under LoRA adapters (peft)
 PEFT_METHODS: tuple[Peft, ...] = get_args(Peft)
 ZERO_STAGES = (0, 1, 2, 3)
+Stage = int | Literal["none"]  # a ZeRO stage, or "none": HF Trainer without DeepSpeed (``--zero none``)
 
 
 @dataclass(frozen=True, order=True, kw_only=True)
@@ -33,10 +34,13 @@ class Point:
     'bf16-z3-w1-ga1-s128-b8-off_optimizer+param'
     >>> Point(precision="bf16", zero=2, seq_len=128, batch_size=8, peft="lora", lora_r=16).key
     'bf16-z2-w1-ga1-s128-b8-lora_r16'
+    >>> Point(precision="fp32", zero=0, deepspeed=False, seq_len=128, batch_size=8).key
+    'fp32-znone-w1-ga1-s128-b8'
     """
 
     precision: Precision
-    zero: int
+    zero: int  # 0 without DeepSpeed: nothing is partitioned
+    deepspeed: bool = True  # False: HF Trainer without DeepSpeed (``--zero none``), its ``--optim`` stepping
     world_size: int = 1
     grad_accum: int = 1
     seq_len: int
@@ -65,17 +69,31 @@ class Point:
             raise ConfigError(f"--peft {self.peft!r}: use none or lora")
         if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
             raise ConfigError(f"--lora_r must be a positive integer, got {self.lora_r!r}")
+        if not self.deepspeed and (self.zero != 0 or self.offload != "none"):
+            raise ConfigError("--zero none (no DeepSpeed) partitions and offloads nothing; use --offload none")
         if (self.peft == "lora") != (self.lora_r > 0):
             raise ConfigError(f"--peft {self.peft} with --lora_r {self.lora_r}: LoRA takes a rank, full fine-tuning 0")
 
     @property
     def key(self) -> str:
         """A stable id, used to resume and to de-duplicate (the memory levers only when pulled)."""
-        key = f"{self.precision}-z{self.zero}-w{self.world_size}-ga{self.grad_accum}-s{self.seq_len}-b{self.batch_size}"
+        key = (
+            f"{self.precision}-z{self.stage}-w{self.world_size}-ga{self.grad_accum}-s{self.seq_len}-b{self.batch_size}"
+        )
         if self.offload != "none":
             key += f"-off_{self.offload}"
         key += "-gc" if self.gradient_checkpointing else ""
         return key + (f"-lora_r{self.lora_r}" if self.peft == "lora" else "")
+
+    @property
+    def stage(self) -> Stage:
+        """The ``--zero`` value that trains this point: its ZeRO stage, or ``"none"`` without DeepSpeed."""
+        return self.zero if self.deepspeed else "none"
+
+    @property
+    def engine(self) -> str:
+        """What trains this point, in words: ``ZeRO-N``, or ``no DeepSpeed`` (HF Trainer alone)."""
+        return f"ZeRO-{self.zero}" if self.deepspeed else "no DeepSpeed"
 
     @property
     def offload_optimizer(self) -> bool:
@@ -101,6 +119,7 @@ class Point:
         names = (
             "precision",
             "zero",
+            "deepspeed",
             "world_size",
             "grad_accum",
             "seq_len",
@@ -188,6 +207,31 @@ def parse_zero(text: str) -> list[int]:
             raise ConfigError(f"--zero {text!r}: unknown ZeRO stage {part!r}; use 0, 1, 2 or 3")
         values.append(int(part))
     return sorted(set(values))
+
+
+def parse_stages(text: str) -> list[Stage]:
+    """``--zero`` where ``none`` (HF Trainer without DeepSpeed) may be listed beside the stages.
+
+    >>> parse_stages("2,none,0"), parse_stages("none")
+    (['none', 0, 2], ['none'])
+    """
+    parts = [part.strip().lower() for part in text.split(",")]
+    stages = [part for part in parts if part != "none"]
+    try:
+        numbered: list[Stage] = list(parse_zero(",".join(stages))) if stages else []
+    except ConfigError:
+        raise ConfigError(f"--zero {text!r}: use none (no DeepSpeed) or ZeRO stages 0, 1, 2, 3") from None
+    plain: list[Stage] = ["none"] if "none" in parts else []
+    return plain + numbered
+
+
+def stage_point(stage: Stage, **fields: Any) -> Point:
+    """The point of ``--zero`` value ``stage``: a ZeRO stage, or ``"none"`` (no DeepSpeed, shaped as ZeRO-0).
+
+    >>> stage_point("none", precision="fp32", seq_len=64, batch_size=4).key
+    'fp32-znone-w1-ga1-s64-b4'
+    """
+    return Point(zero=0, deepspeed=False, **fields) if stage == "none" else Point(zero=stage, **fields)
 
 
 def parse_offloads(text: str) -> list[Offload]:

@@ -296,7 +296,9 @@ def test_zero_none_estimates_plain_trainer_with_the_optimizer_it_steps(capsys):
     for optim in ("adamw_torch", "adamw_torch_fused", "sgd"):
         assert main([*flags, "--zero", "none", "--optim", optim, "--gpu", "a10g-24gb", "--format", "json"]) == 0
         (setting,) = json.loads(capsys.readouterr().out)["settings"]
-        est = estimate(arch, point, SHIPPED_GPU, "gpu", trainer_optim=trainer_optimizer(optim))
+        plain = replace(point, deepspeed=False)
+        est = estimate(arch, plain, SHIPPED_GPU, "gpu", trainer_optim=trainer_optimizer(optim))
+        assert setting["key"] == plain.key == "fp32-znone-w1-ga1-s16-b2"
         assert setting["device_used_bytes"] == est.device_used
         assert setting["items"]["master_weights"] == 0
         used[optim] = setting
@@ -315,10 +317,36 @@ def test_zero_none_estimates_plain_trainer_with_the_optimizer_it_steps(capsys):
     assert ds_outside - plain_outside == pytest.approx(SHIPPED_GPU.deepspeed_runtime_bytes, abs=1)
 
 
+def test_zero_none_beside_zero_stages_is_one_column_each(capsys):
+    """--zero none,0,2: plain Trainer beside DeepSpeed's stages, each column the estimate of its own point."""
+    from ftprof.estimate.optimizers import trainer_optimizer
+
+    flags = ["--model", "gpt2", "--batch_size", "2", "--seq_len", "64", "--precision", "fp32", "--gpu", "a10g-24gb"]
+    assert main([*flags, "--zero", "2,none,0", "--optim", "adamw_torch", "--format", "json"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert [s["key"] for s in settings] == [
+        "fp32-znone-w1-ga1-s64-b2",
+        "fp32-z0-w1-ga1-s64-b2",
+        "fp32-z2-w1-ga1-s64-b2",
+    ]
+    arch = arch_for("gpt2")
+    for setting in settings:
+        point = Point.from_json(setting["point"])
+        optim = None if point.deepspeed else trainer_optimizer("adamw_torch")
+        assert (
+            setting["device_used_bytes"] == estimate(arch, point, SHIPPED_GPU, "gpu", trainer_optim=optim).device_used
+        )
+    plain, zero0 = settings[0]["items"], settings[1]["items"]
+    assert plain["optimizer_step"] > zero0.get("optimizer_step", 0)  # foreach AdamW's fp32 copy of the parameters
+    assert main([*flags, "--zero", "none,0", "--optim", "adamw_torch"]) == 0
+    out = capsys.readouterr().out
+    assert "no DeepSpeed, --optim adamw_torch" in out
+    assert "ZeRO-0" in out
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--zero", "none,2"], "can't be listed with ZeRO stages"),
         (["--zero", "none", "--precision", "bf16"], "autocast"),
         (["--zero", "none", "--optim", "adafactor", "--precision", "fp32"], "not modelled by ftprof estimate yet"),
         (["--zero", "none", "--world_size", "2", "--precision", "fp32"], "DDP"),
@@ -345,5 +373,7 @@ def test_calibration_fits_full_fine_tuning_and_leaves_lora_points_out(tmp_path, 
     before = calibration_path("cpu").read_bytes() if calibration_path("cpu").exists() else None
     assert main(["--calibrate", str(sweep)]) == 2
     err = capsys.readouterr().err
-    assert "2 measured points of full fine-tuning (10 LoRA points are not fitted on); calibration needs" in err
+    assert (
+        "2 measured points of full fine-tuning under DeepSpeed (10 LoRA or --zero none points are not fitted on)" in err
+    )
     assert (calibration_path("cpu").read_bytes() if calibration_path("cpu").exists() else None) == before

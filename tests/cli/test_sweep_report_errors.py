@@ -27,7 +27,9 @@ def one_line_error(capsys, fn, argv, pattern):
         (["--model", "tiny-bert", "--precision", "fp32,int4"], "unknown precision 'int4'"),
         (["--model", "tiny-bert", "--precision", "fp16"], "fp16 needs a CUDA GPU"),
         (["--model", "tiny-bert", "--budget", "a lot"], "--budget 'a lot': not a size"),
-        (["--model", "tiny-bert", "--zero", "5"], "unknown ZeRO stage '5'"),
+        (["--model", "tiny-bert", "--zero", "5"], "--zero '5': use none \\(no DeepSpeed\\) or ZeRO stages 0, 1, 2, 3"),
+        (["--model", "tiny-bert", "--zero", "none,2", "--world_size", "1,2"], "--zero none with --world_size above 1"),
+        (["--model", "tiny-bert", "--zero", "none", "--optim", "adamw_magic"], "--optim 'adamw_magic': not one of"),
         (["--model", "tiny-bert", "--steps", "0"], "--steps must be positive"),
         (["--model", "tiny-bert", "--min_seconds", "-1"], "--min_seconds must be non-negative"),
         (["--model", "tiny-bert", "--offload", "gpu"], "unknown offload 'gpu'"),
@@ -101,7 +103,7 @@ def test_the_same_flags_mean_the_same_in_sweep_estimate_and_train(tmp_path, caps
     assert "(Adam moments) (host memory, offloaded)" in " ".join(out.split())
 
     script, args = parse(["--model", "tiny-bert", "--dataset", "synthetic", *SHARED, "--output_dir", str(tmp_path)])
-    assert (script.task, script.precision, script.zero, script.offload) == ("classification", "bf16", 2, "optimizer")
+    assert (script.task, script.precision, script.zero, script.offload) == ("classification", "bf16", "2", "optimizer")
     zero = args.hf_deepspeed_config.config["zero_optimization"]
     assert args.bf16
     assert not args.fp16
@@ -125,7 +127,7 @@ def run_command_of(command: str, tmp_path):
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--zero", "5", "--zero '5': unknown ZeRO stage '5'; use 0, 1, 2 or 3"),
+        ("--zero", "5", "--zero '5': use none (no DeepSpeed) or ZeRO stages 0, 1, 2, 3"),
         ("--precision", "int4", "--precision 'int4': unknown precision 'int4'; use fp32, fp16 or bf16"),
         ("--offload", "gpu", "--offload 'gpu': unknown offload 'gpu'; use none, optimizer or optimizer+param"),
         ("--task", "translation", "--task 'translation': unknown task; use classification or causal-lm"),

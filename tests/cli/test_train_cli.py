@@ -232,7 +232,7 @@ def test_zero_and_offload_choose_the_shipped_config(tmp_path):
         assert json.loads(Path(args.deepspeed).read_text()) == expected, flags
         assert args.bf16 == ("bf16" in flags)
         assert not args.fp16
-    assert (script.zero, script.offload, script.precision) == (1, None, None)
+    assert (script.zero, script.offload, script.precision) == ("1", None, None)
     _, args = parse([*base, "--precision", "fp32"])
     assert not args.bf16
     assert not args.fp16
@@ -257,6 +257,12 @@ def test_zero_and_offload_choose_the_shipped_config(tmp_path):
         (["--zero", "0,2"], "--zero '0,2': ftprof train takes one value (lists are for ftprof sweep and estimate)"),
         (["--offload", "optimizer"], "--offload optimizer needs --zero (1, 2 or 3) or a --ds_config that offloads"),
         (["--zero", "2", "--offload", "optimizer+param"], "--offload optimizer+param needs ZeRO stage 3, not 2"),
+        (
+            ["--zero", "none", "--ds_config", "ds_configs/zero2.json"],
+            "--zero none (no DeepSpeed) contradicts --ds_config 'ds_configs/zero2.json'; drop one of them",
+        ),
+        (["--zero", "none", "--offload", "optimizer"], "--offload optimizer needs DeepSpeed; --zero none offloads"),
+        (["--zero", "four"], "--zero 'four': use none (no DeepSpeed) or ZeRO stages 0, 1, 2, 3"),
     ],
 )
 def test_levers_that_contradict_each_other_or_the_config(tmp_path, capsys, extra, message):
@@ -269,6 +275,16 @@ def test_levers_that_contradict_each_other_or_the_config(tmp_path, capsys, extra
     assert not (tmp_path / "out").exists()
 
 
+def test_zero_none_trains_with_hf_trainer_and_its_optim(tmp_path):
+    """--zero none --optim NAME (the command a --zero none sweep point recommends): no DeepSpeed config, the
+    Trainer's own optimizer."""
+    from ftprof.train.run import parse
+
+    base = ["--model", "tiny-bert", "--dataset", "synthetic", "--output_dir", str(tmp_path / "out")]
+    script, args = parse([*base, "--zero", "none", "--optim", "sgd", "--precision", "fp32"])
+    assert (script.zero, args.deepspeed, args.optim) == ("none", None, "sgd")
+
+
 def test_an_agreeing_config_and_switch_are_fine(tmp_path):
     from ftprof.train.run import parse
 
@@ -277,5 +293,5 @@ def test_an_agreeing_config_and_switch_are_fine(tmp_path):
         + ["--zero", "2", "--offload", "optimizer", "--ds_config", str(ROOT / "ds_configs" / "zero2_offload.json")]
         + ["--precision", "bf16", "--bf16"]
     )
-    assert (script.zero, script.offload, args.bf16) == (2, "optimizer", True)
+    assert (script.zero, script.offload, args.bf16) == ("2", "optimizer", True)
     assert args.hf_deepspeed_config.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

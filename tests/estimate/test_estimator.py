@@ -495,3 +495,32 @@ def test_offload_buffers_match_what_deepspeed_allocates():
     assert est.host_items["offload_buffers"] == 2 * largest + -(-2 * arch.params // 2)
     assert est.host_items["gradients"] == -(-4 * arch.params // 2)
     assert "gradients" not in est.items  # the 16-bit gradients leave the device as they are reduced
+
+
+def test_the_sweeps_predictor_answers_zero_none_points_with_the_trainers_optim_or_not_at_all():
+    """A --zero none point is predicted with the optimizer the Trainer steps (its default, or --optim), and
+    what the estimator does not model (bf16 without DeepSpeed, an unmodelled --optim) gets no prediction
+    instead of a wrong one."""
+    from ftprof.estimate.calibration import predictor
+    from ftprof.estimate.optimizers import DEFAULT_TRAINER_OPTIM, trainer_optimizer
+
+    arch = arch_for("tiny-bert")
+    fp32 = Point(precision="fp32", zero=0, deepspeed=False, seq_len=64, batch_size=4)
+    for optim in (None, "adamw_torch", "sgd"):
+        predict, _ = predictor(arch, "cpu", cuda=False, optim=optim)
+        expected = estimate(
+            arch, fp32, predict_calibration(), "cpu", trainer_optim=trainer_optimizer(optim or DEFAULT_TRAINER_OPTIM)
+        )
+        assert predict(fp32) == expected.device_used
+        assert predict(replace(fp32, precision="bf16")) is None
+        zero0 = replace(fp32, deepspeed=True)
+        assert predict(zero0) == estimate(arch, zero0, predict_calibration(), "cpu").device_used
+    assert predictor(arch, "cpu", cuda=False, optim="adafactor")[0](fp32) is None
+    with pytest.raises(ValueError, match="exactly when DeepSpeed is off"):
+        estimate(arch, fp32, device="cpu")
+
+
+def predict_calibration():
+    from ftprof.estimate.calibration import load_calibration
+
+    return load_calibration("cpu")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,49 @@ def shm_buffers() -> set[Path]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# tiny-bert's ZeRO 0/2 x batch 4/8 at 32 tokens, one at a time, without re-measures (every line unique).
+LOCAL_GRID = ["--model", "tiny-bert", "--zero", "0,2", "--batch_sizes", "4,8", "--seq_lens", "32"]
+LOCAL_GRID += ["--no_report", "--no_remeasure"]
+
+
+@dataclass
+class KilledLocalSweep:
+    """``LOCAL_GRID`` swept by the local executor, SIGKILLed (sweep and point) after its first record, resumed."""
+
+    out: Path
+    finished: list[str]  # results.jsonl's lines when the sweep was killed
+
+
+@pytest.fixture(scope="session")
+def killed_local_sweep(tmp_path_factory) -> KilledLocalSweep:
+    """One local sweep for two modules: test_sweep_cli checks that the kill lost and duplicated nothing, and
+    test_sweep_slurm compares the Slurm executor's records with these, the local executor's, point for point
+    (the same four points, each measured one at a time; a second local sweep of them would check no more)."""
+    from tests.integration.test_sweep_cli import SWEEP, sweep
+
+    out = tmp_path_factory.mktemp("local") / "killed"
+    args = [*LOCAL_GRID, "--out", str(out)]
+    proc = subprocess.Popen(
+        SWEEP + args,
+        env=train_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    results = out / "results.jsonl"
+    deadline = time.time() + 600
+    while not (results.exists() and results.read_text().count("\n") >= 1):
+        assert proc.poll() is None
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the point it is running
+    proc.wait()
+    finished = results.read_text().splitlines()
+    sweep([*args, "--resume"])
+    return KilledLocalSweep(out, finished)
 
 
 from tests.slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a one-node Slurm cluster)

@@ -1,15 +1,12 @@
 """`ftprof sweep` for real: fresh processes per point, ZeRO 0/2/3, 2 ranks, forced OOM, SIGKILL + resume."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
-from ftprof.records.results import latest, read_records
+from ftprof.cli.main import main as ftprof_main
+from ftprof.records.results import Record, latest, read_records
 from tests.conftest import ROOT, run_group
 from tests.integration.conftest import shm_buffers, train_env
 
@@ -31,47 +28,50 @@ def sweep(args, timeout=900):
     return proc
 
 
+def check_two_rank_counts(two: Record, seq_len: int) -> None:
+    """A two-rank point of batch 4: both ranks profiled, and one step counts 4 x 1 x 2 samples of ``seq_len``."""
+    assert [r.rank for r in two.profile.ranks] == [0, 1]
+    assert two.point.world_size == 2
+    assert two.profile.samples_per_step == 4 * 1 * 2  # batch x accumulation x ranks, exactly
+    padded_per_step = two.profile.padded_tokens_per_s * two.profile.window_s / two.profile.steady_steps
+    assert two.samples_per_s > 0
+    assert padded_per_step == pytest.approx(8 * seq_len)
+
+
 @pytest.mark.slow
-def test_sweep_grid_ranks_resume_and_report(tmp_path):
+def test_sweep_grid_ranks_resume_and_report(tmp_path, capsys):
+    """A grid, resumed with a new point, resumed again with a two-rank ZeRO-3 point, then reported in every
+    format. A two-rank ZeRO-2 point's counts (check_two_rank_counts) are checked on the one that
+    test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it sweeps anyway: a two-rank point
+    costs 20-60 s on 2 cores, and a second one here would check nothing that one does not."""
     out = tmp_path / "profile"
     sweep(["--zero", "0,2,3", "--batch_sizes", "4,32", "--seq_lens", "512", "--out", str(out), "--no_report"])
     sweep(["--zero", "2", "--batch_sizes", "4", "--seq_lens", "32", "--out", str(out), "--resume", "--no_report"])
     # Two-rank points are the dear ones: this run measures nothing twice (the first run's re-measures remain).
     last = sweep(
-        ["--zero", "2,3", "--batch_sizes", "4", "--seq_lens", "512", "--world_size", "2", "--out", str(out), "--resume"]
+        ["--zero", "3", "--batch_sizes", "4", "--seq_lens", "512", "--world_size", "2", "--out", str(out), "--resume"]
         + ["--no_remeasure"]
     )
     records = latest(read_records(out / "results.jsonl"))
     by_key = {r.point.key: r for r in records}
-    assert len(records) == len(by_key) == 9
+    assert len(records) == len(by_key) == 8
     assert {r.status for r in records} == {"ok"}
     peak = {k: r.peak_bytes for k, r in by_key.items()}
     for z in (0, 2, 3):  # peaks grow with the batch...
         assert peak[f"fp32-z{z}-w1-ga1-s512-b32"] > peak[f"fp32-z{z}-w1-ga1-s512-b4"] * 1.1
     assert peak["fp32-z2-w1-ga1-s512-b4"] > peak["fp32-z2-w1-ga1-s32-b4"]  # ...and with the sequence
-    for z in (2, 3):
-        two = by_key[f"fp32-z{z}-w2-ga1-s512-b4"]
-        assert [r.rank for r in two.profile.ranks] == [0, 1]
-        assert two.point.world_size == 2
-        assert two.profile.samples_per_step == 4 * 1 * 2  # batch x accumulation x ranks, exactly
-        padded_per_step = two.profile.padded_tokens_per_s * two.profile.window_s / two.profile.steady_steps
-        assert two.samples_per_s > 0
-        assert padded_per_step == pytest.approx(8 * 512)
+    check_two_rank_counts(by_key["fp32-z3-w2-ga1-s512-b4"], 512)
     first_line = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert {"torch", "transformers", "deepspeed", "device"} <= set(first_line["machine"])
     # The sweep ends with its report; every export format renders from the same file.
     assert "Recommendations" in last.stdout
     assert "Pareto" in last.stdout
+    # In this process (`ftprof report` as a command is what each sweep above ran to write its own report).
+    capsys.readouterr()
     for fmt, check in (("md", "| precision |"), ("csv", "precision,zero,world_size"), ("json", '"recommendations"')):
-        proc = subprocess.run(
-            [sys.executable, "-m", "ftprof.cli.main", "report", str(out), "--format", fmt, "--write_config"],
-            capture_output=True,
-            text=True,
-            env=train_env(),
-            cwd=ROOT,
-        )
-        assert proc.returncode == 0
-        assert check in proc.stdout
+        assert ftprof_main(["report", str(out), "--format", fmt, "--write_config"]) == 0
+        printed = capsys.readouterr().out
+        assert check in printed
     # The machine's drift: the first clean point measured again, once over the three runs, shown with the pick.
     lines = read_records(out / "results.jsonl")
     clean = [r for r in lines if r.status == "ok" and r.run.remeasured is None and not r.profile.contended]
@@ -79,7 +79,7 @@ def test_sweep_grid_ranks_resume_and_report(tmp_path):
     assert len(again) == 1, [r.point.key for r in again]
     assert again[0].point.key == clean[0].point.key, [r.point.key for r in again]
     # The pick carries the worst of the sweep's re-measures (the repeat or a close call) against a first figure.
-    rep = json.loads(proc.stdout)["recommendations"][0]["repeat"]  # the json export, the loop's last
+    rep = json.loads(printed)["recommendations"][0]["repeat"]  # the json export, the loop's last
     firsts = {r.point.key: r.samples_per_s for r in reversed(clean)}
     agains = [
         (r.point.key, r.samples_per_s)
@@ -122,41 +122,12 @@ def test_forced_oom_is_a_result_and_larger_points_are_skipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_sweep_resumes_without_loss_or_duplicates(tmp_path):
-    out = tmp_path / "killed"
-    # --no_remeasure: a re-measured close call is a second line by design; here every line must be unique.
-    args = [
-        "--zero",
-        "0,2",
-        "--batch_sizes",
-        "4,8",
-        "--seq_lens",
-        "32",
-        "--out",
-        str(out),
-        "--no_report",
-        "--no_remeasure",
-    ]
-    proc = subprocess.Popen(
-        SWEEP + ["--model", "tiny-bert", *args],
-        env=train_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    results = out / "results.jsonl"
-    deadline = time.time() + 600
-    while not (results.exists() and results.read_text().count("\n") >= 1):
-        assert proc.poll() is None
-        assert time.time() < deadline
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the point it is running
-    proc.wait()
-    finished = results.read_text().splitlines()
+def test_sigkilled_sweep_resumes_without_loss_or_duplicates(killed_local_sweep):
+    """The sweep (tests/integration/conftest.py::killed_local_sweep, shared with test_sweep_slurm) was SIGKILLed
+    with its running point after the first record, then resumed with --resume."""
+    finished = killed_local_sweep.finished
     assert 1 <= len(finished) < 4
-    sweep(args + ["--resume"])
-    lines = results.read_text().splitlines()
+    lines = (killed_local_sweep.out / "results.jsonl").read_text().splitlines()
     keys = [json.loads(x)["key"] for x in lines]
     assert len(keys) == len(set(keys)) == 4
     assert lines[: len(finished)] == finished  # what finished before the kill is kept as it was
@@ -260,10 +231,12 @@ def test_lever_axes_on_two_ranks_are_what_each_point_really_ran(tmp_path):
 
 
 @pytest.mark.slow
-def test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it(tmp_path):
+def test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it(tmp_path, capsys):
     """One rank (forked from the worker) and two ranks (the deepspeed launcher): every rank writes its profiled
     step's memory timeline (or, where torch's memory profiler fails on the op graph, the step's trace, and says
-    so); no allocator snapshot without CUDA, and the sweep says why, once; the report lists the files."""
+    so); no allocator snapshot without CUDA, and the sweep says why, once; the report lists the files. The
+    two-rank ZeRO-2 point also carries test_sweep_grid_ranks_resume_and_report's two-rank ZeRO-2 checks: both
+    ranks profiled, 4 x 2 samples a step, each seq_len tokens (the profiled step kept out of the window)."""
     out = tmp_path / "snap"
     proc = sweep(
         ["--zero", "2", "--world_size", "1,2", "--batch_sizes", "4", "--seq_lens", "32", "--memory_snapshot"]
@@ -273,6 +246,7 @@ def test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it(tmp_
     records = latest(read_records(out / "results.jsonl"))
     assert {r.status for r in records} == {"ok"}
     assert {r.run.worker for r in records} == {"fork", "fresh"}
+    check_two_rank_counts(next(r for r in records if r.point.key == "fp32-z2-w2-ga1-s32-b4"), 32)
     named = set()
     for r in records:
         assert [rank.rank for rank in r.profile.ranks] == list(range(r.point.world_size))
@@ -294,15 +268,10 @@ def test_memory_snapshot_writes_what_the_cpu_allows_and_the_records_name_it(tmp_
             assert rank.allocator == {}  # CUDA only
     assert {f"snapshots/{p.name}" for p in (out / "snapshots").iterdir()} == named  # nothing unnamed, no .pickle
     assert all((out / f).stat().st_size > 0 for f in named)
-    report = subprocess.run(
-        [sys.executable, "-m", "ftprof.cli.main", "report", str(out), "--format", "md"],
-        capture_output=True,
-        text=True,
-        env=train_env(),
-        cwd=ROOT,
-    )
-    assert report.returncode == 0
-    assert "## Memory records" in report.stdout
-    lines = [ln for ln in report.stdout.split("## Memory records", 1)[1].splitlines() if ln.startswith("- ")]
+    capsys.readouterr()
+    assert ftprof_main(["report", str(out), "--format", "md"]) == 0
+    report = capsys.readouterr().out
+    assert "## Memory records" in report
+    lines = [ln for ln in report.split("## Memory records", 1)[1].splitlines() if ln.startswith("- ")]
     assert lines
     assert all(f"{out}/snapshots/" in ln for ln in lines)

@@ -3,16 +3,14 @@ each rank's record says what it trained, the report sets the methods beside each
 estimator's LoRA model states match what each rank really holds."""
 
 import json
-import sys
 
 import pytest
 
+from ftprof.cli.main import main as ftprof_main
 from ftprof.estimate.adapters import LoraSpec, lora_facts_for
 from ftprof.estimate.architecture import arch_for
 from ftprof.estimate.estimator import estimate, measured_bytes
 from ftprof.records.results import latest, read_records
-from tests.conftest import ROOT, run_group
-from tests.integration.conftest import train_env
 from tests.integration.test_sweep_cli import sweep
 
 pytestmark = pytest.mark.slow
@@ -32,7 +30,7 @@ def tiny_bert_params() -> int:
     return sum(p.numel() for p in AutoModelForSequenceClassification.from_config(config).parameters())
 
 
-def test_full_and_lora_side_by_side_with_what_each_trained(tmp_path):
+def test_full_and_lora_side_by_side_with_what_each_trained(tmp_path, capsys):
     out = tmp_path / "peft"
     total = tiny_bert_params()
     sweep(
@@ -64,14 +62,11 @@ def test_full_and_lora_side_by_side_with_what_each_trained(tmp_path):
         assert record.lora is not None
         assert (record.lora.alpha, record.lora.dropout) == (16, 0.05)
 
-    report = run_group(
-        [sys.executable, "-m", "ftprof.cli.main", "report", str(out), "--format", "json"],
-        120,
-        env=train_env(),
-        cwd=ROOT,
-    )
-    assert report.returncode == 0, report.stderr[-2000:]
-    data = json.loads(report.stdout)
+    capsys.readouterr()
+    code = ftprof_main(["report", str(out), "--format", "json"])  # in this process: no interpreter to start
+    report = capsys.readouterr()
+    assert code == 0, report.err[-2000:]
+    data = json.loads(report.out)
     rows = {x["method"]: x for x in data["peft_comparison"]}
     assert sorted(rows) == ["LoRA r=4", "LoRA r=8", "full"]
     assert {x["setting"] for x in rows.values()} == {"fp32 ZeRO-0 seq 32"}

@@ -4,6 +4,11 @@ Each point is a Slurm job submitted through submitit; the records must match the
 point (one at a time, and --parallel 2 side by side), a 2-rank point is one srun job step, a killed driver
 resumes without submitting anything twice, Ctrl-C cancels the jobs, and Slurm's own time limit becomes a
 `timeout` record.
+
+The Slurm sweep of the grid is run once for the module (``killed_slurm_sweep``): its driver is SIGKILLed after
+the first record and resumed, and the resumed records are both what the killed-driver test checks and the Slurm
+side of the point-for-point comparison (a second, uninterrupted Slurm sweep of the same four points would
+check nothing more, at four Slurm jobs' cost).
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from ftprof.records.results import latest, read_records
 from tests.conftest import ROOT, run_group
-from tests.integration.conftest import train_env
+from tests.integration.conftest import LOCAL_GRID, train_env
+from tests.integration.test_sweep_cli import SWEEP as LOCAL_SWEEP
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +52,12 @@ def sweep(args, env, timeout=900) -> subprocess.CompletedProcess:
     return proc
 
 
+def flags(argv: list[str]) -> dict[str, str | None]:
+    """``--flag value`` pairs (``None`` for a flag without a value), in any order."""
+    pairs = zip(argv, [*argv[1:], None], strict=True)
+    return {a: (b if b and not b.startswith("--") else None) for a, b in pairs if a.startswith("--")}
+
+
 def padded_tokens_per_step(r) -> float:
     """Padded tokens trained on per optimizer step over the window, all ranks (the window's total / its steps)."""
     return r.profile.padded_tokens_per_s * r.profile.window_s / r.profile.steady_steps
@@ -54,16 +68,64 @@ def submitted(out) -> list[dict]:
     return [x for x in lines if x["event"] == "submitted"]
 
 
-def test_slurm_records_match_the_local_executors_point_for_point(slurm_cluster, tmp_path):
+@dataclass
+class KilledSweep:
+    """The grid swept through Slurm by a driver SIGKILLed after its first record, then resumed."""
+
+    out: Path
+    before: list[str]  # results.jsonl's lines when the driver was killed
+    submitted_before: set[str]  # the job ids submitted by then
+    killed_output: str  # what the killed driver printed (submissions, jobs running)
+    resumed: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def killed_slurm_sweep(slurm_cluster, tmp_path_factory) -> KilledSweep:
+    """The grid through Slurm once for this module: the driver is SIGKILLed once a record is written (its jobs
+    belong to Slurm and keep running), then resumed to the end."""
+    env, out = env_for(slurm_cluster), tmp_path_factory.mktemp("slurm") / "killed"
+    args = [*GRID, *SLURM, "--out", str(out)]
+    log = out.parent / "killed-driver.log"
+    # Unbuffered: what the driver printed before the SIGKILL is in the log, not lost in a buffer.
+    with log.open("w") as sink:
+        driver = subprocess.Popen(
+            SWEEP + args,
+            env=env | {"PYTHONUNBUFFERED": "1"},
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        results, deadline = out / "results.jsonl", time.time() + 600
+        while not (results.exists() and results.read_text().count("\n") >= 1):
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver only: its jobs belong to Slurm and keep running
+        driver.wait()
+    before = results.read_text().splitlines()
+    submitted_before = {j["job_id"] for j in submitted(out)}
+    resumed = sweep([*args, "--resume"], env)
+    return KilledSweep(out, before, submitted_before, log.read_text(), resumed)
+
+
+def test_slurm_records_match_the_local_executors_point_for_point(
+    slurm_cluster, killed_local_sweep, killed_slurm_sweep, tmp_path
+):
+    """Local (one at a time), --parallel 2 and Slurm records of the same grid agree point for point. The local
+    records are tests/integration/conftest.py::killed_local_sweep's (the same grid and window, also checked by
+    test_sweep_cli's kill-and-resume test), the Slurm ones ``killed_slurm_sweep``'s (killed and resumed: the
+    same four jobs, one per point)."""
+    assert flags(SWEEP[4:] + GRID) == flags(LOCAL_SWEEP[4:] + LOCAL_GRID)  # the same points, the same window
     env = env_for(slurm_cluster)
-    sweep([*GRID, "--out", str(tmp_path / "local")], env)
     sweep([*GRID, "--parallel", "2", "--out", str(tmp_path / "parallel")], env)
-    proc = sweep([*GRID, *SLURM, "--out", str(tmp_path / "slurm")], env)
-    local = {r.point.key: r for r in read_records(tmp_path / "local" / "results.jsonl")}
+    slurm_out = killed_slurm_sweep.out
+    outs = {"local": killed_local_sweep.out, "parallel": tmp_path / "parallel", "slurm": slurm_out}
+    local = {r.point.key: r for r in read_records(outs["local"] / "results.jsonl")}
     assert len(local) == 4
     assert next(iter(local.values())).run.concurrent_points == 1
-    for name in ("local", "parallel", "slurm"):
-        other = {r.point.key: r for r in read_records(tmp_path / name / "results.jsonl")}
+    for name, out in outs.items():
+        other = {r.point.key: r for r in read_records(out / "results.jsonl")}
         assert other.keys() == local.keys(), name
         for key, r in other.items():
             assert r.status == local[key].status == "ok", (name, key, r.reason)
@@ -78,11 +140,13 @@ def test_slurm_records_match_the_local_executors_point_for_point(slurm_cluster, 
             assert r.ds_config == local[key].ds_config
             assert r.point.world_size == 1
             assert r.run.concurrent_points == (2 if name == "parallel" else 1)
-    slurm = {r.point.key: r for r in read_records(tmp_path / "slurm" / "results.jsonl")}
-    jobs = submitted(tmp_path / "slurm")
+    slurm = {r.point.key: r for r in read_records(slurm_out / "results.jsonl")}
+    jobs = submitted(slurm_out)
     assert sorted(j["job_id"] for j in jobs) == sorted(r.run.slurm_job_id for r in slurm.values())
-    assert "submitted as Slurm job" in proc.stdout
-    assert "running on" in proc.stdout
+    # The driver's progress lines, over its two lives (the killed one submitted the jobs).
+    printed = killed_slurm_sweep.killed_output + killed_slurm_sweep.resumed.stdout
+    assert "submitted as Slurm job" in printed
+    assert "running on" in printed
 
 
 def test_a_two_rank_point_is_one_world_across_an_srun_step(slurm_cluster, tmp_path):
@@ -100,25 +164,12 @@ def test_a_two_rank_point_is_one_world_across_an_srun_step(slurm_cluster, tmp_pa
     assert r.run.slurm_job_id == submitted(out)[0]["job_id"]
 
 
-def test_a_killed_driver_resumes_without_submitting_anything_twice(slurm_cluster, tmp_path):
-    env, out = env_for(slurm_cluster), tmp_path / "killed"
-    args = [*GRID, *SLURM, "--out", str(out)]
-    driver = subprocess.Popen(
-        SWEEP + args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    results, deadline = out / "results.jsonl", time.time() + 600
-    while not (results.exists() and results.read_text().count("\n") >= 1):
-        assert driver.poll() is None
-        assert time.time() < deadline
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver only: its jobs belong to Slurm and keep running
-    driver.wait()
-    before = results.read_text().splitlines()
-    submitted_before = {j["job_id"] for j in submitted(out)}
+def test_a_killed_driver_resumes_without_submitting_anything_twice(killed_slurm_sweep):
+    out, before = killed_slurm_sweep.out, killed_slurm_sweep.before
     assert 1 <= len(before) < 4
-    assert len(submitted_before) > len(before)
+    assert len(killed_slurm_sweep.submitted_before) > len(before)
 
-    resumed = sweep([*args, "--resume"], env)
+    results = out / "results.jsonl"
     records = read_records(results)
     keys = [r.point.key for r in records]
     assert len(keys) == len(set(keys)) == 4
@@ -128,7 +179,7 @@ def test_a_killed_driver_resumes_without_submitting_anything_twice(slurm_cluster
     ids = [j["job_id"] for j in jobs]
     assert len(ids) == len(set(ids)) == 4  # one job per point: none resubmitted, none submitted twice
     assert sorted(ids) == sorted(r.run.slurm_job_id for r in records)
-    assert "re-attached to Slurm job" in resumed.stdout
+    assert "re-attached to Slurm job" in killed_slurm_sweep.resumed.stdout
 
 
 def test_ctrl_c_cancels_the_jobs_and_resume_runs_them_again(slurm_cluster, tmp_path):

@@ -57,7 +57,7 @@ def test_torn_last_line_is_ignored(tmp_path):
     ("content", "message"),
     [
         ('{"schema": "ftprof.sweep/2"\n{"a": 1}\n', r"results.jsonl:1 is not valid JSON"),
-        ('{"schema": "other/2", "key": "x"}\n', r"has schema 'other/2', expected 'ftprof.sweep/4'"),
+        ('{"schema": "other/2", "key": "x"}\n', r"has schema 'other/2', expected 'ftprof.sweep/5'"),
         ("[1, 2]\n", r"has schema 'list'"),
         ('{"schema": "ftprof.sweep/2", "key": "x"}\n', r"lacks field"),
         ('{"schema": "ftprof.sweep/3", "key": "x"}\n', r"lacks field"),
@@ -167,11 +167,31 @@ def test_schema_2_env_is_read_into_typed_facts_and_the_machine(tmp_path):
     assert (r.device, r.device_memory_bytes) == ("NVIDIA H100 80GB HBM3", 80 * 2**30)
     append_record(path, r)  # written again as schema 3, it reads back the same
     line = json.loads(path.read_text().splitlines()[1])
-    assert line["schema"] == SCHEMA == "ftprof.sweep/4"
+    assert line["schema"] == SCHEMA == "ftprof.sweep/5"
     assert "env" not in line
     assert line["run"]["remeasured"] == "close call"
     assert line["task"] == "causal-lm"
     assert read_records(path)[1] == r
+
+
+def test_a_point_without_deepspeed_round_trips_with_its_optim_and_schema_4_reads_as_deepspeed(tmp_path):
+    path = tmp_path / "results.jsonl"
+    plain = Point(precision="fp32", zero=0, deepspeed=False, seq_len=64, batch_size=4)
+    append_record(path, Record(point=plain, status="ok", model="tiny-bert", peak_bytes=5, optim="sgd"))
+    line = json.loads(path.read_text())
+    assert (line["key"], line["deepspeed"], line["optim"], line["schema"]) == (
+        "fp32-znone-w1-ga1-s64-b4",
+        False,
+        "sgd",
+        "ftprof.sweep/5",
+    )
+    (back,) = read_records(path)
+    assert (back.point, back.optim) == (plain, "sgd")
+    old = {**line, "schema": "ftprof.sweep/4", "key": "fp32-z0-w1-ga1-s64-b4"}
+    del old["deepspeed"], old["optim"]
+    path.write_text(json.dumps(old) + "\n")
+    (four,) = read_records(path)
+    assert (four.point.deepspeed, four.point.key, four.optim) == (True, "fp32-z0-w1-ga1-s64-b4", None)
 
 
 def test_run_facts_and_machine_round_trip(tmp_path):

@@ -85,6 +85,35 @@ def test_commands_name_the_config_that_holds_the_setting(tmp_path):
     assert written["fastest"] == "out/recommended_fastest.json"
 
 
+def test_hf_trainer_without_deepspeed_is_recommended_with_its_optim_and_no_config(tmp_path):
+    """A --zero none point that is fastest and smallest: its command is plain HF Trainer with the --optim it
+    stepped, no config is written for it, and ZeRO points keep theirs."""
+    from ftprof.report.sweep_report import SweepReport
+
+    plain_point = Point(precision="fp32", zero=0, deepspeed=False, seq_len=128, batch_size=8)
+    plain = Record(
+        point=plain_point,
+        status="ok",
+        model="gpt2",
+        peak_bytes=3 * GIB,
+        profile=Profile(sampler="rss", samples_per_s=200),
+        optim="sgd",
+    )
+    zero2 = rec(8, 128, 4, 100, zero=2, precision="fp32")
+    by_kind = {x.kind: x for x in recommend([plain, zero2], None, config_dir=str(tmp_path), write_configs=True)}
+    best = by_kind["fastest"]
+    assert best.record is plain
+    assert by_kind["memory_optimal"].record is plain
+    assert (best.ds_config, best.config_path) == (None, None)
+    assert best.command == (
+        "python launch/train.py --zero none --optim sgd --model gpt2 --per_device_train_batch_size 8 "
+        "--gradient_accumulation_steps 1 --max_length 128"
+    )
+    report = SweepReport(tmp_path, [plain, zero2], list(by_kind.values()), None)
+    assert report.write_configs() == []  # nothing to write for HF Trainer alone
+    assert not list(tmp_path.iterdir())
+
+
 def timed(batch, sps, low_s, high_s, world=1, seq=128):
     """A measured point whose median step took low_s..high_s seconds (95% interval) for ``batch * world``."""
     r = rec(batch, seq, 4, sps, world=world)

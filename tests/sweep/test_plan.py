@@ -135,3 +135,23 @@ def test_the_peft_axis_adds_each_lora_rank_beside_full_fine_tuning():
     r64 = next(p for p in points if p.lora_r == 64 and p.batch_size == 4)
     assert must_oom(r64.with_batch(8), [lora]) is None  # another rank: no proof either
     assert {p.peft for p in plan_grid([4], [1], ["bf16"], [64], [2], [1])} == {"none"}  # no axis: full
+
+
+def test_zero_none_is_a_point_without_deepspeed_that_offloads_nothing():
+    """--zero none,2 --offload none,optimizer: HF Trainer's point has no offload; ZeRO-2 has both."""
+    from ftprof.point import parse_stages
+
+    points = plan_grid([4], [1], ["fp32"], [64], parse_stages("2,none"), [1], offloads=["none", "optimizer"])
+    assert [p.key for p in points] == [
+        "fp32-znone-w1-ga1-s64-b4",
+        "fp32-z2-w1-ga1-s64-b4",
+        "fp32-z2-w1-ga1-s64-b4-off_optimizer",
+    ]
+    plain = points[0]
+    assert (plain.deepspeed, plain.zero, plain.stage, plain.engine) == (False, 0, "none", "no DeepSpeed")
+    with pytest.raises(ConfigError, match="--offload optimizer needs ZeRO stage 1, 2 or 3, and --zero has none"):
+        plan_grid([4], [1], ["fp32"], [64], ["none"], [1], offloads=["optimizer"])
+    with pytest.raises(ConfigError, match="--zero none .* partitions and offloads nothing"):
+        Point(precision="fp32", zero=2, deepspeed=False, seq_len=64, batch_size=4)
+    with pytest.raises(ConfigError, match="--zero 'none,5': use none"):
+        parse_stages("none,5")

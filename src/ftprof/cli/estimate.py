@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     setting.add_argument("--seq_len", type=int, default=512, help="tokens per sequence (default: 512)")
     setting.add_argument("--world_size", type=int, default=1, help="ranks (default: 1)")
     levers = flags.add_lever_group(
-        p, defaults={"precision": "bf16", "zero": "2", "offload": None, "gradient_checkpointing": "off"}, zero_none=True
+        p, defaults={"precision": "bf16", "zero": "2", "offload": None, "gradient_checkpointing": "off"}
     )
     # Deprecated spellings, kept working with a note: --zeros / --zero_stages (now --zero, a list everywhere),
     # --offload_optimizer / --offload_param (now --offload optimizer / optimizer+param).
@@ -106,8 +106,7 @@ def _deprecated_aliases(a: argparse.Namespace, argv: list[str]) -> None:
 
 def request_from_args(a: argparse.Namespace) -> EstimateRequest:
     """The request the flags describe."""
-    plain = a.zero == ["none"]
-    if a.optim and not plain:
+    if a.optim and "none" not in a.zero:
         flags.note("--optim applies without DeepSpeed (--zero none); the shipped DeepSpeed configs step FusedAdam")
     return EstimateRequest(
         model=a.model,
@@ -118,8 +117,7 @@ def request_from_args(a: argparse.Namespace) -> EstimateRequest:
         seq_len=a.seq_len,
         world_size=a.world_size,
         precisions=tuple(a.precision),
-        zeros=(0,) if plain else tuple(a.zero),
-        plain=plain,
+        zeros=tuple(a.zero),
         optim=a.optim or DEFAULT_TRAINER_OPTIM,
         offloads=tuple(a.offload or ["none"]),
         checkpointing=tuple(a.gradient_checkpointing),

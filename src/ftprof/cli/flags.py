@@ -22,9 +22,9 @@ from ftprof.point import (
     parse_offloads,
     parse_peft,
     parse_precisions,
+    parse_stages,
     parse_switch,
     parse_task,
-    parse_zero,
 )
 
 
@@ -68,28 +68,10 @@ def add_model_group(p: argparse.ArgumentParser, *, required: bool, model_help: s
     return group
 
 
-def _zero_or_none(text: str) -> list[int] | list[str]:
-    """``--zero`` where ``none`` (no DeepSpeed) may stand alone: ``["none"]``, else :func:`parse_zero`'s stages.
-
-    >>> _zero_or_none("none"), _zero_or_none("0,2")
-    (['none'], [0, 2])
-    """
-    parts = {part.strip().lower() for part in text.split(",")}
-    if "none" not in parts:
-        return parse_zero(text)
-    if parts != {"none"}:
-        raise ConfigError(
-            f"--zero {text!r}: 'none' (no DeepSpeed) can't be listed with ZeRO stages yet; estimate it on its own"
-        )
-    return ["none"]
-
-
-def add_lever_group(
-    p: argparse.ArgumentParser, *, defaults: dict[str, str | None], zero_none: bool = False
-) -> argparse._ArgumentGroup:
-    """The memory levers, each a comma list: ``--precision``, ``--zero``, ``--offload``,
-    ``--gradient_checkpointing``. ``defaults`` holds each one's default (None: the command decides);
-    ``zero_none``: ``--zero none`` (HF Trainer without DeepSpeed) is accepted, on its own."""
+def add_lever_group(p: argparse.ArgumentParser, *, defaults: dict[str, str | None]) -> argparse._ArgumentGroup:
+    """The memory levers, each a comma list: ``--precision``, ``--zero`` (stages, and ``none``: HF Trainer
+    without DeepSpeed), ``--offload``, ``--gradient_checkpointing``. ``defaults`` holds each one's default
+    (None: the command decides)."""
     group = p.add_argument_group("levers (each a comma list: every combination is a setting)")
 
     def default(flag: str, text: str) -> str:
@@ -104,11 +86,11 @@ def add_lever_group(
     )
     group.add_argument(
         "--zero",
-        type=_zero_or_none if zero_none else parse_zero,
+        type=parse_stages,
         default=defaults.get("zero"),
-        metavar="none,0,1,2,3" if zero_none else "0,1,2,3",
+        metavar="none,0,1,2,3",
         help=default(
-            "zero", "ZeRO stages, e.g. 2 or 0,2,3" + ("; none: plain HF Trainer, no DeepSpeed" if zero_none else "")
+            "zero", "ZeRO stages, e.g. 2 or 0,2,3; none: HF Trainer without DeepSpeed (none,0,2 side by side)"
         ),
     )
     group.add_argument(

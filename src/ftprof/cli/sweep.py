@@ -5,6 +5,7 @@ ftprof sweep --model tiny-bert                      # device-sized defaults (a f
 ftprof sweep --model gpt2 --find_max_batch --zero 2,3 --out profiles/gpt2-maxbatch
 ftprof sweep --model tiny-bert --memory_snapshot     # + where each peak comes from, in <out>/snapshots/
 ftprof sweep --model gpt2 --task causal-lm --peft none,lora --lora_r 8,64   # full fine-tuning beside LoRA
+ftprof sweep --model bert-base-uncased --zero none,0,2 --optim adamw_torch_fused   # HF Trainer beside DeepSpeed
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from rich.progress import (
 from ftprof.cli import flags
 from ftprof.cli.runner import run_command
 from ftprof.errors import ConfigError
-from ftprof.point import LoraOptions, Offload, Point, parse_int_list, parse_precisions, parse_zero
+from ftprof.point import LoraOptions, Offload, Point, parse_int_list, parse_precisions, parse_stages
 from ftprof.records.profile import contention
 from ftprof.records.results import Record
 from ftprof.sweep.plan import adapter_axis, plan_grid
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     levers = flags.add_lever_group(p, defaults={})  # device-sized: CPU_DEFAULTS / GPU_DEFAULTS
     levers.add_argument("--ds_config", help="base DeepSpeed config (offload etc.); its stage is replaced per point")
+    levers.add_argument(
+        "--optim",
+        help="TrainingArguments' --optim for the --zero none points (e.g. adamw_torch, adamw_torch_fused, sgd; "
+        "default: the Trainer's); DeepSpeed points step their config's optimizer block",
+    )
     flags.add_peft_group(p, grid=True)
     _add_measurement_group(p)
     _add_execution_groups(p)
@@ -213,7 +219,7 @@ def plan_from_args(
         grid("grad_accum"),
         precisions,
         grid("seq_lens"),
-        a.zero or parse_zero(defaults["zero"]),
+        a.zero or parse_stages(defaults["zero"]),
         world_sizes,
         a.effective_batch,
         offload,
@@ -278,6 +284,7 @@ def request_from_args(a: argparse.Namespace) -> SweepRequest:
     if slurm_gpus:  # plan for the nodes' GPUs, not this machine's devices
         cuda, bf16_ok = True, True
     points, window = plan_from_args(a, cuda, bf16_ok, base.offload if base else "none", gpus_here=not slurm_gpus)
+    _check_trainer_points(a, points)
     config = SweepConfig(
         model=a.model,
         task=a.task,
@@ -295,6 +302,7 @@ def request_from_args(a: argparse.Namespace) -> SweepRequest:
         worker="fresh" if a.worker == "fresh" or (a.worker == "auto" and cuda) else "fork",
         memory_snapshot=a.memory_snapshot,
         lora=lora,
+        optim=a.optim,
     )
     return SweepRequest(
         config,
@@ -305,6 +313,31 @@ def request_from_args(a: argparse.Namespace) -> SweepRequest:
         remeasure=not a.no_remeasure,
         executor=_executor(a),
     )
+
+
+def _check_trainer_points(a: argparse.Namespace, points: list[Point]) -> None:
+    """``--zero none`` points (HF Trainer alone) on one rank only; ``--optim`` a name TrainingArguments knows,
+    and said to step only those points.
+
+    Raises:
+        ConfigError: a --zero none point on several ranks, or an --optim TrainingArguments does not know.
+    """
+    plain = [p for p in points if not p.deepspeed]
+    if any(p.world_size > 1 for p in plain):
+        raise ConfigError(
+            "--zero none with --world_size above 1: several ranks without DeepSpeed (DDP) are not measured yet; "
+            "use --world_size 1 for --zero none, or a ZeRO stage"
+        )
+    if a.optim is None:
+        return
+    from transformers.training_args import OptimizerNames
+
+    names = [o.value for o in OptimizerNames]
+    if a.optim not in names:
+        close = [n for n in names if n.startswith(a.optim.split("_")[0])][:6] or names[:6]
+        raise ConfigError(f"--optim {a.optim!r}: not one of TrainingArguments' optimizers; e.g. {', '.join(close)}")
+    if not plain:
+        flags.note("--optim steps --zero none points; the DeepSpeed points step their config's optimizer block")
 
 
 SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_gpus_per_node", "slurm_account", "slurm_cpus_per_task")

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ftprof.errors import ConfigError
 from ftprof.estimate.estimator import Arch, Calibration, Device, estimate, gpu_key, saved_activations
+from ftprof.estimate.optimizers import DEFAULT_TRAINER_OPTIM, TRAINER_OPTIMIZERS
 from ftprof.point import Point, Task
 from ftprof.records.results import Record
 
@@ -103,16 +105,26 @@ def predictor(
     cuda: bool,
     memory_bytes: int | None = None,
     lora: Mapping[int, LoraFacts] | None = None,
-) -> tuple[Callable[[Point], int], bool]:
+    optim: str | None = None,
+) -> tuple[Callable[[Point], int | None], bool]:
     """The estimator's device-used bytes per rank for points on this device (with its saved calibration),
     and whether that calibration was fitted to measurements of this device. ``lora``: the adapters of each
-    LoRA rank a point may have (``point.lora_r``)."""
+    LoRA rank a point may have (``point.lora_r``); ``optim``: what HF Trainer steps in ``--zero none`` points
+    (None: its default). A point the estimator does not model (e.g. ``--zero none`` in bf16) gets None."""
     cal = load_calibration(device_name if cuda else "cpu", memory_bytes)
     device: Device = "gpu" if cuda else "cpu"
     adapters = lora or {}
 
-    def predict(p: Point) -> int:
-        return estimate(arch, p, cal, device, lora=adapters[p.lora_r] if p.peft == "lora" else None).device_used
+    trainer = TRAINER_OPTIMIZERS.get(optim or DEFAULT_TRAINER_OPTIM)
+
+    def predict(p: Point) -> int | None:
+        lora = adapters[p.lora_r] if p.peft == "lora" else None
+        if not p.deepspeed and trainer is None:
+            return None  # an --optim the estimator does not model
+        try:
+            return estimate(arch, p, cal, device, lora=lora, trainer_optim=None if p.deepspeed else trainer).device_used
+        except ConfigError:  # a setting the estimator refuses to answer wrongly: measured, not predicted
+            return None
 
     return predict, cal.fitted_on > 0
 

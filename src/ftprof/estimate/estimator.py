@@ -513,8 +513,8 @@ def estimate(
     """Predict the per-rank peaks of training ``arch`` at point ``s`` on a GPU or a CPU: those of ``rank``, by
     default of the rank that holds the most.
 
-    ``trainer_optim``: plain HF Trainer, no DeepSpeed (``--zero none``; fp32, one rank, ``s.zero`` 0), stepping
-    that optimizer: its states replace Adam's moments and its step's temporaries are the step's item.
+    ``trainer_optim``: for a point without DeepSpeed (``s.deepspeed`` False, ``--zero none``; fp32, one rank),
+    the optimizer HF Trainer steps: its states replace Adam's moments and its step's temporaries are the step's item.
 
     Two moments compete for the peak: the forward/backward (saved activations and temporaries, and under
     ZeRO-3 the gathered 16-bit weights, which the shipped configs' ``stage3_max_live_parameters`` and
@@ -528,6 +528,8 @@ def estimate(
     """
     if s.peft == "lora" and lora is None:
         raise ValueError(f"{s.key} is a LoRA point: pass its adapters (lora=), or it is estimated as full fine-tuning")
+    if s.deepspeed == (trainer_optim is not None):
+        raise ValueError(f"{s.key}: pass the Trainer's optimizer (trainer_optim=) exactly when DeepSpeed is off")
     cal = cal or Calibration()
     # (called with the four arguments alone when no adapter is given: a test swaps in a four-argument stand-in)
     items, host = model_states(arch, s, device, rank) if lora is None else model_states(arch, s, device, rank, lora)

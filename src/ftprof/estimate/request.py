@@ -16,8 +16,8 @@ from ftprof.errors import ConfigError
 from ftprof.estimate.adapters import LoraFacts, LoraSpec
 from ftprof.estimate.calibration import load_calibration
 from ftprof.estimate.estimator import GPUS, Calibration, Device, Estimate, estimate, max_batch
-from ftprof.estimate.optimizers import DEFAULT_TRAINER_OPTIM
-from ftprof.point import Offload, Peft, Point, Precision, Task, offload_within
+from ftprof.estimate.optimizers import DEFAULT_TRAINER_OPTIM, TrainerOptimizer
+from ftprof.point import Offload, Peft, Point, Precision, Stage, Task, offload_within, stage_point
 from ftprof.records.results import Record
 from ftprof.units import parse_size
 
@@ -93,15 +93,19 @@ class EstimateRequest:
     seq_len: int = 512
     world_size: int = 1
     precisions: tuple[Precision, ...] = ("bf16",)
-    zeros: tuple[int, ...] = (2,)
+    zeros: tuple[Stage, ...] = (2,)  # "none": HF Trainer without DeepSpeed, stepping ``optim``
     offloads: tuple[Offload, ...] = ("none",)
     checkpointing: tuple[bool, ...] = (False,)
     grid_seq_lens: tuple[int, ...] = ()  # --grid: the largest micro-batch per these lengths (empty: no grid)
     effective_batch: int | None = None  # --grid: the accumulation that reaches this batch
     peft: tuple[Peft, ...] = ("none",)  # "none": full fine-tuning; "lora": the adapters of ``lora``
     lora: LoraSpec = field(default_factory=LoraSpec)
-    plain: bool = False  # --zero none: HF Trainer without DeepSpeed (then ``zeros`` is (0,): nothing partitioned)
     optim: str = DEFAULT_TRAINER_OPTIM  # --optim: what the Trainer steps without DeepSpeed
+
+    @property
+    def plain(self) -> bool:
+        """Every setting is HF Trainer without DeepSpeed (``--zero none`` alone)."""
+        return set(self.zeros) == {"none"}
 
     def settings(self, seq_len: int | None = None, batch_size: int | None = None) -> list[Point]:
         """Every combination of the levers, in flag order, without repeats.
@@ -109,19 +113,21 @@ class EstimateRequest:
         >>> t = Target("gpu")
         >>> [p.key for p in EstimateRequest("gpt2", t, zeros=(0, 2), offloads=("optimizer",)).settings()]
         ['bf16-z0-w1-ga1-s512-b8', 'bf16-z2-w1-ga1-s512-b8-off_optimizer']
+        >>> [p.key for p in EstimateRequest("gpt2", t, precisions=("fp32",), zeros=("none", 2)).settings()]
+        ['fp32-znone-w1-ga1-s512-b8', 'fp32-z2-w1-ga1-s512-b8']
         """
         within = len(self.zeros) > 1 or bool(self.grid_seq_lens)
         points: dict[Point, None] = {}
         for precision, zero, offload, checkpointing in itertools.product(
             self.precisions, self.zeros, self.offloads, self.checkpointing
         ):
-            point = Point(
+            point = stage_point(
+                zero,
                 precision=precision,
-                zero=zero,
                 world_size=self.world_size,
                 seq_len=seq_len or self.seq_len,
                 batch_size=batch_size or self.batch_size,
-                offload=offload_within(offload, zero) if within else offload,
+                offload=offload_within(offload, 0 if zero == "none" else zero) if within else offload,
                 gradient_checkpointing=checkpointing,
             )
             points.setdefault(point)
@@ -214,17 +220,21 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
     adapters = [facts if m == "lora" else None for m in methods]
     cal = load_calibration(request.target.device)
     kind = request.target.kind
-    optim = trainer_optimizer(request.optim) if request.plain else None
+    optim = trainer_optimizer(request.optim) if "none" in request.zeros else None
+
+    def steps(p: Point) -> TrainerOptimizer | None:
+        return None if p.deepspeed else optim
+
     if not request.grid_seq_lens:
         ests = [
-            estimate(arch, p, cal, kind, lora=a, trainer_optim=optim) for p, a in zip(points, adapters, strict=True)
+            estimate(arch, p, cal, kind, lora=a, trainer_optim=steps(p)) for p, a in zip(points, adapters, strict=True)
         ]
         return Estimates(request, arch.params, cal, points, ests, methods, facts)
     grid = MaxBatchGrid(request, cal, points, peft=methods, lora=facts)
     usable = request.target.usable or 0
     for seq, (column, point) in itertools.product(request.grid_seq_lens, enumerate(points)):
         best = max_batch(
-            arch, replace(point, seq_len=seq), usable, cal, kind, lora=adapters[column], trainer_optim=optim
+            arch, replace(point, seq_len=seq), usable, cal, kind, lora=adapters[column], trainer_optim=steps(point)
         )
         if best and request.effective_batch:
             micro, accum = accumulation_for(best, request.effective_batch, request.world_size)
@@ -301,12 +311,14 @@ def calibrate_on_sweep(profile: Path) -> SweepCalibration:
 
     results = results_path(profile)
     ok = [r for r in latest(read_records(results)) if r.status == "ok" and r.peak_bytes]
-    records = [r for r in ok if r.point.peft == "none"]  # the constants are fitted on full fine-tuning
+    # The constants are fitted on full fine-tuning under DeepSpeed (LoRA and --zero none points are judged only).
+    records = [r for r in ok if r.point.peft == "none" and r.point.deepspeed]
     if len(records) < 3:
         skipped = len(ok) - len(records)
-        lora = f" ({skipped} LoRA points are not fitted on)" if skipped else ""
+        other = f" ({skipped} LoRA or --zero none points are not fitted on)" if skipped else ""
         raise ConfigError(
-            f"{results}: {len(records)} measured points of full fine-tuning{lora}; calibration needs at least 3"
+            f"{results}: {len(records)} measured points of full fine-tuning under DeepSpeed{other}; calibration "
+            "needs at least 3"
         )
     device = records[0].device or "unknown"
     memory = records[0].device_memory_bytes

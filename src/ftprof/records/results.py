@@ -17,10 +17,11 @@ from ftprof.errors import FtprofError
 from ftprof.point import TASKS, LoraOptions, Point, Task
 from ftprof.records.profile import Profile
 
-SCHEMA = "ftprof.sweep/4"
-# Read, never written. 3: no peft axis (every point full fine-tuning); 2: the run's facts and the machine in one
-# flat "env" dict; 1: a flat "metrics" dict holds the profile's fields too.
-OLD_SCHEMAS = ("ftprof.sweep/3", "ftprof.sweep/2", "ftprof.sweep/1")
+SCHEMA = "ftprof.sweep/5"
+# Read, never written. 4: every point under DeepSpeed (no ``deepspeed`` or ``optim`` fields); 3: no peft axis
+# (every point full fine-tuning); 2: the run's facts and the machine in one flat "env" dict; 1: a flat "metrics"
+# dict holds the profile's fields too.
+OLD_SCHEMAS = ("ftprof.sweep/4", "ftprof.sweep/3", "ftprof.sweep/2", "ftprof.sweep/1")
 RESULTS = "results.jsonl"  # a sweep folder's results file
 # skipped: a smaller point of the same setting ran out of memory (proof); over_budget: the estimator predicts
 # more than the budget with a margin (a prediction, never used as an OOM by --find_max_batch).
@@ -110,6 +111,9 @@ class Record:
     # Where it ran: devices, memory, library versions (:func:`ftprof.profiler.environment.environment`).
     machine: dict[str, Any] = field(default_factory=dict)
     lora: LoraOptions | None = None  # a LoRA point's adapter settings besides its rank (``point.lora_r``)
+    # The Trainer's ``--optim`` the sweep passed (None: the Trainer's default). It steps a point without DeepSpeed;
+    # under a ds_config with an "optimizer" block DeepSpeed's optimizer steps instead (the profile's levers say).
+    optim: str | None = None
 
     @property
     def samples_per_s(self) -> float:
@@ -147,6 +151,7 @@ class Record:
             "run": asdict(self.run),
             "machine": self.machine,
             "lora": asdict(self.lora) if self.lora else None,
+            "optim": self.optim,
         }
 
     @classmethod
@@ -185,6 +190,7 @@ class Record:
             run=run,
             machine=machine,
             lora=LoraOptions(**data["lora"]) if data.get("lora") else None,
+            optim=data.get("optim"),
         )
 
 

@@ -28,7 +28,7 @@ def method(point: Point) -> str:
 
 def setting(point: Point) -> str:
     """The setting a method is compared within, in words (precision, ZeRO, ranks, sequence, levers)."""
-    words = [point.precision, f"ZeRO-{point.zero}", f"seq {point.seq_len}"]
+    words = [point.precision, point.engine, f"seq {point.seq_len}"]
     words += [f"x{point.world_size}"] if point.world_size > 1 else []
     words += [f"accum {point.grad_accum}"] if point.grad_accum > 1 else []
     words += ["checkpointing"] if point.gradient_checkpointing else []

@@ -10,23 +10,33 @@ PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"]}
 
 
 def train_command(
-    model: str, point: Point, config_path: str, task: str = "classification", lora: LoraOptions | None = None
+    model: str,
+    point: Point,
+    config_path: str | None,
+    task: str = "classification",
+    lora: LoraOptions | None = None,
+    optim: str | None = None,
 ) -> str:
     """The ``deepspeed launch/train.py`` command that trains ``model`` as ``point`` was measured, rank count
     pinned (a bare ``deepspeed`` would start one rank per visible GPU); a LoRA point's adapters as ``lora``
-    (default: train's) set them.
+    (default: train's) set them. A point without DeepSpeed is ``python launch/train.py --zero none`` with the
+    ``optim`` it stepped (None: the Trainer's default), and no config.
 
     >>> train_command("gpt2", Point(precision="bf16", zero=2, seq_len=512, batch_size=8), "ds_configs/zero2.json")
     'deepspeed --num_gpus 1 launch/train.py --ds_config ds_configs/zero2.json --model gpt2 \
 --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --max_length 512 --bf16'
+    >>> train_command("gpt2", Point(precision="fp32", zero=0, deepspeed=False, seq_len=64, batch_size=8), None,
+    ...               optim="adamw_torch")
+    'python launch/train.py --zero none --optim adamw_torch --model gpt2 --per_device_train_batch_size 8 \
+--gradient_accumulation_steps 1 --max_length 64'
     """
+    if point.deepspeed:
+        assert config_path is not None, "a DeepSpeed point's command names its config"
+        launch = ["deepspeed", "--num_gpus", str(point.world_size), "launch/train.py", "--ds_config", config_path]
+    else:
+        launch = ["python", "launch/train.py", "--zero", "none", *(["--optim", optim] if optim else [])]
     args = [
-        "deepspeed",
-        "--num_gpus",
-        str(point.world_size),
-        "launch/train.py",
-        "--ds_config",
-        config_path,
+        *launch,
         "--model",
         model,
         "--per_device_train_batch_size",

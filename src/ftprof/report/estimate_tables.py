@@ -46,7 +46,7 @@ def setting_label(point: Point, varying: set[str], peft: str = "none") -> str:
     'ZeRO-2 LoRA'
     """
     parts: list[str] = [point.precision] if "precision" in varying else []
-    parts.append(f"ZeRO-{point.zero}")
+    parts.append(point.engine)
     if "offload" in varying:
         parts.append("no offload" if point.offload == "none" else f"offload {point.offload}")
     if "gradient_checkpointing" in varying:
@@ -94,8 +94,8 @@ def _common(points: list[Point]) -> str:
     """The levers all ``points`` share, for a title: precision, and offload or checkpointing when pulled."""
     first, varying = points[0], varying_levers(points)
     parts: list[str] = [] if "precision" in varying else [first.precision]
-    if len({p.zero for p in points}) == 1:
-        parts.append(f"ZeRO-{first.zero}")
+    if len({p.stage for p in points}) == 1:
+        parts.append(first.engine)
     if "offload" not in varying and first.offload != "none":
         parts.append(f"offload {first.offload}")
     if "gradient_checkpointing" not in varying and first.gradient_checkpointing:
@@ -104,8 +104,8 @@ def _common(points: list[Point]) -> str:
 
 
 def _plain(common: str, req: EstimateRequest) -> str:
-    """``common`` naming plain Trainer instead of ZeRO-0 for ``--zero none``."""
-    return common.replace("ZeRO-0", f"no DeepSpeed, --optim {req.optim}") if req.plain else common
+    """``common`` with the optimizer HF Trainer steps where it names no DeepSpeed (``--zero none``)."""
+    return common.replace("no DeepSpeed", f"no DeepSpeed, --optim {req.optim}")
 
 
 def _source(result: Estimates | MaxBatchGrid) -> str:
@@ -201,8 +201,7 @@ def estimates_renderables(result: Estimates) -> list[RenderableType]:
     if len(points) == 1:
         p = points[0]
         method = ", LoRA" if _methods(result)[0] == "lora" else ""
-        engine = f"no DeepSpeed, --optim {req.optim}" if req.plain else f"ZeRO-{p.zero}"
-        title = f"{head}, {p.precision}, {engine}{method}, {p.world_size} rank(s) — {_source(result)}"
+        title = f"{head}, {p.precision}, {_plain(p.engine, req)}{method}, {p.world_size} rank(s) — {_source(result)}"
         budget, margin = req.target.budget, req.target.margin
         return [breakdown_table(result.estimates[0], budget, title, margin, result.constants), *lora]
     common = _plain(_common(points), req)

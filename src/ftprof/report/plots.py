@@ -20,7 +20,7 @@ Series = dict[str, list[tuple[int, Record]]]
 def label(record: Record) -> str:
     """The line a point belongs to: everything but the micro-batch."""
     p = record.point
-    text = f"{p.precision} ZeRO-{p.zero} seq {p.seq_len}"
+    text = f"{p.precision} {p.engine} seq {p.seq_len}"
     text += f" x{p.world_size}" if p.world_size > 1 else ""
     text += f" ga{p.grad_accum}" if p.grad_accum > 1 else ""
     text += f" off:{p.offload}" if p.offload != "none" else ""

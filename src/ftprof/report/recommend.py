@@ -96,15 +96,15 @@ class Recommendation:
     kind: str
     record: Record
     cohort: Cohort
-    ds_config: dict[str, Any]
-    config_path: str  # a shipped ds_configs/ file, or where the report writes ``ds_config``
+    ds_config: dict[str, Any] | None  # None: HF Trainer without DeepSpeed (``--zero none``)
+    config_path: str | None  # a shipped ds_configs/ file, or where the report writes ``ds_config``
     within_noise_of: list[str] = field(default_factory=list)  # keys it can't be told apart from
     repeat: Repeat | None = None  # fastest only: the machine's drift that within_noise_of allowed for
 
     @property
     def command(self) -> str:
         record = self.record
-        return train_command(record.model, record.point, self.config_path, record.task, record.lora)
+        return train_command(record.model, record.point, self.config_path, record.task, record.lora, record.optim)
 
     @property
     def title(self) -> str:
@@ -202,13 +202,7 @@ def recommend(
     }
     out = []
     for kind, record in picks.items():
-        p = record.point
-        ds_config = record.ds_config or ds_config_for(p.zero, p.offload_optimizer, p.offload_param)
-        # The shipped file only where it holds exactly what ran (a user's --ds_config travels with the record).
-        shipped = (
-            shipped_config(p) if ds_config == ds_config_for(p.zero, p.offload_optimizer, p.offload_param) else None
-        )
-        path = f"ds_configs/{shipped}" if shipped and not write_configs else f"{config_dir}/recommended_{kind}.json"
+        ds_config, path = _config_of(record, kind, config_dir, write_configs)
         ties = (
             [r.point.key for r in candidates if r is not record and within_noise(record, r, drift)]
             if kind == "fastest"
@@ -226,6 +220,23 @@ def recommend(
             )
         )
     return out
+
+
+def _config_of(
+    record: Record, kind: str, config_dir: str, write_configs: bool
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The DeepSpeed config a recommended point trains with, and the path its command names: the shipped
+    ``ds_configs/`` file where it holds exactly what ran (a user's --ds_config travels with the record), else
+    ``config_dir/recommended_<kind>.json``. (None, None) without DeepSpeed."""
+    p = record.point
+    if not p.deepspeed:
+        return None, None
+    ds_config = record.ds_config or ds_config_for(p.zero, p.offload_optimizer, p.offload_param)
+    shipped = shipped_config(p) if ds_config == ds_config_for(p.zero, p.offload_optimizer, p.offload_param) else None
+    return (
+        ds_config,
+        f"ds_configs/{shipped}" if shipped and not write_configs else f"{config_dir}/recommended_{kind}.json",
+    )
 
 
 # The memory levers the report prices: (name, the Point field, its value when the lever is not pulled).
@@ -264,7 +275,7 @@ def lever_notes(records: list[Record], budget: int | None) -> list[str]:
                 speed = f" at {statistics.median(ratios):.2f}x the speed" if ratios else ""
                 max_on = max((b for b, r in on.items() if r.point.key in fit), default=0)
                 max_off = max((b for b, r in off.items() if r.point.key in fit), default=0)
-                where = f"{base.precision} ZeRO-{base.zero} seq {base.seq_len}" + (
+                where = f"{base.precision} {base.engine} seq {base.seq_len}" + (
                     f" x{base.world_size}" if base.world_size > 1 else ""
                 )
                 where += f" LoRA r={base.lora_r}" if base.peft == "lora" else ""

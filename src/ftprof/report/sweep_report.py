@@ -56,6 +56,8 @@ class SweepReport:
         """Write each recommendation's ds_config where its command expects it (shipped files are left alone)."""
         written = []
         for rec in self.recommendations:
+            if rec.config_path is None or rec.ds_config is None:
+                continue  # no DeepSpeed, no config
             path = Path(rec.config_path)
             if path.parent == self.folder:
                 path.write_text(json.dumps(rec.ds_config, indent=2) + "\n")

@@ -96,7 +96,7 @@ def row(record: Record) -> dict[str, Any]:
 
     return {
         "precision": p.precision,
-        "zero": p.zero,
+        "zero": p.stage,  # "none": HF Trainer without DeepSpeed
         "world_size": p.world_size,
         "seq_len": p.seq_len,
         "batch_size": p.batch_size,
@@ -149,7 +149,7 @@ def results_table(records: list[Record], figure: str) -> Table:
         )
     for r in sorted(records, key=lambda r: r.point):
         d, p = row(r), r.point
-        setting = f"{p.precision} z{p.zero}" + (f" x{p.world_size}" if p.world_size > 1 else "")
+        setting = f"{p.precision} z{p.stage}" + (f" x{p.world_size}" if p.world_size > 1 else "")
         setting += (" gc" if p.gradient_checkpointing else "") + (f" off:{p.offload}" if p.offload != "none" else "")
         setting += f" lora{p.lora_r}" if p.peft == "lora" else ""
         status = Text(r.status if r.status == "ok" else r.status.upper(), style=STATUS_STYLE[r.status])

@@ -260,7 +260,7 @@ def _resume(request: SweepRequest, cfg: SweepConfig) -> tuple[dict[str, Record],
     base = cfg.base_ds_config.config if cfg.base_ds_config else None
     lora = asdict(cfg.lora) if any(p.peft == "lora" for p in cfg.points) else None
     settings = SweepSettings.of(
-        cfg.model, cfg.steps, cfg.warmup, cfg.min_seconds, cfg.dataset, base, cfg.machine, cfg.task, lora
+        cfg.model, cfg.steps, cfg.warmup, cfg.min_seconds, cfg.dataset, base, cfg.machine, cfg.task, lora, cfg.optim
     )
     check_or_write(cfg.out_dir, settings)
     records = read_records(results) if results.exists() else []

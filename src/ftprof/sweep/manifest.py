@@ -40,6 +40,7 @@ class SweepSettings:
     # The LoRA points' adapters besides their rank (alpha, dropout, target_modules); None while the sweep has
     # measured no LoRA point (the first that does fixes them).
     lora: dict[str, Any] | None = None
+    optim: str | None = None  # --optim (None: the Trainer's default)
 
     @classmethod
     def of(
@@ -53,6 +54,7 @@ class SweepSettings:
         env: dict[str, Any],
         task: str = "classification",
         lora: dict[str, Any] | None = None,
+        optim: str | None = None,
     ) -> SweepSettings:
         import accelerate
 
@@ -73,6 +75,7 @@ class SweepSettings:
             device=str(env.get("device")),
             ftprof=__version__,
             lora=lora,
+            optim=optim,
             **versions,
         )
 

@@ -60,6 +60,7 @@ class MeasureSpec:
     min_seconds: float = 0.0  # the throughput window lasts at least ``steps`` steps and this long
     task: Task = "classification"  # or "causal-lm": blocks of exactly seq_len tokens, labels = input_ids
     lora: LoraOptions = field(default_factory=LoraOptions)  # a LoRA point's adapters (rank: point.lora_r)
+    optim: str | None = None  # TrainingArguments.optim (None: its default); DeepSpeed's "optimizer" block wins
     # ``sweep --memory_snapshot``: each rank writes <point key>-rank<r>.pickle / -timeline.* here (the sweep
     # folder's snapshots/), named in its profile relative to this folder's parent
     memory_snapshot_dir: str | None = None
@@ -149,6 +150,7 @@ def training_args(spec: MeasureSpec, output_dir: str) -> FtprofTrainingArguments
         ds_config, notes = for_this_machine(DeepSpeedConfig(spec.ds_config), torch.cuda.is_available())
     for note in notes:
         print(f"ftprof: {note}", file=sys.stderr)
+    optim: dict[str, Any] = {"optim": spec.optim} if spec.optim else {}  # else TrainingArguments' default
     return FtprofTrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=p.batch_size,
@@ -167,6 +169,7 @@ def training_args(spec: MeasureSpec, output_dir: str) -> FtprofTrainingArguments
         dataloader_num_workers=0,
         seed=spec.seed,
         learning_rate=1e-5,
+        **optim,
         # With --dataset the rows are ordered so the first global batch is the worst case: keep that order.
         train_sampling_strategy="sequential" if spec.dataset else "random",
     )

@@ -11,7 +11,7 @@ import itertools
 from dataclasses import replace
 
 from ftprof.errors import ConfigError
-from ftprof.point import Offload, Peft, Point, Precision, offload_within
+from ftprof.point import Offload, Peft, Point, Precision, Stage, offload_within, stage_point
 
 
 def plan_grid(
@@ -19,7 +19,7 @@ def plan_grid(
     grad_accums: list[int],
     precisions: list[Precision],
     seq_lens: list[int],
-    zeros: list[int],
+    zeros: list[Stage],
     world_sizes: list[int],
     effective_batch: int | None = None,
     offload: Offload = "none",
@@ -34,11 +34,13 @@ def plan_grid(
     ``offload`` (a base ds_config's) applies to each stage as far as it supports it. ``offloads`` (the
     ``--offload`` axis) is swept where each stage supports it; an offload no listed stage supports is an error.
     ``checkpointing`` is the ``--gradient_checkpointing`` axis; ``adapters`` the ``--peft`` axis, as
-    (method, LoRA rank) pairs (:func:`adapter_axis`).
+    (method, LoRA rank) pairs (:func:`adapter_axis`). A ``"none"`` among ``zeros`` is HF Trainer without
+    DeepSpeed, which offloads nothing.
     """
+    stages = [0 if z == "none" else z for z in zeros]
     if offloads is not None:
         for o in offloads:
-            if not any(offload_within(o, z) == o for z in zeros):
+            if not any(offload_within(o, z) == o and zero != "none" for z, zero in zip(stages, zeros, strict=True)):
                 need = "3" if o == "optimizer+param" else "1, 2 or 3"
                 raise ConfigError(
                     f"--offload {o} needs ZeRO stage {need}, and --zero has {','.join(map(str, zeros))}; "
@@ -49,7 +51,8 @@ def plan_grid(
     levers = itertools.product(offloads or [offload], checkpointing or [False], adapters or full)
     axes = itertools.product(precisions, zeros, world_sizes, seq_lens, batch_sizes, levers)
     for precision, zero, world, seq, batch, (off, ckpt, (peft, rank)) in axes:
-        if offloads is not None and offload_within(off, zero) != off:
+        stage = 0 if zero == "none" else zero
+        if offloads is not None and offload_within(off, stage) != off:
             continue  # this stage can't offload that much; another listed stage does
         if effective_batch is not None:
             if effective_batch % (batch * world):
@@ -58,14 +61,14 @@ def plan_grid(
         else:
             accums = grad_accums
         points += [
-            Point(
+            stage_point(
+                zero,
                 precision=precision,
-                zero=zero,
                 world_size=world,
                 grad_accum=ga,
                 seq_len=seq,
                 batch_size=batch,
-                offload=offload_within(off, zero),
+                offload=offload_within(off, stage),
                 gradient_checkpointing=ckpt,
                 peft=peft,
                 lora_r=rank,

@@ -67,13 +67,14 @@ class SweepConfig:
     batch_step: int = 1  # --find_max_batch: the answer to within this many samples (multiples of it)
     child_memory_limit: int | None = None  # RLIMIT_AS for each point's process(es), bytes
     prune: bool = True  # skip points that must OOM
-    predict: Callable[[Point], int] | None = None  # the estimator's device-used bytes for a point
+    predict: Callable[[Point], int | None] | None = None  # the estimator's device-used bytes (None: not modelled)
     budget: int | None = None  # memory per rank; with ``predict``, grid points sure to exceed it aren't run
     margin: float = 0.5  # "sure": predicted above budget x (1 + margin); 0.1 once calibrated on this device
     machine: dict[str, Any] = field(default_factory=dict)  # where the sweep runs: every record gets a copy
     worker: str = "fresh"  # "fork": one-rank local points fork from a pre-imported worker (ftprof.sweep.worker)
     memory_snapshot: bool = False  # each point's ranks write memory records under out_dir/snapshots
     lora: LoraOptions = field(default_factory=LoraOptions)  # the LoRA points' adapters (their rank is the point's)
+    optim: str | None = None  # the Trainer's --optim (None: its default); what a --zero none point steps
 
     @property
     def snapshots_dir(self) -> Path:
@@ -93,11 +94,15 @@ class SweepConfig:
             run=run or RunFacts(),
             machine=dict(self.machine),
             lora=self.lora if p.peft == "lora" else None,
+            optim=self.optim,
             **fields,
         )
 
-    def ds_config(self, p: Point) -> dict[str, Any]:
-        """The DeepSpeed config point ``p`` runs with: the base config (or the shipped one) at its stage."""
+    def ds_config(self, p: Point) -> dict[str, Any] | None:
+        """The DeepSpeed config point ``p`` runs with: the base config (or the shipped one) at its stage; None
+        without DeepSpeed (``--zero none``)."""
+        if not p.deepspeed:
+            return None
         return for_point(self.base_ds_config or DeepSpeedConfig(ds_config_for(p.zero)), p)
 
 
@@ -208,6 +213,7 @@ def _measure_spec(cfg: SweepConfig, p: Point, result_path: Path) -> measure.Meas
         min_seconds=cfg.min_seconds,
         task=cfg.task,
         lora=cfg.lora,
+        optim=cfg.optim,
         memory_snapshot_dir=str(cfg.snapshots_dir.absolute()) if cfg.memory_snapshot else None,
         device_memory_limit=cfg.child_memory_limit if _has_cuda() else None,
     )

@@ -24,7 +24,7 @@ class _Grid:
 
     def __init__(self, cfg: SweepConfig, done: dict[str, Record], running: list[Point]) -> None:
         predict = cfg.predict
-        order = sorted(cfg.points, key=lambda p: (predict(p), p)) if predict else cfg.points
+        order = sorted(cfg.points, key=lambda p: (predict(p) or 0, p)) if predict else cfg.points
         busy = {r.key for r in running}
         self.pending = [p for p in order if p.key not in done and p.key not in busy]
         self.hold = cfg.prune

@@ -10,7 +10,17 @@ import torch
 from transformers import TrainingArguments
 
 from ftprof.errors import ConfigError
-from ftprof.point import Offload, Peft, Precision, Task, parse_offloads, parse_precisions, parse_task, parse_zero
+from ftprof.point import (
+    Offload,
+    Peft,
+    Precision,
+    Stage,
+    Task,
+    parse_offloads,
+    parse_precisions,
+    parse_stages,
+    parse_task,
+)
 from ftprof.runtime.deepspeed_config import DeepSpeedConfig, ds_config_for, shipped_config
 from ftprof.runtime.distributed import adopt_process_group, release_shm_buffer
 
@@ -82,11 +92,12 @@ class ScriptArguments:
             "only agree with it."
         },
     )
-    zero: int | None = field(
+    zero: str | None = field(
         default=None,
         metadata={
             "help": "ZeRO stage 0-3: without --ds_config, train with the config ftprof ships for it and --offload "
-            "(ds_configs/zero<N>*.json); with --ds_config, it must be that config's stage."
+            "(ds_configs/zero<N>*.json); with --ds_config, it must be that config's stage. none: HF Trainer "
+            "without DeepSpeed (its --optim steps)."
         },
     )
     offload: Offload | None = field(
@@ -251,7 +262,7 @@ class Levers:
     value each, spelled as in ``ftprof sweep`` and ``ftprof estimate``."""
 
     precision: Precision | None = None
-    zero: int | None = None
+    zero: Stage | None = None  # "none": HF Trainer without DeepSpeed
     offload: Offload | None = None
 
 
@@ -288,7 +299,7 @@ def take_levers(argv: list[str]) -> tuple[Levers, list[str]]:
     precision = (
         _one(parse_precisions(values["--precision"]), "--precision", values) if "--precision" in values else None
     )
-    zero = _one(parse_zero(values["--zero"]), "--zero", values) if "--zero" in values else None
+    zero = _one(parse_stages(values["--zero"]), "--zero", values) if "--zero" in values else None
     offload = _one(parse_offloads(values["--offload"]), "--offload", values) if "--offload" in values else None
     return Levers(precision, zero, offload), rest
 
@@ -352,6 +363,13 @@ def deepspeed_for_levers(
     Raises:
         ConfigError: a lever that contradicts the given file (naming both), or an offload its stage can't do.
     """
+    offload: Offload = levers.offload or "none"
+    if levers.zero == "none":  # HF Trainer alone
+        if given is not None:
+            raise ConfigError(f"--zero none (no DeepSpeed) contradicts {flag} {given.path!r}; drop one of them")
+        if offload != "none":
+            raise ConfigError(f"--offload {offload} needs DeepSpeed; --zero none offloads nothing")
+        return None
     if given is not None:
         where = f"{flag} {given.path!r}"
         if levers.zero is not None and levers.zero != given.zero_stage:
@@ -369,7 +387,6 @@ def deepspeed_for_levers(
                 f"--precision {levers.precision} contradicts {where}, which enables {forced}; drop one of them"
             )
         return None
-    offload: Offload = levers.offload or "none"
     if levers.zero is None:
         if offload != "none":
             raise ConfigError(f"--offload {offload} needs --zero (1, 2 or 3) or a --ds_config that offloads")
@@ -385,6 +402,7 @@ def shipped_name(levers: Levers) -> str:
     """How a log line names the config ``--zero`` / ``--offload`` chose: its ``ds_configs/`` file, if one."""
     from ftprof.point import Point
 
-    point = Point(precision="fp32", zero=levers.zero or 0, seq_len=1, batch_size=1, offload=levers.offload or "none")
+    zero = levers.zero if isinstance(levers.zero, int) else 0
+    point = Point(precision="fp32", zero=zero, seq_len=1, batch_size=1, offload=levers.offload or "none")
     name = shipped_config(point)
     return f"ds_configs/{name}" if name else f"ds_config_for({point.zero}, offload={point.offload!r})"

@@ -192,7 +192,8 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
     passed = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     check_task_flags(script, args, passed)
     check_peft_flags(script.peft, passed, _zero_stage(args))
-    script.precision, script.zero, script.offload = levers.precision, levers.zero, levers.offload
+    script.precision, script.offload = levers.precision, levers.offload
+    script.zero = None if levers.zero is None else str(levers.zero)
     if script.group_by_length:
         args.train_sampling_strategy = "group_by_length"
     if script.metric:
