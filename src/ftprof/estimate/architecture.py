@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
+from transformers.trainer_pt_utils import get_parameter_names
 
 from ftprof.estimate.estimator import Arch
 from ftprof.known_configs import dims
@@ -33,6 +34,9 @@ def arch_from_config(
             model = AutoModelForSequenceClassification.from_config(config)
     params = sum(p.numel() for p in model.parameters())
     sizes = tuple(p.numel() for p in model.parameters() if p.requires_grad)
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], DECAY_EXCLUDED))
+    trained = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    step_groups = (tuple(s for n, s in trained if n in decay), tuple(s for n, s in trained if n not in decay))
     d = dims(config)
     dropout_names = ("hidden_dropout_prob", "dropout", "resid_pdrop", "attention_dropout")
     dropout = float(next((getattr(config, n) for n in dropout_names if getattr(config, n, None) is not None), 0)) > 0
@@ -52,11 +56,17 @@ def arch_from_config(
         kv_heads=int(getattr(config, "num_key_value_heads", None) or d.heads),
         mlp="gated" if config.model_type in GATED_MLP else "plain",
         param_sizes=sizes,
+        step_groups=step_groups,
         mask_per_layer=config.model_type == "gpt2",
         head_keeps_output=not (dropout and config.model_type in ("roberta", "xlm-roberta", "camembert")),
         # transformers' gelu_new is tanh-approximated GELU in Python ops, each saving an MLP-width tensor
         mlp_saves=5 if getattr(config, "activation_function", getattr(config, "hidden_act", "")) == "gelu_new" else 2,
     )
+
+
+#: Parameter names HF Trainer keeps out of weight decay, as ``Trainer.get_decay_parameter_names`` spells them
+#: (importing Trainer costs seconds; tests/estimate check the two agree). Its optimizer steps the decayed group first.
+DECAY_EXCLUDED = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
 def arch_for(model: str, attention: str | None = None, task: Task = "classification") -> Arch:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from ftprof.errors import ConfigError
 from ftprof.estimate.optimizers import TrainerOptimizer, check_plain_trainer
 from ftprof.point import Point, Precision
 from ftprof.units import GIB
@@ -116,6 +117,14 @@ class Arch:
     # Elements of each parameter in model order: the one group DeepSpeed builds from a config with an
     # "optimizer" block (all of ftprof's). Empty: partitions are taken as even shares.
     param_sizes: tuple[int, ...] = ()
+    # Shapes of the trained parameters in the groups HF Trainer's optimizer steps without DeepSpeed: those with
+    # weight decay, then the rest (biases, norms), each in model order. Empty: ``param_sizes`` as one group.
+    step_groups: tuple[tuple[tuple[int, ...], ...], ...] = ()
+
+    @property
+    def trainer_step_groups(self) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """What the Trainer's own optimizer steps (:attr:`step_groups`, else the sizes as vectors, one group)."""
+        return self.step_groups or (tuple((n,) for n in self.param_sizes),)
 
     @property
     def largest_param(self) -> int:
@@ -557,8 +566,9 @@ def estimate(
     if trainer_optim is not None:
         assert s.zero == 0, "a plain-Trainer point is ZeRO-0 in shape (no partitioning)"
         check_plain_trainer(s.precision, s.world_size, s.offload, s.gradient_checkpointing)
-        items["optimizer_states"] = trainer_optim.state_bytes_per_param * trained
-        step = trainer_optim.temporaries(trained)
+        groups = arch.trainer_step_groups if lora is None else lora_step_groups(lora, trainer_optim)
+        items["optimizer_states"] = trainer_optim.states(groups)
+        step = trainer_optim.temporaries(groups, device)
     if s.offload_optimizer and device == "gpu":
         step = 0  # the CPU optimizer steps in host memory
     if device == "cpu":
@@ -569,6 +579,19 @@ def estimate(
     reserved = math.ceil(allocated * cal.reserved_factor)
     runtime = cal.runtime_bytes + (0.0 if trainer_optim is not None else cal.deepspeed_runtime_bytes)
     return Estimate(items, host, allocated, reserved, reserved + math.ceil(runtime), parts)
+
+
+def lora_step_groups(lora: LoraFacts, optim: TrainerOptimizer) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """The trained parameters under LoRA as the Trainer's optimizer sees them: peft's sizes, as vectors in one
+    group (the Adam and SGD models count elements; foreach's per-group copy is taken over all of them, at most
+    the head's biases more than the Trainer's two groups hold).
+
+    Raises:
+        ConfigError: an optimizer whose state depends on the adapters' matrix shapes (Adafactor).
+    """
+    if optim.name == "adafactor":
+        raise ConfigError("--optim adafactor with --peft lora: its factored state of the adapters is not modelled yet")
+    return (tuple((n,) for n in lora.trainable_sizes),)
 
 
 def max_batch(

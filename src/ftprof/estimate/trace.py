@@ -400,3 +400,50 @@ def batch_factory(
         return {"input_ids": ids, "labels": labels}
 
     return build
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one optimizer step costs in memory, measured: the optimizer's state and a steady step's transients."""
+
+    state_bytes: int
+    """Bytes of the tensors the optimizer keeps in ``state`` after its first step."""
+    transient_peak: int
+    """Most bytes a later step holds at once beyond parameters, gradients and state (its temporaries)."""
+
+
+def measure_optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> StepCost:
+    """Step ``optimizer`` twice over ``params`` with random gradients, for real, and trace the second step.
+
+    The first step creates the state (its bytes are :attr:`StepCost.state_bytes`); the second is the steady
+    step a training run repeats, whose allocations under :class:`_Tracker` give the transient peak. As in
+    :func:`trace_training_step`, a kernel's internal scratch is not seen.
+    """
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    state = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    }
+    tracker = _Tracker()
+    for p in params:  # alive before the step: an in-place update of these is no allocation
+        tracker.track(p, "parameter")
+        if p.grad is not None:
+            tracker.track(p.grad, "gradient")
+    for s in optimizer.state.values():
+        for t in s.values():
+            if isinstance(t, torch.Tensor):
+                tracker.track(t, "optimizer_state")
+    start = len(tracker.events)
+    with tracker:
+        optimizer.step()
+    tracker.close()
+    total = peak = 0
+    for event in tracker.events[start:]:
+        size = tracker.storages[int(event[1])].nbytes  # type: ignore[call-overload]
+        total += size if event[0] == "alloc" else -size
+        peak = max(peak, total)
+    return StepCost(sum(state.values()), peak)

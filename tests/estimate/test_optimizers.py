@@ -1,0 +1,76 @@
+"""The Trainer optimizers' memory models (``ftprof.estimate.optimizers``) against real CPU steps: the state each
+keeps and the temporaries of a steady step, traced (``trace.measure_optimizer_step``) on the optimizer HF Trainer
+itself builds for ``--optim NAME``, over its two parameter groups."""
+
+import tempfile
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.optimization import Adafactor
+
+from ftprof.estimate.architecture import DECAY_EXCLUDED, arch_for
+from ftprof.estimate.optimizers import TRAINER_OPTIMIZERS
+from ftprof.estimate.trace import known_model_factory, measure_optimizer_step
+
+# 0-dim tensors each keeps per parameter, which the models leave out: Adam's ``step``, Adafactor's ``RMS``.
+SCALARS = {"adamw_torch": 1, "adamw_torch_fused": 1, "sgd": 0, "adafactor": 1}
+
+
+def trainers_optimizer(model: torch.nn.Module, optim: str, **override) -> torch.optim.Optimizer:
+    """The optimizer Trainer.create_optimizer builds for ``--optim optim``: its class and arguments, its two groups."""
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, optim=optim, report_to="none", use_cpu=True)
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    return cls(groups, **{**kwargs, **override})
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("optim", sorted(TRAINER_OPTIMIZERS))
+def test_each_optimizers_state_and_step_match_a_real_step_on_the_trainers_groups(model, optim):
+    task = "causal-lm" if model == "tiny-llama" else "classification"
+    built = known_model_factory(model, task)()
+    arch = arch_for(model, task=task)
+    groups = arch.trainer_step_groups
+    built_groups = trainers_optimizer(built, optim).param_groups
+    assert [[tuple(p.shape) for p in g["params"]] for g in built_groups] == [list(g) for g in groups]
+    params = [p for g in built_groups for p in g["params"]]
+    model_of = TRAINER_OPTIMIZERS[optim]
+    cost = measure_optimizer_step(params, trainers_optimizer(built, optim))
+    assert cost.state_bytes == model_of.states(groups) + 4 * SCALARS[optim] * len(params)
+    assert cost.transient_peak == model_of.temporaries(groups, "cpu")
+    if optim == "adamw_torch":  # the GPU default is foreach: the same optimizer with foreach=True, per group
+        foreach = measure_optimizer_step(params, trainers_optimizer(built, optim, foreach=True))
+        largest_group = max(sum(p.numel() for p in g["params"]) for g in built_groups)
+        assert foreach.transient_peak == model_of.temporaries(groups, "gpu") == 4 * largest_group
+
+
+def test_a_loops_peak_holds_the_previous_parameters_temporary():
+    """Where the largest parameter is not the first, a per-parameter loop's peak adds the previous one's
+    last temporary (still bound to its variable): hand-chosen shapes, real steps."""
+    shapes = [(8,), (64, 32), (300, 100), (50,), (40, 200)]
+    torch.manual_seed(0)
+    for optim, make in (
+        ("adamw_torch", lambda ps: torch.optim.AdamW(ps, foreach=False)),
+        ("adafactor", lambda ps: Adafactor(ps, lr=1e-3, scale_parameter=False, relative_step=False)),
+    ):
+        params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+        cost = measure_optimizer_step(params, make(params))
+        expected = TRAINER_OPTIMIZERS[optim].temporaries([shapes], "cpu")
+        assert cost.transient_peak == expected == 4 * (2 * 30000 + 64 * 32)  # the 300x100 matrix after the 64x32
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
+def test_the_decay_rule_is_the_trainers(model):
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    built = known_model_factory(model, "causal-lm" if model == "tiny-llama" else "classification")()
+    ours = get_parameter_names(built, [torch.nn.LayerNorm], DECAY_EXCLUDED)
+    assert ours == Trainer.get_decay_parameter_names(None, built)
+    assert len(ours) < len(list(built.named_parameters()))  # some parameters do not decay
