@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ftprof.errors import ConfigError
-from ftprof.estimate.optimizers import TrainerOptimizer, check_plain_trainer
+from ftprof.estimate.optimizers import Device, TrainerOptimizer, check_plain_trainer
 from ftprof.point import Point, Precision
 from ftprof.units import GIB
 
 if TYPE_CHECKING:
     from ftprof.estimate.adapters import LoraFacts
 
-Device = Literal["gpu", "cpu"]  # on a CPU, "offloaded" state still counts in the process
 
 _MIB = 2**20
 

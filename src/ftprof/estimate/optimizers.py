@@ -20,7 +20,7 @@ Shape = tuple[int, ...]
 # The trained parameters' shapes, grouped as HF Trainer groups them for its optimizer (weight decay, then the
 # rest: biases and norms) and in the order each group steps them.
 Groups = Sequence[Sequence[Shape]]
-Device = Literal["gpu", "cpu"]
+Device = Literal["gpu", "cpu"]  # what a prediction is for; on a CPU, "offloaded" state still counts in the process
 
 
 @dataclass(frozen=True)
