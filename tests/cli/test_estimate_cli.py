@@ -349,6 +349,22 @@ def test_zero_none_beside_zero_stages_is_one_column_each(capsys):
 
 
 @pytest.mark.parametrize(
+    ("optim", "label"),
+    [("adafactor", "Adafactor's factored second moment"), ("sgd", "SGD: none"), ("adamw_torch", "Adam moments")],
+)
+def test_the_optimizer_states_row_names_the_state_of_the_optimizer_that_steps(capsys, optim, label):
+    flags = ["--model", "gpt2", "--batch_size", "2", "--seq_len", "16", "--precision", "fp32", "--optim", optim]
+    assert main([*flags, "--zero", "none"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"optimizer states ({label})" in out
+    assert ("Adam moments" in out) == (optim == "adamw_torch")
+    assert main([*flags, "--zero", "none,2"]) == 0  # DeepSpeed's column steps its config's Adam
+    out = " ".join(capsys.readouterr().out.split())
+    expected = "(Adam moments)" if optim == "adamw_torch" else f"({label}) / optimizer states (Adam moments)"
+    assert f"optimizer states {expected}" in out
+
+
+@pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--zero", "none", "--precision", "bf16"], "autocast"),

@@ -220,7 +220,9 @@ def measured_bytes(breakdown: dict[str, int], item: str, host: bool = False) -> 
 class Estimate:
     """Bytes per rank: items (keys of :data:`ITEM_LABELS`), then the three predicted peaks.
 
-    ``activation_parts`` splits ``saved_activations`` (layers, embeddings, head, loss) for display.
+    ``activation_parts`` splits ``saved_activations`` (layers, embeddings, head, loss) for display;
+    ``labels`` holds this estimate's own label of an item where :data:`ITEM_LABELS`' does not fit it (the
+    optimizer states of a Trainer optimizer other than Adam).
     """
 
     items: dict[str, int]
@@ -229,6 +231,11 @@ class Estimate:
     reserved: int = 0
     device_used: int = 0
     activation_parts: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def label(self, item: str) -> str:
+        """What a table calls ``item`` in this estimate."""
+        return self.labels.get(item, ITEM_LABELS[item])
 
 
 def bytes_per_element(precision: Precision) -> int:
@@ -577,7 +584,8 @@ def estimate(
     allocated = sum(items.values())
     reserved = math.ceil(allocated * cal.reserved_factor)
     runtime = cal.runtime_bytes + (0.0 if trainer_optim is not None else cal.deepspeed_runtime_bytes)
-    return Estimate(items, host, allocated, reserved, reserved + math.ceil(runtime), parts)
+    labels = {} if trainer_optim is None else {"optimizer_states": f"optimizer states ({trainer_optim.states_label})"}
+    return Estimate(items, host, allocated, reserved, reserved + math.ceil(runtime), parts, labels)
 
 
 def lora_step_groups(lora: LoraFacts, optim: TrainerOptimizer) -> tuple[tuple[tuple[int, ...], ...], ...]:

@@ -30,6 +30,7 @@ class TrainerOptimizer:
 
     name: str
     label: str
+    states_label: str  # what its state is, for the optimizer-states row of a table
     states: Callable[[Groups], int]
     temporaries: Callable[[Groups, Device], int]  # bytes a step allocates and frees, at its peak
     source: str
@@ -103,6 +104,7 @@ TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {
     "adamw_torch": TrainerOptimizer(
         "adamw_torch",
         "torch AdamW (foreach on a GPU, a loop on a CPU)",
+        "Adam moments",
         _adam_moments,
         _adamw_torch,
         "torch/optim/adam.py: _multi_tensor_adam, _single_tensor_adam",
@@ -110,6 +112,7 @@ TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {
     "adamw_torch_fused": TrainerOptimizer(
         "adamw_torch_fused",
         "torch AdamW, fused",
+        "Adam moments",
         _adam_moments,
         _none,
         "torch/optim/adam.py: _fused_adam (one kernel, in place; the Trainer's default with torch >= 2.8)",
@@ -117,6 +120,7 @@ TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {
     "sgd": TrainerOptimizer(
         "sgd",
         "torch SGD (no momentum)",
+        "SGD: none",
         lambda groups: 0,
         _none,
         # transformers' _get_sgd passes lr only (momentum 0: no momentum_buffer); _multi_tensor_sgd then does
@@ -126,6 +130,7 @@ TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {
     "adafactor": TrainerOptimizer(
         "adafactor",
         "transformers Adafactor (factored second moment, no first moment)",
+        "Adafactor's factored second moment",
         _adafactor_states,
         _adafactor_step,
         "transformers/optimization.py: Adafactor.step; trainer_optimizer.py: _get_adafactor",

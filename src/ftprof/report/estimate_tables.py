@@ -129,7 +129,7 @@ def breakdown_table(
     table.add_column("item")
     table.add_column("GiB, fullest rank", justify="right")
     for name, value in est.items.items():
-        label = ITEM_LABELS[name]
+        label = est.label(name)
         if name == "parameters" and "frozen_parameters" in est.items:
             label = "trainable parameters (LoRA)"
         if value or name != "zero_runtime":
@@ -138,7 +138,7 @@ def breakdown_table(
             for part, nbytes in est.activation_parts.items():
                 table.add_row(f"[dim]  {part}[/]", f"[dim]{nbytes / GIB:.3f}[/]")
     for name, value in est.host_items.items():
-        table.add_row(f"{ITEM_LABELS[name]} (host memory, offloaded)", f"[dim]{value / GIB:.3f}[/]")
+        table.add_row(f"{est.label(name)} (host memory, offloaded)", f"[dim]{value / GIB:.3f}[/]")
     table.add_row("[bold]tensor peak (max_memory_allocated)[/]", f"[bold]{est.allocated / GIB:.3f}[/]")
     table.add_row("[bold]allocator peak (max_memory_reserved)[/]", f"[bold]{est.reserved / GIB:.3f}[/]")
     table.add_row("[bold]device used (NVML / RSS)[/]", f"[bold]{est.device_used / GIB:.3f}[/]")
@@ -167,7 +167,8 @@ def comparison_table(result: Estimates, title: str) -> Table:
         cells = [f"{v / GIB:.3f}" for v in values]
         table.add_row(f"[{style}]{label}[/]" if style else label, *(f"[{style}]{c}[/]" if style else c for c in cells))
 
-    for name, label in ITEM_LABELS.items():
+    for name in ITEM_LABELS:
+        label = " / ".join(dict.fromkeys(e.label(name) for e in ests))
         if name == "parameters" and "lora" in methods:
             label = "trainable parameters (LoRA)"
         values = [e.items.get(name, 0) for e in ests]
