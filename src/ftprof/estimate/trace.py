@@ -441,9 +441,7 @@ def measure_optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.op
     with tracker:
         optimizer.step()
     tracker.close()
-    total = peak = 0
-    for event in tracker.events[start:]:
-        size = tracker.storages[int(event[1])].nbytes  # type: ignore[call-overload]
-        total += size if event[0] == "alloc" else -size
-        peak = max(peak, total)
-    return StepCost(sum(state.values()), peak)
+    _, _, phase_peaks = _peaks(tracker, {"setup": 0, "optimizer_step": start})
+    # what was alive before the step is the setup's whole (allocations only); the step's peak is beyond it
+    transient = phase_peaks.get("optimizer_step", 0) - phase_peaks.get("setup", 0)
+    return StepCost(sum(state.values()), max(transient, 0))
