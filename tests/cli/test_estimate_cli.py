@@ -350,7 +350,7 @@ def test_zero_none_beside_zero_stages_is_one_column_each(capsys):
 
 @pytest.mark.parametrize(
     ("optim", "label"),
-    [("adafactor", "Adafactor's factored second moment"), ("sgd", "SGD: none"), ("adamw_torch", "Adam moments")],
+    [("adafactor", "Adafactor's second-moment statistics"), ("sgd", "SGD: none"), ("adamw_torch", "Adam moments")],
 )
 def test_the_optimizer_states_row_names_the_state_of_the_optimizer_that_steps(capsys, optim, label):
     flags = ["--model", "gpt2", "--batch_size", "2", "--seq_len", "16", "--precision", "fp32", "--optim", optim]

@@ -130,7 +130,7 @@ TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {
     "adafactor": TrainerOptimizer(
         "adafactor",
         "transformers Adafactor (factored second moment, no first moment)",
-        "Adafactor's factored second moment",
+        "Adafactor's second-moment statistics",
         _adafactor_states,
         _adafactor_step,
         "transformers/optimization.py: Adafactor.step; trainer_optimizer.py: _get_adafactor",

@@ -441,7 +441,8 @@ def measure_optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.op
     with tracker:
         optimizer.step()
     tracker.close()
-    _, _, phase_peaks = _peaks(tracker, {"setup": 0, "optimizer_step": start})
+    starts: dict[Phase, int] = {"setup": 0, "optimizer_step": start} if start else {"optimizer_step": 0}
+    _, _, phase_peaks = _peaks(tracker, starts)
     # what was alive before the step is the setup's whole (allocations only); the step's peak is beyond it
     transient = phase_peaks.get("optimizer_step", 0) - phase_peaks.get("setup", 0)
     return StepCost(sum(state.values()), max(transient, 0))

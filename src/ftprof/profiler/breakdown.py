@@ -191,7 +191,7 @@ def model_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     Items: ``parameters_<dtype>`` (the model's parameters as this rank stores them: ZeRO-3 its partition;
     ``frozen_parameters_<dtype>`` those that don't train, e.g. the base weights under LoRA),
     ``master_weights`` (the fp32 copies DeepSpeed's optimizer steps, where they are a copy),
-    ``optimizer_states`` (the stepping optimizer's state tensors: Adam's moments), ``gradients`` (every
+    ``optimizer_states`` (the stepping optimizer's state tensors: Adam's moments under DeepSpeed), ``gradients`` (every
     ``.grad`` and DeepSpeed's gradient partitions), ``gradient_buckets`` (its reduction buckets) and
     ``other_buffers`` (any other tensor DeepSpeed's optimizer holds, e.g. offload staging buffers). Read
     just before an optimizer step for the gradients, just after it for the rest.
