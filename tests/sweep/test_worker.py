@@ -44,10 +44,60 @@ def test_a_forked_child_maps_the_library_pages_back_and_starts_at_the_parents_rs
     assert after == pytest.approx(parent, rel=0.02)
 
 
-def config(tmp_path: Path, worker: str, **kwargs) -> SweepConfig:
-    point = Point(precision="fp32", zero=2, seq_len=128, batch_size=16)
+def config(tmp_path: Path, worker: str, point: Point | None = None, **kwargs) -> SweepConfig:
+    point = point or Point(precision="fp32", zero=2, seq_len=128, batch_size=16)
     kwargs = {"model": "tiny-bert", "steps": 2, "warmup": 1, **kwargs}
     return SweepConfig(points=[point], out_dir=tmp_path, worker=worker, **kwargs)
+
+
+TWO_RANKS = Point(precision="fp32", zero=3, seq_len=64, batch_size=4, world_size=2)
+
+
+def child_pids(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+@pytest.mark.slow
+def test_a_two_rank_point_forks_its_ranks_and_measures_what_the_launcher_does(tmp_path):
+    """The same ZeRO-3 point under the deepspeed launcher and forked: every rank's peak within 3%, one world.
+    Then one rank killed mid-window ends the other and the point, as a rank lost to the OOM killer does."""
+    records = {}
+    try:
+        for worker in ("fresh", "fork"):
+            cfg = config(tmp_path, worker, TWO_RANKS)
+            records[worker] = run_point(cfg, TWO_RANKS)
+            assert records[worker].status == "ok", records[worker].stderr_tail
+            assert records[worker].run.worker == worker
+        fresh, forked = (records[w].profile for w in ("fresh", "fork"))
+        assert [r.rank for r in forked.ranks] == [0, 1]
+        for a, b in zip(fresh.ranks, forked.ranks, strict=True):
+            assert b.phases["steady"]["rss_bytes"] == pytest.approx(a.phases["steady"]["rss_bytes"], rel=0.03)
+        assert forked.samples_per_step == fresh.samples_per_step == 8  # 4 samples on each of 2 ranks
+
+        groups: list[int] = []
+        ranks: list[int] = []
+        cfg = config(tmp_path, "fork", TWO_RANKS, min_seconds=600.0, timeout_s=120.0)
+
+        def kill_one_rank_when_training() -> None:
+            while not groups:
+                time.sleep(0.1)
+            time.sleep(10)  # inside the training window (min_seconds 600)
+            ranks.extend(child_pids(groups[0]))
+            os.kill(ranks[-1], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one_rank_when_training, daemon=True)
+        killer.start()
+        r = run_point(cfg, TWO_RANKS, started=groups.append)
+        killer.join()
+        assert len(ranks) == 2  # the point's process forked one process per rank
+        assert r.status == "oom", r.stderr_tail
+        assert "SIGKILL" in r.reason
+        with pytest.raises(ProcessLookupError):  # rank 0 did not outlive the point
+            os.killpg(groups[0], 0)
+    finally:
+        close_fork_worker()
 
 
 @pytest.mark.slow

@@ -169,7 +169,8 @@ def _add_execution_groups(p: argparse.ArgumentParser) -> None:
         "--worker",
         choices=("auto", "fork", "fresh"),
         default="auto",
-        help="one-rank local points: fork from a pre-imported worker, or start a fresh process each "
+        help="local points: fork from a pre-imported worker (every rank), or start fresh processes (the deepspeed "
+        "launcher for several ranks) "
         "(auto: fork on CPU-only machines, fresh with CUDA)",
     )
     slurm = p.add_argument_group("Slurm (with --executor slurm)")

@@ -1,8 +1,8 @@
 """Measure one sweep point: a few real Trainer + DeepSpeed steps in this process (one per rank).
 
 ``ftprof sweep`` runs each point in a process of its own, so no peak is polluted by an earlier point: a
-child forked from the pre-imported worker (:mod:`ftprof.sweep.worker`, the default for one rank), or a
-fresh process (several ranks, a Slurm step, an environment the worker can't give):
+child forked from the pre-imported worker (:mod:`ftprof.sweep.worker`, the default on CPU machines; it forks
+each rank of a several-rank point), or a fresh process (a Slurm step, an environment the worker can't give):
 
     python .../ftprof/sweep/measure.py SPEC.json                      # world size 1, fresh
     deepspeed --num_gpus 2 .../ftprof/sweep/measure.py SPEC.json      # world size 2

@@ -1,5 +1,5 @@
-"""Run one sweep point and turn its outcome into a record: forked from the pre-imported worker (one local rank),
-or in a fresh process (the ``deepspeed`` launcher for world size > 1, ``srun`` in a Slurm job).
+"""Run one sweep point and turn its outcome into a record: forked from the pre-imported worker (every rank of a
+point on this node), or in a fresh process (the ``deepspeed`` launcher for world size > 1, ``srun`` in a Slurm job).
 
 A point that runs out of memory is a result (``oom``); a crash is ``error`` and a hang ``timeout``, with
 the tail of its output. :mod:`ftprof.sweep.schedule` decides which points run; the executors
@@ -71,7 +71,7 @@ class SweepConfig:
     budget: int | None = None  # memory per rank; with ``predict``, grid points sure to exceed it aren't run
     margin: float = 0.5  # "sure": predicted above budget x (1 + margin); 0.1 once calibrated on this device
     machine: dict[str, Any] = field(default_factory=dict)  # where the sweep runs: every record gets a copy
-    worker: str = "fresh"  # "fork": one-rank local points fork from a pre-imported worker (ftprof.sweep.worker)
+    worker: str = "fresh"  # "fork": local points (their ranks) fork from a pre-imported worker (ftprof.sweep.worker)
     memory_snapshot: bool = False  # each point's ranks write memory records under out_dir/snapshots
     lora: LoraOptions = field(default_factory=LoraOptions)  # the LoRA points' adapters (their rank is the point's)
     optim: str | None = None  # the Trainer's --optim (None: its default); what a --zero none point steps
@@ -168,12 +168,12 @@ def run_point(
         result_path = Path(tmp) / "result.json"
         spec_path = _measure_spec(cfg, p, result_path).write(Path(tmp) / "spec.json")
         child_env = {**_child_env(), **(env or {})}
-        forkable = p.world_size == 1 and _is_local(command) and set(env or {}) <= WORKER_ENV
+        forkable = _is_local(command) and set(env or {}) <= WORKER_ENV
         worker = fork_worker() if cfg.worker == "fork" and forkable else None
         started_at = time.perf_counter()
         if worker is not None:
             try:
-                returncode, output = _run_forked(worker, cfg, spec_path, child_env, started)
+                returncode, output = _run_forked(worker, cfg, spec_path, child_env, started, p.world_size)
             except WorkerError as err:  # the worker died: this point and the rest run in fresh processes
                 _worker_lost(str(err))
                 worker = None
@@ -272,10 +272,11 @@ def _run_forked(
     spec_path: Path,
     env: dict[str, str],
     started: Callable[[int], None] | None,
+    world_size: int,
 ) -> tuple[int | None, str]:
-    """:func:`_run_fresh` for a one-rank point, forked from the pre-imported worker."""
+    """:func:`_run_fresh` for a point on this node, forked from the pre-imported worker (its ranks too)."""
     output_path = spec_path.with_name("output.txt")
-    pid = worker.start(spec_path, env, output_path, _address_space_limit(cfg))
+    pid = worker.start(spec_path, env, output_path, _address_space_limit(cfg), world_size)
     if started is not None:
         started(pid)
     try:

@@ -7,18 +7,22 @@ with the imports done and nothing else: no model, no tensor (the worker runs no 
 thread of its own; ``fork()`` copies only the calling thread, so the idle helper threads some libraries
 start at import, such as pyarrow's jemalloc one, are not copied). The child is its own process group and
 session before the driver learns its pid, writes its output to a file, and exits; the worker reports its
-exit status. Only ``OMP_NUM_THREADS`` and ``CUDA_VISIBLE_DEVICES`` may differ from the worker's environment
-(:data:`ftprof.sweep.point_run.WORKER_ENV`): other variables were read by the imports already, so a point that sets
-them runs in a fresh process.
+exit status. A point of several ranks on this node is one such child that forks its ranks, with the
+variables the ``deepspeed`` launcher would give them (:func:`rank_envs`), and ends as its first failing rank
+does, stopping the others, as the launcher does. Only ``OMP_NUM_THREADS`` and ``CUDA_VISIBLE_DEVICES`` may
+differ from the worker's environment (:data:`ftprof.sweep.point_run.WORKER_ENV`) besides the ranks' variables,
+which are read at run time: other variables were read by the imports already, so a point that sets them
+runs in a fresh process.
 
 Isolation is what a fresh process gives: the child's memory is its own (copy-on-write pages of the
 imports, which a fresh process holds too), and its peak is measured in the child. ``bench/bench_worker.py``
 measures both on the same points side by side. CUDA must not be initialised before ``fork()``: the worker
 never touches a GPU (``PYTORCH_NVML_BASED_CUDA_CHECK=1``), but it is only the default on CPU-only machines.
 
-Protocol (JSON lines): the driver writes ``{"id", "spec", "env", "memory_limit", "output"}`` to the worker's
-stdin; the worker answers ``{"id", "pid"}`` once the child runs and ``{"pid", "returncode"}`` when it ends
-(negative: killed by that signal, as :mod:`subprocess` reports it).
+Protocol (JSON lines): the driver writes ``{"id", "spec", "env", "memory_limit", "output", "world_size"}``
+(and ``"master_port"`` for several ranks) to the worker's stdin; the worker answers ``{"id", "pid"}`` once
+the child runs and ``{"pid", "returncode"}`` when it ends (negative: killed by that signal, as
+:mod:`subprocess` reports it).
 
     python -m ftprof.sweep.worker          # started by ``ftprof sweep``; not for direct use
 """
@@ -26,6 +30,7 @@ stdin; the worker answers ``{"id", "pid"}`` once the child runs and ``{"pid", "r
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import select
@@ -37,10 +42,11 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from ftprof.runtime.distributed import flush_stdio
+from ftprof.runtime.distributed import flush_stdio, free_port
 
 READY_TIMEOUT_S = 600.0  # the first start may JIT-compile DeepSpeed's CPU ops, which takes minutes on small CPUs
 
@@ -111,51 +117,98 @@ def touch_pages(runs: list[tuple[int, int]]) -> None:
             ctypes.string_at(address, 1)
 
 
-def _child(request: dict[str, Any], pages: list[tuple[int, int]]) -> int:
-    """In the forked child (already its own session): become a fresh point process and measure the point."""
-    import resource
-
-    touch_pages(pages)
-    out = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def _redirect(output: str) -> None:
+    """Send this process's stdout and stderr to ``output`` (ranks forked after it share the open file, as a
+    launcher's ranks share its output) and read stdin from /dev/null."""
+    out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.close(out)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+
+
+def _rank(request: dict[str, Any], pages: list[tuple[int, int]], rank_env: dict[str, str]) -> int:
+    """In a forked point process: become a fresh process of the point (one rank) and measure it."""
+    import resource
+
+    touch_pages(pages)
     if request.get("memory_limit"):
         limit = int(request["memory_limit"])
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.environ.clear()
-    os.environ.update(request["env"])
-    if "OMP_NUM_THREADS" in request["env"]:  # read by torch when its thread pool starts: set it explicitly
+    os.environ.update({**request["env"], **rank_env})
+    if "OMP_NUM_THREADS" in os.environ:  # read by torch when its thread pool starts: set it explicitly
         import torch
 
-        torch.set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from ftprof.sweep import measure
 
     sys.argv = [measure.__file__, request["spec"]]
     return measure.main([request["spec"]])
 
 
-def _fork(request: dict[str, Any], protocol: int, pages: list[tuple[int, int]]) -> int:
-    """Fork a child for ``request``; return once it leads its own process group (so a ``killpg`` of the pid
-    the driver is told reaches it, as for a fresh process)."""
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(ready_w)
-        os.read(ready_r, 1)  # b"" if the child died before: the worker then reports its exit as usual
-        os.close(ready_r)
-        return pid
+def rank_envs(world_size: int, master_port: int, devices: str | None) -> list[dict[str, str]]:
+    """The variables the ``deepspeed`` launcher (``deepspeed/launcher/launch.py``) sets for each of a one-node
+    point's ranks; ``devices``: ``CUDA_VISIBLE_DEVICES`` as the point was given it (the launcher's
+    ``--include``), else the first ``world_size`` (its ``--num_gpus``).
+
+    >>> [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"], e["CUDA_VISIBLE_DEVICES"]) for e in rank_envs(2, 29500, None)]
+    [('0', '0', '2', '0,1'), ('1', '1', '2', '0,1')]
+    """
+    shared = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(master_port),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_SIZE": str(world_size),
+        "CROSS_RANK": "0",
+        "CROSS_SIZE": "1",
+        "CUDA_VISIBLE_DEVICES": devices or ",".join(map(str, range(world_size))),
+    }
+    return [{**shared, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(world_size)]
+
+
+def _ranks(request: dict[str, Any], pages: list[tuple[int, int]]) -> int:
+    """In a forked point process: fork one process per rank and wait for them, as the ``deepspeed`` launcher
+    does: the first rank that fails ends the others, and its exit (a signal's too) is the point's."""
+    envs = rank_envs(request["world_size"], request["master_port"], request["env"].get("CUDA_VISIBLE_DEVICES"))
+    ranks: set[int] = set()
+    for rank_env in envs:
+        pid = os.fork()
+        if pid == 0:
+            _exit_with(functools.partial(_rank, request, pages, rank_env))
+        ranks.add(pid)
+    code = 0
+    while ranks:
+        pid, status = os.wait()
+        ranks.discard(pid)
+        returncode = os.waitstatus_to_exitcode(status)
+        if returncode and not code:
+            code = returncode
+            for other in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(other, signal.SIGKILL)
+    if code < 0:  # end as the rank ended, so the driver sees the signal (SIGKILL: the OOM killer)
+        with contextlib.suppress(OSError):  # SIGKILL's can't be set, nor needs to be
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+def _point(request: dict[str, Any], pages: list[tuple[int, int]]) -> int:
+    """In the forked child (already its own session): run the point's one rank here, or fork its ranks."""
+    _redirect(request["output"])
+    if request.get("world_size", 1) > 1:
+        return _ranks(request, pages)
+    return _rank(request, pages, {})
+
+
+def _exit_with(body: Callable[[], int]) -> NoReturn:
+    """Run ``body`` in a forked process and leave with its exit code, never returning into the caller."""
     code = 1
     try:
-        os.setsid()
-        os.close(ready_r)
-        os.write(ready_w, b"1")
-        os.close(ready_w)
-        os.close(protocol)
-        code = _child(request, pages)
+        code = body()
     except SystemExit as exit_:  # as the interpreter exits: None is 0, a message goes to stderr with 1
         if exit_.code is None or isinstance(exit_.code, int):
             code = exit_.code or 0
@@ -166,6 +219,28 @@ def _fork(request: dict[str, Any], protocol: int, pages: list[tuple[int, int]]) 
     finally:
         flush_stdio()
         os._exit(code)
+
+
+def _fork(request: dict[str, Any], protocol: int, pages: list[tuple[int, int]]) -> int:
+    """Fork a child for ``request``; return once it leads its own process group (so a ``killpg`` of the pid
+    the driver is told reaches it and every rank it forks, as for a fresh process)."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(ready_w)
+        os.read(ready_r, 1)  # b"" if the child died before: the worker then reports its exit as usual
+        os.close(ready_r)
+        return pid
+
+    def leader() -> int:
+        os.setsid()
+        os.close(ready_r)
+        os.write(ready_w, b"1")
+        os.close(ready_w)
+        os.close(protocol)
+        return _point(request, pages)
+
+    _exit_with(leader)
 
 
 def serve() -> int:
@@ -299,13 +374,18 @@ class ForkWorker:
                 self._eof = True
                 self._lock.notify_all()  # the worker is gone: wake every waiter
 
-    def start(self, spec: Path, env: dict[str, str], output: Path, memory_limit: int | None = None) -> int:
-        """Fork a child measuring ``spec`` with exactly ``env`` as its environment; its pid (= process group)."""
+    def start(
+        self, spec: Path, env: dict[str, str], output: Path, memory_limit: int | None = None, world_size: int = 1
+    ) -> int:
+        """Fork a child measuring ``spec`` with exactly ``env`` as its environment (plus, for ``world_size`` > 1,
+        each rank's launcher variables); its pid (= the process group of every rank)."""
         with self._lock:
             self._next_id += 1
             request_id = self._next_id
-            message = {"id": request_id, "spec": str(spec), "env": env, "memory_limit": memory_limit}
-            message["output"] = str(output)
+            message: dict[str, Any] = {"id": request_id, "spec": str(spec), "env": env, "memory_limit": memory_limit}
+            message.update(output=str(output), world_size=world_size)
+            if world_size > 1:
+                message["master_port"] = free_port()
             assert self.proc.stdin is not None
             try:
                 self.proc.stdin.write((json.dumps(message) + "\n").encode())
