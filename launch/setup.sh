@@ -42,12 +42,15 @@ PY
 
 # Install with uv (the same resolution as pip, several times faster), or with pip where uv can't be had or
 # fails (FTPROF_PIP=1 forces pip). torch goes in the same call so that its pinned build is the one resolved.
+# Both write each module's bytecode at install (uv only when asked: --compile-bytecode): where
+# PYTHONDONTWRITEBYTECODE is set, Python never caches it itself and every process would compile torch's,
+# transformers' and deepspeed's sources again on import (transformers.trainer: 12 s instead of 5 s here).
 install() {
     if [ -z "${FTPROF_PIP:-}" ] && .venv/bin/python -m pip install -q uv >/dev/null 2>&1; then
         options=()
         while IFS= read -r option; do if [ -n "$option" ]; then options+=("$option"); fi; done < <(uv_options)
         if SSL_CERT_FILE=${SSL_CERT_FILE:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}} .venv/bin/uv pip install \
-            -q --python .venv/bin/python --index-strategy unsafe-best-match ${options[@]+"${options[@]}"} "$@" \
+            -q --compile-bytecode --python .venv/bin/python --index-strategy unsafe-best-match ${options[@]+"${options[@]}"} "$@" \
             >"$log" 2>&1; then
             return
         fi

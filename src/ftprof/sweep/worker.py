@@ -68,6 +68,9 @@ def _preload() -> None:
     import ftprof.train.args  # noqa: F401
     import ftprof.train.recipe  # noqa: F401  # and through it tasks, data, causal_lm_data, models, metrics
 
+    with contextlib.suppress(ImportError):  # DeepSpeed's optimizer check imports it in every engine's set-up,
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  # and with it torch.compile's modules
+
     if not torch.cuda.is_available():  # GPU ops load in the child, after CUDA exists there
         from deepspeed.accelerator import get_accelerator
 
