@@ -1,10 +1,11 @@
 """Pre-imported worker vs a fresh process per point: overhead and peaks on the same points, in one run.
 
     .venv/bin/python bench/bench_worker.py               # 3 rounds, ~8 min on a 2-core CPU
-    .venv/bin/python bench/bench_worker.py --rounds 2
+    .venv/bin/python bench/bench_worker.py --rounds 2 --world_size 1,2   # two-rank points too
 
 Runs the same small grid (tiny-bert classification and tiny-llama causal-LM, ZeRO 0/2, batch 4/16, seq
-128, fp32) as `ftprof sweep --worker fresh` and `--worker fork`, alternating which goes first each round,
+128, fp32; ``--world_size 1,2`` adds each on two ranks: the ``deepspeed`` launcher against forked ranks) as
+`ftprof sweep --worker fresh` and `--worker fork`, alternating which goes first each round,
 each into a fresh folder. Per point: the overhead (wall time minus the measured window: process start or
 fork, imports, DeepSpeed set-up, warm-up step) and the peak (RSS). Prints the median overhead of each and
 their ratio (goal: fork <= 0.5x fresh), the sweeps' end-to-end wall times (the worker's own start
@@ -31,8 +32,9 @@ GRID = ["--zero", "0,2", "--batch_sizes", "4,16", "--seq_lens", "128", "--precis
 MODELS = {"tiny-bert": "classification", "tiny-llama": "causal-lm"}
 
 
-def sweep(model: str, task: str, worker: str, out: Path, walls: dict[str, list[float]]) -> list[Record]:
+def sweep(model: str, task: str, worker: str, out: Path, walls: dict[str, list[float]], world: str) -> list[Record]:
     command = [sys.executable, "-m", "ftprof.cli.main", "sweep", "--model", model, "--task", task, *GRID]
+    command += ["--world_size", world]
     command += ["--worker", worker, "--out", str(out), "--no_report", "--no_remeasure", "--no_skip"]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -52,7 +54,9 @@ def overhead(r: Record) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
-    rounds = parser.parse_args().rounds
+    parser.add_argument("--world_size", default="1", help="the sweeps' --world_size (e.g. 1,2)")
+    args = parser.parse_args()
+    rounds = args.rounds
     overheads: dict[str, list[float]] = {"fresh": [], "fork": []}
     peaks: dict[str, dict[str, list[int]]] = {"fresh": {}, "fork": {}}
     walls: dict[str, list[float]] = {"fresh": [], "fork": []}
@@ -62,7 +66,8 @@ def main() -> None:
             order = ["fresh", "fork"] if i % 2 == 0 else ["fork", "fresh"]
             for worker in order:
                 for model, task in MODELS.items():
-                    for r in sweep(model, task, worker, Path(tmp) / f"{worker}-{model}-{i}", walls):
+                    out = Path(tmp) / f"{worker}-{model}-{i}"
+                    for r in sweep(model, task, worker, out, walls, args.world_size):
                         overheads[worker].append(overhead(r))
                         assert r.peak_bytes
                         peaks[worker].setdefault(f"{model} {r.point.key}", []).append(r.peak_bytes)

@@ -52,7 +52,10 @@ READY_TIMEOUT_S = 600.0  # the first start may JIT-compile DeepSpeed's CPU ops, 
 
 
 def _preload() -> None:
-    """Import what :func:`ftprof.sweep.measure.measure` imports, and load DeepSpeed's CPU optimizer ops."""
+    """Import what :func:`ftprof.sweep.measure.measure` imports before it loads the model, and load DeepSpeed's
+    CPU optimizer ops. Nothing a fresh process imports later (DeepSpeed's engine set-up imports its Muon
+    optimizer and with it torch.compile's modules, ~1 s and ~40 MB): the model-load phase's RSS would then
+    differ from a fresh process's."""
     from ftprof.runtime.ds_ops import remember_cpu_info
 
     remember_cpu_info()  # asked while the ops load: once here, then every forked point has the answer
@@ -67,9 +70,6 @@ def _preload() -> None:
     import ftprof.sweep.measure  # noqa: F401
     import ftprof.train.args  # noqa: F401
     import ftprof.train.recipe  # noqa: F401  # and through it tasks, data, causal_lm_data, models, metrics
-
-    with contextlib.suppress(ImportError):  # DeepSpeed's optimizer check imports it in every engine's set-up,
-        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  # and with it torch.compile's modules
 
     if not torch.cuda.is_available():  # GPU ops load in the child, after CUDA exists there
         from deepspeed.accelerator import get_accelerator
