@@ -368,7 +368,10 @@ def test_the_optimizer_states_row_names_the_state_of_the_optimizer_that_steps(ca
     ("extra", "message"),
     [
         (["--zero", "none", "--precision", "bf16"], "autocast"),
-        (["--zero", "none", "--optim", "adamw_bnb_8bit", "--precision", "fp32"], "not modelled by ftprof estimate yet"),
+        (
+            ["--zero", "none", "--optim", "adamw_torch_8bit", "--precision", "fp32"],
+            "not modelled by ftprof estimate yet",
+        ),
         (["--zero", "none", "--world_size", "2", "--precision", "fp32"], "DDP"),
     ],
 )

@@ -56,6 +56,17 @@ def test_sweep_rejects_bad_input_before_running(tmp_path, capsys, extra, pattern
     assert not out.exists()
 
 
+def test_an_8bit_optimizer_without_bitsandbytes_is_refused_with_the_install_line(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is importable here (CI keeps it apart, in .venv/apart)")
+    out = tmp_path / "sweep"
+    extra = ["--model", "tiny-bert", "--zero", "none", "--optim", "adamw_bnb_8bit", "--out", str(out)]
+    one_line_error(capsys, sweep_cli.main, extra, r"needs bitsandbytes.*pip install 'ftprof\[bnb\]'")
+    assert not out.exists()
+
+
 def test_existing_results_are_never_overwritten(tmp_path, capsys):
     results = tmp_path / "results.jsonl"
     results.write_text("this is not json\n{}\n")

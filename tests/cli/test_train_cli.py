@@ -1,5 +1,6 @@
 """User mistakes in the training entry: one line on stderr, exit code 2, nothing written."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,11 @@ def test_fp16_on_cpu(tmp_path, capsys):
             "--load_best_model_at_end needs a checkpoint at each evaluation, but --save_strategy 'no'",
         ),
         (["--metric", "accuracy"], "--metric 'accuracy' isn't available offline.*drop --metric"),
+        pytest.param(
+            ["--zero", "none", "--optim", "adamw_bnb_8bit"],
+            r"--optim adamw_bnb_8bit needs bitsandbytes.*pip install 'ftprof\[bnb\]'",
+            marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="installed here"),
+        ),
     ],
 )
 def test_bad_flags_and_columns(tmp_path, capsys, data_dir, extra, pattern):

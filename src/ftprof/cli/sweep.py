@@ -337,6 +337,10 @@ def _check_trainer_points(a: argparse.Namespace, points: list[Point]) -> None:
     if a.optim not in names:
         close = [n for n in names if n.startswith(a.optim.split("_")[0])][:6] or names[:6]
         raise ConfigError(f"--optim {a.optim!r}: not one of TrainingArguments' optimizers; e.g. {', '.join(close)}")
+    if plain:
+        from ftprof.train.args import check_optimizer_installed
+
+        check_optimizer_installed(a.optim)
     if not plain:
         flags.note("--optim steps --zero none points; the DeepSpeed points step their config's optimizer block")
 

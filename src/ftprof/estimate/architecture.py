@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.trainer_pt_utils import get_parameter_names
 
 from ftprof.estimate.estimator import Arch
+from ftprof.estimate.optimizers import EmbeddingShape
 from ftprof.known_configs import dims
 from ftprof.point import Task
 from ftprof.train.models import resolve_model_spec
@@ -35,7 +36,12 @@ def arch_from_config(
     params = sum(p.numel() for p in model.parameters())
     sizes = tuple(p.numel() for p in model.parameters() if p.requires_grad)
     decay = set(get_parameter_names(model, [torch.nn.LayerNorm], DECAY_EXCLUDED))
-    trained = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    trained = [
+        (n, EmbeddingShape(p.shape) if id(p) in embeddings else tuple(p.shape))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    ]
     step_groups = (tuple(s for n, s in trained if n in decay), tuple(s for n, s in trained if n not in decay))
     d = dims(config)
     dropout_names = ("hidden_dropout_prob", "dropout", "resid_pdrop", "attention_dropout")

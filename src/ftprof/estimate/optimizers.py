@@ -17,6 +17,14 @@ from typing import Literal
 from ftprof.errors import ConfigError
 
 Shape = tuple[int, ...]
+
+
+class EmbeddingShape(tuple[int, ...]):
+    """The shape of an ``nn.Embedding``'s weight (equal to the plain tuple): HF Trainer has bitsandbytes keep
+    its 8-bit optimizers' state of these in 32 bits (``Trainer.create_optimizer``: ``register_module_override(
+    module, "weight", {"optim_bits": 32})``)."""
+
+
 # The trained parameters' shapes, grouped as HF Trainer groups them for its optimizer (weight decay, then the
 # rest: biases and norms) and in the order each group steps them.
 Groups = Sequence[Sequence[Shape]]
@@ -100,6 +108,44 @@ def _adafactor_step(groups: Groups, device: Device) -> int:
     return peak
 
 
+#: bitsandbytes' 8-bit blockwise states (bitsandbytes/optim/optimizer.py, ``Optimizer2State.init_state``): a
+#: parameter of at least ``min_8bit_size`` elements keeps each moment as one uint8 per element plus an fp32 absmax
+#: per block of 256; a smaller one keeps fp32 moments, as torch's Adam does, and so does an embedding under HF
+#: Trainer (:class:`EmbeddingShape`).
+BNB_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+#: The quantisation maps ``name2qmap["dynamic"]`` and ``["udynamic"]``: 256 fp32 each, one copy for every parameter.
+BNB_QMAPS = 2 * 256 * 4
+
+
+def _is_8bit(shape: Shape) -> bool:
+    return _numel(shape) >= BNB_MIN_8BIT_SIZE and not isinstance(shape, EmbeddingShape)
+
+
+def _adam_8bit_states(groups: Groups) -> int:
+    """state1 and state2 (uint8) with absmax1 and absmax2 (fp32 per block) where 8-bit, else fp32 moments; the
+    shared quantisation maps once (``step`` is a Python int here, not a tensor)."""
+    shapes = _all(groups)
+    total = 0
+    for shape in shapes:
+        n = _numel(shape)
+        total += 2 * (n + 4 * math.ceil(n / BNB_BLOCK)) if _is_8bit(shape) else 8 * n
+    return total + (BNB_QMAPS if any(map(_is_8bit, shapes)) else 0)
+
+
+def _adam_8bit_step(groups: Groups, device: Device) -> int:
+    if device == "gpu":
+        # The CUDA kernels (cadam_8bit_blockwise_*, cadam32bit_*) dequantize, update and requantize in
+        # registers: nothing is allocated.
+        return 0
+    # bitsandbytes/backends/cpu/ops.py, one parameter at a time (each call's tensors are freed on return):
+    # _optimizer_update_8bit_blockwise_cpu dequantizes both moments to fp32 (8n bytes), makes grad = g.float() *
+    # gnorm_scale (4n) and then denom = state2_fp32.sqrt() / correction2, holding the sqrt and the quotient
+    # at once (8n): 20n; the 32-bit path (small parameters) holds g_float, then state2.sqrt() + eps (the sqrt
+    # and the sum, 8n): 12n.
+    return max((4 * _numel(s) * (5 if _is_8bit(s) else 3) for s in _all(groups)), default=0)
+
+
 TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {
     "adamw_torch": TrainerOptimizer(
         "adamw_torch",
@@ -126,6 +172,15 @@ TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {
         # transformers' _get_sgd passes lr only (momentum 0: no momentum_buffer); _multi_tensor_sgd then does
         # _foreach_add_(params, grads, alpha=-lr) in place (weight decay, 0 by default, would add a copy).
         "torch/optim/sgd.py: _multi_tensor_sgd; transformers/trainer_optimizer.py: _get_sgd",
+    ),
+    "adamw_bnb_8bit": TrainerOptimizer(
+        "adamw_bnb_8bit",
+        "bitsandbytes AdamW, 8-bit blockwise states",
+        "8-bit Adam moments",
+        _adam_8bit_states,
+        _adam_8bit_step,
+        "bitsandbytes/optim/optimizer.py: Optimizer2State; backends/cpu/ops.py; trainer_optimizer.py: "
+        "_get_bitsandbytes_optimizer",
     ),
     "adafactor": TrainerOptimizer(
         "adafactor",

@@ -410,6 +410,9 @@ class StepCost:
     """Bytes of the tensors the optimizer keeps in ``state`` after its first step."""
     transient_peak: int
     """Most bytes a later step holds at once beyond parameters, gradients and state (its temporaries)."""
+    allocator_peak: int
+    """The same step's peak as the CPU allocator saw it (torch's profiler, ``profile_memory``): kernels'
+    internal tensors included, which :attr:`transient_peak` (ops seen by the dispatcher) misses."""
 
 
 def measure_optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> StepCost:
@@ -438,11 +441,33 @@ def measure_optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.op
             if isinstance(t, torch.Tensor):
                 tracker.track(t, "optimizer_state")
     start = len(tracker.events)
-    with tracker:
+    with _allocations() as allocations, tracker:
         optimizer.step()
     tracker.close()
     starts: dict[Phase, int] = {"setup": 0, "optimizer_step": start} if start else {"optimizer_step": 0}
     _, _, phase_peaks = _peaks(tracker, starts)
     # what was alive before the step is the setup's whole (allocations only); the step's peak is beyond it
     transient = phase_peaks.get("optimizer_step", 0) - phase_peaks.get("setup", 0)
-    return StepCost(sum(state.values()), max(transient, 0))
+    return StepCost(sum(state.values()), max(transient, 0), _running_peak(allocations))
+
+
+@contextlib.contextmanager
+def _allocations() -> Iterator[list[tuple[int, int]]]:
+    """Every CPU allocation (+bytes) and free (-bytes) inside the block, as (time ns, bytes), once it ends."""
+    from torch.profiler import ProfilerActivity, profile
+
+    events: list[tuple[int, int]] = []
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield events
+    results = prof.profiler.kineto_results if prof.profiler is not None else None
+    if results is not None:
+        events += [(e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]"]
+
+
+def _running_peak(events: list[tuple[int, int]]) -> int:
+    """The most bytes held at once, in time order, above what was held when the events began."""
+    held = peak = 0
+    for _, delta in sorted(events):
+        held += delta
+        peak = max(peak, held)
+    return peak

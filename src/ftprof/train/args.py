@@ -271,6 +271,19 @@ BOOL_WORDS = {"true": True, "yes": True, "t": True, "y": True, "1": True}
 BOOL_WORDS |= {"false": False, "no": False, "f": False, "n": False, "0": False}
 
 
+def check_optimizer_installed(optim: str) -> None:
+    """Refuse, before any heavy work, an ``--optim`` whose package is missing (HF Trainer would say so only when
+    it builds the optimizer, after loading the model and data).
+
+    Raises:
+        ConfigError: a bitsandbytes optimizer without bitsandbytes.
+    """
+    import importlib.util
+
+    if "bnb" in optim and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"--optim {optim} needs bitsandbytes, not installed here: pip install 'ftprof[bnb]'")
+
+
 def take_levers(argv: list[str]) -> tuple[Levers, list[str]]:
     """The levers in ``argv``, checked with the parsers every command shares, and ``argv`` without them (they
     become ``--fp16`` / ``--bf16`` and a DeepSpeed config). ``--task`` is checked too, and stays.

@@ -36,6 +36,7 @@ from ftprof.train.args import (
     FtprofTrainingArguments,
     ScriptArguments,
     best_model_conflict,
+    check_optimizer_installed,
     deepspeed_for_levers,
     shipped_name,
     take_levers,
@@ -189,6 +190,8 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, FtprofTrainingArguments]:
         value = getattr(script, flag)
         if value is not None and value <= 0:
             raise ConfigError(f"--{flag} must be positive, got {value}")
+    if not args.deepspeed:  # under DeepSpeed its config's optimizer block steps, if it has one
+        check_optimizer_installed(str(getattr(args.optim, "value", args.optim)))
     passed = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     check_task_flags(script, args, passed)
     check_peft_flags(script.peft, passed, _zero_stage(args))
