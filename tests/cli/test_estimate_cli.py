@@ -372,7 +372,6 @@ def test_the_optimizer_states_row_names_the_state_of_the_optimizer_that_steps(ca
             ["--zero", "none", "--optim", "adamw_torch_8bit", "--precision", "fp32"],
             "not modelled by ftprof estimate yet",
         ),
-        (["--zero", "none", "--world_size", "2", "--precision", "fp32"], "DDP"),
     ],
 )
 def test_zero_none_refuses_what_it_does_not_model(capsys, extra, message):

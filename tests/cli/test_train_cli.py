@@ -1,6 +1,5 @@
 """User mistakes in the training entry: one line on stderr, exit code 2, nothing written."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -87,17 +86,21 @@ def test_fp16_on_cpu(tmp_path, capsys):
             "--load_best_model_at_end needs a checkpoint at each evaluation, but --save_strategy 'no'",
         ),
         (["--metric", "accuracy"], "--metric 'accuracy' isn't available offline.*drop --metric"),
-        pytest.param(
-            ["--zero", "none", "--optim", "adamw_bnb_8bit"],
-            r"--optim adamw_bnb_8bit needs bitsandbytes.*pip install 'ftprof\[bnb\]'",
-            marks=pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="installed here"),
-        ),
     ],
 )
 def test_bad_flags_and_columns(tmp_path, capsys, data_dir, extra, pattern):
     assert_one_line_error(
         capsys, ["--model", "tiny-bert", "--dataset", str(data_dir)] + extra, pattern, tmp_path / "out"
     )
+
+
+def test_an_8bit_optimizer_without_bitsandbytes_is_refused_before_loading(tmp_path, capsys, data_dir, monkeypatch):
+    from tests.cli.test_sweep_report_errors import without_bitsandbytes
+
+    without_bitsandbytes(monkeypatch)
+    flags = ["--model", "tiny-bert", "--dataset", str(data_dir), "--zero", "none", "--optim", "adamw_bnb_8bit"]
+    pattern = r"--optim adamw_bnb_8bit needs bitsandbytes.*pip install 'ftprof\[bnb\]'"
+    assert_one_line_error(capsys, flags, pattern, tmp_path / "out")
 
 
 def test_non_integer_labels(tmp_path, capsys):

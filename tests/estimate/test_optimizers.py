@@ -2,7 +2,6 @@
 keeps and the temporaries of a steady step, traced (``trace.measure_optimizer_step``) on the optimizer HF Trainer
 itself builds for ``--optim NAME``, over its two parameter groups."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,15 +18,10 @@ from ftprof.estimate.trace import known_model_factory, measure_optimizer_step
 from tests.conftest import ROOT, skip_or_fail
 
 # bitsandbytes lives apart (launch/setup.sh: .venv/apart), out of this process's path: peft imports it with
-# every Trainer when it can. Its cases run in a subprocess that adds the folder to its path (the last test here).
+# every Trainer when it can. Its cases (bitsandbytes_cases.py) run in a pytest of their own that adds the folder
+# to its path (the last test here).
 APART = ROOT / ".venv" / "apart"
-HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-BNB_CASES = "bnb or bitsandbytes"
-
-
-def needs_bitsandbytes() -> None:
-    if not HAS_BNB:
-        pytest.skip("bitsandbytes is not importable here; test_the_8bit_optimizer_cases_pass_… runs these with it")
+CASES = "tests/estimate/bitsandbytes_cases.py"
 
 
 # 0-dim tensors each keeps per parameter, which the models leave out: Adam's ``step``, Adafactor's ``RMS``.
@@ -63,11 +57,16 @@ def trainers_optimizer(model: torch.nn.Module, optim: str, **override) -> torch.
     return cls(groups, **{**kwargs, **override})
 
 
-@pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-llama"])
-@pytest.mark.parametrize("optim", sorted(TRAINER_OPTIMIZERS))
+MODELS = ["tiny-bert", "tiny-gpt2", "tiny-llama"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("optim", sorted(set(TRAINER_OPTIMIZERS) - {"adamw_bnb_8bit"}))  # bitsandbytes_cases.py
 def test_each_optimizers_state_and_step_match_a_real_step_on_the_trainers_groups(model, optim):
-    if "bnb" in optim:
-        needs_bitsandbytes()
+    check_against_a_real_step(model, optim)
+
+
+def check_against_a_real_step(model: str, optim: str) -> None:
     task = "causal-lm" if model == "tiny-llama" else "classification"
     built = known_model_factory(model, task)()
     arch = arch_for(model, task=task)
@@ -114,36 +113,14 @@ def test_the_decay_rule_is_the_trainers(model):
     assert len(ours) < len(list(built.named_parameters()))  # some parameters do not decay
 
 
-def test_bitsandbytes_8bit_adamw_keeps_a_byte_per_moment_and_block_scales_worked_by_hand():
-    """Hand-worked: a 4,096-element vector and a 300x100 matrix are 8-bit (two uint8 moments, two fp32 absmax
-    per 256-element block: 16 and 118 blocks), a 100-element vector keeps fp32 moments, and the two shared
-    quantisation maps are 2 KiB. A CPU step holds one parameter's moments in fp32, its gradient's copy, and the
-    sqrt and quotient of the denominator: 5 x 4 bytes x 30,000 for the matrix."""
-    needs_bitsandbytes()
-    import bitsandbytes as bnb
+def test_the_8bit_optimizer_cases_pass_in_a_pytest_with_bitsandbytes():
+    """bitsandbytes_cases.py in a pytest of its own, with ``.venv/apart`` on its path: all 4 cases pass."""
+    import importlib.util
 
-    shapes = [(4096,), (100,), (300, 100)]
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
-    forget_bitsandbytes_overrides()
-    cost = measure_optimizer_step(params, bnb.optim.AdamW(params, optim_bits=8))
-    expected = 2 * (4096 + 4 * 16) + 8 * 100 + 2 * (30000 + 4 * 118) + 2 * 256 * 4
-    assert cost.state_bytes == TRAINER_OPTIMIZERS["adamw_bnb_8bit"].states([shapes]) == expected == 72_112
-    assert cost.transient_peak == 0  # the kernel's tensors never reach the dispatcher...
-    # ...but the allocator sees them (and 12 bytes of 0-dim scalars)
-    assert cost.allocator_peak - 12 == TRAINER_OPTIMIZERS["adamw_bnb_8bit"].temporaries([shapes], "cpu") == 600_000
-    assert TRAINER_OPTIMIZERS["adamw_bnb_8bit"].temporaries([shapes], "gpu") == 0
-
-
-def test_the_8bit_optimizer_cases_pass_in_a_process_with_the_apart_install():
-    """The cases above that need bitsandbytes, in a pytest of their own with ``.venv/apart`` on its path: all 4
-    must pass there, none skip (where this process imports bitsandbytes itself, they ran above)."""
-    if HAS_BNB:
-        pytest.skip("bitsandbytes is importable in this process: its cases ran above")
-    if not (APART / "bitsandbytes").is_dir():
-        skip_or_fail(f"bitsandbytes is not installed apart in {APART} (bash launch/setup.sh installs it)")
+    if importlib.util.find_spec("bitsandbytes") is None and not (APART / "bitsandbytes").is_dir():
+        skip_or_fail(f"bitsandbytes is neither importable nor installed apart in {APART} (launch/setup.sh does)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(APART), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", BNB_CASES]
+    command = [sys.executable, "-m", "pytest", CASES, "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]

@@ -38,3 +38,27 @@ def test_zero_none_beside_zero_0_each_steps_its_own_optimizer(tmp_path):
     assert pick.command.startswith("python launch/train.py --zero none --optim sgd --model tiny-bert")
     assert (pick.ds_config, pick.config_path) == (None, None)
     assert "znone" in proc.stdout  # the report printed at the end names the plain point
+
+
+@pytest.mark.slow
+def test_zero_none_on_two_ranks_is_ddp_and_each_rank_holds_what_the_estimate_says(tmp_path):
+    """HF Trainer without DeepSpeed on two ranks wraps the model in DDP, whose gradient buckets copy every
+    gradient: each rank's parameters, gradients, Adam moments and buckets as the estimate predicts them, exactly
+    (tiny-gpt2, whose tied embedding is counted once)."""
+    from ftprof.estimate.estimator import MODEL_STATES, measured_bytes
+
+    out = tmp_path / "ddp"
+    sweep(
+        ["--model", "tiny-gpt2", "--zero", "none", "--world_size", "2", "--optim", "adamw_torch"]
+        + ["--batch_sizes", "2", "--seq_lens", "32", "--precision", "fp32", "--steps", "1", "--warmup", "0"]
+        + ["--min_seconds", "0", "--out", str(out), "--no_remeasure", "--no_report"]
+    )
+    (r,) = latest(read_records(out / "results.jsonl"))
+    assert r.status == "ok", r.reason
+    assert [rank.rank for rank in r.profile.ranks] == [0, 1]
+    assert r.profile.samples_per_step == 2 * 2  # batch x ranks: one world
+    predicted = estimate(arch_for("tiny-gpt2"), r.point, device="cpu", trainer_optim=trainer_optimizer("adamw_torch"))
+    assert predicted.items["gradient_buckets"] == predicted.items["gradients"] > 0  # a copy of every gradient
+    for rank in r.profile.ranks:
+        for item in [*MODEL_STATES, "gradient_buckets"]:
+            assert measured_bytes(rank.breakdown, item) == predicted.items[item], (rank.rank, item)

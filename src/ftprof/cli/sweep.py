@@ -317,18 +317,13 @@ def request_from_args(a: argparse.Namespace) -> SweepRequest:
 
 
 def _check_trainer_points(a: argparse.Namespace, points: list[Point]) -> None:
-    """``--zero none`` points (HF Trainer alone) on one rank only; ``--optim`` a name TrainingArguments knows,
-    and said to step only those points.
+    """``--optim`` a name TrainingArguments knows, installed, and said to step only the ``--zero none`` points
+    (HF Trainer alone; DDP on several ranks).
 
     Raises:
-        ConfigError: a --zero none point on several ranks, or an --optim TrainingArguments does not know.
+        ConfigError: an --optim TrainingArguments does not know, or whose package is missing.
     """
     plain = [p for p in points if not p.deepspeed]
-    if any(p.world_size > 1 for p in plain):
-        raise ConfigError(
-            "--zero none with --world_size above 1: several ranks without DeepSpeed (DDP) are not measured yet; "
-            "use --world_size 1 for --zero none, or a ZeRO stage"
-        )
     if a.optim is None:
         return
     from transformers.training_args import OptimizerNames

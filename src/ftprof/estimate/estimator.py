@@ -196,6 +196,7 @@ MEASURED_AS: dict[str, tuple[str, ...]] = {
     "parameters": ("parameters_fp32", "parameters_bf16", "parameters_fp16"),
     "frozen_parameters": ("frozen_parameters_fp32", "frozen_parameters_bf16", "frozen_parameters_fp16"),
     "gradients": ("gradients",),
+    "gradient_buckets": ("gradient_buckets",),
     "master_weights": ("master_weights",),
     "optimizer_states": ("optimizer_states",),
     "offload_buffers": ("other_buffers",),
@@ -569,12 +570,9 @@ def estimate(
         items["gathered_parameters"] = e * min(total, STAGE3_MAX_LIVE_PARAMETERS)
     forward = sum(items[k] for k in FORWARD_ITEMS if k in items)
     step = math.ceil(4 * trained / (s.world_size if s.zero >= 1 else 1)) if e == 2 or s.zero >= 1 else 0
+    labels: dict[str, str] = {}
     if trainer_optim is not None:
-        assert s.zero == 0, "a plain-Trainer point is ZeRO-0 in shape (no partitioning)"
-        check_plain_trainer(s.precision, s.world_size, s.offload, s.gradient_checkpointing)
-        groups = arch.trainer_step_groups if lora is None else lora_step_groups(lora, trainer_optim)
-        items["optimizer_states"] = trainer_optim.states(groups)
-        step = trainer_optim.temporaries(groups, device)
+        step, labels = _plain_trainer(arch, s, device, trainer_optim, lora, trained, items)
     if s.offload_optimizer and device == "gpu":
         step = 0  # the CPU optimizer steps in host memory
     if device == "cpu":
@@ -583,9 +581,34 @@ def estimate(
         items["optimizer_step"] = step - forward
     allocated = sum(items.values())
     reserved = math.ceil(allocated * cal.reserved_factor)
-    runtime = cal.runtime_bytes + (0.0 if trainer_optim is not None else cal.deepspeed_runtime_bytes)
-    labels = {} if trainer_optim is None else {"optimizer_states": f"optimizer states ({trainer_optim.states_label})"}
+    # a process group's own buffers (NCCL's, on a GPU): DeepSpeed's always, DDP's on several ranks
+    group = trainer_optim is None or s.world_size > 1
+    runtime = cal.runtime_bytes + (cal.deepspeed_runtime_bytes if group else 0.0)
     return Estimate(items, host, allocated, reserved, reserved + math.ceil(runtime), parts, labels)
+
+
+def _plain_trainer(
+    arch: Arch,
+    s: Point,
+    device: Device,
+    optim: TrainerOptimizer,
+    lora: LoraFacts | None,
+    trained: int,
+    items: dict[str, int],
+) -> tuple[int, dict[str, str]]:
+    """HF Trainer without DeepSpeed (DDP on several ranks) stepping ``optim``: its states and DDP's buckets go
+    into ``items``; returns the step's temporaries and the items' labels."""
+    assert s.zero == 0, "a plain-Trainer point is ZeRO-0 in shape (no partitioning)"
+    check_plain_trainer(s.precision, s.world_size, s.offload, s.gradient_checkpointing)
+    groups = arch.trainer_step_groups if lora is None else lora_step_groups(lora, optim)
+    items["optimizer_states"] = optim.states(groups)
+    labels = {"optimizer_states": f"optimizer states ({optim.states_label})"}
+    if s.world_size > 1:
+        # DDP as HF Trainer builds it (gradient_as_bucket_view=False): every trained parameter's gradient also
+        # has a place in a flat bucket (torch/nn/parallel/distributed.py, the Reducer), fp32 here.
+        items["gradient_buckets"] = 4 * trained
+        labels["gradient_buckets"] = "DDP gradient buckets (each gradient's copy for the all-reduce)"
+    return optim.temporaries(groups, device), labels
 
 
 def lora_step_groups(lora: LoraFacts, optim: TrainerOptimizer) -> tuple[tuple[tuple[int, ...], ...], ...]:

@@ -213,16 +213,15 @@ def check_plain_trainer(precision: str, world_size: int, offload: str, gradient_
     """Refuse what the plain-Trainer estimate does not model yet, rather than answer wrongly.
 
     fp32 only: under ``--bf16``/``--fp16`` without DeepSpeed, autocast keeps fp32 weights and casts them per op
-    (the casts are saved for backward), so activations and weight copies differ from DeepSpeed's 16-bit model.
-    One rank only: DDP adds gradient buckets. Both are measured by ``ftprof sweep`` instead.
+    (the casts are saved for backward), so activations and weight copies differ from DeepSpeed's 16-bit model;
+    ``ftprof sweep`` measures it instead. Several ranks are DDP (its gradient buckets are an item of their own).
     """
     if precision != "fp32":
         raise ConfigError(
             f"--zero none with --precision {precision}: autocast's fp32 weights and per-op casts are not modelled "
             "yet; use --precision fp32, or a DeepSpeed stage"
         )
-    if world_size != 1:
-        raise ConfigError("--zero none on several ranks (DDP) is not modelled yet; use --world_size 1")
+    del world_size  # DDP: modelled (ftprof.estimate.estimator.estimate's gradient_buckets)
     if offload != "none":
         raise ConfigError("--zero none: offload needs DeepSpeed; use --offload none")
     del gradient_checkpointing  # modelled as with DeepSpeed: each layer's input saved, one layer recomputed

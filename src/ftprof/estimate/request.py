@@ -158,7 +158,9 @@ class Estimates:
     @property
     def constants(self) -> list[tuple[str, str, str]]:
         zero = max(p.zero for p in self.points)
-        return constants_in_use(self.calibration, self.request.target.kind, zero, self.request.plain)
+        return constants_in_use(
+            self.calibration, self.request.target.kind, zero, self.request.plain, self.request.world_size
+        )
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,9 @@ class MaxBatchGrid:
     @property
     def constants(self) -> list[tuple[str, str, str]]:
         zero = max(p.zero for p in self.settings)
-        return constants_in_use(self.calibration, self.request.target.kind, zero, self.request.plain)
+        return constants_in_use(
+            self.calibration, self.request.target.kind, zero, self.request.plain, self.request.world_size
+        )
 
 
 def accumulation_for(best: int, effective_batch: int, world_size: int) -> tuple[int, int]:
@@ -244,7 +248,9 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
     return grid
 
 
-def constants_in_use(cal: Calibration, target: Device, zero: int, plain: bool = False) -> list[tuple[str, str, str]]:
+def constants_in_use(
+    cal: Calibration, target: Device, zero: int, plain: bool = False, world_size: int = 1
+) -> list[tuple[str, str, str]]:
     """(name, value, where it comes from) of each constant the estimate rests on: fitted on how many measured
     points of this device, or assumed (and what the assumed value is)."""
     gib = 2**30
@@ -261,8 +267,11 @@ def constants_in_use(cal: Calibration, target: Device, zero: int, plain: bool = 
             fitted if cal.fitted_on else "assumed (no temporaries beyond the itemised tensors)",
         ),
     ]
-    if target == "gpu" and not plain and cal.deepspeed_runtime_bytes:
+    if target == "gpu" and cal.deepspeed_runtime_bytes and not plain:
         rows.append(("DeepSpeed runtime (NCCL)", f"{cal.deepspeed_runtime_bytes / gib:.2f} GiB", f"from {cal.device}"))
+    elif target == "gpu" and cal.deepspeed_runtime_bytes and world_size > 1:
+        value = f"{cal.deepspeed_runtime_bytes / gib:.2f} GiB"
+        rows.append(("DDP's process group (NCCL)", value, f"assumed: DeepSpeed's, from {cal.device}"))
     if zero >= 1:
         zero_runtime = fitted if cal.fitted_on else "assumed (nothing beyond the buckets)"
         rows.append(("ZeRO runtime", f"{cal.zero_runtime_bytes / gib:.2f} GiB", zero_runtime))

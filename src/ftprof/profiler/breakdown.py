@@ -185,14 +185,28 @@ class _Ledger:
                 self.items[key] = self.items.get(key, 0) + s[1]
 
 
-def model_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
+def ddp_bucket_bytes(wrapped: Any) -> int:
+    """Bytes of the gradient buckets of ``wrapped`` where it is a ``DistributedDataParallel`` model that keeps
+    them apart from ``.grad`` (``gradient_as_bucket_view=False``, HF Trainer's and accelerate's default: each
+    gradient is copied into its bucket for the all-reduce, and back), as DDP's own logging data sizes them; 0
+    otherwise (where the gradients are views of the buckets, the ``gradients`` item holds those bytes)."""
+    if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return 0
+    data = wrapped._get_ddp_logging_data()
+    if data.get("gradient_as_bucket_view"):
+        return 0
+    return sum(int(size) for size in str(data.get("bucket_sizes", "")).split(",") if size.strip())
+
+
+def model_state_bytes(model: torch.nn.Module, optimizer: Any, wrapped: Any = None) -> dict[str, int]:
     """This rank's model-state bytes by item.
 
     Items: ``parameters_<dtype>`` (the model's parameters as this rank stores them: ZeRO-3 its partition;
     ``frozen_parameters_<dtype>`` those that don't train, e.g. the base weights under LoRA),
     ``master_weights`` (the fp32 copies DeepSpeed's optimizer steps, where they are a copy),
     ``optimizer_states`` (the stepping optimizer's state tensors: Adam's moments under DeepSpeed), ``gradients`` (every
-    ``.grad`` and DeepSpeed's gradient partitions), ``gradient_buckets`` (its reduction buckets) and
+    ``.grad`` and DeepSpeed's gradient partitions), ``gradient_buckets`` (DeepSpeed's reduction buckets, or
+    DDP's where ``wrapped``, the model as the Trainer runs it, is a DDP model: :func:`ddp_bucket_bytes`) and
     ``other_buffers`` (any other tensor DeepSpeed's optimizer holds, e.g. offload staging buffers). Read
     just before an optimizer step for the gradients, just after it for the rest.
     """
@@ -219,6 +233,9 @@ def model_state_bytes(model: torch.nn.Module, optimizer: Any) -> dict[str, int]:
     ledger.claim("gradients", grads)
     ledger.claim("gradient_buckets", [t for w in wrappers for a in BUCKET_ATTRIBUTES for t in _tensors(w.get(a))])
     ledger.claim("other_buffers", [t for w in wrappers for v in w.values() for t in _tensors(v)])
+    buckets = ddp_bucket_bytes(wrapped)
+    if buckets:
+        ledger.items["gradient_buckets"] = ledger.items.get("gradient_buckets", 0) + buckets
     return ledger.items
 
 

@@ -106,6 +106,7 @@ class ProfilerCallback(TrainerCallback):
         self._evaluating = False
         self.profile: Profile | None = None
         self._model: Any = None
+        self.trainer: Any = None  # the Trainer, where known (add_profiler): its model_wrapped shows DDP's buckets
         self.activations = SavedActivationMeter()
         self.gathered = GatheredParameterMeter()
         self.breakdown: dict[str, int] = {}
@@ -190,7 +191,8 @@ class ProfilerCallback(TrainerCallback):
                 return original(*args, **kwargs)
             first = not self.breakdown and self._model is not None
             if first:  # gradients exist now (ZeRO-1/2 free them in the step); states after it
-                before = model_state_bytes(self._model, optimizer)
+                wrapped = getattr(self.trainer, "model_wrapped", None)
+                before = model_state_bytes(self._model, optimizer, wrapped)
                 gradients = {k: v for k, v in before.items() if k.startswith("gradients")}
             sampled = self._sampling_optimizer()
             if sampled:
@@ -204,7 +206,7 @@ class ProfilerCallback(TrainerCallback):
                     raised = self._merge("optimizer", self.sampler.stop("optimizer"))
                     self._optimizer_quiet = 0 if raised else self._optimizer_quiet + 1
                 if first:
-                    after = model_state_bytes(self._model, optimizer)
+                    after = model_state_bytes(self._model, optimizer, wrapped)
                     self.breakdown = {**{k: v for k, v in after.items() if not k.startswith("gradients")}, **gradients}
                     self.levers = levers_in_use(self._model, optimizer)
                     trainable, frozen = parameter_counts(self._model)
@@ -476,5 +478,6 @@ def add_profiler(trainer: Trainer, **kwargs: Any) -> ProfilerCallback:
     """Put a :class:`ProfilerCallback` first in ``trainer``'s callbacks, so reporting integrations
     (TensorBoard, W&B) see the ``profile/*`` figures it adds to each log."""
     callback = ProfilerCallback(**kwargs)
+    callback.trainer = trainer
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback

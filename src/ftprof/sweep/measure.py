@@ -226,7 +226,8 @@ def measure(spec: MeasureSpec) -> Profile:
         profiler = ProfilerCallback(
             warmup_steps=spec.warmup, min_steps=spec.steps, min_seconds=spec.min_seconds, memory_recorder=recorder
         )
-        build_point(spec, args, callbacks=[profiler]).trainer.train()
+        profiler.trainer = build_point(spec, args, callbacks=[profiler]).trainer
+        profiler.trainer.train()
         assert profiler.profile is not None  # set by on_train_end
         profiler.profile.random_init = True
         if spec.memory_snapshot_dir:  # paths relative to the sweep folder, which may move

@@ -181,6 +181,14 @@ class FtprofTrainingArguments(TrainingArguments):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N optimizer steps."})
 
+    def __post_init__(self) -> None:
+        # Without CUDA, accelerate makes several ranks one DDP world (DistributedType.MULTI_CPU) only under
+        # use_cpu; otherwise each rank of a run without DeepSpeed trains alone, its gradients never all-reduced.
+        # (use_cpu turns DeepSpeed off, and DeepSpeed sets up its own world: only runs without it get it.)
+        if not self.deepspeed and not torch.cuda.is_available():
+            self.use_cpu = True
+        super().__post_init__()
+
     def _validate_args(self) -> None:
         # transformers accepts bf16 only on a GPU or with use_cpu, which turns DeepSpeed off; DeepSpeed itself
         # trains in bf16 on CPUs, so its runs skip that one check.
