@@ -65,11 +65,12 @@ def without_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def test_an_8bit_optimizer_without_bitsandbytes_is_refused_with_the_install_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "lion_8bit", "ademamix"])
+def test_a_bitsandbytes_optimizer_without_it_is_refused_with_the_install_line(tmp_path, capsys, monkeypatch, optim):
     without_bitsandbytes(monkeypatch)
     out = tmp_path / "sweep"
-    extra = ["--model", "tiny-bert", "--zero", "none", "--optim", "adamw_bnb_8bit", "--out", str(out)]
-    one_line_error(capsys, sweep_cli.main, extra, r"needs bitsandbytes.*pip install 'ftprof\[bnb\]'")
+    extra = ["--model", "tiny-bert", "--zero", "none", "--optim", optim, "--out", str(out)]
+    one_line_error(capsys, sweep_cli.main, extra, rf"--optim {optim} needs bitsandbytes.*pip install 'ftprof\[bnb\]'")
     assert not out.exists()
 
 

@@ -190,8 +190,8 @@ MODEL_STATES = ("parameters", "gradients", "master_weights", "optimizer_states")
 FORWARD_ITEMS = ("saved_activations", "recomputed_layer", "temporaries", "gathered_parameters")
 STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # the shipped ZeRO-3 configs' stage3_max_live_parameters
 # A prediction item and the measured breakdown items it is judged against (their sum; on a GPU machine the
-# host-resident part is measured apart, as ``<name>_host``: see :func:`measured_bytes`). Gradient buckets are
-# not compared: DeepSpeed frees ZeRO-1/2's after the backward, before the breakdown is read.
+# host-resident part is measured apart, as ``<name>_host``: see :func:`measured_bytes`). DeepSpeed's gradient
+# buckets are not compared (it frees ZeRO-1/2's after the backward, before the breakdown is read); DDP's are.
 MEASURED_AS: dict[str, tuple[str, ...]] = {
     "parameters": ("parameters_fp32", "parameters_bf16", "parameters_fp16"),
     "frozen_parameters": ("frozen_parameters_fp32", "frozen_parameters_bf16", "frozen_parameters_fp16"),

@@ -115,6 +115,8 @@ def classify(returncode: int, output: str, has_result: bool) -> tuple[Status, st
     'oom'
     >>> classify(-9, "", False)
     ('oom', 'killed by SIGKILL (the kernel OOM killer, most likely)')
+    >>> classify(247, "", False)[0]  # the deepspeed launcher's exit when one of its ranks was SIGKILLed
+    'oom'
     """
     if returncode == 0 and has_result:
         return "ok", None
@@ -123,6 +125,8 @@ def classify(returncode: int, output: str, has_result: bool) -> tuple[Status, st
         return "oom", line.strip()[-300:]
     if returncode == -signal.SIGKILL:
         return "oom", "killed by SIGKILL (the kernel OOM killer, most likely)"
+    if returncode == 256 - signal.SIGKILL:  # the deepspeed launcher exits sys.exit(-9) when a rank was SIGKILLed
+        return "oom", "a rank was killed by SIGKILL (the kernel OOM killer, most likely)"
     last = next((ln for ln in reversed(output.splitlines()) if ln.strip()), f"exit code {returncode}")
     return "error", last.strip()[-300:]
 

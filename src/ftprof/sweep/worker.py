@@ -132,10 +132,18 @@ def _redirect(output: str) -> None:
     os.close(null)
 
 
-def _rank(request: dict[str, Any], pages: list[tuple[int, int]], rank_env: dict[str, str]) -> int:
-    """In a forked point process: become a fresh process of the point (one rank) and measure it."""
+def _rank(
+    request: dict[str, Any], pages: list[tuple[int, int]], rank_env: dict[str, str], leader: int | None = None
+) -> int:
+    """In a forked point process: become a fresh process of the point (one rank) and measure it. A rank of
+    several (``leader``: the point's process that forked it) dies with its leader, and writes its output a line
+    at a time, as the launcher's ``python -u`` ranks do, so a rank stopped by another's failure loses none."""
     import resource
 
+    if leader is not None:
+        _die_with_parent(leader)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     touch_pages(pages)
     if request.get("memory_limit"):
         limit = int(request["memory_limit"])
@@ -150,6 +158,17 @@ def _rank(request: dict[str, Any], pages: list[tuple[int, int]], rank_env: dict[
 
     sys.argv = [measure.__file__, request["spec"]]
     return measure.main([request["spec"]])
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent exits (Linux ``PR_SET_PDEATHSIG``), so a rank
+    cannot outlive its point's process; where that is not available, nothing."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent was gone before the request took effect
+        os._exit(1)
 
 
 def rank_envs(world_size: int, master_port: int, devices: str | None) -> list[dict[str, str]]:
@@ -175,13 +194,22 @@ def rank_envs(world_size: int, master_port: int, devices: str | None) -> list[di
 def _ranks(request: dict[str, Any], pages: list[tuple[int, int]]) -> int:
     """In a forked point process: fork one process per rank and wait for them, as the ``deepspeed`` launcher
     does: the first rank that fails ends the others, and its exit (a signal's too) is the point's."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # re-raising a rank's SIGABRT must not dump the worker
     envs = rank_envs(request["world_size"], request["master_port"], request["env"].get("CUDA_VISIBLE_DEVICES"))
     ranks: set[int] = set()
-    for rank_env in envs:
-        pid = os.fork()
-        if pid == 0:
-            _exit_with(functools.partial(_rank, request, pages, rank_env))
-        ranks.add(pid)
+    try:
+        for rank_env in envs:
+            pid = os.fork()
+            if pid == 0:
+                _exit_with(functools.partial(_rank, request, pages, rank_env, leader=os.getppid()))
+            ranks.add(pid)
+    except BaseException:  # a rank that could not be forked: the others would wait for it until gloo's timeout
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
     code = 0
     while ranks:
         pid, status = os.wait()

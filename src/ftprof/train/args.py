@@ -288,7 +288,12 @@ def check_optimizer_installed(optim: str) -> None:
     """
     import importlib.util
 
-    if "bnb" in optim and importlib.util.find_spec("bitsandbytes") is None:
+    from transformers.training_args import OptimizerNames
+
+    # transformers' trainer_optimizer._BITSANDBYTES_OPTIMIZERS, which are these names
+    bnb = "bnb" in optim or optim in {"adamw_8bit", "ademamix", "ademamix_8bit"} or "lion" in optim
+    bnb = bnb or optim.startswith("paged_")
+    if optim in {o.value for o in OptimizerNames} and bnb and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"--optim {optim} needs bitsandbytes, not installed here: pip install 'ftprof[bnb]'")
 
 
