@@ -9,11 +9,19 @@ classifier or a causal LM whose architecture it knows offline) are estimated as 
 and the error of each figure is printed; the rest are listed with the reason they are not judged. Beside it,
 the estimate this case got before ``--zero none`` existed (DeepSpeed ZeRO-0 with its FusedAdam, the old
 uncalibrated constants), DeepSpeed's model-state estimator and accelerate's, each against max_memory_allocated.
+
+The traced estimate (``--trace``: the real model's step on fake tensors, replayed through the allocator model;
+no fitted constant but the runtime outside the allocator) is judged on the same cases, with the BLAS workspaces
+of the torch each case names (one row per distinct set where its version is ambiguous), and on the one plain
+Trainer point of ftprof's own H200 run (bert-base, bf16 autocast, fused AdamW, batch 32 x 128:
+profiles/h200-check/trainer_vs_deepspeed.jsonl), which nothing was fitted to but the runtime: its NVML figure
+is not an independent check (the shipped runtime is that point's NVML minus reserved).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +31,7 @@ from ftprof.estimate.architecture import arch_for
 from ftprof.estimate.calibration import SHIPPED_GPU
 from ftprof.estimate.estimator import Calibration, estimate
 from ftprof.estimate.optimizers import trainer_optimizer
+from ftprof.estimate.traced import cublas_workspaces, traced_estimate
 from ftprof.point import Point, Task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +84,53 @@ def judge(case: dict, task: Task, name: str) -> dict:
     return row
 
 
+def judge_traced(case: dict, task: Task, name: str) -> list[dict]:
+    """The traced estimate's errors, one row per distinct set of workspaces the case's torch versions imply."""
+    point = Point(precision="fp32", zero=0, seq_len=case["seq_len"], batch_size=case["batch_size"], deepspeed=False)
+    gpu = "a10g-24gb" if "A10G" in case["gpu"]["name"] else "gpu"
+    versions = re.findall(r"\d+\.\d+\.[\dx]+\+\w+(?:\.\d+)?", case.get("torch_version") or "") or [None]
+    rows, seen = [], set()
+    for version in versions:
+        ws = cublas_workspaces(gpu, version)
+        if (ws.forward, ws.backward) in seen:
+            continue
+        seen.add((ws.forward, ws.backward))
+        est = traced_estimate(name, task, point, "adamw_torch", SHIPPED_GPU, gpu, workspaces=ws)
+        measured = {
+            "allocated": case["max_allocated_MB"],
+            "reserved": case["max_reserved_MB"],
+            "nvml": case["nvml_used_MB"],
+        }
+        predicted = {"allocated": est.allocated, "reserved": est.reserved, "nvml": est.device_used}
+        row = {"model": name, "gpu": case["gpu"]["name"].split(" (")[0], "torch": version or "?"}
+        for k, mb in measured.items():
+            row[k] = None if mb is None else (predicted[k] - mb * MB) / (mb * MB)
+        row["workspaces"] = f"{(sum(ws.forward) + sum(ws.backward)) / 2**20:.1f} MiB"
+        rows.append(row)
+    return rows
+
+
+def judge_own_h200() -> dict:
+    """The traced estimate of ftprof's own plain-Trainer H200 point (bf16 autocast), against its measurement."""
+    path = ROOT / "profiles" / "h200-check" / "trainer_vs_deepspeed.jsonl"
+    plain = next(json.loads(line) for line in path.read_text().splitlines() if '"plain"' in line)
+    point = Point(precision="bf16", zero=0, seq_len=128, batch_size=32, deepspeed=False)
+    ws = cublas_workspaces("h200-141gb", "2.11.0+cu130")  # profiles/h200-check/env.txt
+    est = traced_estimate(
+        "bert-base-uncased", "classification", point, "adamw_torch_fused", SHIPPED_GPU, "h200-141gb", workspaces=ws
+    )
+    measured = {
+        "allocated": plain["torch_allocated_peak_bytes"],
+        "reserved": plain["torch_reserved_peak_bytes"],
+        "nvml": plain["peak_bytes"],
+    }
+    predicted = {"allocated": est.allocated, "reserved": est.reserved, "nvml": est.device_used}
+    row = {"model": "bert-base-uncased (bf16 autocast, 32 x 128)", "gpu": "H200", "torch": "2.11.0+cu130"}
+    row.update({k: (predicted[k] - v) / v for k, v in measured.items()})
+    row["workspaces"] = f"{(sum(ws.forward) + sum(ws.backward)) / 2**20:.1f} MiB"
+    return row
+
+
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:+.1f}%"
 
@@ -96,6 +152,21 @@ def main() -> None:
         errs = [abs(r[k]) * 100 for r in rows if r[k] is not None]
         if errs:
             print(f"{k}: median |error| {statistics.median(errs):.1f}%, worst {max(errs):.1f}% over {len(errs)} cases")
+    traced = [
+        row for case in cases() if not isinstance(what := expressible(case), str) for row in judge_traced(case, *what)
+    ]
+    traced.append(judge_own_h200())
+    print("\ntraced (--trace): the step on fake tensors, the allocator replayed, the case's BLAS workspaces")
+    print("| model | GPU | torch | workspaces | allocated | reserved | NVML used |")
+    print("|---|---|---|---|---|---|---|")
+    for r in traced:
+        cells = [pct(r[k]) for k in ("allocated", "reserved", "nvml")]
+        print(f"| {r['model']} | {r['gpu']} | {r['torch']} | {r['workspaces']} | " + " | ".join(cells) + " |")
+    for k in ("allocated", "reserved"):
+        errs = [abs(r[k]) * 100 for r in traced if r[k] is not None]
+        print(
+            f"traced {k}: median |error| {statistics.median(errs):.1f}%, worst {max(errs):.1f}% over {len(errs)} rows"
+        )
     print("not judged:")
     for line in skipped:
         print(f"  {line}")

@@ -6,6 +6,7 @@
     ftprof estimate --model meta-llama/Llama-3.2-1B --task causal-lm --peft none,lora --lora_r 16   # LoRA vs full
     ftprof estimate --model gpt2 --grid --seq_lens 128,512,1024 --zero 0,2,3 --gpu a100-40gb --effective_batch 256
     ftprof estimate --model gpt2 --zero 0,2,3 --format json | jq '.settings[].device_used_bytes'   # for scripts
+    ftprof estimate --model bert-base-uncased --zero none --precision bf16 --trace --gpu h100-80gb  # traced step
     ftprof estimate --calibrate profiles/h100-bert-base-uncased      # fit constants, report per-point error
 """
 
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--optim",
         help="without DeepSpeed (--zero none): TrainingArguments' --optim, e.g. adamw_torch (foreach), "
         "adamw_torch_fused (the default), sgd",
+    )
+    levers.add_argument(
+        "--trace",
+        action="store_true",
+        help="--zero none settings from the real model's traced step (fake tensors) and a replay of torch's CUDA "
+        "caching allocator, instead of the formulas: autocast (--precision bf16/fp16) needs it",
     )
     levers.add_argument("--zeros", "--zero_stages", dest="zeros_alias", help=SUPPRESS)
     levers.add_argument("--offload_optimizer", action="store_true", help=SUPPRESS)
@@ -119,6 +126,7 @@ def request_from_args(a: argparse.Namespace) -> EstimateRequest:
         precisions=tuple(a.precision),
         zeros=tuple(a.zero),
         optim=a.optim or DEFAULT_TRAINER_OPTIM,
+        trace=a.trace,
         offloads=tuple(a.offload or ["none"]),
         checkpointing=tuple(a.gradient_checkpointing),
         grid_seq_lens=tuple(a.seq_lens) if a.grid else (),

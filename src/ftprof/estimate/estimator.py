@@ -184,6 +184,8 @@ ITEM_LABELS: dict[str, str] = {
     "recomputed_layer": "recomputed layer (gradient checkpointing)",
     "temporaries": "temporaries (live logits; activation factor)",
     "optimizer_step": "optimizer step (fp32 gradients; without DeepSpeed: --optim's temporaries)",
+    "gpu_workspaces": "cuBLAS workspaces (one per thread, in the allocator)",  # --trace
+    "block_rounding": "allocator rounding (512-byte blocks)",  # --trace
 }
 MODEL_STATES = ("parameters", "gradients", "master_weights", "optimizer_states")
 # Alive in the forward/backward only; the optimizer step's fp32 gradients compete with them for the peak.
@@ -599,7 +601,7 @@ def _plain_trainer(
     """HF Trainer without DeepSpeed (DDP on several ranks) stepping ``optim``: its states and DDP's buckets go
     into ``items``; returns the step's temporaries and the items' labels."""
     assert s.zero == 0, "a plain-Trainer point is ZeRO-0 in shape (no partitioning)"
-    check_plain_trainer(s.precision, s.world_size, s.offload, s.gradient_checkpointing)
+    check_plain_trainer(s.precision, s.offload, s.gradient_checkpointing)
     groups = arch.trainer_step_groups if lora is None else lora_step_groups(lora, optim)
     items["optimizer_states"] = optim.states(groups)
     labels = {"optimizer_states": f"optimizer states ({optim.states_label})"}

@@ -209,7 +209,7 @@ def trainer_optimizer(name: str) -> TrainerOptimizer:
     return TRAINER_OPTIMIZERS[name]
 
 
-def check_plain_trainer(precision: str, world_size: int, offload: str, gradient_checkpointing: bool) -> None:
+def check_plain_trainer(precision: str, offload: str, gradient_checkpointing: bool) -> None:
     """Refuse what the plain-Trainer estimate does not model yet, rather than answer wrongly.
 
     fp32 only: under ``--bf16``/``--fp16`` without DeepSpeed, autocast keeps fp32 weights and casts them per op
@@ -218,10 +218,9 @@ def check_plain_trainer(precision: str, world_size: int, offload: str, gradient_
     """
     if precision != "fp32":
         raise ConfigError(
-            f"--zero none with --precision {precision}: autocast's fp32 weights and per-op casts are not modelled "
-            "yet; use --precision fp32, or a DeepSpeed stage"
+            f"--zero none with --precision {precision}: autocast's fp32 weights and per-op casts are estimated from "
+            "the traced step: add --trace (GPU targets), or use --precision fp32, or a DeepSpeed stage"
         )
-    del world_size  # DDP: modelled (ftprof.estimate.estimator.estimate's gradient_buckets)
     if offload != "none":
         raise ConfigError("--zero none: offload needs DeepSpeed; use --offload none")
     del gradient_checkpointing  # modelled as with DeepSpeed: each layer's input saved, one layer recomputed

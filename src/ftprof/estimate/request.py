@@ -101,6 +101,7 @@ class EstimateRequest:
     peft: tuple[Peft, ...] = ("none",)  # "none": full fine-tuning; "lora": the adapters of ``lora``
     lora: LoraSpec = field(default_factory=LoraSpec)
     optim: str = DEFAULT_TRAINER_OPTIM  # --optim: what the Trainer steps without DeepSpeed
+    trace: bool = False  # --trace: the --zero none settings from the traced step (ftprof.estimate.traced)
 
     @property
     def plain(self) -> bool:
@@ -158,9 +159,10 @@ class Estimates:
     @property
     def constants(self) -> list[tuple[str, str, str]]:
         zero = max(p.zero for p in self.points)
-        return constants_in_use(
+        rows = constants_in_use(
             self.calibration, self.request.target.kind, zero, self.request.plain, self.request.world_size
         )
+        return rows + (traced_constants(self.request.target.device) if self.request.trace else [])
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,8 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
 
     if request.grid_seq_lens and request.target.budget is None:
         raise ConfigError("--grid needs a memory size: --gpu NAME, --cpu or --budget SIZE")
+    if request.trace:
+        check_trace_request(request)
     columns = request.columns(batch_size=1) if request.grid_seq_lens else request.columns()
     points, methods = [p for p, _ in columns], [m for _, m in columns]
     arch = arch_for(request.model, request.attention, request.task)
@@ -229,10 +233,17 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
     def steps(p: Point) -> TrainerOptimizer | None:
         return None if p.deepspeed else optim
 
+    def one(p: Point, a: LoraFacts | None) -> Estimate:
+        if request.trace and not p.deepspeed:
+            from ftprof.estimate.traced import traced_estimate
+
+            return traced_estimate(
+                request.model, request.task, p, request.optim, cal, request.target.device, request.attention
+            )
+        return estimate(arch, p, cal, kind, lora=a, trainer_optim=steps(p))
+
     if not request.grid_seq_lens:
-        ests = [
-            estimate(arch, p, cal, kind, lora=a, trainer_optim=steps(p)) for p, a in zip(points, adapters, strict=True)
-        ]
+        ests = [one(p, a) for p, a in zip(points, adapters, strict=True)]
         return Estimates(request, arch.params, cal, points, ests, methods, facts)
     grid = MaxBatchGrid(request, cal, points, peft=methods, lora=facts)
     usable = request.target.usable or 0
@@ -246,6 +257,47 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
         else:
             grid.cells[seq, column] = MaxBatchCell(best)
     return grid
+
+
+def check_trace_request(request: EstimateRequest) -> None:
+    """Refuse a ``--trace`` request the trace can't answer, before any tracing.
+
+    Raises:
+        ConfigError: no ``--zero none`` setting, a CPU target, ``--grid``, or what
+            :func:`ftprof.estimate.traced.check_traceable` refuses.
+    """
+    from ftprof.estimate.traced import check_traceable
+
+    if "none" not in request.zeros:
+        raise ConfigError(
+            "--trace predicts HF Trainer without DeepSpeed: add --zero none (DeepSpeed's stages keep the formulas)"
+        )
+    if request.target.kind == "cpu":
+        raise ConfigError(
+            "--trace predicts a GPU's caching allocator; for this host's memory drop --trace (or measure: ftprof sweep)"
+        )
+    if request.grid_seq_lens:
+        raise ConfigError("--trace traces one batch per setting: use --batch_size, not --grid")
+    for point, method in request.columns():
+        if not point.deepspeed:
+            check_traceable(point, request.optim, request.world_size, method == "lora")
+
+
+def traced_constants(device: str) -> list[tuple[str, str, str]]:
+    """The constants table's rows for the traced settings: where their figures come from."""
+    from ftprof.estimate.traced import TRACE_STEPS, cublas_workspaces
+
+    ws = cublas_workspaces(device)
+    size = f"{(sum(ws.forward) + sum(ws.backward)) / 2**20:.0f} MiB"
+    return [
+        (
+            "--zero none: activations, step",
+            f"traced, {TRACE_STEPS} steps",
+            "the real model's ops on fake tensors, as a GPU runs them",
+        ),
+        ("--zero none: reserved", "replayed", "ftprof's model of torch's CUDA caching allocator"),
+        ("--zero none: BLAS workspaces", size, ws.source),
+    ]
 
 
 def constants_in_use(

@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -63,6 +64,7 @@ from typing import Any, Literal
 
 import torch
 from torch.distributed._tools.mod_tracker import ModTracker
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -109,11 +111,18 @@ class Trace:
     peak_breakdown: Mapping[Category, int] = field(default_factory=dict)
     """The bytes alive at the peak, by category."""
     phase_peaks: Mapping[Phase, int] = field(default_factory=dict)
-    """Most bytes alive at once within each phase."""
+    """Most bytes alive at once within each phase (over every step)."""
+    steps: int = 1
+    """Training steps traced; ``phase_starts`` are the last one's."""
+    bounds: tuple[tuple[int, Phase], ...] = ()
+    """Where each phase of every step begins in ``events``, in order."""
+    host: frozenset[int] = frozenset()
+    """Storages a GPU run keeps in host memory (AdamW's ``step`` counts outside its fused path): left out of
+    ``events`` and every figure."""
 
     def category_bytes(self, category: Category) -> int:
         """Bytes of every storage of ``category`` the step allocated (alive at the end or not)."""
-        return sum(s.nbytes for s in self.storages if s.category == category)
+        return sum(s.nbytes for s in self.storages if s.category == category and s.id not in self.host)
 
     def alloc_sizes(self) -> list[int]:
         """The allocation sizes in order (fake and real runs of the same step must agree on them)."""
@@ -142,6 +151,8 @@ class _Tracker(TorchDispatchMode):
         self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._refs: dict[int, weakref.ref[torch.UntypedStorage]] = {}
         self._open = True
+        self.host: set[int] = set()
+        """Storages a GPU run holds in host memory."""
 
     def track(self, t: torch.Tensor, category: Category, op: str = "") -> int | None:
         """The id of ``t``'s storage, recording its allocation (as ``category``) when new."""
@@ -214,10 +225,14 @@ def _live_after(events: tuple[Event, ...] | list[Event], end: int) -> set[int]:
     return live
 
 
-def _peaks(tracker: _Tracker, starts: dict[Phase, int]) -> tuple[int, dict[Category, int], dict[Phase, int]]:
-    """(peak bytes, the breakdown at the peak, each phase's peak) walked over the events."""
+def _peaks(
+    tracker: _Tracker, starts: dict[Phase, int] | list[tuple[int, Phase]]
+) -> tuple[int, dict[Category, int], dict[Phase, int]]:
+    """(peak bytes, the breakdown at the peak, each phase's peak) walked over the events; ``starts``: where each
+    phase begins (a list where phases repeat, step after step)."""
     sizes = [s.nbytes for s in tracker.storages]
-    bounds = sorted((index, phase) for phase, index in starts.items())
+    pairs = starts.items() if isinstance(starts, dict) else [(phase, index) for index, phase in starts]
+    bounds = sorted((index, phase) for phase, index in pairs)
     total = peak = peak_at = 0
     phase_peaks: dict[Phase, int] = {}
     for index, event in enumerate(tracker.events):
@@ -234,11 +249,52 @@ def _peaks(tracker: _Tracker, starts: dict[Phase, int]) -> tuple[int, dict[Categ
     return peak, breakdown, phase_peaks
 
 
-def _adamw(model: torch.nn.Module, optimizer: Optimizer) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _adamw(model: torch.nn.Module, optimizer: Optimizer, trainer_groups: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trained parameters: one group, or HF Trainer's two (decayed weights, then the rest)."""
+    params: Any = [p for p in model.parameters() if p.requires_grad]
+    if trainer_groups:
+        from transformers.trainer_pt_utils import get_parameter_names
+
+        from ftprof.estimate.architecture import DECAY_EXCLUDED
+
+        decay = set(get_parameter_names(model, [torch.nn.LayerNorm], DECAY_EXCLUDED))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": 0.0},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
     if optimizer == "fused":
         return torch.optim.AdamW(params, lr=1e-4, fused=True)
     return torch.optim.AdamW(params, lr=1e-4, foreach=optimizer == "foreach")
+
+
+class _GpuKernels(TorchFunctionMode):
+    """Run, on CPU tensors, the kernels a CUDA training step runs where they save other tensors than the CPU's.
+
+    - Dropout as ``native_dropout``, which saves a bool mask as CUDA's fused dropout does (the CPU's
+      ``at::dropout`` saves ``empty_like(x).bernoulli_()``, a mask in the activation's dtype).
+    - SDPA with dropout without it: the CPU then picks its flash kernel, saving the output and a ``batch x heads
+      x seq`` fp32 log-sum-exp as CUDA's flash and memory-efficient kernels do (those draw their dropout inside
+      from a Philox seed and offset: no mask, no probabilities), where the CPU's math path (its only one with
+      dropout) saves the ``seq x seq`` probabilities and their mask. Not mapped: the memory-efficient kernel
+      (fp32, or an attention mask) pads the log-sum-exp's ``seq`` to a multiple of 32.
+    """
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.nn.functional.dropout:
+            bound = inspect.signature(func).bind(*args, **kwargs)
+            bound.apply_defaults()
+            x, p, training, inplace = bound.args
+            if training and p > 0 and not inplace:
+                return torch.native_dropout(x, p, True)[0]
+        elif func is torch.nn.functional.scaled_dot_product_attention:
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            kwargs["dropout_p"] = 0.0
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -264,40 +320,76 @@ def _unpacked_rows() -> Iterator[None]:
 
 
 def _step(
-    tracker: _Tracker, model: torch.nn.Module, inputs: dict[str, torch.Tensor], optimizer: Optimizer
-) -> dict[Phase, int]:
-    """Forward, backward and an AdamW step under ``tracker``; returns where each phase's events begin."""
+    tracker: _Tracker,
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    optimizer: Optimizer,
+    run: StepRun | None = None,
+) -> list[tuple[int, Phase]]:
+    """Forward, backward and an AdamW step (``run.steps`` times) under ``tracker``; returns where each phase's
+    events begin."""
+    run = run or StepRun()
     for p in model.parameters():
         tracker.track(p, "parameter")
     for b in model.buffers():
         tracker.track(b, "buffer")
     for t in inputs.values():
         tracker.track(t, "input")
-    opt = _adamw(model, optimizer)
-    starts: dict[Phase, int] = {"setup": 0}
+    opt = _adamw(model, optimizer, run.trainer_groups)
+    starts: list[tuple[int, Phase]] = [(0, "setup")]
     saved_hooks = torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t)
+    autocast = torch.autocast("cpu", DTYPES[run.autocast]) if run.autocast else contextlib.nullcontext()
+    kernels = _GpuKernels() if run.gpu else contextlib.nullcontext()
     with warnings.catch_warnings(), _unpacked_rows(), tracker.mods, tracker:
         # ModTracker warns when a module is re-entered while active (Llama's decoder calls its rotary module
         # inside its own forward); the innermost module name stays right.
         warnings.filterwarnings("ignore", "The module hierarchy tracking", UserWarning)
-        tracker.phase, starts["forward"] = "forward", len(tracker.events)
-        with saved_hooks:
-            loss = model(**inputs).loss
-        tracker.saved_live = {s for s in tracker.saved if s in _live_after(tracker.events, len(tracker.events))}
-        tracker.phase, starts["backward"] = "backward", len(tracker.events)
-        loss.backward()
-        del loss
-        for p in model.parameters():
-            if p.grad is not None:
-                tracker.recategorize(p.grad, "gradient")
-        tracker.phase, starts["optimizer_step"] = "optimizer_step", len(tracker.events)
-        opt.step()
-        for state in opt.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    tracker.recategorize(value, "optimizer_state")
+        for step in range(run.steps):
+            if step:  # HF Trainer: model.zero_grad() after each optimizer step (set_to_none)
+                model.zero_grad(set_to_none=True)
+            tracker.phase = "forward"
+            starts.append((len(tracker.events), "forward"))
+            with saved_hooks, autocast, kernels:
+                loss = model(**inputs).loss
+            live = _live_after(tracker.events, len(tracker.events))
+            tracker.saved_live = {s for s in tracker.saved if s in live}
+            tracker.phase = "backward"
+            starts.append((len(tracker.events), "backward"))
+            loss.backward()
+            del loss
+            for p in model.parameters():
+                if p.grad is not None:
+                    tracker.recategorize(p.grad, "gradient")
+            tracker.phase = "optimizer_step"
+            starts.append((len(tracker.events), "optimizer_step"))
+            opt.step()
+            for state in opt.state.values():
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        tracker.recategorize(value, "optimizer_state")
+                        if run.gpu and key == "step" and optimizer != "fused":  # a CPU scalar unless fused
+                            tracker.host.add(tracker.track(value, "optimizer_state") or -1)
     tracker.close()  # what the step keeps (parameters, gradients, optimizer state) has no free in the trace
     return starts
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """How :func:`trace_training_step` runs the step beyond the model and batch (defaults: one bare step)."""
+
+    steps: int = 1
+    """Training steps, each forward, backward, optimizer step (and, after the first, the Trainer's zero_grad):
+    a GPU's allocator reaches its steady blocks after the optimizer state exists."""
+    autocast: str | None = None
+    """``bf16``/``fp16``: the forward (and loss) under autocast, as HF Trainer runs --bf16/--fp16 without
+    DeepSpeed over fp32 weights. CPU autocast's lists, which agree with CUDA's on linear layers, matmuls and
+    SDPA (lower precision) and on the losses (fp32); CUDA also runs pow, rsqrt, exp, log, softmax (without a
+    dtype), layer_norm and some others in fp32, which the CPU leaves in the input's dtype: GPT-2's gelu_new
+    (``pow``) and eager attention's softmax are saved in fp32 on a GPU, in 16 bits here."""
+    gpu: bool = False
+    """Run the CUDA kernels' saving behaviour (:class:`_GpuKernels`) and keep host-resident storages apart."""
+    trainer_groups: bool = False
+    """Step HF Trainer's two parameter groups (foreach allocates its temporaries per group) instead of one."""
 
 
 def trace_training_step(
@@ -305,6 +397,7 @@ def trace_training_step(
     inputs_factory: Callable[[], dict[str, torch.Tensor]],
     optimizer: Optimizer = "foreach",
     fake: bool = True,
+    run: StepRun | None = None,
 ) -> Trace:
     """Trace one training step of the model ``model_factory`` builds on the batch ``inputs_factory`` builds.
 
@@ -314,26 +407,37 @@ def trace_training_step(
         inputs_factory: the batch, as keyword arguments of the model.
         optimizer: the torch AdamW implementation that steps.
         fake: build and run everything under ``FakeTensorMode`` (no data, no memory); False runs it for real.
+        run: steps, autocast and the GPU's kernels (:class:`StepRun`); by default one step as built.
 
     Returns:
         The events and their peaks; the step's storages are freed when this returns.
     """
+    run = run or StepRun()
     mode = torch._subclasses.fake_tensor.FakeTensorMode() if fake else contextlib.nullcontext()
     tracker = _Tracker()
     with mode:
         model = model_factory()
         inputs = inputs_factory()
-        starts = _step(tracker, model, inputs, optimizer)
-    peak, breakdown, phase_peaks = _peaks(tracker, starts)
+        bounds = _step(tracker, model, inputs, optimizer, run)
+    host = frozenset(tracker.host - {-1})
+    if host:  # drop their events; each phase's start moves back by the events dropped before it
+        kept = [int(e[1]) not in host for e in tracker.events]  # type: ignore[call-overload]
+        bounds = [(sum(kept[:index]), phase) for index, phase in bounds]
+        tracker.events = [e for e, keep in zip(tracker.events, kept, strict=True) if keep]
+    peak, breakdown, phase_peaks = _peaks(tracker, bounds)
+    last = {phase: index for index, phase in bounds}  # the last step's (later starts overwrite earlier ones)
     return Trace(
         storages=tuple(tracker.storages),
         events=tuple(tracker.events),
-        phase_starts=starts,
+        phase_starts=last,
         optimizer=optimizer,
         saved_bytes=sum(tracker.storages[s].nbytes for s in tracker.saved_live),
         peak=peak,
         peak_breakdown=breakdown,
         phase_peaks=phase_peaks,
+        steps=run.steps,
+        bounds=tuple(bounds),
+        host=host,
     )
 
 
@@ -390,14 +494,17 @@ def known_model_factory(
 
 
 def batch_factory(
-    vocab: int, batch: int, seq: int, task: Task = "classification"
+    vocab: int, batch: int, seq: int, task: Task = "classification", attention_mask: bool = False
 ) -> Callable[[], dict[str, torch.Tensor]]:
-    """A factory of a random batch of ``batch x seq`` token ids (and labels for ``task``)."""
+    """A factory of a random batch of ``batch x seq`` token ids (and labels for ``task``); with
+    ``attention_mask``, an int64 mask as a tokenizer pads to: under fake tensors transformers cannot see that
+    it is all ones, so it builds the attention mask a padded batch gets (and SDPA takes it)."""
 
     def build() -> dict[str, torch.Tensor]:
         ids = torch.randint(3, vocab, (batch, seq))
         labels = ids if task == "causal-lm" else torch.randint(0, 2, (batch,))
-        return {"input_ids": ids, "labels": labels}
+        mask = {"attention_mask": torch.ones(batch, seq, dtype=torch.int64)} if attention_mask else {}
+        return {"input_ids": ids, **mask, "labels": labels}
 
     return build
 

@@ -191,8 +191,7 @@ class ProfilerCallback(TrainerCallback):
                 return original(*args, **kwargs)
             first = not self.breakdown and self._model is not None
             if first:  # gradients exist now (ZeRO-1/2 free them in the step); states after it
-                wrapped = getattr(self.trainer, "model_wrapped", None)
-                before = model_state_bytes(self._model, optimizer, wrapped)
+                before = model_state_bytes(self._model, optimizer)
                 gradients = {k: v for k, v in before.items() if k.startswith("gradients")}
             sampled = self._sampling_optimizer()
             if sampled:
@@ -206,6 +205,7 @@ class ProfilerCallback(TrainerCallback):
                     raised = self._merge("optimizer", self.sampler.stop("optimizer"))
                     self._optimizer_quiet = 0 if raised else self._optimizer_quiet + 1
                 if first:
+                    wrapped = getattr(self.trainer, "model_wrapped", None)  # DDP's buckets, read once
                     after = model_state_bytes(self._model, optimizer, wrapped)
                     self.breakdown = {**{k: v for k, v in after.items() if not k.startswith("gradients")}, **gradients}
                     self.levers = levers_in_use(self._model, optimizer)

@@ -163,8 +163,8 @@ def comparison_table(result: Estimates, title: str) -> Table:
     for point, method in zip(points, methods, strict=True):
         table.add_column(_plain(setting_label(point, varying, method), result.request), justify="right")
 
-    def row(label: str, values: list[int], style: str = "") -> None:
-        cells = [f"{v / GIB:.3f}" for v in values]
+    def row(label: str, values: list[int] | list[int | None], style: str = "") -> None:
+        cells = ["-" if v is None else f"{v / GIB:.3f}" for v in values]
         table.add_row(f"[{style}]{label}[/]" if style else label, *(f"[{style}]{c}[/]" if style else c for c in cells))
 
     for name in ITEM_LABELS:
@@ -176,7 +176,12 @@ def comparison_table(result: Estimates, title: str) -> Table:
             row(label, values)
         if name == "saved_activations":
             for part in dict.fromkeys(p for e in ests for p in e.activation_parts):
-                row(f"  {part}", [e.activation_parts.get(part, 0) for e in ests], "dim")
+                # "-": a traced setting (--trace) has no formula parts
+                row(
+                    f"  {part}",
+                    [e.activation_parts.get(part, None if not e.activation_parts else 0) for e in ests],
+                    "dim",
+                )
     for name in dict.fromkeys(n for e in ests for n in e.host_items):
         row(f"{ITEM_LABELS[name]} (host memory, offloaded)", [e.host_items.get(name, 0) for e in ests], "dim")
     row("tensor peak (max_memory_allocated)", [e.allocated for e in ests], "bold")

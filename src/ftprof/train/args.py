@@ -288,13 +288,22 @@ def check_optimizer_installed(optim: str) -> None:
     """
     import importlib.util
 
+    if optim in _bitsandbytes_optimizers() and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"--optim {optim} needs bitsandbytes, not installed here: pip install 'ftprof[bnb]'")
+
+
+def _bitsandbytes_optimizers() -> set[str]:
+    """The ``--optim`` names HF Trainer builds with bitsandbytes: transformers' own list where it has one
+    (``trainer_optimizer._BITSANDBYTES_OPTIMIZERS``, private), else the names' patterns."""
     from transformers.training_args import OptimizerNames
 
-    # transformers' trainer_optimizer._BITSANDBYTES_OPTIMIZERS, which are these names
-    bnb = "bnb" in optim or optim in {"adamw_8bit", "ademamix", "ademamix_8bit"} or "lion" in optim
-    bnb = bnb or optim.startswith("paged_")
-    if optim in {o.value for o in OptimizerNames} and bnb and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"--optim {optim} needs bitsandbytes, not installed here: pip install 'ftprof[bnb]'")
+    try:
+        from transformers.trainer_optimizer import _BITSANDBYTES_OPTIMIZERS
+
+        return {str(getattr(o, "value", o)) for o in _BITSANDBYTES_OPTIMIZERS}
+    except ImportError:
+        names = {o.value for o in OptimizerNames}
+        return {n for n in names if "bnb" in n or "lion" in n or n.startswith(("paged_", "ademamix", "adamw_8bit"))}
 
 
 def take_levers(argv: list[str]) -> tuple[Levers, list[str]]:

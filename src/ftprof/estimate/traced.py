@@ -1,0 +1,165 @@
+"""``ftprof estimate --trace``: HF Trainer's step without DeepSpeed predicted from the real model's traced step
+on fake tensors, replayed through the caching-allocator model, instead of the hand formulas.
+
+What it adds over :func:`ftprof.estimate.estimator.estimate`: any architecture transformers builds (no
+per-family formula), autocast (``--bf16``/``--fp16`` over fp32 weights, which the formulas don't model) and
+``max_memory_reserved`` from :func:`ftprof.estimate.allocator.replay` rather than a fitted factor. What it
+models: :func:`ftprof.estimate.trace.trace_training_step` with the GPU's kernels (bool dropout masks, SDPA's
+log-sum-exp), HF Trainer's two AdamW groups, a padded batch's attention mask, ``TRACE_STEPS`` steps (the
+allocator's blocks settle once the optimizer state exists), the AdamW implementation ``--optim`` names, and
+the cuBLAS workspaces torch allocates through the same allocator (:func:`cublas_workspaces`). What stays
+outside the allocator (the CUDA context, NCCL) is the calibration's runtime, as in the formula estimate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ftprof.errors import ConfigError
+from ftprof.estimate.allocator import Event, replay
+from ftprof.estimate.estimator import Calibration, Estimate
+from ftprof.estimate.trace import (
+    Optimizer,
+    StepRun,
+    batch_factory,
+    known_model_factory,
+    model_config,
+    trace_training_step,
+)
+from ftprof.point import Point, Task
+
+MIB = 2**20
+TRACE_STEPS = 3
+#: ``--optim`` values the trace steps, and the torch AdamW implementation each runs on a GPU.
+TRACED_OPTIMIZERS: dict[str, Optimizer] = {"adamw_torch": "foreach", "adamw_torch_fused": "fused"}
+#: GPUs (keys of :data:`~ftprof.estimate.estimator.GPUS`) of compute capability 9.0, whose cuBLAS workspace is 32 MiB.
+SM90 = ("h100-80gb", "h100-94gb", "h200-141gb")
+
+
+@dataclass(frozen=True)
+class Workspaces:
+    """The cuBLAS workspaces a training step allocates through torch's caching allocator, in bytes."""
+
+    forward: tuple[int, ...]
+    """Allocated at the forward's first matmul: the main thread's cuBLAS workspace, and its cuBLASLt one."""
+    backward: tuple[int, ...]
+    """Allocated at the backward's first matmul: the autograd engine's device thread has its own handle."""
+    source: str
+
+
+def cublas_workspaces(gpu: str = "gpu", torch_version: str | None = None) -> Workspaces:
+    """The workspaces on ``gpu`` (a GPUS key, or "gpu" for one not named) under ``torch_version`` (by default
+    the installed torch's; its local tag names the backend: ``+cu121``, ``+rocm5.7``), as torch's
+    ``aten/src/ATen/cuda/CublasHandlePool.cpp`` sizes them.
+
+    One workspace per (BLAS handle, stream), handles per thread: the forward's and the autograd thread's.
+    ``parseChosenWorkspaceSize``: 32 MiB on compute capability 9.0, ``:4096:2:16:8`` (8 MiB + 128 KiB) on other
+    NVIDIA GPUs, 32 MiB under ROCm (``CUBLAS_WORKSPACE_CONFIG`` overrides these: not read here); cuBLASLt's own
+    1 MiB (``CUBLASLT_WORKSPACE_SIZE``) for addmm's bias epilogue in the forward. When it goes through the
+    caching allocator: CUDA always, except torch 2.2-2.3 built for CUDA >= 12.2 (pytorch#113994 left the
+    workspace to cuBLAS's own cudaMallocAsync, #124250 restored it in 2.4); ROCm from torch 2.6 (#138791). An
+    unnamed GPU is taken as not Hopper.
+
+    >>> [size // 1024 for size in cublas_workspaces("a10g-24gb", "2.4.1+cu124").forward]
+    [8320, 1024]
+    >>> cublas_workspaces("gpu", "2.3.1+rocm5.7").forward, cublas_workspaces("h100-80gb", "2.3.1+cu121").backward
+    ((), (33554432,))
+    """
+    version = torch_version or torch.__version__
+    release, _, local = version.partition("+")
+    numbers = re.match(r"(\d+)\.(\d+)", release)
+    major_minor = (int(numbers[1]), int(numbers[2])) if numbers else (99, 0)  # unparsable: today's torch
+    source = f"torch {version}'s CublasHandlePool.cpp: a BLAS workspace per thread (forward, autograd)"
+    if local.startswith("rocm"):
+        if major_minor < (2, 6):
+            return Workspaces((), (), f"torch {version} on ROCm: hipBLAS's workspace is its own, outside the allocator")
+        return Workspaces((32 * MIB,), (32 * MIB,), source)
+    digits = local[2:] if re.fullmatch(r"cu\d{3,}", local) else ""  # cu121: CUDA 12.1
+    cuda = (int(digits[:-1]), int(digits[-1])) if digits else ()
+    if (2, 2) <= major_minor < (2, 4) and cuda >= (12, 2):
+        return Workspaces((), (), f"torch {version}: cuBLAS allocates its own workspace (cudaMallocAsync)")
+    cublas = 32 * MIB if gpu in SM90 else 8 * MIB + 128 * 1024
+    return Workspaces((cublas, 1 * MIB), (cublas,), source + ", cuBLASLt 1 MiB")
+
+
+def check_traceable(point: Point, optim: str, world_size: int, lora: bool) -> Optimizer:
+    """The AdamW implementation to trace for ``point``, or a one-line refusal of what the trace doesn't cover.
+
+    Raises:
+        ConfigError: a DeepSpeed point, an optimizer other than torch's AdamW, several ranks, LoRA or offload.
+    """
+    if point.deepspeed:
+        raise ConfigError("--trace predicts HF Trainer without DeepSpeed: use --zero none (or drop --trace)")
+    if optim not in TRACED_OPTIMIZERS:
+        names = " or ".join(TRACED_OPTIMIZERS)
+        raise ConfigError(f"--trace with --optim {optim}: the trace steps torch's AdamW; use --optim {names}")
+    if world_size > 1:
+        raise ConfigError("--trace predicts one rank without DDP; use --world_size 1, or drop --trace for DDP")
+    if lora:
+        raise ConfigError("--trace with --peft lora: not traced yet; drop --trace for LoRA's estimate")
+    if point.offload != "none":
+        raise ConfigError("--zero none: offload needs DeepSpeed; use --offload none")
+    return TRACED_OPTIMIZERS[optim]
+
+
+def _with_workspaces(events: tuple[Event, ...], bounds: tuple[tuple[int, str], ...], ws: Workspaces) -> list[Event]:
+    """``events`` with the workspaces allocated where the first forward and the first backward begin."""
+    first = {phase: index for index, phase in reversed(bounds)}
+    inserts = {first["forward"]: ws.forward, first["backward"]: ws.backward}
+    out: list[Event] = []
+    for index, event in enumerate(events):
+        for n, size in enumerate(inserts.get(index, ())):
+            out.append(("alloc", f"workspace-{index}-{n}", size))
+        out.append(event)
+    return out
+
+
+def traced_estimate(
+    model: str,
+    task: Task,
+    point: Point,
+    optim: str,
+    cal: Calibration,
+    gpu: str = "gpu",
+    attention: str | None = None,
+    workspaces: Workspaces | None = None,
+) -> Estimate:
+    """Predict ``point`` (HF Trainer without DeepSpeed, one rank) on ``gpu`` from the traced step.
+
+    Items are the trace's storages alive at its peak, by category, plus the workspaces and what the
+    allocator's 512-byte rounding adds; ``allocated`` and ``reserved`` are the replay's peaks; device used adds
+    the calibration's runtime (the CUDA context: outside the allocator). ``workspaces``: other than
+    :func:`cublas_workspaces` gives for ``gpu`` (another vendor's BLAS).
+
+    Raises:
+        ConfigError: what :func:`check_traceable` refuses.
+    """
+    optimizer = check_traceable(point, optim, point.world_size, point.peft != "none")
+    autocast = None if point.precision == "fp32" else point.precision
+    config = model_config(model)
+    factory = known_model_factory(model, task, "fp32", attention or "sdpa", checkpointing=point.gradient_checkpointing)
+    batch = batch_factory(int(config.vocab_size), point.batch_size, point.seq_len, task, attention_mask=True)
+    run = StepRun(steps=TRACE_STEPS, autocast=autocast, gpu=True, trainer_groups=True)
+    trace = trace_training_step(factory, batch, optimizer, run=run)
+    ws = workspaces or cublas_workspaces(gpu)
+    stats = replay(_with_workspaces(trace.events, trace.bounds, ws))
+    at_peak = trace.peak_breakdown
+    items = {
+        "parameters": at_peak.get("parameter", 0) + at_peak.get("buffer", 0),
+        "gradients": at_peak.get("gradient", 0),
+        "optimizer_states": at_peak.get("optimizer_state", 0),
+        "saved_activations": at_peak.get("activation", 0),
+        "temporaries": at_peak.get("temporary", 0) + at_peak.get("input", 0),
+        "gpu_workspaces": sum(ws.forward) + sum(ws.backward),
+    }
+    items["block_rounding"] = max(stats.max_allocated - sum(items.values()), 0)
+    labels = {
+        "optimizer_states": f"optimizer states (torch AdamW, {optimizer})",
+        "saved_activations": "saved activations (traced, at the peak)",
+        "temporaries": "temporaries and the batch (traced, at the peak)",
+    }
+    device_used = stats.max_reserved + int(cal.runtime_bytes)
+    return Estimate(items, {}, stats.max_allocated, stats.max_reserved, device_used, {}, labels)

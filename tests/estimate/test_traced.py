@@ -1,0 +1,231 @@
+"""``ftprof estimate --trace``: the GPU's kernels run on CPU tensors save what a GPU saves (hand-worked byte
+counts), autocast's casts are traced, fake and real runs agree under both, AdamW's host-side step counts stay
+out, the cuBLAS workspaces follow torch's source per version, and the traced estimate meets issue 22's goals on
+the published GPU runs and on ftprof's own H200 point (never fitted to; the bench prints the same table)."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftprof.cli.estimate import main
+from ftprof.estimate.calibration import SHIPPED_GPU
+from ftprof.estimate.trace import StepRun, Trace, batch_factory, known_model_factory, trace_training_step
+from ftprof.estimate.traced import MIB, cublas_workspaces, traced_estimate
+from ftprof.point import Point
+from tests.conftest import ROOT
+
+TRUTH = ROOT.parent / "shared" / "data" / "gpu-truth" / "optimum-benchmark.jsonl"
+
+
+class Tiny(torch.nn.Module):
+    """A Linear with bias, then ``dropout`` (a module) or scaled dot-product attention with dropout."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.linear = torch.nn.Linear(8, 8)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        y = self.linear(x)
+        if self.kind == "dropout":
+            y = self.drop(y)
+        else:  # batch 1, 2 heads, 4 positions, head dim 4 (x is 4 x 8)
+            q = y.view(1, 4, 2, 4).transpose(1, 2)
+            y = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+        return SimpleNamespace(loss=y.float().sum())
+
+
+def tiny_trace(kind: str, gpu: bool, autocast: str | None = None, fake: bool = True) -> Trace:
+    run = StepRun(autocast=autocast, gpu=gpu)
+    return trace_training_step(lambda: Tiny(kind).train(), lambda: {"x": torch.ones(4, 8)}, "fused", fake, run)
+
+
+def saved_by_op(trace: Trace) -> dict[str, int]:
+    saved: dict[str, int] = {}
+    for s in trace.storages:
+        if s.category == "activation":
+            saved[s.op] = saved.get(s.op, 0) + s.nbytes
+    return saved
+
+
+@pytest.mark.parametrize("fake", [True, False])
+def test_dropout_saves_a_bool_mask_as_on_a_gpu_and_the_cpus_mask_without(fake):
+    """4 x 8 fp32 through dropout: the CPU saves a mask in fp32 (128 B); CUDA's fused dropout a bool one (32 B)."""
+    cpu, gpu = tiny_trace("dropout", False, fake=fake), tiny_trace("dropout", True, fake=fake)
+    assert saved_by_op(gpu) == {"native_dropout": 32}
+    cpu_masks = [s for s in cpu.storages if s.category == "activation"]
+    assert [s.nbytes for s in cpu_masks] == [128]  # empty_like(x).bernoulli_(): the mask in x's dtype
+    assert cpu.saved_bytes - gpu.saved_bytes == 96
+
+
+@pytest.mark.parametrize("fake", [True, False])
+def test_sdpa_with_dropout_keeps_a_log_sum_exp_as_on_a_gpu_not_the_probabilities(fake):
+    """Batch 1, 2 heads, 4 positions: CUDA's flash and memory-efficient kernels save the output (the input
+    shape, 128 B in fp32) and an fp32 log-sum-exp of 1 x 2 x 4 (32 B); the CPU's math path (its only one with
+    dropout) saves the 2 x 4 x 4 probabilities and their mask too."""
+    cpu, gpu = tiny_trace("sdpa", False, fake=fake), tiny_trace("sdpa", True, fake=fake)
+    flash = saved_by_op(gpu)
+    assert flash.pop("_scaled_dot_product_flash_attention_for_cpu") == 128 + 32
+    assert sum(flash.values()) == 128  # the linear's output: q, k and v (one tensor here), kept for the kernel
+    assert "_scaled_dot_product_flash_attention_for_cpu" not in saved_by_op(cpu)
+    assert cpu.saved_bytes > gpu.saved_bytes + 2 * 4 * 4 * 4  # at least the probabilities and their mask
+
+
+@pytest.mark.parametrize("fake", [True, False])
+def test_autocast_traces_the_16_bit_copies_the_linear_saves(fake):
+    """Linear(8, 8) on a 4 x 8 fp32 input under bf16 autocast: the bf16 copies of input (64 B), weight (128 B)
+    and bias (16 B), the bf16 output (64 B). addmm saves the input's copy for the weight's gradient; the
+    weight's copy would be saved for the input's gradient, which this input (no grad) doesn't need: autocast's
+    cache holds it until the forward leaves autocast."""
+    trace = tiny_trace("dropout", True, "bf16", fake=fake)
+    copies = {s.nbytes: s for s in trace.storages if s.op == "_to_copy" and s.phase == "forward"}
+    assert sorted(copies)[:3] == [16, 64, 128]
+    assert [s.nbytes for s in trace.storages if s.category == "activation" and s.op == "_to_copy"] == [64]
+    weight_copy = copies[128]
+    freed_at = trace.events.index(("free", weight_copy.id))
+    assert freed_at < trace.phase_starts["backward"]  # the cache, emptied as the forward ends
+    dropped = [s for s in trace.storages if s.op == "native_dropout" and s.phase == "forward"]
+    assert sorted(s.nbytes for s in dropped) == [32, 64]  # a bool mask and the bf16 output
+    fp32 = tiny_trace("dropout", True, None, fake=fake)
+    assert not [s for s in fp32.storages if s.op == "_to_copy" and s.phase == "forward" and s.nbytes in (64, 128)]
+
+
+def runs_of_frees(trace: Trace) -> list[object]:
+    out: list[object] = []
+    for event in trace.events:
+        if event[0] == "free" and out and isinstance(out[-1], set):
+            out[-1].add(event[1])
+        else:
+            out.append({event[1]} if event[0] == "free" else tuple(event))
+    return out
+
+
+def test_fake_and_real_gpu_mode_steps_agree_on_a_model_from_the_hub_zoo():
+    """Three steps of tiny-bert with the GPU's kernels, autocast and the Trainer's groups: same events. (Without
+    an attention mask: a real run looks at its values, which a fake one can't, as the next test shows.)"""
+    factory = known_model_factory("tiny-bert")
+    batch = batch_factory(1024, 4, 32)
+    run = StepRun(steps=3, autocast="bf16", gpu=True, trainer_groups=True)
+    fake = trace_training_step(factory, batch, "foreach", True, run)
+    real = trace_training_step(factory, batch, "foreach", False, run)
+    # autocast's cache frees its weight copies at once, in its hash map's order (addresses): compare each run of
+    # frees as a set (the allocator's blocks after the run don't depend on the order)
+    assert runs_of_frees(fake) == runs_of_frees(real)
+    assert fake.peak == real.peak > 0
+    assert [phase for _, phase in fake.bounds].count("forward") == 3
+
+
+def test_a_fake_padded_batch_builds_the_mask_sdpa_takes_in_every_layer():
+    """Under fake tensors transformers can't see that a mask is all ones, so it builds the mask a padded batch
+    gets: SDPA converts it to a float bias per layer (tiny-bert: 2 layers, 4 x 1 x 32 x 32 fp32 each)."""
+    factory, run = known_model_factory("tiny-bert"), StepRun(gpu=True)
+    bare = trace_training_step(factory, batch_factory(1024, 4, 32), run=run)
+    padded = trace_training_step(factory, batch_factory(1024, 4, 32, attention_mask=True), run=run)
+    assert padded.saved_bytes - bare.saved_bytes == 2 * 4 * 32 * 32 * 4
+
+
+def test_a_gpu_step_keeps_adamws_step_counts_on_the_host_except_fused():
+    """Outside its fused path AdamW's ``step`` is a CPU scalar even for CUDA parameters: not in the trace."""
+    factory, batch = known_model_factory("tiny-bert"), batch_factory(1024, 2, 16)
+    params = sum(p.numel() * 4 for p in factory().parameters())
+    tensors = len(list(factory().parameters()))
+    foreach = trace_training_step(factory, batch, "foreach", run=StepRun(gpu=True))
+    fused = trace_training_step(factory, batch, "fused", run=StepRun(gpu=True))
+    assert foreach.category_bytes("optimizer_state") == 2 * params
+    assert fused.category_bytes("optimizer_state") == 2 * params + 4 * tensors
+    assert len(foreach.host) == tensors
+    assert all(event[1] not in foreach.host for event in foreach.events)
+
+
+def test_the_workspaces_follow_torchs_source_per_version():
+    hopper = cublas_workspaces("h100-80gb", "2.11.0+cu130")
+    assert (hopper.forward, hopper.backward) == ((32 * MIB, MIB), (32 * MIB,))
+    assert cublas_workspaces("a10g-24gb", "2.3.1+cu121").backward == (8 * MIB + 128 * 1024,)  # CUDA < 12.2
+    assert cublas_workspaces("a10g-24gb", "2.3.1+cu124").backward == ()  # pytorch#113994, until 2.4
+    assert cublas_workspaces("a10g-24gb", "2.4.1+cu124").backward == (8 * MIB + 128 * 1024,)  # #124250
+    assert cublas_workspaces("gpu", "2.5.1+rocm6.2").backward == ()
+    assert cublas_workspaces("gpu", "2.6.0+rocm6.2").backward == (32 * MIB,)  # #138791
+
+
+def test_the_traced_estimate_itemises_its_allocated_peak():
+    point = Point(precision="bf16", zero=0, seq_len=64, batch_size=4, deepspeed=False)
+    est = traced_estimate("tiny-bert", "classification", point, "adamw_torch", SHIPPED_GPU, "h100-80gb")
+    assert sum(est.items.values()) == est.allocated <= est.reserved < est.device_used
+    assert est.items["gpu_workspaces"] == 65 * MIB
+    assert est.items["optimizer_states"] == 2 * 4 * sum(
+        p.numel() for p in known_model_factory("tiny-bert")().parameters()
+    )
+
+
+def published_cases() -> list[dict]:
+    if not TRUTH.exists():
+        pytest.fail(f"{TRUTH}: the shared GPU measurements are missing")
+    return [json.loads(line) for line in TRUTH.read_text().splitlines() if line.strip()]
+
+
+def test_the_traced_estimate_meets_the_goals_on_published_gpu_runs():
+    """Issue 22's goals (allocated within 2%, reserved 5%, NVML used 10%) on every published run ftprof can
+    express, with the workspaces of the torch each names; nothing here was fitted to them."""
+    import bench.bench_public_gpu as bench
+
+    rows = [
+        row
+        for case in published_cases()
+        if not isinstance(w := bench.expressible(case), str)
+        for row in bench.judge_traced(case, *w)
+    ]
+    assert len(rows) == 3, rows  # gpt2 and roberta-base on the MI250, roberta-base on the A10G
+    for row in rows:
+        assert row["allocated"] is None or abs(row["allocated"]) < 0.02, row
+        assert abs(row["reserved"]) < 0.05, row
+        assert row["nvml"] is None or abs(row["nvml"]) < 0.10, row
+
+
+def test_the_traced_estimate_of_ftprofs_own_h200_plain_trainer_point():
+    """bert-base, bf16 autocast, fused AdamW, 32 x 128 on the H200 (measured 2026-12-04): within the goals."""
+    import bench.bench_public_gpu as bench
+
+    row = bench.judge_own_h200()
+    assert abs(row["allocated"]) < 0.02, row
+    assert abs(row["reserved"]) < 0.05, row
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--zero", "2"], "add --zero none"),
+        (["--zero", "none", "--cpu"], "drop --trace"),
+        (["--zero", "none", "--grid", "--gpu", "a10g-24gb"], "not --grid"),
+        (["--zero", "none", "--optim", "sgd"], "--optim adamw_torch or adamw_torch_fused"),
+        (["--zero", "none", "--world_size", "2"], "without DDP"),
+        (["--zero", "none", "--peft", "lora"], "--peft lora"),
+    ],
+)
+def test_trace_refuses_what_it_does_not_trace_in_one_line(capsys, extra, message):
+    assert main(["--model", "tiny-bert", "--trace", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_trace_estimates_plain_bf16_beside_a_deepspeed_stage_as_json(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    flags = ["--model", "tiny-bert", "--zero", "none,2", "--precision", "bf16", "--batch_size", "4", "--seq_len", "64"]
+    assert main([*flags, "--trace", "--gpu", "h100-80gb", "--format", "json"]) == 0
+    plain, zero2 = json.loads(capsys.readouterr().out)["settings"]
+    assert plain["key"] == "bf16-znone-w1-ga1-s64-b4"
+    assert plain["items"]["gpu_workspaces"] == 65 * MIB
+    assert "gpu_workspaces" not in zero2["items"]
+    point = Point(precision="bf16", zero=0, seq_len=64, batch_size=4, deepspeed=False)
+    est = traced_estimate("tiny-bert", "classification", point, "adamw_torch_fused", SHIPPED_GPU, "h100-80gb")
+    assert (plain["allocated_bytes"], plain["reserved_bytes"]) == (est.allocated, est.reserved)
+    assert main([*flags, "--trace", "--gpu", "h100-80gb"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"--zero none: reserved replayed", out), out
