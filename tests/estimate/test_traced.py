@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -229,3 +230,53 @@ def test_trace_estimates_plain_bf16_beside_a_deepspeed_stage_as_json(capsys, mon
     assert main([*flags, "--trace", "--gpu", "h100-80gb"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert re.search(r"--zero none: reserved replayed", out), out
+
+
+class Gelu(torch.nn.Module):
+    """A Linear, then GPT-2's gelu_new in Python ops (its ``pow``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> SimpleNamespace:
+        y = self.linear(x)
+        y = 0.5 * y * (1.0 + torch.tanh(0.79788456 * (y + 0.044715 * torch.pow(y, 3.0))))
+        return SimpleNamespace(loss=y.float().sum())
+
+
+def test_under_autocast_the_gpu_mode_runs_cudas_fp32_ops_in_fp32():
+    """4 x 8 under bf16 autocast: CUDA casts pow's bf16 input to fp32 (a 128-byte copy) and writes fp32 (128 B),
+    and what follows promotes to fp32; CPU autocast keeps pow in bf16 (64 B)."""
+
+    def pow_outputs(gpu: bool) -> list[int]:
+        trace = trace_training_step(
+            Gelu, lambda: {"x": torch.ones(4, 8)}, "fused", run=StepRun(autocast="bf16", gpu=gpu)
+        )
+        return [s.nbytes for s in trace.storages if s.op == "pow" and s.phase == "forward"]
+
+    assert pow_outputs(gpu=False) == [64]
+    assert pow_outputs(gpu=True) == [128]
+
+
+def test_the_cuda_fp32_policy_covers_torchs_own_cuda_autocast_lists():
+    """The installed torch's CUDA autocast test lists (ops that must come out fp32) are all in ftprof's policy.
+    Read as source (importing the module needs torch's test dependencies)."""
+    import ast
+    import importlib.util
+
+    from ftprof.estimate.trace import CUDA_FP32_CASTS, CUDA_FP32_OUTPUT
+
+    spec = importlib.util.find_spec("torch.testing._internal.autocast_test_lists")
+    assert spec is not None
+    assert spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text())
+    cuda = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "AutocastTestLists")
+    names = set()
+    for node in ast.walk(cuda):
+        target = node.targets[0] if isinstance(node, ast.Assign) else None
+        wanted = isinstance(target, ast.Attribute) and target.attr in ("torch_fp32", "nn_fp32", "methods_fp32")
+        if wanted and isinstance(node.value, ast.List):
+            names |= {e.elts[0].value for e in node.value.elts if isinstance(e, ast.Tuple)}
+    assert len(names) > 30, names
+    assert names <= set(CUDA_FP32_CASTS) | set(CUDA_FP32_OUTPUT), names - set(CUDA_FP32_CASTS) - set(CUDA_FP32_OUTPUT)

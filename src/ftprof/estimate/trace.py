@@ -268,6 +268,36 @@ def _adamw(model: torch.nn.Module, optimizer: Optimizer, trainer_groups: bool = 
     return torch.optim.AdamW(params, lr=1e-4, foreach=optimizer == "foreach")
 
 
+# CUDA autocast's fp32 policies (aten/src/ATen/autocast_mode.cpp; the installed torch's
+# torch/testing/_internal/autocast_test_lists.py lists them for CUDA, and a test checks these cover it). CPU
+# autocast leaves most of these in the input's dtype. Casts: 16-bit inputs are copied to fp32 and the op runs
+# there. Output dtype: the op reads 16 bits and writes fp32 (``fp32_set_opt_dtype``: no copy of the input).
+CUDA_FP32_CASTS = (  # noqa: SIM905 (a list of names, kept readable)
+    "acos asin cosh erfinv exp expm1 log log10 log2 log1p reciprocal rsqrt sinh tan pow __pow__ __rpow__ "
+    "softplus layer_norm rms_norm group_norm norm cosine_similarity poisson_nll_loss cosine_embedding_loss "
+    "nll_loss nll_loss2d hinge_embedding_loss kl_div l1_loss smooth_l1_loss huber_loss mse_loss margin_ranking_loss "
+    "multilabel_margin_loss soft_margin_loss triplet_margin_loss multi_margin_loss "
+    "binary_cross_entropy_with_logits dist pdist cdist renorm logsumexp"
+).split()
+CUDA_FP32_OUTPUT = ["softmax", "log_softmax", "cumprod", "cumsum", "prod", "sum"]
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _cuda_policies() -> tuple[frozenset[Any], frozenset[Any]]:
+    """The torch, Tensor and functional callables of :data:`CUDA_FP32_CASTS` and :data:`CUDA_FP32_OUTPUT`."""
+    spaces = (torch, torch.Tensor, torch.nn.functional, torch.special)
+
+    def callables(names: list[str]) -> frozenset[Any]:
+        return frozenset(getattr(m, n) for m in spaces for n in names if callable(getattr(m, n, None)))
+
+    return callables(CUDA_FP32_CASTS), callables(CUDA_FP32_OUTPUT)
+
+
+def _to_fp32(value: Any) -> Any:
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype in _HALF else value
+
+
 class _GpuKernels(TorchFunctionMode):
     """Run, on CPU tensors, the kernels a CUDA training step runs where they save other tensors than the CPU's.
 
@@ -278,6 +308,8 @@ class _GpuKernels(TorchFunctionMode):
       from a Philox seed and offset: no mask, no probabilities), where the CPU's math path (its only one with
       dropout) saves the ``seq x seq`` probabilities and their mask. Not mapped: the memory-efficient kernel
       (fp32, or an attention mask) pads the log-sum-exp's ``seq`` to a multiple of 32.
+    - Under autocast, CUDA's fp32 policies (:data:`CUDA_FP32_CASTS`, :data:`CUDA_FP32_OUTPUT`): e.g. GPT-2's
+      ``gelu_new`` (``pow``) and eager attention's ``softmax`` run in fp32 on a GPU, in 16 bits under CPU autocast.
     """
 
     def __torch_function__(
@@ -294,6 +326,15 @@ class _GpuKernels(TorchFunctionMode):
             if len(args) > 4:
                 args = (*args[:4], 0.0, *args[5:])
             kwargs["dropout_p"] = 0.0
+        elif torch.is_autocast_enabled("cpu"):
+            casts, output = _cuda_policies()
+            if func in casts:
+                args = tuple(_to_fp32(a) for a in args)
+                kwargs = {k: _to_fp32(v) for k, v in kwargs.items()}
+            elif func in output and kwargs.get("dtype") is None and not any(isinstance(a, torch.dtype) for a in args):
+                first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                if first is not None and first.dtype in _HALF:
+                    kwargs["dtype"] = torch.float32
         return func(*args, **kwargs)
 
 
@@ -382,10 +423,8 @@ class StepRun:
     a GPU's allocator reaches its steady blocks after the optimizer state exists."""
     autocast: str | None = None
     """``bf16``/``fp16``: the forward (and loss) under autocast, as HF Trainer runs --bf16/--fp16 without
-    DeepSpeed over fp32 weights. CPU autocast's lists, which agree with CUDA's on linear layers, matmuls and
-    SDPA (lower precision) and on the losses (fp32); CUDA also runs pow, rsqrt, exp, log, softmax (without a
-    dtype), layer_norm and some others in fp32, which the CPU leaves in the input's dtype: GPT-2's gelu_new
-    (``pow``) and eager attention's softmax are saved in fp32 on a GPU, in 16 bits here."""
+    DeepSpeed over fp32 weights. CPU autocast's lists agree with CUDA's on linear layers, matmuls and SDPA
+    (16 bits) and the losses (fp32); with ``gpu``, CUDA's fp32 policies apply on top (:class:`_GpuKernels`)."""
     gpu: bool = False
     """Run the CUDA kernels' saving behaviour (:class:`_GpuKernels`) and keep host-resident storages apart."""
     trainer_groups: bool = False
