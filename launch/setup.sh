@@ -67,6 +67,8 @@ install "${FTPROF_TORCH:-torch==2.13.0}" -e '.[test]'
 # which would change every process the tests measure; tests/estimate/test_optimizers.py checks it in a
 # subprocess that puts this folder on its path.
 [ -d .venv/apart/bitsandbytes ] || install --no-deps --target .venv/apart 'bitsandbytes>=0.50,<0.51'
+# torchao (--optim adamw_torch_8bit) beside it, for the same reason (transformers and peft look for it).
+[ -d .venv/apart/torchao ] || install --no-deps --target .venv/apart 'torchao>=0.18,<0.19'
 # DeepSpeed builds its CPU ops on first use (~2 min on 2 cores in all). Build them here, in one process with no
 # timeout, into this venv (the tests use the same folder): a test timing out mid-build would leave a lock file
 # that every later DeepSpeed run waits on forever. Re-runs only load them; stale locks are removed first.

@@ -41,6 +41,24 @@ def _no_launcher_env_leaks():
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _no_root_handler_leaks():
+    """Each test starts with the root logger's handlers the session started with: an entry point run in process
+    (``launch/train.py``'s main) binds one to that test's captured stdout, which is closed once the test ends, so
+    a later test's log line would print a logging traceback."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+    for handler in before:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+
+
 def in_ci() -> bool:
     """Whether ``CI`` is set to a true value (``.ci/run`` sets ``CI=true``; so do GitHub Actions and GitLab)."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")

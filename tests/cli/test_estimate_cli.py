@@ -369,7 +369,7 @@ def test_the_optimizer_states_row_names_the_state_of_the_optimizer_that_steps(ca
     [
         (["--zero", "none", "--precision", "bf16"], "autocast"),
         (
-            ["--zero", "none", "--optim", "adamw_torch_8bit", "--precision", "fp32"],
+            ["--zero", "none", "--optim", "adamw_torch_4bit", "--precision", "fp32"],
             "not modelled by ftprof estimate yet",
         ),
     ],

@@ -65,6 +65,18 @@ def without_bitsandbytes(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@pytest.mark.parametrize("optim", ["adamw_torch_8bit", "adamw_torch_4bit"])
+def test_a_torchao_optimizer_without_it_is_refused_with_the_install_line(tmp_path, capsys, monkeypatch, optim):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    out = tmp_path / "sweep"
+    extra = ["--model", "tiny-bert", "--zero", "none", "--optim", optim, "--out", str(out)]
+    one_line_error(capsys, sweep_cli.main, extra, rf"--optim {optim} needs torchao.*pip install 'ftprof\[torchao\]'")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "lion_8bit", "ademamix"])
 def test_a_bitsandbytes_optimizer_without_it_is_refused_with_the_install_line(tmp_path, capsys, monkeypatch, optim):
     without_bitsandbytes(monkeypatch)

@@ -515,7 +515,7 @@ def test_the_sweeps_predictor_answers_zero_none_points_with_the_trainers_optim_o
         assert predict(replace(fp32, precision="bf16")) is None
         zero0 = replace(fp32, deepspeed=True)
         assert predict(zero0) == estimate(arch, zero0, predict_calibration(), "cpu").device_used
-    assert predictor(arch, "cpu", cuda=False, optim="adamw_torch_8bit")[0](fp32) is None
+    assert predictor(arch, "cpu", cuda=False, optim="adamw_torch_4bit")[0](fp32) is None
     with pytest.raises(ValueError, match="exactly when DeepSpeed is off"):
         estimate(arch, fp32, device="cpu")
 

@@ -17,16 +17,27 @@ from ftprof.estimate.optimizers import TRAINER_OPTIMIZERS
 from ftprof.estimate.trace import known_model_factory, measure_optimizer_step
 from tests.conftest import ROOT, skip_or_fail
 
-# bitsandbytes lives apart (launch/setup.sh: .venv/apart), out of this process's path: peft imports it with
-# every Trainer when it can. Its cases (bitsandbytes_cases.py) run in a pytest of their own that adds the folder
-# to its path (the last test here).
+# bitsandbytes and torchao live apart (launch/setup.sh: .venv/apart), out of this process's path: peft imports
+# bitsandbytes with every Trainer when it can. Their cases (bitsandbytes_cases.py, torchao_cases.py) run in a
+# pytest of their own that adds the folder to its path (the last test here).
 APART = ROOT / ".venv" / "apart"
-CASES = "tests/estimate/bitsandbytes_cases.py"
+CASES = ["tests/estimate/bitsandbytes_cases.py", "tests/estimate/torchao_cases.py"]
+#: Optimizers whose models are checked in those cases, not here.
+APART_OPTIMIZERS = {"adamw_bnb_8bit", "adamw_torch_8bit"}
+#: Optimizers that step through torch.compile, which runs under no dispatch mode: their step is the allocator's.
+COMPILED = {"adamw_torch_8bit"}
 
 
 # 0-dim tensors each keeps per parameter, which the models leave out: Adam's ``step``, Adafactor's ``RMS``.
-# bitsandbytes keeps ``step`` as a Python int.
-SCALARS = {"adamw_torch": 1, "adamw_torch_fused": 1, "sgd": 0, "adafactor": 1, "adamw_bnb_8bit": 0}
+# bitsandbytes keeps ``step`` as a Python int; torchao as a 0-dim tensor.
+SCALARS = {
+    "adamw_torch": 1,
+    "adamw_torch_fused": 1,
+    "sgd": 0,
+    "adafactor": 1,
+    "adamw_bnb_8bit": 0,
+    "adamw_torch_8bit": 1,
+}
 
 
 def forget_bitsandbytes_overrides() -> None:
@@ -61,7 +72,7 @@ MODELS = ["tiny-bert", "tiny-gpt2", "tiny-llama"]
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("optim", sorted(set(TRAINER_OPTIMIZERS) - {"adamw_bnb_8bit"}))  # bitsandbytes_cases.py
+@pytest.mark.parametrize("optim", sorted(set(TRAINER_OPTIMIZERS) - APART_OPTIMIZERS))  # the *_cases.py
 def test_each_optimizers_state_and_step_match_a_real_step_on_the_trainers_groups(model, optim):
     check_against_a_real_step(model, optim)
 
@@ -75,12 +86,12 @@ def check_against_a_real_step(model: str, optim: str) -> None:
     assert [[tuple(p.shape) for p in g["params"]] for g in built_groups] == [list(g) for g in groups]
     params = [p for g in built_groups for p in g["params"]]
     model_of = TRAINER_OPTIMIZERS[optim]
-    cost = measure_optimizer_step(params, trainers_optimizer(built, optim))
+    cost = measure_optimizer_step(params, trainers_optimizer(built, optim), dispatch=optim not in COMPILED)
     assert cost.state_bytes == model_of.states(groups) + 4 * SCALARS[optim] * len(params)
     step = model_of.temporaries(groups, "cpu")
     # What the CPU allocator saw: kernels' own tensors too, and a few 0-dim scalars (up to 84 bytes here).
     assert step <= cost.allocator_peak <= step + 128
-    if optim != "adamw_bnb_8bit":  # bitsandbytes' CPU kernel allocates below the dispatcher, unseen there
+    if optim not in APART_OPTIMIZERS:  # bitsandbytes' CPU kernel allocates below the dispatcher; torchao compiles
         assert cost.transient_peak == step
     if optim == "adamw_torch":  # the GPU default is foreach: the same optimizer with foreach=True, per group
         foreach = measure_optimizer_step(params, trainers_optimizer(built, optim, foreach=True))
@@ -113,16 +124,19 @@ def test_the_decay_rule_is_the_trainers(model):
     assert len(ours) < len(list(built.named_parameters()))  # some parameters do not decay
 
 
-def test_the_8bit_optimizer_cases_pass_in_a_pytest_with_bitsandbytes():
-    """bitsandbytes_cases.py in a pytest of its own, with ``.venv/apart`` on its path: all 4 cases pass."""
+def test_the_8bit_optimizer_cases_pass_in_a_pytest_with_bitsandbytes_and_torchao():
+    """bitsandbytes_cases.py and torchao_cases.py in a pytest of their own, with ``.venv/apart`` on its path:
+    all 8 cases pass."""
     import importlib.util
 
-    if importlib.util.find_spec("bitsandbytes") is None and not (APART / "bitsandbytes").is_dir():
-        skip_or_fail(f"bitsandbytes is neither importable nor installed apart in {APART} (launch/setup.sh does)")
+    for package in ("bitsandbytes", "torchao"):
+        if importlib.util.find_spec(package) is None and not (APART / package).is_dir():
+            skip_or_fail(f"{package} is neither importable nor installed apart in {APART} (launch/setup.sh does)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(APART), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "pytest", CASES, "-q", "-p", "no:cacheprovider"]
-    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    command = [sys.executable, "-m", "pytest", *CASES, "-q", "-p", "no:cacheprovider"]
+    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    failures = [line for line in proc.stdout.splitlines() if line.startswith(("E ", "FAILED", "ERROR"))]
+    assert proc.returncode == 0, "\n".join(failures[:40]) or proc.stdout[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]
-    assert summary.startswith("4 passed"), summary
+    assert summary.startswith("8 passed"), summary
     assert "skipped" not in summary, summary

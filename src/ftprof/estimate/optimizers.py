@@ -146,6 +146,37 @@ def _adam_8bit_step(groups: Groups, device: Device) -> int:
     return max((4 * _numel(s) * (5 if _is_8bit(s) else 3) for s in _all(groups)), default=0)
 
 
+#: torchao's 8-bit AdamW (torchao 0.18: torchao/optim/adam.py ``_AdamBase._new_buffer``, subclass_8bit.py
+#: ``OptimState8bit.zeros``; transformers' ``_get_torchao_optimizer``, block_size 256): a parameter of at least
+#: 4,096 elements divisible by the block keeps each moment as uint8 codes, an fp32 scale per block and its own
+#: 256-entry fp32 quantisation map; any other keeps fp32 moments. ``step`` is a 0-dim CPU tensor.
+TORCHAO_BLOCK = 256
+TORCHAO_QMAP = 256 * 4
+
+
+def _torchao_quantized(shape: Shape) -> bool:
+    n = _numel(shape)
+    return n >= 4096 and n % TORCHAO_BLOCK == 0
+
+
+def _torchao_8bit_states(groups: Groups) -> int:
+    return sum(
+        2 * (_numel(s) + 4 * (_numel(s) // TORCHAO_BLOCK) + TORCHAO_QMAP) if _torchao_quantized(s) else 8 * _numel(s)
+        for s in _all(groups)
+    )
+
+
+def _torchao_8bit_step(groups: Groups, device: Device) -> int:
+    # One torch.compile'd single_param_adam per parameter: inductor's CPU code holds both moments dequantised to
+    # fp32 (exp_avg_f32, exp_avg_sq_f32: each feeds the update and the per-block amax of its requantisation) and
+    # their new block scales; the fp32-moment path fuses into one kernel (no buffer). Measured on CPU steps; on a
+    # GPU the same compiled graph is taken to hold the same (Triton may fuse the block reductions: not measured).
+    del device
+    return max(
+        (8 * _numel(s) + 8 * (_numel(s) // TORCHAO_BLOCK) for s in _all(groups) if _torchao_quantized(s)), default=0
+    )
+
+
 TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {
     "adamw_torch": TrainerOptimizer(
         "adamw_torch",
@@ -181,6 +212,15 @@ TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {
         _adam_8bit_step,
         "bitsandbytes/optim/optimizer.py: Optimizer2State; backends/cpu/ops.py; trainer_optimizer.py: "
         "_get_bitsandbytes_optimizer",
+    ),
+    "adamw_torch_8bit": TrainerOptimizer(
+        "adamw_torch_8bit",
+        "torchao AdamW8bit (blockwise 8-bit states, a torch.compile'd step)",
+        "8-bit Adam moments (torchao)",
+        _torchao_8bit_states,
+        _torchao_8bit_step,
+        "torchao/optim/adam.py, subclass_8bit.py (0.18); trainer_optimizer.py: _get_torchao_optimizer; the step's "
+        "buffers measured on CPU (inductor), assumed the same on a GPU",
     ),
     "adafactor": TrainerOptimizer(
         "adafactor",

@@ -561,40 +561,58 @@ class StepCost:
     internal tensors included, which :attr:`transient_peak` (ops seen by the dispatcher) misses."""
 
 
-def measure_optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> StepCost:
+def measure_optimizer_step(
+    params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, dispatch: bool = True
+) -> StepCost:
     """Step ``optimizer`` twice over ``params`` with random gradients, for real, and trace the second step.
 
     The first step creates the state (its bytes are :attr:`StepCost.state_bytes`); the second is the steady
     step a training run repeats, whose allocations under :class:`_Tracker` give the transient peak. As in
-    :func:`trace_training_step`, a kernel's internal scratch is not seen.
+    :func:`trace_training_step`, a kernel's internal scratch is not seen. ``dispatch=False``: no tracker (an
+    optimizer that steps through ``torch.compile``, which refuses to run under a dispatch mode); the transient
+    peak is then the allocator's.
     """
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()
-    state = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-        for s in optimizer.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    }
+    # no list of the state tensors is kept: a state an optimizer replaces each step (Adafactor's RMS) must be freed
+    state = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _state_tensors(optimizer)}
     tracker = _Tracker()
     for p in params:  # alive before the step: an in-place update of these is no allocation
         tracker.track(p, "parameter")
         if p.grad is not None:
             tracker.track(p.grad, "gradient")
-    for s in optimizer.state.values():
-        for t in s.values():
-            if isinstance(t, torch.Tensor):
-                tracker.track(t, "optimizer_state")
+    for t in _state_tensors(optimizer):
+        tracker.track(t, "optimizer_state")
     start = len(tracker.events)
-    with _allocations() as allocations, tracker:
+    with _allocations() as allocations, tracker if dispatch else contextlib.nullcontext():
         optimizer.step()
+    if not dispatch:
+        return StepCost(sum(state.values()), _running_peak(allocations), _running_peak(allocations))
     tracker.close()
     starts: dict[Phase, int] = {"setup": 0, "optimizer_step": start} if start else {"optimizer_step": 0}
     _, _, phase_peaks = _peaks(tracker, starts)
     # what was alive before the step is the setup's whole (allocations only); the step's peak is beyond it
     transient = phase_peaks.get("optimizer_step", 0) - phase_peaks.get("setup", 0)
     return StepCost(sum(state.values()), max(transient, 0), _running_peak(allocations))
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    return (t for s in optimizer.state.values() for v in s.values() for t in _plain_tensors(v))
+
+
+def _plain_tensors(value: object) -> list[torch.Tensor]:
+    """The tensors holding ``value``'s data: itself, or a tensor subclass' inner tensors (``__tensor_flatten__``,
+    e.g. torchao's 8-bit optimizer state: its codes, block scales and quantisation map)."""
+    if not isinstance(value, torch.Tensor):
+        return []
+    if type(value) is torch.Tensor or isinstance(value, torch.nn.Parameter):
+        return [value]
+    flatten = getattr(value, "__tensor_flatten__", None)
+    if flatten is None:
+        return [value]
+    names, _ = flatten()
+    return [t for name in names for t in _plain_tensors(getattr(value, name))]
 
 
 @contextlib.contextmanager

@@ -284,12 +284,14 @@ def check_optimizer_installed(optim: str) -> None:
     it builds the optimizer, after loading the model and data).
 
     Raises:
-        ConfigError: a bitsandbytes optimizer without bitsandbytes.
+        ConfigError: a bitsandbytes optimizer without bitsandbytes, a torchao one without torchao.
     """
     import importlib.util
 
     if optim in _bitsandbytes_optimizers() and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"--optim {optim} needs bitsandbytes, not installed here: pip install 'ftprof[bnb]'")
+    if optim in ("adamw_torch_4bit", "adamw_torch_8bit") and importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"--optim {optim} needs torchao, not installed here: pip install 'ftprof[torchao]'")
 
 
 def _bitsandbytes_optimizers() -> set[str]:
