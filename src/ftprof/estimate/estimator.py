@@ -527,9 +527,13 @@ def estimate(
     rank: int | None = None,
     lora: LoraFacts | None = None,
     trainer_optim: TrainerOptimizer | None = None,
+    saved_parts: dict[str, int] | None = None,
 ) -> Estimate:
     """Predict the per-rank peaks of training ``arch`` at point ``s`` on a GPU or a CPU: those of ``rank``, by
     default of the rank that holds the most.
+
+    ``saved_parts``: the saved activations by part, taken as given (``--trace``: the real model's traced forward)
+    instead of the formulas.
 
     ``trainer_optim``: for a point without DeepSpeed (``s.deepspeed`` False, ``--zero none``; fp32, one rank),
     the optimizer HF Trainer steps: its states replace Adam's moments and its step's temporaries are the step's item.
@@ -557,7 +561,7 @@ def estimate(
         # keeps two, CPU runs and ZeRO-1 one.
         items["gradient_buckets"] = (2 if device == "gpu" and s.zero >= 2 else 1) * arch.hidden**2 * e
         items["zero_runtime"] = math.ceil(cal.zero_runtime_bytes)
-    parts = saved_activations(arch, s, device) if lora is None else lora_saved_activations(arch, s, lora, device)
+    parts = _activation_parts(arch, s, device, lora, saved_parts)
     saved = sum(parts.values())
     items["saved_activations"] = saved
     if s.gradient_checkpointing:
@@ -587,6 +591,15 @@ def estimate(
     group = trainer_optim is None or s.world_size > 1
     runtime = cal.runtime_bytes + (cal.deepspeed_runtime_bytes if group else 0.0)
     return Estimate(items, host, allocated, reserved, reserved + math.ceil(runtime), parts, labels)
+
+
+def _activation_parts(
+    arch: Arch, s: Point, device: Device, lora: LoraFacts | None, given: dict[str, int] | None
+) -> dict[str, int]:
+    """The saved activations by part: ``given`` (traced), else the formulas (LoRA's where adapters train)."""
+    if given is not None:
+        return dict(given)
+    return saved_activations(arch, s, device) if lora is None else lora_saved_activations(arch, s, lora, device)
 
 
 def _plain_trainer(

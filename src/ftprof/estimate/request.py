@@ -234,12 +234,15 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
         return None if p.deepspeed else optim
 
     def one(p: Point, a: LoraFacts | None) -> Estimate:
-        if request.trace and not p.deepspeed:
-            from ftprof.estimate.traced import traced_estimate
+        from ftprof.estimate.traced import traced_estimate, traced_saved_activations
 
+        if request.trace and not p.deepspeed:
             return traced_estimate(
                 request.model, request.task, p, request.optim, cal, request.target.device, request.attention
             )
+        if request.trace:  # DeepSpeed: the traced forward's saved activations, the formulas for the rest
+            saved = traced_saved_activations(request.model, request.task, p, request.attention)
+            return estimate(arch, p, cal, kind, lora=a, saved_parts=saved)
         return estimate(arch, p, cal, kind, lora=a, trainer_optim=steps(p))
 
     if not request.grid_seq_lens:
@@ -263,15 +266,13 @@ def check_trace_request(request: EstimateRequest) -> None:
     """Refuse a ``--trace`` request the trace can't answer, before any tracing.
 
     Raises:
-        ConfigError: no ``--zero none`` setting, a CPU target, ``--grid``, or what
-            :func:`ftprof.estimate.traced.check_traceable` refuses.
+        ConfigError: a CPU target, ``--grid``, LoRA, or what :func:`ftprof.estimate.traced.check_traceable`
+            refuses for a ``--zero none`` setting.
     """
     from ftprof.estimate.traced import check_traceable
 
-    if "none" not in request.zeros:
-        raise ConfigError(
-            "--trace predicts HF Trainer without DeepSpeed: add --zero none (DeepSpeed's stages keep the formulas)"
-        )
+    if "lora" in request.peft:
+        raise ConfigError("--trace with --peft lora: not traced yet; drop --trace for LoRA's estimate")
     if request.target.kind == "cpu":
         raise ConfigError(
             "--trace predicts a GPU's caching allocator; for this host's memory drop --trace (or measure: ftprof sweep)"
@@ -290,6 +291,7 @@ def traced_constants(device: str) -> list[tuple[str, str, str]]:
     ws = cublas_workspaces(device)
     size = f"{(sum(ws.forward) + sum(ws.backward)) / 2**20:.0f} MiB"
     return [
+        ("DeepSpeed stages: saved activations", "traced", "the real model's forward on fake tensors, GPU kernels"),
         (
             "--zero none: activations, step",
             f"traced, {TRACE_STEPS} steps",

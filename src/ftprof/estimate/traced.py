@@ -105,6 +105,21 @@ def check_traceable(point: Point, optim: str, world_size: int, lora: bool) -> Op
     return TRACED_OPTIMIZERS[optim]
 
 
+def traced_saved_activations(model: str, task: Task, point: Point, attention: str | None = None) -> dict[str, int]:
+    """``--trace`` for a DeepSpeed setting: the bytes the real model saves for backward in one forward, traced on
+    fake tensors in the training dtype (DeepSpeed casts the model), with the GPU's kernels and a padded batch's
+    mask, as :func:`ftprof.estimate.estimator.estimate`'s ``saved_parts``. Model states, buckets and the step
+    stay the formulas' (DeepSpeed's own allocations are not traced)."""
+    factory = known_model_factory(
+        model, task, point.precision, attention or "sdpa", checkpointing=point.gradient_checkpointing
+    )
+    batch = batch_factory(
+        int(model_config(model).vocab_size), point.batch_size, point.seq_len, task, attention_mask=True
+    )
+    trace = trace_training_step(factory, batch, "fused", run=StepRun(gpu=True))
+    return {"traced forward": trace.saved_bytes}
+
+
 def _with_workspaces(events: tuple[Event, ...], bounds: tuple[tuple[int, str], ...], ws: Workspaces) -> list[Event]:
     """``events`` with the workspaces allocated where the first forward and the first backward begin."""
     first = {phase: index for index, phase in reversed(bounds)}
