@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     levers.add_argument(
         "--trace",
         action="store_true",
-        help="--zero none settings from the real model's traced step (fake tensors) and a replay of torch's CUDA "
-        "caching allocator, instead of the formulas: autocast (--precision bf16/fp16) needs it",
+        help="trace the real model's step on fake tensors: --zero none settings from the trace and a replay of "
+        "torch's CUDA caching allocator (autocast, --precision bf16/fp16, needs it); DeepSpeed settings take its "
+        "saved activations",
     )
     levers.add_argument("--zeros", "--zero_stages", dest="zeros_alias", help=SUPPRESS)
     levers.add_argument("--offload_optimizer", action="store_true", help=SUPPRESS)
