@@ -10,7 +10,8 @@
 #                    ftprof sweeps: NVML, max_memory_allocated and max_memory_reserved per point
 #   trainer_vs_deepspeed.jsonl   plain HF Trainer vs the launcher's ZeRO-0 / ZeRO-2, samples/s
 #   profiles/<gpu>-distilbert-base-uncased-snapshot   one point's CUDA allocator snapshot (the allocator model's check)
-#   logs/pytest_gpu.log   pytest -m gpu
+#   logs/pytest_gpu.log   pytest -m gpu (first: --trace's estimate against real steps, tests/gpu/test_traced_gpu.py)
+#   profiles/<gpu>-gpt2   a decoder (causal LM): plain Trainer (--zero none, autocast) beside ZeRO-2
 #   steps.tsv        each step's exit code and seconds (124: cut by its time box)
 #
 # Wheels the machine lacks (deepspeed, datasets, evaluate, ...; ../shared/tools/device-wheels.sh gathers them
@@ -100,29 +101,33 @@ EOF
 cat "$WORK/env.txt"
 
 if [[ $DRY == 1 ]]; then
-  GPU=cpu-dry; BIG=tiny-bert; SMALL=tiny-distilbert; SEQS=64,128; LONG=128; BATCHES=4,8; PREC=fp32
+  GPU=cpu-dry; BIG=tiny-bert; SMALL=tiny-distilbert; DECODER=tiny-gpt2; SEQS=64,128; LONG=128; BATCHES=4,8; PREC=fp32
   MAXB=(--batch_sizes 4 --max_batch 16 --batch_step 4 --child_memory_limit 8GiB); BENCH=(--batch_size 8 --seq_len 64)
   MATMUL=(--n 1024 --repeats 3)
 else
   GPU=$("$PY" -c "import torch; n=torch.cuda.get_device_name().upper(); print(next((g for g in ('h200','h100','a100') if g.upper() in n), 'gpu'))")
-  BIG=bert-base-uncased; SMALL=distilbert-base-uncased; SEQS=128,512; LONG=512; BATCHES=8,64; PREC=bf16
+  BIG=bert-base-uncased; SMALL=distilbert-base-uncased; DECODER=gpt2; SEQS=128,512; LONG=512; BATCHES=8,64; PREC=bf16
   MAXB=(--batch_sizes 64 --max_batch 1024 --batch_step 32 --child_memory_limit 16GiB); BENCH=(--batch_size 32 --seq_len 128)
   MATMUL=()
 fi
 SWEEP=("$PY" -m ftprof.cli.main sweep --precision "$PREC" --steps 5 --warmup 2 --min_seconds 1 --no_remeasure --timeout 90)
 
 # -- measurements, most valuable first ---------------------------------------------------------------------
-step matmul 40 "$PY" bench/bench_matmul.py "${MATMUL[@]}" --json "$WORK/matmul.json"
-step sweep_big 170 "${SWEEP[@]}" --model "$BIG" --seq_lens "$SEQS" --zero 0,2,3 --batch_sizes "$BATCHES" \
+# (what the H200 of 2026-12-04 did not measure comes first: --trace against real steps, a decoder)
+step matmul 30 "$PY" bench/bench_matmul.py "${MATMUL[@]}" --json "$WORK/matmul.json"
+step pytest_gpu 150 "$PY" -m pytest -p no:cacheprovider -m gpu -q -rfEs tests/gpu/test_traced_gpu.py \
+  tests/gpu/test_nvml_gpu.py tests/gpu/test_nvml_mapping_gpu.py tests/gpu/test_memory_snapshot_gpu.py \
+  tests/gpu/test_estimate_items_gpu.py
+step sweep_decoder 90 "${SWEEP[@]}" --model "$DECODER" --task causal-lm --seq_lens "$LONG" --zero none,2 \
+  --batch_sizes "${BATCHES%%,*}" --out "$WORK/profiles/$GPU-$DECODER"
+step sweep_big 120 "${SWEEP[@]}" --model "$BIG" --seq_lens "$SEQS" --zero 0,2,3 --batch_sizes "$BATCHES" \
   --out "$WORK/profiles/$GPU-$BIG"
-step sweep_small 80 "${SWEEP[@]}" --model "$SMALL" --seq_lens "$LONG" --zero 0,2,3 --batch_sizes "$BATCHES" \
+step sweep_small 60 "${SWEEP[@]}" --model "$SMALL" --seq_lens "$LONG" --zero 0,2,3 --batch_sizes "$BATCHES" \
   --out "$WORK/profiles/$GPU-$SMALL"
-step bench_trainer_vs_deepspeed 60 "$PY" bench/bench_trainer_vs_deepspeed.py --model "$BIG" --precision "$PREC" \
-  "${BENCH[@]}" --min_seconds 2 --jsonl "$WORK/trainer_vs_deepspeed.jsonl"
-step pytest_gpu 110 "$PY" -m pytest -p no:cacheprovider -m gpu -q -rfEs tests/gpu/test_nvml_gpu.py \
-  tests/gpu/test_nvml_mapping_gpu.py tests/gpu/test_memory_snapshot_gpu.py tests/gpu/test_estimate_items_gpu.py
 step max_batch 70 "${SWEEP[@]}" --model "$SMALL" --seq_lens "$LONG" --zero 2 --find_max_batch "${MAXB[@]}" \
   --out "$WORK/profiles/$GPU-$SMALL-maxbatch"
+step bench_trainer_vs_deepspeed 60 "$PY" bench/bench_trainer_vs_deepspeed.py --model "$BIG" --precision "$PREC" \
+  "${BENCH[@]}" --min_seconds 2 --jsonl "$WORK/trainer_vs_deepspeed.jsonl"
 step snapshot 45 "${SWEEP[@]}" --model "$SMALL" --seq_lens "$LONG" --zero 0 --batch_sizes "${BATCHES%%,*}" \
   --memory_snapshot --no_report --out "$WORK/profiles/$GPU-$SMALL-snapshot"
 exit 0

@@ -370,10 +370,8 @@ def _step(
     """Forward, backward and an AdamW step (``run.steps`` times) under ``tracker``; returns where each phase's
     events begin."""
     run = run or StepRun()
-    for p in model.parameters():
-        tracker.track(p, "parameter")
-    for b in model.buffers():
-        tracker.track(b, "buffer")
+    for t, category in _apply_order(model) if run.gpu else _model_order(model):
+        tracker.track(t, category)
     for t in inputs.values():
         tracker.track(t, "input")
     opt = _adamw(model, optimizer, run.trainer_groups)
@@ -412,6 +410,29 @@ def _step(
                             tracker.host.add(tracker.track(value, "optimizer_state") or -1)
     tracker.close()  # what the step keeps (parameters, gradients, optimizer state) has no free in the trace
     return starts
+
+
+def _model_order(model: torch.nn.Module) -> Iterator[tuple[torch.Tensor, Category]]:
+    yield from ((p, "parameter") for p in model.parameters())
+    yield from ((b, "buffer") for b in model.buffers())
+
+
+def _apply_order(model: torch.nn.Module) -> Iterator[tuple[torch.Tensor, Category]]:
+    """Parameters and buffers in the order ``model.to("cuda")`` allocates them (``Module._apply``: each child
+    first, then the module's own parameters, then its buffers), each once."""
+    seen: set[int] = set()
+
+    def walk(module: torch.nn.Module) -> Iterator[tuple[torch.Tensor, Category]]:
+        for child in module.children():
+            yield from walk(child)
+        own: list[tuple[torch.Tensor | None, Category]] = [(p, "parameter") for p in module._parameters.values()]
+        own += [(b, "buffer") for b in module._buffers.values()]
+        for t, category in own:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                yield t, category
+
+    return walk(model)
 
 
 @dataclass(frozen=True)
