@@ -36,9 +36,12 @@ class Tiny(torch.nn.Module):
         y = self.linear(x)
         if self.kind == "dropout":
             y = self.drop(y)
-        else:  # batch 1, 2 heads, 4 positions, head dim 4 (x is 4 x 8)
+        else:  # batch 1, 2 heads, 4 positions, head dim 4 (x is 4 x 8); dropout_p by keyword or position
             q = y.view(1, 4, 2, 4).transpose(1, 2)
-            y = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+            if self.kind == "sdpa":
+                y = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+            else:
+                y = torch.nn.functional.scaled_dot_product_attention(q, q, q, None, 0.5)
         return SimpleNamespace(loss=y.float().sum())
 
 
@@ -65,12 +68,13 @@ def test_dropout_saves_a_bool_mask_as_on_a_gpu_and_the_cpus_mask_without(fake):
     assert cpu.saved_bytes - gpu.saved_bytes == 96
 
 
+@pytest.mark.parametrize("kind", ["sdpa", "sdpa_positional"])
 @pytest.mark.parametrize("fake", [True, False])
-def test_sdpa_with_dropout_keeps_a_log_sum_exp_as_on_a_gpu_not_the_probabilities(fake):
+def test_sdpa_with_dropout_keeps_a_log_sum_exp_as_on_a_gpu_not_the_probabilities(fake, kind):
     """Batch 1, 2 heads, 4 positions: CUDA's flash and memory-efficient kernels save the output (the input
     shape, 128 B in fp32) and an fp32 log-sum-exp of 1 x 2 x 4 (32 B); the CPU's math path (its only one with
     dropout) saves the 2 x 4 x 4 probabilities and their mask too."""
-    cpu, gpu = tiny_trace("sdpa", False, fake=fake), tiny_trace("sdpa", True, fake=fake)
+    cpu, gpu = tiny_trace(kind, False, fake=fake), tiny_trace(kind, True, fake=fake)
     flash = saved_by_op(gpu)
     assert flash.pop("_scaled_dot_product_flash_attention_for_cpu") == 128 + 32
     assert sum(flash.values()) == 128  # the linear's output: q, k and v (one tensor here), kept for the kernel
@@ -158,7 +162,8 @@ def test_the_traced_estimate_itemises_its_allocated_peak():
     point = Point(precision="bf16", zero=0, seq_len=64, batch_size=4, deepspeed=False)
     est = traced_estimate("tiny-bert", "classification", point, "adamw_torch", SHIPPED_GPU, "h100-80gb")
     assert sum(est.items.values()) == est.allocated <= est.reserved < est.device_used
-    assert est.items["gpu_workspaces"] == 65 * MIB
+    ws = cublas_workspaces("h100-80gb")  # the installed torch's
+    assert est.items["gpu_workspaces"] == sum(ws.forward) + sum(ws.backward)
     assert est.items["optimizer_states"] == 2 * 4 * sum(
         p.numel() for p in known_model_factory("tiny-bert")().parameters()
     )
@@ -206,6 +211,7 @@ def test_the_traced_estimate_of_ftprofs_own_h200_plain_trainer_point():
         (["--zero", "none", "--world_size", "2"], "without DDP"),
         (["--zero", "none", "--peft", "lora"], "--peft lora"),
         (["--zero", "2", "--peft", "lora"], "--peft lora"),
+        (["--zero", "none,2", "--seq_len", "4096"], "512 positions"),
     ],
 )
 def test_trace_refuses_what_it_does_not_trace_in_one_line(capsys, extra, message):
@@ -222,7 +228,8 @@ def test_trace_estimates_plain_bf16_beside_a_deepspeed_stage_as_json(capsys, mon
     assert main([*flags, "--trace", "--gpu", "h100-80gb", "--format", "json"]) == 0
     plain, zero2 = json.loads(capsys.readouterr().out)["settings"]
     assert plain["key"] == "bf16-znone-w1-ga1-s64-b4"
-    assert plain["items"]["gpu_workspaces"] == 65 * MIB
+    ws = cublas_workspaces("h100-80gb")
+    assert plain["items"]["gpu_workspaces"] == sum(ws.forward) + sum(ws.backward)
     assert "gpu_workspaces" not in zero2["items"]
     # the DeepSpeed setting: the traced forward's saved activations in the formulas' place, the rest formulas
     from ftprof.estimate.architecture import arch_for
@@ -315,3 +322,28 @@ def test_the_gpu_mode_trace_saves_what_the_h200_measured():
             assert abs(traced[key] - measured) / measured < 0.0005, (r.model, p.key, traced[key], measured)
             checked += 1
     assert checked == 13
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradient_checkpointing_traces_with_the_gpu_kernels_in_its_recompute(precision):
+    """The checkpointed layers are recomputed in the backward: with the GPU's kernels there too (else the
+    recompute saves a float dropout mask where the forward saved a bool one, and torch refuses the mismatch).
+    Checkpointing saves each layer's input only: far less than without."""
+    factory, batch = known_model_factory("tiny-bert", checkpointing=True), batch_factory(1024, 4, 64)
+    run = StepRun(autocast=None if precision == "fp32" else precision, gpu=True)
+    checkpointed = trace_training_step(factory, batch, "fused", run=run)
+    full = trace_training_step(known_model_factory("tiny-bert"), batch, "fused", run=run)
+    assert 0 < checkpointed.saved_bytes < full.saved_bytes / 2
+    point = Point(precision=precision, zero=0, seq_len=64, batch_size=4, deepspeed=False, gradient_checkpointing=True)
+    est = traced_estimate("tiny-bert", "classification", point, "adamw_torch_fused", SHIPPED_GPU, "h100-80gb")
+    assert est.allocated > 0
+
+
+def test_a_traced_only_request_names_no_factor_it_does_not_use(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    flags = ["--model", "tiny-bert", "--zero", "none", "--batch_size", "4", "--seq_len", "64", "--gpu", "h100-80gb"]
+    assert main([*flags, "--precision", "bf16", "--trace"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--zero none: reserved replayed" in out
+    assert "reserved/allocated factor" not in out
+    assert "DeepSpeed stages: saved activations" not in out

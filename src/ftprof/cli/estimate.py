@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --offload_optimizer / --offload_param (now --offload optimizer / optimizer+param).
     levers.add_argument(
         "--optim",
-        help="without DeepSpeed (--zero none): TrainingArguments' --optim, e.g. adamw_torch (foreach), "
-        "adamw_torch_fused (the default), sgd",
+        help="without DeepSpeed (--zero none): TrainingArguments' --optim: adamw_torch (foreach), "
+        "adamw_torch_fused (the default), sgd, adafactor, adamw_bnb_8bit, adamw_torch_8bit",
     )
     levers.add_argument(
         "--trace",

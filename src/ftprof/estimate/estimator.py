@@ -185,7 +185,7 @@ ITEM_LABELS: dict[str, str] = {
     "temporaries": "temporaries (live logits; activation factor)",
     "optimizer_step": "optimizer step (fp32 gradients; without DeepSpeed: --optim's temporaries)",
     "gpu_workspaces": "cuBLAS workspaces (one per thread, in the allocator)",  # --trace
-    "block_rounding": "allocator rounding (512-byte blocks)",  # --trace
+    "block_rounding": "allocator blocks beyond the tensors (rounding, unsplit remainders)",  # --trace
 }
 MODEL_STATES = ("parameters", "gradients", "master_weights", "optimizer_states")
 # Alive in the forward/backward only; the optimizer step's fp32 gradients compete with them for the peak.

@@ -254,7 +254,8 @@ def check_plain_trainer(precision: str, offload: str, gradient_checkpointing: bo
 
     fp32 only: under ``--bf16``/``--fp16`` without DeepSpeed, autocast keeps fp32 weights and casts them per op
     (the casts are saved for backward), so activations and weight copies differ from DeepSpeed's 16-bit model;
-    ``ftprof sweep`` measures it instead. Several ranks are DDP (its gradient buckets are an item of their own).
+    ``--trace`` estimates it from the traced step (:mod:`ftprof.estimate.traced`), ``ftprof sweep`` measures it.
+    Several ranks are DDP (its gradient buckets are an item of their own).
     """
     if precision != "fp32":
         raise ConfigError(

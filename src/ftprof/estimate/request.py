@@ -162,7 +162,12 @@ class Estimates:
         rows = constants_in_use(
             self.calibration, self.request.target.kind, zero, self.request.plain, self.request.world_size
         )
-        return rows + (traced_constants(self.request.target.device) if self.request.trace else [])
+        if not self.request.trace:
+            return rows
+        plain, deepspeed = any(not p.deepspeed for p in self.points), any(p.deepspeed for p in self.points)
+        if not deepspeed:  # every setting traced and replayed: neither factor is used
+            rows = [r for r in rows if r[0] not in ("activation factor", "allocator reserved/allocated factor")]
+        return rows + traced_constants(self.request.target.device, plain, deepspeed)
 
 
 @dataclass(frozen=True)
@@ -284,22 +289,24 @@ def check_trace_request(request: EstimateRequest) -> None:
             check_traceable(point, request.optim, request.world_size, method == "lora")
 
 
-def traced_constants(device: str) -> list[tuple[str, str, str]]:
-    """The constants table's rows for the traced settings: where their figures come from."""
+def traced_constants(device: str, plain: bool = True, deepspeed: bool = False) -> list[tuple[str, str, str]]:
+    """The constants table's rows for traced settings (``plain``: --zero none ones; ``deepspeed``: stages)."""
     from ftprof.estimate.traced import TRACE_STEPS, cublas_workspaces
 
-    ws = cublas_workspaces(device)
-    size = f"{(sum(ws.forward) + sum(ws.backward)) / 2**20:.0f} MiB"
-    return [
-        ("DeepSpeed stages: saved activations", "traced", "the real model's forward on fake tensors, GPU kernels"),
-        (
-            "--zero none: activations, step",
-            f"traced, {TRACE_STEPS} steps",
-            "the real model's ops on fake tensors, as a GPU runs them",
-        ),
-        ("--zero none: reserved", "replayed", "ftprof's model of torch's CUDA caching allocator"),
-        ("--zero none: BLAS workspaces", size, ws.source),
-    ]
+    rows = []
+    if deepspeed:
+        rows.append(
+            ("DeepSpeed stages: saved activations", "traced", "the real model's forward on fake tensors, GPU kernels")
+        )
+    if plain:
+        ws = cublas_workspaces(device)
+        size = f"{(sum(ws.forward) + sum(ws.backward)) / 2**20:.0f} MiB"
+        rows += [
+            ("--zero none: activations, step", f"traced, {TRACE_STEPS} steps", "the real model's ops on fake tensors"),
+            ("--zero none: reserved", "replayed", "ftprof's model of torch's CUDA caching allocator"),
+            ("--zero none: BLAS workspaces", size, ws.source + " (the installed torch's; the target's may differ)"),
+        ]
+    return rows
 
 
 def constants_in_use(

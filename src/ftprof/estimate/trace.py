@@ -323,9 +323,10 @@ class _GpuKernels(TorchFunctionMode):
             if training and p > 0 and not inplace:
                 return torch.native_dropout(x, p, True)[0]
         elif func is torch.nn.functional.scaled_dot_product_attention:
-            if len(args) > 4:
+            if len(args) > 4:  # (query, key, value, attn_mask, dropout_p, ...)
                 args = (*args[:4], 0.0, *args[5:])
-            kwargs["dropout_p"] = 0.0
+            else:
+                kwargs["dropout_p"] = 0.0
         elif torch.is_autocast_enabled("cpu"):
             casts, output = _cuda_policies()
             if func in casts:
@@ -370,6 +371,8 @@ def _step(
     """Forward, backward and an AdamW step (``run.steps`` times) under ``tracker``; returns where each phase's
     events begin."""
     run = run or StepRun()
+    if run.gpu:
+        _recompute_with_gpu_kernels(model)
     for t, category in _apply_order(model) if run.gpu else _model_order(model):
         tracker.track(t, category)
     for t in inputs.values():
@@ -410,6 +413,21 @@ def _step(
                             tracker.host.add(tracker.track(value, "optimizer_state") or -1)
     tracker.close()  # what the step keeps (parameters, gradients, optimizer state) has no free in the trace
     return starts
+
+
+def _recompute_with_gpu_kernels(model: torch.nn.Module) -> None:
+    """Have gradient checkpointing recompute its layers under :class:`_GpuKernels` too: the recompute runs
+    inside the backward, where no torch function mode entered around it applies, and checkpoint refuses a
+    recompute that saves other tensors than the forward did. Non-reentrant checkpoint's ``context_fn`` gives
+    the recompute its context."""
+
+    def contexts() -> tuple[contextlib.AbstractContextManager[Any], contextlib.AbstractContextManager[Any]]:
+        return contextlib.nullcontext(), _GpuKernels()
+
+    for module in model.modules():
+        checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+        if checkpoint is not None:
+            module._gradient_checkpointing_func = functools.partial(checkpoint, context_fn=contexts)  # type: ignore[assignment]
 
 
 def _model_order(model: torch.nn.Module) -> Iterator[tuple[torch.Tensor, Category]]:

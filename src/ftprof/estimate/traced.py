@@ -14,6 +14,7 @@ outside the allocator (the CUDA context, NCCL) is the calibration's runtime, as 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from ftprof.estimate.estimator import Calibration, Estimate
 from ftprof.estimate.trace import (
     Optimizer,
     StepRun,
+    Trace,
     batch_factory,
     known_model_factory,
     model_config,
@@ -68,7 +70,7 @@ def cublas_workspaces(gpu: str = "gpu", torch_version: str | None = None) -> Wor
     >>> cublas_workspaces("gpu", "2.3.1+rocm5.7").forward, cublas_workspaces("h100-80gb", "2.3.1+cu121").backward
     ((), (33554432,))
     """
-    version = torch_version or torch.__version__
+    version = torch_version or _installed_torch()
     release, _, local = version.partition("+")
     numbers = re.match(r"(\d+)\.(\d+)", release)
     major_minor = (int(numbers[1]), int(numbers[2])) if numbers else (99, 0)  # unparsable: today's torch
@@ -83,6 +85,29 @@ def cublas_workspaces(gpu: str = "gpu", torch_version: str | None = None) -> Wor
         return Workspaces((), (), f"torch {version}: cuBLAS allocates its own workspace (cudaMallocAsync)")
     cublas = 32 * MIB if gpu in SM90 else 8 * MIB + 128 * 1024
     return Workspaces((cublas, 1 * MIB), (cublas,), source + ", cuBLASLt 1 MiB")
+
+
+def _installed_torch() -> str:
+    """The installed torch's version with its backend as a local tag (``2.5.1+cu124``; a PyPI or conda build
+    without one gets it from ``torch.version.cuda`` / ``torch.version.hip``)."""
+    release, _, local = torch.__version__.partition("+")
+    if torch.version.hip:
+        local = "rocm" + ".".join(str(torch.version.hip).split(".")[:2])
+    elif torch.version.cuda:
+        local = "cu" + "".join(str(torch.version.cuda).split(".")[:2])
+    return f"{release}+{local}" if local else release
+
+
+def check_positions(model: str, seq_len: int) -> None:
+    """Refuse a sequence longer than ``model``'s position embeddings before tracing it (the forward would fail).
+
+    Raises:
+        ConfigError: ``seq_len`` is over the config's ``max_position_embeddings`` (``n_positions``).
+    """
+    config = model_config(model)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and seq_len > int(limit):
+        raise ConfigError(f"--seq_len {seq_len}: {model} has {limit} positions; use --seq_len {limit} or less")
 
 
 def check_traceable(point: Point, optim: str, world_size: int, lora: bool) -> Optimizer:
@@ -110,14 +135,31 @@ def traced_saved_activations(model: str, task: Task, point: Point, attention: st
     fake tensors in the training dtype (DeepSpeed casts the model), with the GPU's kernels and a padded batch's
     mask, as :func:`ftprof.estimate.estimator.estimate`'s ``saved_parts``. Model states, buckets and the step
     stay the formulas' (DeepSpeed's own allocations are not traced)."""
+    check_positions(model, point.seq_len)
     factory = known_model_factory(
         model, task, point.precision, attention or "sdpa", checkpointing=point.gradient_checkpointing
     )
     batch = batch_factory(
         int(model_config(model).vocab_size), point.batch_size, point.seq_len, task, attention_mask=True
     )
-    trace = trace_training_step(factory, batch, "fused", run=StepRun(gpu=True))
+    trace = _traced(model, lambda: trace_training_step(factory, batch, "fused", run=StepRun(gpu=True)))
     return {"traced forward": trace.saved_bytes}
+
+
+def _traced(model: str, run: Callable[[], Trace]) -> Trace:
+    """``run()``, with a model the tracer can't run (an op fake tensors don't support, a forward that fails on
+    these shapes) refused in one line.
+
+    Raises:
+        ConfigError: the trace failed.
+    """
+    try:
+        return run()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"--trace: tracing {model} failed ({type(err).__name__}: {reason}); drop --trace for the formulas"
+        ) from err
 
 
 def _with_workspaces(events: tuple[Event, ...], bounds: tuple[tuple[int, str], ...], ws: Workspaces) -> list[Event]:
@@ -144,21 +186,23 @@ def traced_estimate(
 ) -> Estimate:
     """Predict ``point`` (HF Trainer without DeepSpeed, one rank) on ``gpu`` from the traced step.
 
-    Items are the trace's storages alive at its peak, by category, plus the workspaces and what the
-    allocator's 512-byte rounding adds; ``allocated`` and ``reserved`` are the replay's peaks; device used adds
-    the calibration's runtime (the CUDA context: outside the allocator). ``workspaces``: other than
-    :func:`cublas_workspaces` gives for ``gpu`` (another vendor's BLAS).
+    Items are the trace's storages alive at its peak, by category, plus the workspaces and, as
+    ``block_rounding``, what the replay's allocated peak holds beyond them (512-byte rounding, remainders of
+    blocks not split, and a peak at another moment than the trace's); ``allocated`` and ``reserved`` are the
+    replay's peaks; device used adds the calibration's runtime (the CUDA context: outside the allocator).
+    ``workspaces``: other than :func:`cublas_workspaces` gives for ``gpu`` (another vendor's BLAS).
 
     Raises:
-        ConfigError: what :func:`check_traceable` refuses.
+        ConfigError: what :func:`check_traceable` refuses, a sequence over the model's positions, a failed trace.
     """
     optimizer = check_traceable(point, optim, point.world_size, point.peft != "none")
+    check_positions(model, point.seq_len)
     autocast = None if point.precision == "fp32" else point.precision
     config = model_config(model)
     factory = known_model_factory(model, task, "fp32", attention or "sdpa", checkpointing=point.gradient_checkpointing)
     batch = batch_factory(int(config.vocab_size), point.batch_size, point.seq_len, task, attention_mask=True)
     run = StepRun(steps=TRACE_STEPS, autocast=autocast, gpu=True, trainer_groups=True)
-    trace = trace_training_step(factory, batch, optimizer, run=run)
+    trace = _traced(model, lambda: trace_training_step(factory, batch, optimizer, run=run))
     ws = workspaces or cublas_workspaces(gpu)
     stats = replay(_with_workspaces(trace.events, trace.bounds, ws))
     at_peak = trace.peak_breakdown
