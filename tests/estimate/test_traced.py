@@ -23,6 +23,12 @@ from tests.conftest import ROOT
 TRUTH = ROOT.parent / "shared" / "data" / "gpu-truth" / "optimum-benchmark.jsonl"
 
 
+@pytest.fixture(autouse=True)
+def no_saved_calibration(monkeypatch, tmp_path):
+    """The CLI loads the shipped GPU constants, not a calibration saved on this machine."""
+    monkeypatch.setenv("FTPROF_HOME", str(tmp_path / "ftprof"))
+
+
 class Tiny(torch.nn.Module):
     """A Linear with bias, then ``dropout`` (a module) or scaled dot-product attention with dropout."""
 
@@ -206,7 +212,6 @@ def test_the_traced_estimate_of_ftprofs_own_h200_plain_trainer_point():
     ("extra", "message"),
     [
         (["--zero", "none", "--cpu"], "drop --trace"),
-        (["--zero", "none", "--grid", "--gpu", "a10g-24gb"], "not --grid"),
         (["--zero", "none", "--optim", "sgd"], "--optim adamw_torch or adamw_torch_fused"),
         (["--zero", "none", "--world_size", "2"], "without DDP"),
         (["--zero", "none", "--peft", "lora"], "--peft lora"),
@@ -347,3 +352,35 @@ def test_a_traced_only_request_names_no_factor_it_does_not_use(capsys, monkeypat
     assert "--zero none: reserved replayed" in out
     assert "reserved/allocated factor" not in out
     assert "DeepSpeed stages: saved activations" not in out
+
+
+def test_the_traced_grid_finds_the_largest_batch_that_fits(capsys):
+    """--grid --trace on tiny-bert with a 3 GiB budget: the --zero none cell is the largest batch whose traced
+    device-used peak fits (the next one does not), and the ZeRO-2 cell is the formulas' bisection with the
+    traced activations, which are linear in the batch (the batch-1 and batch-2 traces give every batch's)."""
+    from ftprof.estimate.architecture import arch_for
+    from ftprof.estimate.estimator import estimate
+    from ftprof.estimate.traced import traced_saved_activations
+
+    flags = ["--model", "tiny-bert", "--zero", "none,2", "--precision", "bf16", "--grid", "--seq_lens", "64"]
+    assert main([*flags, "--trace", "--budget", "3GiB", "--margin", "0", "--format", "json"]) == 0
+    cells = {c["setting"]["deepspeed"]: c["max_batch_size"] for c in json.loads(capsys.readouterr().out)["cells"]}
+    budget = 3 * 2**30
+    plain = Point(precision="bf16", zero=0, seq_len=64, batch_size=1, deepspeed=False)
+
+    def used(batch: int) -> int:
+        return traced_estimate(
+            "tiny-bert", "classification", plain.with_batch(batch), "adamw_torch_fused", SHIPPED_GPU, "gpu"
+        ).device_used
+
+    best = cells[False]
+    assert best > 8
+    assert used(best) <= budget < used(best + 1)
+    ds = Point(precision="bf16", zero=2, seq_len=64, batch_size=cells[True])
+    arch = arch_for("tiny-bert")
+
+    def ds_used(point: Point) -> int:
+        saved = traced_saved_activations("tiny-bert", "classification", point)
+        return estimate(arch, point, SHIPPED_GPU, "gpu", saved_parts=saved).device_used
+
+    assert ds_used(ds) <= budget < ds_used(ds.with_batch(ds.batch_size + 1))

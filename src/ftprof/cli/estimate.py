@@ -146,7 +146,12 @@ def run(argv: list[str], console: Console) -> None:
     elif not a.model:
         raise ConfigError("--model is required (or --calibrate SWEEP_DIR)")
     else:
-        result = answer(request_from_args(a))
+        request = request_from_args(a)
+        if request.trace:  # seconds per setting (a grid: a few traces per cell); the spinner on stderr
+            with Console(stderr=True).status(f"tracing {request.model}'s training step on fake tensors ..."):
+                result = answer(request)
+        else:
+            result = answer(request)
         if a.format == "json":
             payload = estimates_json(result) if isinstance(result, Estimates) else grid_json(result)
             print(json.dumps(payload, indent=1))

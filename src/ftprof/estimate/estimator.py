@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -648,15 +649,17 @@ def max_batch(
     limit: int = 1 << 16,
     lora: LoraFacts | None = None,
     trainer_optim: TrainerOptimizer | None = None,
+    saved_parts: Callable[[int], dict[str, int]] | None = None,
 ) -> int:
     """The largest micro-batch whose predicted device-used peak fits ``budget`` (0 if none), by bisection
-    over the model (monotonic in the batch), not by trial runs."""
+    over the model (monotonic in the batch), not by trial runs. ``saved_parts``: the saved activations of a
+    batch (``--trace``), in the formulas' place."""
 
     def fits(batch: int) -> bool:
-        return (
-            estimate(arch, s.with_batch(batch), cal, device, lora=lora, trainer_optim=trainer_optim).device_used
-            <= budget
-        )
+        parts = saved_parts(batch) if saved_parts else None
+        point = s.with_batch(batch)
+        est = estimate(arch, point, cal, device, lora=lora, trainer_optim=trainer_optim, saved_parts=parts)
+        return est.device_used <= budget
 
     lo, hi = 0, 1
     while hi <= limit and fits(hi):

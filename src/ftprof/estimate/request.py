@@ -15,7 +15,7 @@ from pathlib import Path
 from ftprof.errors import ConfigError
 from ftprof.estimate.adapters import LoraFacts, LoraSpec
 from ftprof.estimate.calibration import load_calibration
-from ftprof.estimate.estimator import GPUS, Calibration, Device, Estimate, estimate, max_batch
+from ftprof.estimate.estimator import GPUS, Arch, Calibration, Device, Estimate, estimate, max_batch
 from ftprof.estimate.optimizers import DEFAULT_TRAINER_OPTIM, TrainerOptimizer
 from ftprof.point import Offload, Peft, Point, Precision, Stage, Task, offload_within, stage_point
 from ftprof.records.results import Record
@@ -162,12 +162,7 @@ class Estimates:
         rows = constants_in_use(
             self.calibration, self.request.target.kind, zero, self.request.plain, self.request.world_size
         )
-        if not self.request.trace:
-            return rows
-        plain, deepspeed = any(not p.deepspeed for p in self.points), any(p.deepspeed for p in self.points)
-        if not deepspeed:  # every setting traced and replayed: neither factor is used
-            rows = [r for r in rows if r[0] not in ("activation factor", "allocator reserved/allocated factor")]
-        return rows + traced_constants(self.request.target.device, plain, deepspeed)
+        return _with_traced_rows(rows, self.request, self.points)
 
 
 @dataclass(frozen=True)
@@ -194,9 +189,10 @@ class MaxBatchGrid:
     @property
     def constants(self) -> list[tuple[str, str, str]]:
         zero = max(p.zero for p in self.settings)
-        return constants_in_use(
+        rows = constants_in_use(
             self.calibration, self.request.target.kind, zero, self.request.plain, self.request.world_size
         )
+        return _with_traced_rows(rows, self.request, self.settings)
 
 
 def accumulation_for(best: int, effective_batch: int, world_size: int) -> tuple[int, int]:
@@ -256,15 +252,42 @@ def answer(request: EstimateRequest) -> Estimates | MaxBatchGrid:
     grid = MaxBatchGrid(request, cal, points, peft=methods, lora=facts)
     usable = request.target.usable or 0
     for seq, (column, point) in itertools.product(request.grid_seq_lens, enumerate(points)):
-        best = max_batch(
-            arch, replace(point, seq_len=seq), usable, cal, kind, lora=adapters[column], trainer_optim=steps(point)
-        )
+        at = replace(point, seq_len=seq)
+        if request.trace:
+            best = _traced_grid_cell(request, at, cal, usable, arch)
+        else:
+            best = max_batch(arch, at, usable, cal, kind, lora=adapters[column], trainer_optim=steps(point))
         if best and request.effective_batch:
             micro, accum = accumulation_for(best, request.effective_batch, request.world_size)
             grid.cells[seq, column] = MaxBatchCell(best, micro, accum)
         else:
             grid.cells[seq, column] = MaxBatchCell(best)
     return grid
+
+
+def _with_traced_rows(
+    rows: list[tuple[str, str, str]], request: EstimateRequest, points: list[Point]
+) -> list[tuple[str, str, str]]:
+    """The constants table of ``--trace``: the factors no traced setting uses left out, the trace's rows added."""
+    if not request.trace:
+        return rows
+    plain, deepspeed = any(not p.deepspeed for p in points), any(p.deepspeed for p in points)
+    if not deepspeed:  # every setting traced and replayed: neither factor is used
+        rows = [r for r in rows if r[0] not in ("activation factor", "allocator reserved/allocated factor")]
+    return rows + traced_constants(request.target.device, plain, deepspeed)
+
+
+def _traced_grid_cell(request: EstimateRequest, point: Point, cal: Calibration, usable: int, arch: Arch) -> int:
+    """``--grid --trace``: one cell's largest batch (traced and replayed without DeepSpeed; DeepSpeed's stages
+    with the traced activations, linear in the batch, in the formulas' place)."""
+    from ftprof.estimate.traced import linear_saved_activations, traced_grid_batch
+
+    if not point.deepspeed:
+        return traced_grid_batch(
+            request.model, request.task, point, request.optim, cal, usable, request.target.device, request.attention
+        )
+    saved = linear_saved_activations(request.model, request.task, point, request.attention)
+    return max_batch(arch, point, usable, cal, request.target.kind, saved_parts=saved)
 
 
 def check_trace_request(request: EstimateRequest) -> None:
@@ -282,8 +305,10 @@ def check_trace_request(request: EstimateRequest) -> None:
         raise ConfigError(
             "--trace predicts a GPU's caching allocator; for this host's memory drop --trace (or measure: ftprof sweep)"
         )
-    if request.grid_seq_lens:
-        raise ConfigError("--trace traces one batch per setting: use --batch_size, not --grid")
+    from ftprof.estimate.traced import check_positions
+
+    for seq in request.grid_seq_lens or (request.seq_len,):
+        check_positions(request.model, seq)
     for point, method in request.columns():
         if not point.deepspeed:
             check_traceable(point, request.optim, request.world_size, method == "lora")
