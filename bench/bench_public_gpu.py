@@ -110,14 +110,22 @@ def judge_traced(case: dict, task: Task, name: str) -> list[dict]:
     return rows
 
 
-def judge_own_h200() -> dict:
-    """The traced estimate of ftprof's own plain-Trainer H200 point (bf16 autocast), against its measurement."""
+def judge_own_h200(padded: bool = True) -> dict:
+    """The traced estimate of ftprof's own plain-Trainer H200 point (bf16 autocast), against its measurement;
+    ``padded=False`` traces full-length rows, as that run's were."""
     path = ROOT / "profiles" / "h200-check" / "trainer_vs_deepspeed.jsonl"
     plain = next(json.loads(line) for line in path.read_text().splitlines() if '"plain"' in line)
     point = Point(precision="bf16", zero=0, seq_len=128, batch_size=32, deepspeed=False)
     ws = cublas_workspaces("h200-141gb", "2.11.0+cu130")  # profiles/h200-check/env.txt
     est = traced_estimate(
-        "bert-base-uncased", "classification", point, "adamw_torch_fused", SHIPPED_GPU, "h200-141gb", workspaces=ws
+        "bert-base-uncased",
+        "classification",
+        point,
+        "adamw_torch_fused",
+        SHIPPED_GPU,
+        "h200-141gb",
+        workspaces=ws,
+        padded=padded,
     )
     measured = {
         "allocated": plain["torch_allocated_peak_bytes"],
@@ -125,7 +133,8 @@ def judge_own_h200() -> dict:
         "nvml": plain["peak_bytes"],
     }
     predicted = {"allocated": est.allocated, "reserved": est.reserved, "nvml": est.device_used}
-    row = {"model": "bert-base-uncased (bf16 autocast, 32 x 128)", "gpu": "H200", "torch": "2.11.0+cu130"}
+    rows = "padded" if padded else "full rows"
+    row = {"model": f"bert-base-uncased (bf16 autocast, 32 x 128, {rows})", "gpu": "H200", "torch": "2.11.0+cu130"}
     row.update({k: (predicted[k] - v) / v for k, v in measured.items()})
     row["workspaces"] = f"{(sum(ws.forward) + sum(ws.backward)) / 2**20:.1f} MiB"
     return row
@@ -155,7 +164,7 @@ def main() -> None:
     traced = [
         row for case in cases() if not isinstance(what := expressible(case), str) for row in judge_traced(case, *what)
     ]
-    traced.append(judge_own_h200())
+    traced += [judge_own_h200(), judge_own_h200(padded=False)]
     print("\ntraced (--trace): the step on fake tensors, the allocator replayed, the case's BLAS workspaces")
     print("| model | GPU | torch | workspaces | allocated | reserved | NVML used |")
     print("|---|---|---|---|---|---|---|")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -217,10 +218,11 @@ def test_the_traced_estimate_of_ftprofs_own_h200_plain_trainer_point():
         (["--zero", "none", "--peft", "lora"], "--peft lora"),
         (["--zero", "2", "--peft", "lora"], "--peft lora"),
         (["--zero", "none,2", "--seq_len", "4096"], "512 positions"),
+        (["--model", "tiny-roberta", "--zero", "none", "--seq_len", "513"], "512 positions"),
     ],
 )
 def test_trace_refuses_what_it_does_not_trace_in_one_line(capsys, extra, message):
-    assert main(["--model", "tiny-bert", "--trace", *extra]) == 2
+    assert main(["--model", "tiny-bert", "--trace", *extra]) == 2  # a later --model wins
     err = capsys.readouterr().err
     assert message in err, err
     assert "Traceback" not in err
@@ -341,7 +343,15 @@ def test_gradient_checkpointing_traces_with_the_gpu_kernels_in_its_recompute(pre
     assert 0 < checkpointed.saved_bytes < full.saved_bytes / 2
     point = Point(precision=precision, zero=0, seq_len=64, batch_size=4, deepspeed=False, gradient_checkpointing=True)
     est = traced_estimate("tiny-bert", "classification", point, "adamw_torch_fused", SHIPPED_GPU, "h100-80gb")
-    assert est.allocated > 0
+    without = traced_estimate(
+        "tiny-bert",
+        "classification",
+        replace(point, gradient_checkpointing=False),
+        "adamw_torch_fused",
+        SHIPPED_GPU,
+        "h100-80gb",
+    )
+    assert est.items["saved_activations"] < without.items["saved_activations"]
 
 
 def test_a_traced_only_request_names_no_factor_it_does_not_use(capsys, monkeypatch):
@@ -384,3 +394,18 @@ def test_the_traced_grid_finds_the_largest_batch_that_fits(capsys):
         return estimate(arch, point, SHIPPED_GPU, "gpu", saved_parts=saved).device_used
 
     assert ds_used(ds) <= budget < ds_used(ds.with_batch(ds.batch_size + 1))
+
+
+def test_rotary_models_are_not_held_to_their_position_count():
+    """tiny-llama (rotary, max_position_embeddings 512) traces at 1,024 tokens, as its real forward runs."""
+    from ftprof.estimate.traced import check_positions
+
+    check_positions("tiny-llama", 1024)
+    point = Point(precision="bf16", zero=2, seq_len=1024, batch_size=1)
+    assert traced_saved_activations_of("tiny-llama", point) > 0
+
+
+def traced_saved_activations_of(model: str, point: Point) -> int:
+    from ftprof.estimate.traced import traced_saved_activations
+
+    return traced_saved_activations(model, "causal-lm", point)["traced forward"]

@@ -35,7 +35,7 @@ def test_the_traced_estimate_matches_the_allocators_peaks(case):
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
     gpu = gpu_key(measured["device"], torch.cuda.get_device_properties(0).total_memory) or "gpu"
     point = Point(precision=precision, zero=0, batch_size=int(batch), seq_len=int(seq), deepspeed=False)
-    ws = cublas_workspaces(gpu, measured["torch"])
+    ws = cublas_workspaces(gpu)  # the installed torch, the one the subprocess ran
     est = traced_estimate(model, task, point, optim, SHIPPED_GPU, gpu, workspaces=ws)
     errors = {k: (getattr(est, k) - measured[k]) / measured[k] for k in ("allocated", "reserved")}
     print(f"{model} {precision} {batch}x{seq} {optim} on {measured['device']}: {errors}")

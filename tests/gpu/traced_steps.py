@@ -39,8 +39,8 @@ def main(model: str, task: str, precision: str, batch: int, seq: int, optim: str
         with autocast:
             loss = net(**inputs).loss
         loss.backward()
+        del loss  # as the trace does, before the step
         opt.step()
-        del loss
     if device != "cuda":
         return {"device": device, "allocated": None, "reserved": None}
     torch.cuda.synchronize()

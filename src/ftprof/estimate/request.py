@@ -294,8 +294,8 @@ def check_trace_request(request: EstimateRequest) -> None:
     """Refuse a ``--trace`` request the trace can't answer, before any tracing.
 
     Raises:
-        ConfigError: a CPU target, ``--grid``, LoRA, or what :func:`ftprof.estimate.traced.check_traceable`
-            refuses for a ``--zero none`` setting.
+        ConfigError: a CPU target, LoRA, a sequence over the model's positions, or what
+            :func:`ftprof.estimate.traced.check_traceable` refuses for a ``--zero none`` setting.
     """
     from ftprof.estimate.traced import check_traceable
 

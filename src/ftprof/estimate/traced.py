@@ -13,6 +13,7 @@ outside the allocator (the CUDA context, NCCL) is the calibration's runtime, as 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,14 +100,22 @@ def _installed_torch() -> str:
 
 
 def check_positions(model: str, seq_len: int) -> None:
-    """Refuse a sequence longer than ``model``'s position embeddings before tracing it (the forward would fail).
+    """Refuse a sequence longer than ``model``'s learned position embeddings before tracing it: the real forward
+    would fail, a fake one would not notice. Rotary models (``rope_*`` in the config) have no such table and
+    are not limited; RoBERTa-style embeddings start after the pad index, so ``pad_token_id + 1`` fewer fit.
 
     Raises:
-        ConfigError: ``seq_len`` is over the config's ``max_position_embeddings`` (``n_positions``).
+        ConfigError: ``seq_len`` is over what the position embeddings hold.
     """
     config = model_config(model)
+    if any(getattr(config, name, None) for name in ("rope_parameters", "rope_theta", "rope_scaling")):
+        return
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and seq_len > int(limit):
+    if not limit:
+        return
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        limit -= int(config.pad_token_id or 0) + 1
+    if seq_len > int(limit):
         raise ConfigError(f"--seq_len {seq_len}: {model} has {limit} positions; use --seq_len {limit} or less")
 
 
@@ -134,29 +143,37 @@ def traced_saved_activations(model: str, task: Task, point: Point, attention: st
     """``--trace`` for a DeepSpeed setting: the bytes the real model saves for backward in one forward, traced on
     fake tensors in the training dtype (DeepSpeed casts the model), with the GPU's kernels and a padded batch's
     mask, as :func:`ftprof.estimate.estimator.estimate`'s ``saved_parts``. Model states, buckets and the step
-    stay the formulas' (DeepSpeed's own allocations are not traced)."""
-    check_positions(model, point.seq_len)
-    factory = known_model_factory(
-        model, task, point.precision, attention or "sdpa", checkpointing=point.gradient_checkpointing
-    )
-    batch = batch_factory(
-        int(model_config(model).vocab_size), point.batch_size, point.seq_len, task, attention_mask=True
-    )
-    trace = _traced(model, lambda: trace_training_step(factory, batch, "fused", run=StepRun(gpu=True)))
-    return {"traced forward": trace.saved_bytes}
+    stay the formulas' (DeepSpeed's own allocations are not traced). One trace per shape (ZeRO stages share it)."""
+    key = (model, task, point.precision, point.seq_len, point.batch_size, point.gradient_checkpointing, attention)
+    return {"traced forward": _saved_bytes(*key)}
+
+
+@functools.lru_cache(maxsize=256)
+def _saved_bytes(
+    model: str, task: Task, precision: str, seq_len: int, batch: int, checkpointing: bool, attention: str | None
+) -> int:
+    check_positions(model, seq_len)
+    factory = known_model_factory(model, task, precision, attention or "sdpa", checkpointing=checkpointing)
+    inputs = batch_factory(int(model_config(model).vocab_size), batch, seq_len, task, attention_mask=True)
+    return _traced(model, lambda: trace_training_step(factory, inputs, "fused", run=StepRun(gpu=True))).saved_bytes
 
 
 def _traced(model: str, run: Callable[[], Trace]) -> Trace:
     """``run()``, with a model the tracer can't run (an op fake tensors don't support, a forward that fails on
-    these shapes) refused in one line.
+    these shapes) refused in one line; the tracer's own failures (checkpoint's recompute check, assertions)
+    are raised as they are.
 
     Raises:
-        ConfigError: the trace failed.
+        ConfigError: the trace failed in the model.
     """
+    from torch.utils.checkpoint import CheckpointError
+
     try:
         return run()
-    except (RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError) as err:
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
+    except CheckpointError:
+        raise
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
         raise ConfigError(
             f"--trace: tracing {model} failed ({type(err).__name__}: {reason}); drop --trace for the formulas"
         ) from err
@@ -183,6 +200,7 @@ def traced_estimate(
     gpu: str = "gpu",
     attention: str | None = None,
     workspaces: Workspaces | None = None,
+    padded: bool = True,
 ) -> Estimate:
     """Predict ``point`` (HF Trainer without DeepSpeed, one rank) on ``gpu`` from the traced step.
 
@@ -190,7 +208,8 @@ def traced_estimate(
     ``block_rounding``, what the replay's allocated peak holds beyond them (512-byte rounding, remainders of
     blocks not split, and a peak at another moment than the trace's); ``allocated`` and ``reserved`` are the
     replay's peaks; device used adds the calibration's runtime (the CUDA context: outside the allocator).
-    ``workspaces``: other than :func:`cublas_workspaces` gives for ``gpu`` (another vendor's BLAS).
+    ``workspaces``: other than :func:`cublas_workspaces` gives for ``gpu`` (another vendor's BLAS). ``padded``:
+    the batch has padding (its attention mask is built and kept), as dynamic padding gives; False: full rows.
 
     Raises:
         ConfigError: what :func:`check_traceable` refuses, a sequence over the model's positions, a failed trace.
@@ -200,7 +219,7 @@ def traced_estimate(
     autocast = None if point.precision == "fp32" else point.precision
     config = model_config(model)
     factory = known_model_factory(model, task, "fp32", attention or "sdpa", checkpointing=point.gradient_checkpointing)
-    batch = batch_factory(int(config.vocab_size), point.batch_size, point.seq_len, task, attention_mask=True)
+    batch = batch_factory(int(config.vocab_size), point.batch_size, point.seq_len, task, attention_mask=padded)
     run = StepRun(steps=TRACE_STEPS, autocast=autocast, gpu=True, trainer_groups=True)
     trace = _traced(model, lambda: trace_training_step(factory, batch, optimizer, run=run))
     ws = workspaces or cublas_workspaces(gpu)
@@ -236,9 +255,10 @@ def linear_saved_activations(
 
 
 def traced_max_batch(used: Callable[[int], int], budget: int, limit: int = 1 << 16) -> int:
-    """The largest batch with ``used(batch) <= budget`` (``used`` grows with the batch), 0 if none: a secant
-    search from the samples nearest the budget, each probe one call (a trace), then bisection if it stalls.
-    About linear, as the traced peak is, it takes three or four probes beyond batch 1 and 8.
+    """The largest batch with ``used(batch) <= budget`` (``used`` grows with the batch), 0 if none, each probe one
+    call (a trace). Secant steps from the samples nearest the budget (the traced peak is about linear), and a
+    bisection wherever a step fails to halve the bracket (the allocator's steps make the peak a staircase,
+    where a secant crawls); doubling where the peak has not grown yet.
 
     >>> calls = []
     >>> def used(b):
@@ -246,9 +266,19 @@ def traced_max_batch(used: Callable[[int], int], budget: int, limit: int = 1 << 
     ...     return 1000 + 37 * b + (b % 3)  # about linear, with a wobble
     >>> traced_max_batch(used, budget=5000), len(calls) <= 6
     (108, True)
+    >>> calls.clear()
+    >>> def stairs(b):
+    ...     calls.append(b)
+    ...     return 10**6 + 20 * 2**20 * (b // 64) + 1000 * b  # segment-sized steps every 64
+    >>> best = traced_max_batch(stairs, budget=10**6 + 20 * 2**20 * 90)
+    >>> best, stairs(best) <= 10**6 + 20 * 2**20 * 90 < stairs(best + 1), len(calls) <= 24
+    (5759, True, True)
     >>> traced_max_batch(lambda b: 10 * b, budget=5), traced_max_batch(lambda b: b, budget=10**9, limit=64)
     (0, 64)
+    >>> traced_max_batch(lambda b: 100 if b < 500 else 10**9, budget=1000)  # flat at first: doubles, no leap
+    499
     """
+    limit = max(limit, 1)
     seen: dict[int, int] = {}
 
     def probe(batch: int) -> int:
@@ -258,24 +288,26 @@ def traced_max_batch(used: Callable[[int], int], budget: int, limit: int = 1 << 
 
     if probe(1) > budget:
         return 0
-    probe(min(8, limit))  # a slope over 7 batches: the allocator's steps blur one over a single batch
-    for _ in range(12):
+    probe(min(8, limit))
+    width = None
+    for _ in range(64):
         lo = max(b for b, u in seen.items() if u <= budget)
         over = [b for b, u in seen.items() if u > budget]
         hi = min(over) if over else limit + 1
         if hi - lo <= 1:
-            return lo
+            return min(lo, limit)
         below = [b for b in seen if b < lo]
         other = hi if over else (max(below) if below else lo)
         slope = (seen[other] - seen[lo]) / (other - lo) if other != lo else 0.0
-        guess = lo + int((budget - seen[lo]) / slope) if slope > 0 else hi - 1
+        if over and width is not None and hi - lo > width // 2:
+            guess = (lo + hi) // 2  # the last step did not halve the bracket
+        elif slope > 0:
+            guess = lo + int((budget - seen[lo]) / slope)
+        else:
+            guess = (lo + hi) // 2 if over else 2 * lo  # flat so far: double
+        width = hi - lo if over else None
         probe(min(max(guess, lo + 1), hi - 1))
-    lo = max(b for b, u in seen.items() if u <= budget)
-    hi = min([b for b, u in seen.items() if u > budget], default=limit + 1)
-    while hi - lo > 1:  # the secant stalled: bisect what is left
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if probe(mid) <= budget else (lo, mid)
-    return lo
+    return max(b for b, u in seen.items() if u <= budget)
 
 
 def traced_grid_batch(
