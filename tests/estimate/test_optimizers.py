@@ -126,7 +126,7 @@ def test_the_decay_rule_is_the_trainers(model):
 
 def test_the_8bit_optimizer_cases_pass_in_a_pytest_with_bitsandbytes_and_torchao():
     """bitsandbytes_cases.py and torchao_cases.py in a pytest of their own, with ``.venv/apart`` on its path:
-    all 8 cases pass."""
+    all 6 cases pass."""
     import importlib.util
 
     for package in ("bitsandbytes", "torchao"):
@@ -138,5 +138,5 @@ def test_the_8bit_optimizer_cases_pass_in_a_pytest_with_bitsandbytes_and_torchao
     failures = [line for line in proc.stdout.splitlines() if line.startswith(("E ", "FAILED", "ERROR"))]
     assert proc.returncode == 0, "\n".join(failures[:40]) or proc.stdout[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]
-    assert summary.startswith("8 passed"), summary
+    assert summary.startswith("6 passed"), summary
     assert "skipped" not in summary, summary

@@ -12,8 +12,12 @@ from tests.estimate.test_optimizers import MODELS, check_against_a_real_step
 MODEL = TRAINER_OPTIMIZERS["adamw_torch_8bit"]
 
 
-@pytest.mark.parametrize("model", MODELS)
+# Each model's shapes cost a torch.compile (about 15 s cold on 2 cores): tiny-llama's (a gated MLP, an LM head)
+# and the hand-worked shapes below; tiny-bert and tiny-gpt2 matched the same way when this was written
+# (docs/benchmarks.md section 1).
+@pytest.mark.parametrize("model", ["tiny-llama"])
 def test_torchao_8bit_adamw_states_and_step_match_a_real_step_on_the_trainers_groups(model):
+    assert model in MODELS
     check_against_a_real_step(model, "adamw_torch_8bit")
 
 
