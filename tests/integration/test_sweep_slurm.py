@@ -68,6 +68,14 @@ def submitted(out) -> list[dict]:
     return [x for x in lines if x["event"] == "submitted"]
 
 
+def _submitted_count(out) -> int:
+    """Jobs submitted so far (0 before the driver writes its first; a line being written is not counted)."""
+    try:
+        return len(submitted(out))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
 @dataclass
 class KilledSweep:
     """The grid swept through Slurm by a driver SIGKILLed after its first record, then resumed."""
@@ -97,10 +105,13 @@ def killed_slurm_sweep(slurm_cluster, tmp_path_factory) -> KilledSweep:
             start_new_session=True,
         )
         results, deadline = out / "results.jsonl", time.time() + 600
-        while not (results.exists() and results.read_text().count("\n") >= 1):
+        # Killed with a record written and a job still in flight (submitted, no record yet): the case a resume
+        # must not submit twice. Waiting for the first record alone raced: under load both first jobs had
+        # recorded by the next poll, and nothing was in flight.
+        while not (results.exists() and 1 <= results.read_text().count("\n") < _submitted_count(out)):
             assert driver.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline
-            time.sleep(0.2)
+            time.sleep(0.05)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver only: its jobs belong to Slurm and keep running
         driver.wait()
     before = results.read_text().splitlines()
